@@ -1,0 +1,17 @@
+"""asyncllm: an asyncio-native LLM inference engine."""
+from asyncllm.config import EngineConfig
+from asyncllm.errors import InvalidRequestError, ModelNotFoundError, OutOfMemoryError
+from asyncllm.llm import LLM
+from asyncllm.outputs import GenerateOutput
+from asyncllm.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+__all__ = [
+    "LLM",
+    "EngineConfig",
+    "GenerateOutput",
+    "InvalidRequestError",
+    "ModelNotFoundError",
+    "OutOfMemoryError",
+    "SamplingParams",
+]

@@ -1,0 +1,53 @@
+"""Engine configuration. Field names follow vLLM / nano-vllm where they overlap."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from asyncllm.errors import InvalidRequestError
+
+# KV cache budget on CPU when neither num_kv_blocks nor kv_cache_memory_bytes is given (bytes).
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # local HF directory; None = the bundled SmolLM2-135M-Instruct
+    tokenizer: str | None = None  # defaults to `model`
+    max_num_seqs: int = 256  # most requests in one step
+    max_model_len: int | None = None  # prompt + output tokens; default: the model's context length
+    max_num_batched_tokens: int | None = None  # token budget per step; default max(2048, max_num_seqs)
+    block_size: int = 16  # tokens per KV block
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may use in total
+    num_kv_blocks: int | None = None  # exact KV cache size; overrides the memory budgets
+    kv_cache_memory_bytes: int | None = None  # KV cache budget in bytes (CPU default 1 GiB)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto = float32 on CPU, the model's dtype on CUDA
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    load_format: Literal["auto", "safetensors", "dummy"] = "auto"
+    seed: int = 0
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    attention_backend: Literal["auto", "torch", "flashinfer", "triton"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise InvalidRequestError(f"block_size must be a power of two, got {self.block_size}", "block_size")
+        if self.max_num_seqs < 1:
+            raise InvalidRequestError("max_num_seqs must be at least 1", "max_num_seqs")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise InvalidRequestError("gpu_memory_utilization must be in (0, 1]", "gpu_memory_utilization")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise InvalidRequestError("max_num_batched_tokens must be at least 1", "max_num_batched_tokens")
+        if self.tensor_parallel_size != 1:
+            raise InvalidRequestError(
+                "tensor_parallel_size > 1 is not supported yet (tensor parallelism is a planned feature)",
+                "tensor_parallel_size",
+            )
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(model=model, **kwargs)

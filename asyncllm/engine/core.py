@@ -1,0 +1,98 @@
+"""EngineCore: the synchronous heart shared by `LLM` and `AsyncEngine` — admission, one step at a time."""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from typing import Any
+
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from asyncllm.config import EngineConfig
+from asyncllm.engine.kv_cache import BlockManager
+from asyncllm.engine.request import Request
+from asyncllm.engine.runner import ModelRunner
+from asyncllm.engine.scheduler import Scheduler, SchedulerConfig
+from asyncllm.errors import InvalidRequestError
+from asyncllm.model_files import resolve_model
+from asyncllm.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
+    model_len = getattr(hf_config, "max_position_embeddings", None) or 2048
+    window = getattr(hf_config, "sliding_window", None)
+    if window and window < model_len:
+        # sliding-window attention is not implemented: stay within the window, where it equals full attention
+        log.warning("model uses a sliding window of %d tokens: max_model_len capped to it", window)
+        model_len = window
+    if requested is None:
+        return model_len
+    if requested > model_len:
+        raise InvalidRequestError(
+            f"max_model_len={requested} exceeds the model's context length ({model_len})", "max_model_len"
+        )
+    return requested
+
+
+def eos_token_ids(model_dir: os.PathLike[str], tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except OSError:
+        pass
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_dir = resolve_model(config.model)
+        self.hf_config = AutoConfig.from_pretrained(self.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or self.model_dir)
+        self.max_model_len = resolve_max_model_len(config.max_model_len, self.hf_config)
+        self.runner = ModelRunner(config, self.model_dir, self.hf_config, self.max_model_len)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        max_tokens = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, max_tokens, self.max_model_len), self.blocks)
+        self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
+        self._ids = itertools.count()
+        self._id_prefix = os.urandom(4).hex()
+
+    def make_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        """Validate and build a request (not queued yet). Raises InvalidRequestError."""
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        vocab = self.hf_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, self.max_model_len - len(prompt_token_ids))
+        self.scheduler.check(len(prompt_token_ids), max_tokens)
+        rid = f"{self._id_prefix}-{next(self._ids)}"
+        return Request(rid, list(prompt_token_ids), params, max_tokens, self.eos_token_ids)
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        req = self.make_request(prompt_token_ids, params)
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[Request]:
+        """Schedule, run and apply one step; returns the requests that got a token this step."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        sampled = self.runner.execute(batch)
+        return self.scheduler.update(batch, sampled)

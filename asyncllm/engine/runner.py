@@ -1,0 +1,222 @@
+"""ModelRunner: turns a scheduler Batch into tensors, runs the model, samples. Owns the model and the KV cache."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from asyncllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from asyncllm.engine.request import Request
+from asyncllm.engine.scheduler import Batch
+from asyncllm.errors import InvalidRequestError, OutOfMemoryError
+from asyncllm.layers.attention import Attention, AttentionBackend, AttentionMetadata, TorchAttentionBackend
+from asyncllm.layers.sampler import Sampler, SamplingTensors
+from asyncllm.models import build_model
+from asyncllm.models.loader import init_dummy, load_safetensors
+from asyncllm.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor  # [S] rows of the packed tokens whose logits are sampled
+    sampling: SamplingTensors
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("device='cuda' but no CUDA GPU is available", "device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        try:
+            dtype = getattr(torch, name)
+        except AttributeError:
+            raise InvalidRequestError(f"unknown dtype {name!r}", "dtype") from None
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise InvalidRequestError(f"dtype must be float32, bfloat16 or float16, got {name!r}", "dtype")
+        return dtype
+    if device.type == "cpu":
+        return torch.float32
+    model_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(model_dtype, str):
+        model_dtype = getattr(torch, model_dtype, None)
+    return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def make_backend(name: str, device: torch.device) -> AttentionBackend:
+    if name in ("auto", "torch"):
+        return TorchAttentionBackend()
+    raise InvalidRequestError(
+        f"attention backend {name!r} is not available in this build (available: torch)", "attention_backend"
+    )
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_dir: Path, hf_config: Any, max_model_len: int) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        torch.manual_seed(config.seed)
+
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = build_model(hf_config, max_position=max_model_len)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        if config.load_format == "dummy":
+            init_dummy(self.model, config.seed)
+        else:
+            load_safetensors(self.model, model_dir)
+        self.model.eval()
+        self.backend = make_backend(config.attention_backend, self.device)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.sampler = Sampler(self.device, config.seed)
+
+        attn = self.attention_layers[0]
+        self.kv_shape = (len(self.attention_layers), 2, self.block_size, attn.num_kv_heads, attn.head_dim)
+        # bytes of one block across all layers (K and V)
+        self.block_bytes = self.dtype.itemsize * 2 * len(self.attention_layers) * self.block_size * attn.num_kv_heads * attn.head_dim
+        self.num_blocks = self._num_kv_blocks()
+        if self.num_blocks * self.block_size < max_model_len:
+            raise OutOfMemoryError(
+                f"the KV cache holds {self.num_blocks} blocks x {self.block_size} = {self.num_blocks * self.block_size} "
+                f"tokens, less than one request of max_model_len={max_model_len} tokens; lower max_model_len or "
+                "give the cache more memory (num_kv_blocks, kv_cache_memory_bytes or gpu_memory_utilization)"
+            )
+        self._allocate_kv_cache(self.num_blocks)
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)", self.num_blocks, self.block_size,
+                 self.num_blocks * self.block_bytes / 2**20, self.num_blocks * self.block_size)
+
+    # ---- KV cache -------------------------------------------------------------------------------------------
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        layers, two, bs, hk, d = self.kv_shape
+        # zeros, not empty: padded attention reads slots that were never written and must not see NaN
+        self.kv_cache = torch.zeros(layers, two, num_blocks, bs, hk, d, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.attention_layers):
+            layer.backend = self.backend
+            layer.kv_cache = self.kv_cache[i]
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.config.kv_cache_memory_bytes is not None:
+            return self.config.kv_cache_memory_bytes // self.block_bytes
+        if self.device.type == "cpu":
+            return DEFAULT_CPU_KV_CACHE_BYTES // self.block_bytes
+        return self._profile_cuda_blocks()
+
+    def _profile_cuda_blocks(self) -> int:
+        """Run the largest step once with a throwaway cache, then give the rest of the memory budget to KV."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = min(self._max_step_tokens(), self.max_model_len * self.config.max_num_seqs)
+        seq_len = min(num_tokens, self.max_model_len)
+        num_seqs = max(1, num_tokens // seq_len)
+        blocks_per_seq = -(-seq_len // self.block_size)
+        self._allocate_kv_cache(num_seqs * blocks_per_seq)
+        batch = Batch()
+        for s in range(num_seqs):
+            req = Request(f"profile-{s}", [0] * seq_len, SamplingParams(temperature=0.0), 1, frozenset())
+            req.block_table = list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq))
+            batch.add(req, seq_len)
+        self.execute(batch)
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        current = torch.cuda.memory_allocated(self.device)
+        del self.kv_cache
+        kv_bytes_in_profile = num_seqs * blocks_per_seq * self.block_bytes
+        # budget - memory others hold - what this process needs besides the KV cache at its peak
+        available = total * self.config.gpu_memory_utilization - (total - free) - (peak - current)
+        available += kv_bytes_in_profile  # the throwaway cache is freed
+        torch.cuda.empty_cache()
+        return max(0, int(available) // self.block_bytes)
+
+    def _max_step_tokens(self) -> int:
+        return self.config.max_num_batched_tokens or max(2048, self.config.max_num_seqs)
+
+    # ---- one step -------------------------------------------------------------------------------------------
+    def prepare(self, batch: Batch) -> StepInputs:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        sampled: list[Request] = []
+        for req, start, n, sample in zip(batch.requests, batch.starts, batch.num_new_tokens, batch.sample):
+            end = start + n
+            table = req.block_table
+            ids.extend(req.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            query_start_loc.append(query_start_loc[-1] + n)
+            seq_lens.append(end)
+            if sample:
+                sample_rows.append(query_start_loc[-1] - 1)
+                sampled.append(req)
+        width = max(len(r.block_table) for r in batch.requests)
+        tables = [r.block_table + [0] * (width - len(r.block_table)) for r in batch.requests]
+
+        def t(x: list[Any], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            query_start_loc=t(query_start_loc),
+            seq_lens=t(seq_lens),
+            block_tables=t(tables),
+            slot_mapping=t(slots),
+            query_lens_cpu=list(batch.num_new_tokens),
+            seq_lens_cpu=seq_lens,
+            block_size=bs,
+        )
+        return StepInputs(t(ids), t(positions), meta, t(sample_rows), self._sampling_tensors(sampled))
+
+    def _sampling_tensors(self, reqs: list[Request]) -> SamplingTensors:
+        params = [r.params for r in reqs]
+        seeded: list[tuple[int, torch.Generator]] = []
+        for row, req in enumerate(reqs):
+            if req.params.seed is not None and not req.params.greedy:
+                if req.generator is None:
+                    req.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
+                seeded.append((row, req.generator))
+        temps = [0.0 if p.greedy else p.temperature for p in params]
+        f32 = torch.float32
+        return SamplingTensors(
+            temperature=torch.tensor(temps, dtype=f32).to(self.device, non_blocking=True),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64).to(self.device, non_blocking=True),
+            top_p=torch.tensor([p.top_p for p in params], dtype=f32).to(self.device, non_blocking=True),
+            min_p=torch.tensor([p.min_p for p in params], dtype=f32).to(self.device, non_blocking=True),
+            seeded=seeded,
+            all_greedy=all(t == 0.0 for t in temps),
+            need_sort=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
+            need_min_p=any(p.min_p > 0.0 for p in params),
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch: Batch) -> list[int]:
+        """Run one step; returns one sampled token per row with batch.sample set, in row order."""
+        inputs = self.prepare(batch)
+        self.backend.plan(inputs.meta)
+        hidden = self.model(inputs.input_ids, inputs.positions)
+        if inputs.sample_rows.numel() == 0:
+            return []
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        return self.sampler(logits, inputs.sampling).tolist()

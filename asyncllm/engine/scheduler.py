@@ -1,0 +1,212 @@
+"""Continuous batching policy, in plain Python (no torch, no CUDA).
+
+Each step: every running request advances (a decode token, or the next chunk of its prefill), then waiting
+requests are admitted first-come first-served while the token budget, `max_num_seqs` and free KV blocks allow.
+When a running request needs a block and none is free, the most recently admitted request is preempted by
+recompute: its blocks are freed and it goes back to the head of the waiting queue with all its tokens (prompt and
+output so far) to prefill again.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from asyncllm.engine.kv_cache import BlockManager
+from asyncllm.engine.request import Request, RequestStatus
+from asyncllm.errors import InvalidRequestError
+
+
+@dataclass
+class Batch:
+    """One step's work. Row i computes tokens [starts[i], starts[i] + num_new_tokens[i]) of requests[i]."""
+
+    requests: list[Request] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    sample: list[bool] = field(default_factory=list)  # row ends at the request's last token: sample the next one
+
+    def add(self, req: Request, n: int) -> None:
+        start = req.num_computed_tokens
+        self.requests.append(req)
+        self.starts.append(start)
+        self.num_new_tokens.append(n)
+        self.sample.append(start + n == req.num_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+@dataclass
+class SchedulerStats:
+    num_preemptions: int = 0
+    prompt_tokens: int = 0  # tokens prefilled (recomputation after preemption included)
+    generation_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.stats = SchedulerStats()
+
+    # ---- admission -------------------------------------------------------------------------------------------
+    def check(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise InvalidRequestError if a request of this size can never be served."""
+        total, limit = num_prompt_tokens + max_tokens, self.config.max_model_len
+        if num_prompt_tokens == 0:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if total > limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested {total} tokens "
+                f"({num_prompt_tokens} in the messages, {max_tokens} in the completion). "
+                "Please reduce the length of the messages or completion.",
+                "max_tokens" if num_prompt_tokens < limit else "prompt",
+            )
+        need = self.blocks.blocks_for(total)
+        if need > self.blocks.num_blocks:
+            raise InvalidRequestError(
+                f"the request needs {total} tokens of KV cache ({need} blocks) but the whole cache holds "
+                f"{self.blocks.num_blocks * self.blocks.block_size} tokens ({self.blocks.num_blocks} blocks)",
+                "max_tokens",
+            )
+
+    def add(self, req: Request) -> None:
+        self.check(req.num_prompt_tokens, req.max_tokens)
+        if req.request_id in self.requests:
+            raise InvalidRequestError(f"duplicate request id {req.request_id!r}")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        if req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        else:
+            self.running.remove(req)
+        self._finish(req, "abort")
+        return req
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- scheduling ------------------------------------------------------------------------------------------
+    def schedule(self) -> Batch:
+        batch = Batch()
+        budget = self.config.max_num_batched_tokens
+        preemptions = self.stats.num_preemptions
+        i = 0
+        # Running requests in admission order; a victim is always taken from the end, so never one already batched.
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._grow(req, n):
+                break  # req preempted itself: it was the last running request
+            batch.add(req, n)
+            req.num_computed_tokens += n
+            budget -= n
+            i += 1
+        # Admit nothing in a step that had to preempt: the victims would only come straight back.
+        preempted = self.stats.num_preemptions != preemptions
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+            req = self.waiting[0]
+            n = min(req.num_tokens, budget)
+            need = self.blocks.blocks_for(n)
+            if not self.blocks.can_allocate(need):
+                break
+            self.waiting.popleft()
+            req.block_table = self.blocks.allocate(need)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            batch.add(req, n)
+            req.num_computed_tokens = n
+            budget -= n
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            if n > 1 or req.num_computed_tokens <= req.num_prompt_tokens:
+                self.stats.prompt_tokens += n
+        return batch
+
+    def _grow(self, req: Request, n: int) -> bool:
+        """Give `req` the blocks for n more tokens, preempting later requests if needed.
+        False if `req` itself had to be preempted."""
+        need = self.blocks.blocks_for(req.num_computed_tokens + n) - len(req.block_table)
+        while not self.blocks.can_allocate(need):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        if need > 0:
+            req.block_table.extend(self.blocks.allocate(need))
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.blocks.free(req.block_table)
+        req.block_table = []
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ---- results ---------------------------------------------------------------------------------------------
+    def update(self, batch: Batch, sampled: list[int]) -> list[Request]:
+        """Append each sampled token (one per row with batch.sample set, in row order) and apply stop rules.
+        Returns the requests that received a token; finished ones have released their blocks."""
+        out: list[Request] = []
+        it = iter(sampled)
+        any_finished = False
+        for req, sample in zip(batch.requests, batch.sample):
+            if not sample:
+                continue
+            token = next(it)
+            if req.finished:  # aborted while the step ran
+                continue
+            req.token_ids.append(token)
+            out.append(req)
+            reason = self._stop_reason(req, token)
+            if reason is not None:
+                self._finish(req, reason)
+                any_finished = True
+        self.stats.generation_tokens += len(out)
+        if any_finished:
+            self.running = [r for r in self.running if not r.finished]
+        return out
+
+    def _stop_reason(self, req: Request, token: int) -> str | None:
+        p = req.params
+        if (token in req.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def finish(self, req: Request, reason: str) -> None:
+        """End a running request early (a stop string matched above the scheduler)."""
+        if not req.finished:
+            self.running.remove(req)
+            self._finish(req, reason)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        if req.block_table:
+            self.blocks.free(req.block_table)
+            req.block_table = []
+        self.requests.pop(req.request_id, None)

@@ -1,0 +1,110 @@
+"""Attention over the paged KV cache, behind a backend interface.
+
+A backend is planned once per step (`plan`, host-side work: indices, masks, wrapper plans) and then run once per
+layer (`forward`). The `torch` backend is the reference: plain PyTorch, runs on any device, including CPU.
+
+KV cache of one layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V; flashinfer's NHD layout
+for a (k, v) pair). A token's slot is block_id * block_size + offset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's attention layout. Tokens of a step are packed: sequence b owns rows
+    query_start_loc[b]:query_start_loc[b+1]; its new tokens are the last query_lens[b] of its seq_lens[b]."""
+
+    query_start_loc: torch.Tensor  # [B + 1] int64, device
+    seq_lens: torch.Tensor  # [B] int64, device: KV length after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int64, device, padded with 0
+    slot_mapping: torch.Tensor  # [T] int64, device: where each new token's K/V goes
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        """Host-side preparation for one step; called once before the forward pass."""
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Store k/v [T, Hk, D] of the new tokens into kv_cache, then attend q [T, Hq, D] -> [T, Hq, D]."""
+
+
+class TorchAttentionBackend:
+    """Reference backend: gathers each sequence's K/V into a padded batch and calls SDPA once per layer."""
+
+    name = "torch"
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        device = meta.seq_lens.device
+        self.meta = meta
+        num_seqs, max_q, max_kv = meta.num_seqs, max(meta.query_lens_cpu), max(meta.seq_lens_cpu)
+        q_lens = torch.tensor(meta.query_lens_cpu, device=device)
+        q_idx = torch.arange(max_q, device=device)
+        kv_idx = torch.arange(max_kv, device=device)
+        q_valid = q_idx[None, :] < q_lens[:, None]  # [B, max_q]
+        # padded [B, max_q] layout <-> packed rows
+        self.q_gather = torch.where(q_valid, meta.query_start_loc[:-1, None] + q_idx[None, :], 0)
+        self.q_scatter = (torch.arange(num_seqs, device=device)[:, None] * max_q + q_idx[None, :])[q_valid]
+        # every KV slot of every sequence, padded to max_kv
+        blocks = meta.block_tables.gather(1, (kv_idx // meta.block_size)[None, :].expand(num_seqs, -1))
+        self.kv_slots = blocks * meta.block_size + kv_idx % meta.block_size
+        # causal mask aligned to the end: query i of sequence b sits at position seq_len - q_len + i
+        q_pos = (meta.seq_lens - q_lens)[:, None] + q_idx[None, :]
+        mask = kv_idx[None, None, :] <= q_pos[:, :, None]
+        mask[~q_valid] = False
+        mask[..., 0] |= ~q_valid  # padded query rows attend to one slot so softmax stays finite
+        self.mask = mask[:, None]  # [B, 1, max_q, max_kv]
+        self.shape = (num_seqs, max_q, max_kv)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
+        v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
+        k_flat.index_copy_(0, self.meta.slot_mapping, k)
+        v_flat.index_copy_(0, self.meta.slot_mapping, v)
+
+        num_seqs, max_q, max_kv = self.shape
+        num_heads = q.shape[1]
+        qp = q[self.q_gather].transpose(1, 2)  # [B, Hq, max_q, D]
+        kp = k_flat[self.kv_slots].transpose(1, 2)  # [B, Hk, max_kv, D]
+        vp = v_flat[self.kv_slots].transpose(1, 2)
+        if num_heads != num_kv_heads:
+            kp = kp.repeat_interleave(num_heads // num_kv_heads, dim=1)
+            vp = vp.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=self.mask, scale=scale)
+        return out.transpose(1, 2).reshape(num_seqs * max_q, num_heads, head_dim)[self.q_scatter]
+
+
+class Attention(nn.Module):
+    """Paged attention of one layer. The runner attaches `backend` and this layer's `kv_cache` before use."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.backend: AttentionBackend | None = None
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        assert self.backend is not None and self.kv_cache is not None, "runner did not attach the KV cache"
+        return self.backend.forward(q, k, v, self.kv_cache, self.scale)

@@ -1,0 +1,98 @@
+"""`LLM`: the synchronous API for offline batches."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from asyncllm.config import EngineConfig
+from asyncllm.engine.core import EngineCore
+from asyncllm.engine.request import Request
+from asyncllm.outputs import GenerateOutput
+from asyncllm.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Offline generation: `LLM(model=None, **config).generate(prompts, sampling_params)`.
+
+    `model=None` is the bundled SmolLM2-135M-Instruct; config keywords are the fields of EngineConfig.
+    """
+
+    def __init__(self, model: str | None = None, **config: Any) -> None:
+        self.config = EngineConfig.from_kwargs(model, **config)
+        self.engine = EngineCore(self.config)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[GenerateOutput]:
+        """Generate for every prompt (a string, or a list of token ids); outputs come back in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        # validate everything before queueing anything, so a bad prompt leaves the engine untouched
+        reqs = [self.engine.make_request(ids, p) for ids, p in zip(token_lists, params)]
+        for req in reqs:
+            self.engine.scheduler.add(req)
+        self._run(reqs, use_tqdm)
+        return [self._output(r) for r in reqs]
+
+    def chat(
+        self,
+        conversations: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[GenerateOutput]:
+        """Like `generate`, for chat messages: the model's chat template is applied to each conversation."""
+        convs = [conversations] if conversations and isinstance(conversations[0], dict) else conversations
+        prompts = [self.apply_chat_template(c) for c in convs]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+
+    def _run(self, reqs: list[Request], use_tqdm: bool) -> None:
+        bar = tqdm(total=len(reqs), desc="generate", disable=not use_tqdm, dynamic_ncols=True)
+        stats = self.engine.scheduler.stats
+        try:
+            while self.engine.has_unfinished:
+                t0, p0, g0 = time.perf_counter(), stats.prompt_tokens, stats.generation_tokens
+                finished = sum(r.finished for r in self.engine.step())
+                dt = max(time.perf_counter() - t0, 1e-9)
+                if use_tqdm:
+                    bar.set_postfix(
+                        prefill=f"{(stats.prompt_tokens - p0) / dt:.0f}tok/s",
+                        decode=f"{(stats.generation_tokens - g0) / dt:.0f}tok/s",
+                        refresh=False,
+                    )
+                    bar.update(finished)
+        except BaseException:
+            for r in reqs:
+                self.engine.abort(r.request_id)
+            raise
+        finally:
+            bar.close()
+
+    def _output(self, req: Request) -> GenerateOutput:
+        out = req.output_token_ids
+        return GenerateOutput(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            token_ids=out,
+            text=self.tokenizer.decode(out, skip_special_tokens=req.params.skip_special_tokens),
+            finish_reason=req.finish_reason,  # type: ignore[arg-type]
+        )

@@ -1,0 +1,60 @@
+"""Per-request sampling and stopping parameters."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from asyncllm.errors import InvalidRequestError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    temperature 0 means greedy. top_k 0 (or -1) disables top-k; top_p 1 and min_p 0 disable those filters.
+    `max_tokens` None means "until the context (max_model_len) is full".
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+    # Stop strings are matched by the incremental detokenizer of the async engine.
+    stop: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(self) -> None:
+        def bad(msg: str, param: str) -> InvalidRequestError:
+            return InvalidRequestError(msg, param=param)
+
+        if not self.temperature >= 0.0:
+            raise bad(f"temperature must be >= 0, got {self.temperature}", "temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad(f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k}", "top_k")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise bad(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad(f"seed must be an integer, got {self.seed!r}", "seed")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids must be non-negative integers", "stop_token_ids")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop must be non-empty strings", "stop")
