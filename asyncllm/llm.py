@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from asyncllm.config import EngineConfig
 from asyncllm.engine.core import EngineCore
 from asyncllm.engine.request import Request
+from asyncllm.errors import InvalidRequestError
 from asyncllm.outputs import GenerateOutput
 from asyncllm.sampling_params import SamplingParams
 
@@ -42,7 +43,7 @@ class LLM:
         params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        token_lists = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         # validate everything before queueing anything, so a bad prompt leaves the engine untouched
         reqs = [self.engine.make_request(ids, p) for ids, p in zip(token_lists, params)]
         for req in reqs:
@@ -61,8 +62,16 @@ class LLM:
         prompts = [self.apply_chat_template(c) for c in convs]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    def encode(self, prompt: str) -> list[int]:
+        return list(self._require_tokenizer().encode(prompt))
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model directory has no tokenizer: pass prompts as token ids", "prompt")
+        return self.tokenizer
+
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        out = self._require_tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         return list(out["input_ids"])
 
     def _run(self, reqs: list[Request], use_tqdm: bool) -> None:
@@ -93,6 +102,6 @@ class LLM:
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,
             token_ids=out,
-            text=self.tokenizer.decode(out, skip_special_tokens=req.params.skip_special_tokens),
+            text=self.tokenizer.decode(out, skip_special_tokens=req.params.skip_special_tokens) if self.tokenizer else "",
             finish_reason=req.finish_reason,  # type: ignore[arg-type]
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -36,6 +37,19 @@ def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
     return requested
 
 
+def load_tokenizer(path: os.PathLike[str] | str) -> Any:
+    """The HF tokenizer, or None for a directory without one (then only token-id prompts work)."""
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if Path(path).is_dir() and not any((Path(path) / f).exists() for f in files):
+        log.warning("no tokenizer files in %s: prompts must be token ids", path)
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("no tokenizer loaded from %s (%s): prompts must be token ids", path, e)
+        return None
+
+
 def eos_token_ids(model_dir: os.PathLike[str], tokenizer: Any) -> frozenset[int]:
     ids: set[int] = set()
     try:
@@ -43,7 +57,7 @@ def eos_token_ids(model_dir: os.PathLike[str], tokenizer: Any) -> frozenset[int]
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     except OSError:
         pass
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)
 
@@ -53,7 +67,7 @@ class EngineCore:
         self.config = config
         self.model_dir = resolve_model(config.model)
         self.hf_config = AutoConfig.from_pretrained(self.model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or self.model_dir)
+        self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.hf_config)
         self.runner = ModelRunner(config, self.model_dir, self.hf_config, self.max_model_len)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)

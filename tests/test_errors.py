@@ -1,0 +1,58 @@
+"""Clear errors for what can never work: unknown models, impossible sizes, bad prompts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from asyncllm import LLM, EngineConfig, InvalidRequestError, ModelNotFoundError, OutOfMemoryError, SamplingParams
+
+
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not a local Hugging Face directory"):
+        LLM(str(tmp_path / "nope"))
+
+
+def test_unsupported_architecture(tmp_path, tiny_models):
+    cfg = json.loads((tiny_models["qwen3"] / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = ["GPT2LMHeadModel"], "gpt2"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelNotFoundError, match="supported: LlamaForCausalLM"):
+        LLM(str(tmp_path), load_format="dummy")
+
+
+def test_cache_too_small_for_one_request(tiny_models):
+    with pytest.raises(OutOfMemoryError, match="less than one request of max_model_len=256"):
+        LLM(str(tiny_models["qwen3"]), max_model_len=256, num_kv_blocks=4, block_size=16)
+
+
+def test_bad_config_values():
+    with pytest.raises(InvalidRequestError):
+        EngineConfig(block_size=12)
+    with pytest.raises(InvalidRequestError, match="tensor_parallel_size"):
+        EngineConfig(tensor_parallel_size=2)
+    with pytest.raises(TypeError, match="unknown engine option"):
+        EngineConfig.from_kwargs(None, max_num_seq=3)
+
+
+def test_request_errors_leave_engine_usable(tiny_models):
+    llm = LLM(str(tiny_models["qwen2"]), max_model_len=64)
+    with pytest.raises(InvalidRequestError, match="maximum context length is 64"):
+        llm.generate([[5] * 60], SamplingParams(max_tokens=10), use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        llm.generate([[5, 10**9]], use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="empty"):
+        llm.generate([[]], use_tqdm=False)
+    # a batch with one bad prompt queues nothing
+    with pytest.raises(InvalidRequestError):
+        llm.generate([[5, 6], [5] * 70], use_tqdm=False)
+    assert not llm.engine.has_unfinished
+    [out] = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out.token_ids) == 4
+
+
+def test_dummy_weights_need_no_checkpoint(tmp_path, tiny_models):
+    (tmp_path / "config.json").write_text((tiny_models["llama"] / "config.json").read_text())
+    llm = LLM(str(tmp_path), load_format="dummy", max_model_len=64)
+    [out] = llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert len(out.token_ids) == 5

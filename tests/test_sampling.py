@@ -1,0 +1,100 @@
+"""Sampler behaviour: greedy, seeds, and the effect of temperature / top-k / top-p / min-p on the distribution."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asyncllm import LLM, SamplingParams
+from asyncllm.errors import InvalidRequestError
+from asyncllm.layers.sampler import Sampler, SamplingTensors
+from conftest import random_prompts
+
+
+def tensors(n, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeded=()):
+    return SamplingTensors(
+        temperature=torch.full((n,), float(temperature)),
+        top_k=torch.full((n,), top_k, dtype=torch.int64),
+        top_p=torch.full((n,), float(top_p)),
+        min_p=torch.full((n,), float(min_p)),
+        seeded=list(seeded),
+        all_greedy=temperature == 0,
+        need_sort=top_k > 0 or top_p < 1,
+        need_min_p=min_p > 0,
+    )
+
+
+LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]))
+
+
+def frequencies(n=20000, **kw):
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    tokens = sampler(LOGITS.repeat(n, 1), tensors(n, **kw))
+    return torch.bincount(tokens, minlength=5).float() / n
+
+
+def test_plain_sampling_follows_probabilities():
+    freq = frequencies()
+    assert torch.allclose(freq, LOGITS.exp(), atol=0.015)
+
+
+def test_temperature_sharpens_and_flattens():
+    assert frequencies(temperature=0.5)[0] > 0.65  # p^2 renormalised: 0.25/0.3558 = 0.70
+    assert frequencies(temperature=2.0)[0] < 0.40  # sqrt(p) renormalised: 0.707/2.07 = 0.34
+    assert (frequencies(temperature=0.0)[0] == 1.0).item()
+
+
+def test_top_k_top_p_min_p_cut_the_tail():
+    f = frequencies(top_k=2)
+    assert f[2:].sum() == 0 and abs(f[0] - 2 / 3) < 0.02
+    f = frequencies(top_p=0.8)  # 0.5 + 0.25 < 0.8 -> keep three tokens
+    assert f[3:].sum() == 0 and f[2] > 0.1
+    f = frequencies(min_p=0.25)  # keep p >= 0.125: three tokens
+    assert f[3:].sum() == 0 and f[2] > 0.1
+    f = frequencies(min_p=0.4)  # keep p >= 0.2: two tokens
+    assert f[2:].sum() == 0 and abs(f[0] - 2 / 3) < 0.02
+    assert (frequencies(top_k=1)[0] == 1.0).item()
+
+
+def test_per_row_seed_is_independent_of_batch():
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    logits = torch.randn(4, 1000)
+    g = lambda: torch.Generator().manual_seed(42)  # noqa: E731
+    alone = sampler(logits[2:3], tensors(1, seeded=[(0, g())]))
+    in_batch = sampler(logits, tensors(4, seeded=[(2, g())]))
+    assert alone.item() == in_batch[2].item()
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    return LLM(str(tiny_models["llama"]), max_model_len=128)
+
+
+def test_engine_seeded_runs_reproduce_and_top_k_1_is_greedy(llm):
+    prompts = random_prompts(4, 49152, 5, 20, seed=11)
+    params = SamplingParams(temperature=1.0, seed=1234, max_tokens=16, ignore_eos=True)
+    a = llm.generate(prompts, params, use_tqdm=False)
+    b = llm.generate(prompts[::-1], params, use_tqdm=False)[::-1]
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    other = llm.generate(prompts, SamplingParams(temperature=1.0, seed=99, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    assert [o.token_ids for o in other] != [o.token_ids for o in a]
+    greedy = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    top1 = llm.generate(prompts, SamplingParams(temperature=1.5, top_k=1, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(top_k=-5), "top_k"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    ],
+)
+def test_invalid_params(kwargs, param):
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param

@@ -1,0 +1,120 @@
+"""Scheduler policy without a model: budgets, ordering, chunking, preemption, admission errors."""
+from __future__ import annotations
+
+import pytest
+
+from asyncllm.engine.kv_cache import BlockManager
+from asyncllm.engine.request import Request, RequestStatus
+from asyncllm.engine.scheduler import Scheduler, SchedulerConfig
+from asyncllm.errors import InvalidRequestError
+from asyncllm.sampling_params import SamplingParams
+
+
+def make(num_blocks=64, block_size=4, max_seqs=8, max_tokens=32, max_len=64):
+    return Scheduler(SchedulerConfig(max_seqs, max_tokens, max_len), BlockManager(num_blocks, block_size))
+
+
+def req(rid, prompt_len, max_tokens=8, eos=()):
+    return Request(rid, list(range(10, 10 + prompt_len)), SamplingParams(temperature=0.0), max_tokens, frozenset(eos))
+
+
+def run_step(s: Scheduler, token=7):
+    batch = s.schedule()
+    return batch, s.update(batch, [token] * sum(batch.sample))
+
+
+def test_fcfs_and_token_budget_chunks_prefill():
+    s = make(max_tokens=10)
+    a, b = req("a", 6), req("b", 7)
+    s.add(a)
+    s.add(b)
+    batch = s.schedule()
+    assert [r.request_id for r in batch.requests] == ["a", "b"]
+    assert batch.num_new_tokens == [6, 4] and batch.sample == [True, False]
+    s.update(batch, [1])
+    batch = s.schedule()  # a decodes, b finishes its prefill
+    assert batch.num_new_tokens == [1, 3] and batch.sample == [True, True]
+    assert batch.starts == [6, 4]
+
+
+def test_max_num_seqs_limits_running():
+    s = make(max_seqs=2)
+    for i in range(4):
+        s.add(req(f"r{i}", 3))
+    batch = s.schedule()
+    assert len(batch) == 2 and len(s.running) == 2 and len(s.waiting) == 2
+
+
+def test_finish_frees_blocks_and_admits_waiting():
+    s = make(max_seqs=1)
+    s.add(req("a", 3, max_tokens=2))
+    s.add(req("b", 3, max_tokens=2))
+    _, out = run_step(s)
+    assert [r.request_id for r in out] == ["a"]
+    _, out = run_step(s)
+    assert out[0].finished and out[0].finish_reason == "length"
+    batch, _ = run_step(s)
+    assert [r.request_id for r in batch.requests] == ["b"]
+    run_step(s)
+    assert not s.has_unfinished and s.blocks.num_free_blocks == s.blocks.num_blocks
+
+
+def test_preemption_is_lifo_and_recomputes_everything():
+    s = make(num_blocks=4, block_size=4, max_len=16)
+    a, b = req("a", 4, max_tokens=8), req("b", 4, max_tokens=8)
+    s.add(a)
+    s.add(b)
+    run_step(s)  # both prefilled: 1 block each, one output token each
+    run_step(s)  # a, b each need a 2nd block: 4 blocks used
+    assert s.blocks.num_free_blocks == 0
+    for _ in range(4):  # positions 5..8: the 4th step needs a 3rd block for position 8
+        run_step(s)
+    # a needs a 3rd block: b (admitted last) is preempted
+    assert b.status is RequestStatus.WAITING and b.num_computed_tokens == 0 and not b.block_table
+    assert s.stats.num_preemptions == 1 and s.waiting[0] is b
+    while s.has_unfinished:
+        run_step(s)
+    assert a.num_output_tokens == 8 and b.num_output_tokens == 8
+    assert s.blocks.num_free_blocks == 4
+
+
+def test_admission_errors():
+    s = make(num_blocks=4, block_size=4, max_len=64)
+    with pytest.raises(InvalidRequestError, match="maximum context length is 64 tokens.*70 tokens"):
+        s.add(req("long", 60, max_tokens=10))
+    with pytest.raises(InvalidRequestError, match="whole cache holds 16 tokens"):
+        s.add(req("big", 10, max_tokens=10))
+    with pytest.raises(InvalidRequestError, match="empty"):
+        s.add(req("empty", 0))
+    s.add(req("ok", 4))
+    with pytest.raises(InvalidRequestError, match="duplicate"):
+        s.add(req("ok", 4))
+
+
+def test_abort_frees_blocks_and_skips_pending_token():
+    s = make()
+    a, b = req("a", 5), req("b", 5)
+    s.add(a)
+    s.add(b)
+    batch = s.schedule()
+    s.abort("a")
+    assert a.finished and a.finish_reason == "abort" and not a.block_table
+    out = s.update(batch, [1, 2])
+    assert out == [b] and b.output_token_ids == [2] and a.output_token_ids == []
+    s.abort("b")
+    s.abort("missing")
+    assert s.blocks.num_free_blocks == s.blocks.num_blocks and not s.has_unfinished
+
+
+def test_eos_and_stop_tokens():
+    s = make()
+    a = req("a", 3, eos=[7])
+    b = Request("b", [1, 2, 3], SamplingParams(temperature=0.0, ignore_eos=True, stop_token_ids=[9]), 8, frozenset([7]))
+    s.add(a)
+    s.add(b)
+    batch = s.schedule()
+    s.update(batch, [7, 7])
+    assert a.finish_reason == "stop" and not b.finished
+    batch = s.schedule()
+    s.update(batch, [9])
+    assert b.finish_reason == "stop" and b.output_token_ids == [7, 9]
