@@ -17,7 +17,8 @@ def smollm2_dir() -> Path:
     return default_model_dir()
 
 
-def make_tiny_model(path: Path, arch: str, tokenizer_from: Path | None = None, seed: int = 0, **overrides) -> Path:
+def make_tiny_model(path: Path, arch: str, tokenizer_from: Path | None = None, seed: int = 0,
+                    dtype_name: str = "float32", **overrides) -> Path:
     """Save a small random model of `arch` ("llama", "qwen2", "qwen3") as a HF directory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -39,7 +40,7 @@ def make_tiny_model(path: Path, arch: str, tokenizer_from: Path | None = None, s
     kwargs.update(overrides)
     config = AutoConfig.for_model(arch, **kwargs)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(getattr(torch, dtype_name))
     model.save_pretrained(path)
     if tokenizer_from is not None:
         for name in TOKENIZER_FILES:
@@ -73,3 +74,62 @@ def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     return [torch.randint(3, vocab, (length,), generator=g).tolist() for length in lens]
+
+
+def our_logits(llm, token_ids: list[int]) -> torch.Tensor:
+    """Our model's logits [T, V] at every position of `token_ids`, computed as one prefill through the engine's
+    runner and paged KV cache (blocks borrowed from the block manager and given back)."""
+    from asyncllm.engine.request import Request
+    from asyncllm.engine.scheduler import Batch
+    from asyncllm.sampling_params import SamplingParams
+
+    engine = llm.engine
+    runner = engine.runner
+    req = Request("logits", list(token_ids), SamplingParams(temperature=0.0), 1, frozenset())
+    req.block_table = engine.blocks.allocate(engine.blocks.blocks_for(len(token_ids)))
+    try:
+        batch = Batch()
+        batch.add(req, len(token_ids))
+        with torch.inference_mode():
+            inputs = runner.prepare(batch)
+            runner.backend.plan(inputs.meta)
+            hidden = runner.model(inputs.input_ids, inputs.positions)
+            return runner.model.compute_logits(hidden).float().cpu()
+    finally:
+        engine.blocks.free(req.block_table)
+
+
+def hf_logits(model_dir: Path, token_ids: list[int], dtype=torch.float32, device="cpu") -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    with torch.inference_mode():
+        return model(torch.tensor([token_ids], device=device)).logits[0].float().cpu()
+
+
+def hf_greedy_with_logits(model_dir: Path, prompts, max_new_tokens: int, dtype, device):
+    """transformers' greedy tokens and the logits it chose them from, per prompt."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    results = []
+    with torch.inference_mode():
+        for ids in prompts:
+            x = torch.tensor([ids], device=device)
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True,
+                                 pad_token_id=model.generation_config.eos_token_id)
+            results.append((out.sequences[0, len(ids):].tolist(), [s[0].float().cpu() for s in out.logits]))
+    return results
+
+
+def assert_same_until_near_tie(ours: list[int], ref: list[int], ref_logits: list[torch.Tensor], tie: float) -> int:
+    """Tokens must agree until the reference's top-2 logit gap is below `tie`; returns the matched length."""
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a != b:
+            top2 = ref_logits[i].topk(2).values
+            gap = (top2[0] - top2[1]).item()
+            assert gap < tie, f"diverged at step {i} ({a} vs {b}) where the reference's top-2 gap is {gap:.4f} >= {tie}"
+            return i
+    assert len(ours) == len(ref), f"lengths differ: {len(ours)} vs {len(ref)}"
+    return len(ours)

@@ -65,3 +65,14 @@ def test_sharded_checkpoint_without_tokenizer(tmp_path):
     assert [o.token_ids for o in outs] == hf_greedy(src, prompts, 16)
     with pytest.raises(ValueError, match="no tokenizer"):
         llm.generate("text needs a tokenizer", use_tqdm=False)
+
+
+def test_logits_match_transformers_teacher_forced(tiny_models):
+    model_dir = tiny_models["qwen3"]
+    from conftest import hf_logits, our_logits
+
+    ids = random_prompts(1, 49152, 70, 70, seed=4)[0]
+    llm = LLM(str(model_dir), max_model_len=128, block_size=16)
+    ours, ref = our_logits(llm, ids), hf_logits(model_dir, ids)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() < 1e-4
