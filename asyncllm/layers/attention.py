@@ -47,7 +47,11 @@ class AttentionBackend(Protocol):
 
 
 class TorchAttentionBackend:
-    """Reference backend: gathers each sequence's K/V into a padded batch and calls SDPA once per layer."""
+    """Reference backend: gathers each sequence's K/V into a padded batch and calls SDPA once per layer.
+
+    GQA without copying K/V: the G query heads that share a KV head are folded into the query axis, so SDPA sees
+    [B, Hk, G * max_q, D] queries against [B, Hk, max_kv, D] keys.
+    """
 
     name = "torch"
 
@@ -55,43 +59,55 @@ class TorchAttentionBackend:
         device = meta.seq_lens.device
         self.meta = meta
         num_seqs, max_q, max_kv = meta.num_seqs, max(meta.query_lens_cpu), max(meta.seq_lens_cpu)
+        self.shape = (num_seqs, max_q, max_kv)
+        self.decode_only = max_q == 1  # one query per sequence: packed rows are already the padded layout
         q_lens = torch.tensor(meta.query_lens_cpu, device=device)
         q_idx = torch.arange(max_q, device=device)
         kv_idx = torch.arange(max_kv, device=device)
         q_valid = q_idx[None, :] < q_lens[:, None]  # [B, max_q]
-        # padded [B, max_q] layout <-> packed rows
-        self.q_gather = torch.where(q_valid, meta.query_start_loc[:-1, None] + q_idx[None, :], 0)
-        self.q_scatter = (torch.arange(num_seqs, device=device)[:, None] * max_q + q_idx[None, :])[q_valid]
+        if not self.decode_only:  # padded [B, max_q] layout <-> packed rows
+            self.q_gather = torch.where(q_valid, meta.query_start_loc[:-1, None] + q_idx[None, :], 0).flatten()
+            self.q_scatter = (torch.arange(num_seqs, device=device)[:, None] * max_q + q_idx[None, :])[q_valid]
         # every KV slot of every sequence, padded to max_kv
         blocks = meta.block_tables.gather(1, (kv_idx // meta.block_size)[None, :].expand(num_seqs, -1))
-        self.kv_slots = blocks * meta.block_size + kv_idx % meta.block_size
+        self.kv_slots = (blocks * meta.block_size + kv_idx % meta.block_size).flatten()
         # causal mask aligned to the end: query i of sequence b sits at position seq_len - q_len + i
         q_pos = (meta.seq_lens - q_lens)[:, None] + q_idx[None, :]
         mask = kv_idx[None, None, :] <= q_pos[:, :, None]
         mask[~q_valid] = False
         mask[..., 0] |= ~q_valid  # padded query rows attend to one slot so softmax stays finite
-        self.mask = mask[:, None]  # [B, 1, max_q, max_kv]
-        self.shape = (num_seqs, max_q, max_kv)
+        self.mask = mask[:, None]  # [B, 1, max_q, max_kv]; repeated per query group in forward
+        self._group_masks: dict[int, torch.Tensor] = {}
+
+    def _mask(self, groups: int) -> torch.Tensor:
+        if groups not in self._group_masks:
+            self._group_masks[groups] = self.mask.repeat(1, 1, groups, 1)
+        return self._group_masks[groups]
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float
     ) -> torch.Tensor:
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        num_heads = q.shape[1]
+        groups = num_heads // num_kv_heads
         k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
         v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
         k_flat.index_copy_(0, self.meta.slot_mapping, k)
         v_flat.index_copy_(0, self.meta.slot_mapping, v)
 
         num_seqs, max_q, max_kv = self.shape
-        num_heads = q.shape[1]
-        qp = q[self.q_gather].transpose(1, 2)  # [B, Hq, max_q, D]
-        kp = k_flat[self.kv_slots].transpose(1, 2)  # [B, Hk, max_kv, D]
-        vp = v_flat[self.kv_slots].transpose(1, 2)
-        if num_heads != num_kv_heads:
-            kp = kp.repeat_interleave(num_heads // num_kv_heads, dim=1)
-            vp = vp.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=self.mask, scale=scale)
-        return out.transpose(1, 2).reshape(num_seqs * max_q, num_heads, head_dim)[self.q_scatter]
+        kp = k_flat.index_select(0, self.kv_slots).view(num_seqs, max_kv, num_kv_heads, head_dim).transpose(1, 2)
+        vp = v_flat.index_select(0, self.kv_slots).view(num_seqs, max_kv, num_kv_heads, head_dim).transpose(1, 2)
+        if self.decode_only:  # [B, Hq, D] is [B, Hk, G, D]: head h uses KV head h // G
+            qp = q.view(num_seqs, num_kv_heads, groups, head_dim)
+        else:
+            qp = q.index_select(0, self.q_gather).view(num_seqs, max_q, num_kv_heads, groups, head_dim)
+            qp = qp.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, groups * max_q, head_dim)
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=self._mask(groups), scale=scale)
+        if self.decode_only:
+            return out.reshape(num_seqs, num_heads, head_dim)
+        out = out.view(num_seqs, num_kv_heads, groups, max_q, head_dim).permute(0, 3, 1, 2, 4)
+        return out.reshape(num_seqs * max_q, num_heads, head_dim).index_select(0, self.q_scatter)
 
 
 class Attention(nn.Module):
