@@ -77,12 +77,12 @@ class LLM:
     def _run(self, reqs: list[Request], use_tqdm: bool) -> None:
         bar = tqdm(total=len(reqs), desc="generate", disable=not use_tqdm, dynamic_ncols=True)
         stats = self.engine.scheduler.stats
+        t0, p0, g0 = time.perf_counter(), stats.prompt_tokens, stats.generation_tokens
         try:
             while self.engine.has_unfinished:
-                t0, p0, g0 = time.perf_counter(), stats.prompt_tokens, stats.generation_tokens
                 finished = sum(r.finished for r in self.engine.step())
-                dt = max(time.perf_counter() - t0, 1e-9)
-                if use_tqdm:
+                if use_tqdm:  # throughput since the call started
+                    dt = max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(
                         prefill=f"{(stats.prompt_tokens - p0) / dt:.0f}tok/s",
                         decode=f"{(stats.generation_tokens - g0) / dt:.0f}tok/s",
