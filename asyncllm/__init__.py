@@ -1,5 +1,6 @@
 """asyncllm: an asyncio-native LLM inference engine."""
 from asyncllm.config import EngineConfig
+from asyncllm.engine.async_engine import AsyncEngine, EngineDeadError, StreamChunk, Usage
 from asyncllm.errors import InvalidRequestError, ModelNotFoundError, OutOfMemoryError
 from asyncllm.llm import LLM
 from asyncllm.outputs import GenerateOutput
@@ -8,6 +9,10 @@ from asyncllm.sampling_params import SamplingParams
 __version__ = "0.1.0"
 __all__ = [
     "LLM",
+    "AsyncEngine",
+    "EngineDeadError",
+    "StreamChunk",
+    "Usage",
     "EngineConfig",
     "GenerateOutput",
     "InvalidRequestError",

@@ -1,0 +1,334 @@
+"""AsyncEngine: the engine as a coroutine inside any asyncio program.
+
+One loop coroutine owns the scheduler. Each iteration: apply aborts -> schedule step N -> launch it in the step
+thread -> deliver step N-1's tokens while it runs (detokenize, stop strings, wake consumers) -> await step N ->
+append its tokens. Only `ModelRunner.execute` leaves the event-loop thread; everything that touches the
+scheduler runs on the loop, so aborts and stop-string finishes that happen while a step runs are deferred to the
+next iteration (the step may still be reading those requests' block tables).
+
+Delivery is coalescing: a consumer that reads slowly gets several tokens in one chunk, and a request buffers at
+most its own output (no per-token queue grows behind a slow client).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from asyncllm.config import EngineConfig
+from asyncllm.engine.core import EngineCore
+from asyncllm.engine.detokenizer import IncrementalDetokenizer
+from asyncllm.engine.request import Request
+from asyncllm.errors import AsyncLLMError, InvalidRequestError
+from asyncllm.metrics import EngineMetrics
+from asyncllm.outputs import GenerateOutput
+from asyncllm.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+Messages = Sequence[dict[str, Any]]
+PromptInput = str | list[int] | Messages
+
+
+class EngineDeadError(AsyncLLMError, RuntimeError):
+    """The engine loop failed; the engine serves no more requests."""
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class StreamChunk:
+    request_id: str
+    text: str  # new text since the previous chunk
+    token_ids: list[int]  # new token ids since the previous chunk
+    finish_reason: str | None = None  # set on the last chunk: "stop" | "length" | "abort"
+    usage: Usage | None = None  # set on the last chunk
+
+
+class _Stream:
+    """Delivery state of one request, touched only on the event-loop thread."""
+
+    __slots__ = ("req", "detok", "new_ids", "finish_reason", "error", "event", "t_arrival", "t_last", "num_tokens")
+
+    def __init__(self, req: Request, detok: IncrementalDetokenizer | None) -> None:
+        self.req, self.detok = req, detok
+        self.new_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.event = asyncio.Event()
+        self.t_arrival = self.t_last = time.monotonic()
+        self.num_tokens = 0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+    def take(self) -> StreamChunk:
+        final = self.done
+        text = self.detok.take(final) if self.detok is not None else ""
+        ids, self.new_ids = self.new_ids, []
+        usage = Usage(self.req.num_prompt_tokens, self.num_tokens) if final else None
+        return StreamChunk(self.req.request_id, text, ids, self.finish_reason if final else None, usage)
+
+
+class AsyncEngine:
+    """`async with AsyncEngine(model=None, **config) as engine: async for chunk in engine.stream(prompt, params)`."""
+
+    def __init__(self, model: str | None = None, **config: Any) -> None:
+        self.config = EngineConfig.from_kwargs(model, **config)
+        self.core: EngineCore | None = None
+        self.error: BaseException | None = None  # set when the loop died
+        self._streams: dict[str, _Stream] = {}
+        self._deferred: dict[str, str] = {}  # request id -> finish reason, applied between steps
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="asyncllm-tokenize")
+        self._step_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncllm-step")
+        self.metrics = EngineMetrics(self._gauges)
+        self.loop_lag = 0.0  # seconds; updated by whoever probes the loop (the server)
+        self._last_counts = (0, 0, 0)
+
+    # ---- life cycle -----------------------------------------------------------------------------------------
+    async def start(self) -> "AsyncEngine":
+        if self._task is None:
+            loop = asyncio.get_running_loop()
+            self.core = await loop.run_in_executor(self._step_pool, EngineCore, self.config)
+            self._task = asyncio.create_task(self._run(), name="asyncllm-engine-loop")
+        return self
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for stream in list(self._streams.values()):
+            self._end(stream, "abort")
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        self._step_pool.shutdown(wait=True)
+
+    async def __aenter__(self) -> "AsyncEngine":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    @property
+    def healthy(self) -> bool:
+        return self._task is not None and self.error is None and not self._task.done()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._core.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._core.max_model_len
+
+    @property
+    def _core(self) -> EngineCore:
+        if self.core is None:
+            raise RuntimeError("the engine is not started: `await engine.start()` or `async with engine`")
+        return self.core
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    async def encode(self, prompt: PromptInput, add_special_tokens: bool = True) -> list[int]:
+        """Prompt (text, token ids, or chat messages) -> token ids, in the tokenizer thread pool."""
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)  # type: ignore[arg-type]
+        tok = self.tokenizer
+        if tok is None:
+            raise InvalidRequestError("this model has no tokenizer: send token ids", "prompt")
+        loop = asyncio.get_running_loop()
+        if isinstance(prompt, str):
+            return await loop.run_in_executor(
+                self._tokenize_pool, lambda: list(tok.encode(prompt, add_special_tokens=add_special_tokens)))
+        return await loop.run_in_executor(self._tokenize_pool, self._apply_chat_template, prompt)
+
+    def _apply_chat_template(self, messages: Messages) -> list[int]:
+        try:
+            out = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)
+        except Exception as e:  # template errors are the caller's: bad roles, bad content
+            raise InvalidRequestError(f"cannot apply the chat template: {e}", "messages") from e
+        return list(out["input_ids"])
+
+    async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenize_pool, lambda: self.tokenizer.decode(
+            token_ids, skip_special_tokens=skip_special_tokens))
+
+    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError if this request can never be served (nothing is queued)."""
+        self._core.make_request(prompt_token_ids, params)
+
+    async def stream(self, prompt: PromptInput, params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
+        """Chunks of new text and token ids; the last one has finish_reason and usage. Leaving the loop early
+        (break, cancellation, aclose, garbage collection) aborts the request and frees its KV blocks."""
+        params = params or SamplingParams()
+        if not self.healthy:
+            raise EngineDeadError(f"the engine is not running{f': {self.error}' if self.error else ''}")
+        ids = await self.encode(prompt)
+        req = self._core.make_request(ids, params)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params)
+        elif params.stop:
+            raise InvalidRequestError("stop strings need a tokenizer", "stop")
+        stream = _Stream(req, detok)
+        self._core.scheduler.add(req)
+        self._streams[req.request_id] = stream
+        self._wake.set()
+        try:
+            while True:
+                await stream.event.wait()
+                stream.event.clear()
+                if stream.error is not None:
+                    raise EngineDeadError(f"the engine failed: {stream.error}") from stream.error
+                chunk = stream.take()
+                if chunk.text or chunk.token_ids or chunk.finish_reason:
+                    yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            if not stream.done:  # the consumer left early
+                self.metrics.disconnects.inc()
+                self.abort(req.request_id)
+            self._streams.pop(req.request_id, None)
+
+    async def generate(self, prompt: PromptInput, params: SamplingParams | None = None) -> GenerateOutput:
+        """The whole output at once (same text and tokens as concatenating `stream`'s chunks)."""
+        prompt_ids = await self.encode(prompt)
+        text: list[str] = []
+        ids: list[int] = []
+        last: StreamChunk | None = None
+        async for last in self.stream(prompt_ids, params):
+            text.append(last.text)
+            ids.extend(last.token_ids)
+        assert last is not None
+        return GenerateOutput(last.request_id, prompt_ids, ids, "".join(text), last.finish_reason)  # type: ignore[arg-type]
+
+    def abort(self, request_id: str) -> None:
+        """End a request; its KV blocks are freed before the next step."""
+        stream = self._streams.get(request_id)
+        if stream is not None and not stream.done:
+            self._end(stream, "abort")
+        self._deferred.setdefault(request_id, "abort")
+        self._wake.set()
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        core = self._core
+        loop = asyncio.get_running_loop()
+        delivered: list[Request] = []  # the previous step's requests that got a token
+        try:
+            while not self._stopping:
+                self._apply_deferred()
+                if not core.has_unfinished:
+                    self._deliver(delivered)
+                    delivered = []
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                batch = core.scheduler.schedule()
+                step = loop.run_in_executor(self._step_pool, core.runner.execute, batch) if batch else None
+                self._deliver(delivered)  # while the step runs
+                sampled = await step if step is not None else []
+                if step is None:
+                    await asyncio.sleep(0.001)  # nothing fits this instant (all blocks busy): let aborts land
+                delivered = core.scheduler.update(batch, sampled) if batch else []
+                self._count()
+        except Exception as e:
+            log.exception("engine loop failed; failing all requests")
+            self.error = e
+            for stream in list(self._streams.values()):
+                stream.error = e
+                stream.event.set()
+
+    def _apply_deferred(self) -> None:
+        if not self._deferred:
+            return
+        scheduler = self._core.scheduler
+        for request_id, reason in self._deferred.items():
+            req = scheduler.requests.get(request_id)
+            if req is not None:
+                if reason == "abort":
+                    scheduler.abort(request_id)
+                else:
+                    scheduler.finish(req, reason)
+        self._deferred.clear()
+
+    def _deliver(self, reqs: list[Request]) -> None:
+        """One pass over the requests that got a token: detokenize, stop strings, wake their consumers."""
+        now = time.monotonic()
+        m = self.metrics
+        for req in reqs:
+            stream = self._streams.get(req.request_id)
+            if stream is None or stream.done:
+                continue
+            token = req.token_ids[-1]
+            stream.new_ids.append(token)
+            if stream.num_tokens == 0:
+                m.ttft.observe(now - stream.t_arrival)
+            else:
+                m.itl.observe(now - stream.t_last)
+            stream.num_tokens += 1
+            stream.t_last = now
+            if stream.detok is not None and stream.detok.push(token):
+                self._deferred[req.request_id] = "stop"  # the scheduler may still be stepping it
+                self._end(stream, "stop")
+            elif req.finished:
+                self._end(stream, req.finish_reason or "stop")
+            else:
+                stream.event.set()
+
+    def _end(self, stream: _Stream, reason: str) -> None:
+        stream.finish_reason = reason
+        stream.event.set()
+        self.metrics.requests.labels(reason).inc()
+        self.metrics.e2e.observe(time.monotonic() - stream.t_arrival)
+
+    def _count(self) -> None:
+        """Move the scheduler's counters into the Prometheus counters (once per step)."""
+        stats, last = self._core.scheduler.stats, self._last_counts
+        now = (stats.prompt_tokens, stats.generation_tokens, stats.num_preemptions)
+        for counter, new, old in zip((self.metrics.prompt_tokens, self.metrics.generation_tokens,
+                                      self.metrics.preemptions), now, last):
+            if new != old:
+                counter.inc(new - old)
+        self._last_counts = now
+
+    # ---- stats ----------------------------------------------------------------------------------------------
+    def _gauges(self) -> dict[str, float]:
+        if self.core is None:
+            return {}
+        s, b = self.core.scheduler, self.core.blocks
+        return {
+            "num_requests_running": len(s.running),
+            "num_requests_waiting": len(s.waiting),
+            "kv_cache_usage_perc": b.usage,
+            "kv_cache_free_blocks": b.num_free_blocks,
+            "event_loop_lag_seconds": self.loop_lag,
+        }
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self._core.blocks.num_free_blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return self._core.blocks.num_blocks

@@ -1,0 +1,129 @@
+"""`python -m asyncllm.serve` / `asyncllm serve`: the OpenAI-compatible server, one asyncio process (uvloop).
+
+SIGINT / SIGTERM: stop accepting connections, end in-flight requests, exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from aiohttp import web
+
+from asyncllm.engine.async_engine import AsyncEngine
+from asyncllm.errors import AsyncLLMError
+from asyncllm.model_files import DEFAULT_MODEL_NAME
+from asyncllm.server.app import ServerSettings, build_app
+
+log = logging.getLogger("asyncllm.serve")
+
+# CLI flag -> EngineConfig field (flags mirror the engine config)
+ENGINE_FLAGS = ("dtype", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size",
+                "gpu_memory_utilization", "num_kv_blocks", "kv_cache_memory_bytes", "enforce_eager", "load_format",
+                "attention_backend", "seed")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asyncllm serve", description="Serve a model over an OpenAI-compatible HTTP API.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help=f"local Hugging Face model directory (default: bundled {DEFAULT_MODEL_NAME})")
+    p.add_argument("--served-model-name", default=None, help="model name clients send (default: the directory name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
+    p.add_argument("--api-key", default=os.environ.get("ASYNCLLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (env ASYNCLLM_API_KEY)")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body accepted (413 above)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="logging level")
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, the model's on CUDA)")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where the model runs")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one step")
+    g.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's context)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step (chunked prefill)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory the engine may use")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV cache size in blocks")
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="KV cache budget in bytes (CPU default 1 GiB)")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"], help="dummy = random weights")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer", "triton"], help="attention implementation")
+    g.add_argument("--seed", type=int, default=0, help="seed of the shared sampling generator")
+    return p
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in ENGINE_FLAGS}
+
+
+async def probe_loop_lag(engine: AsyncEngine, interval: float = 0.05) -> None:
+    """How late a timer fires: a direct measure of anything blocking the event loop."""
+    while True:
+        t = time.perf_counter()
+        await asyncio.sleep(interval)
+        engine.loop_lag = max(0.0, time.perf_counter() - t - interval)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    engine = AsyncEngine(args.model, **engine_kwargs(args))
+    await engine.start()
+    name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_MODEL_NAME)
+    app = build_app(engine, ServerSettings(name, args.api_key, args.max_body_bytes))
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else args.port
+    log.info("serving %s on http://%s:%d (kv cache: %d blocks x %d tokens)", name, args.host, port,
+             engine.num_blocks, engine.config.block_size)
+    print(f"asyncllm: ready on http://{args.host}:{port}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    lag = asyncio.create_task(probe_loop_lag(engine))
+    await stop.wait()
+    log.info("shutting down: no new connections, ending in-flight requests")
+    lag.cancel()
+    await site.stop()
+    await engine.shutdown()
+    await runner.cleanup()
+    return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # uvloop is not available on every platform
+        runner = asyncio.run
+    try:
+        return runner(serve(args))
+    except AsyncLLMError as e:
+        log.error("%s", e)
+        return 1
+
+
+def cli() -> None:
+    """`asyncllm serve ...` / `asyncllm shell ...`."""
+    if len(sys.argv) < 2 or sys.argv[1] not in ("serve", "shell"):
+        print("usage: asyncllm {serve,shell} [options]   (see `asyncllm serve --help`)", file=sys.stderr)
+        sys.exit(2)
+    command, rest = sys.argv[1], sys.argv[2:]
+    if command == "shell":
+        from asyncllm.shell import run as run_shell
+
+        sys.exit(run_shell(rest))
+    sys.exit(run(rest))
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (aiohttp), on the same event loop as the engine."""
