@@ -1,0 +1,236 @@
+"""The HTTP server: the official openai client against `python -m asyncllm.serve`, bad requests, disconnects."""
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+
+import aiohttp
+import httpx
+import openai
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from asyncllm import AsyncEngine
+from asyncllm.server.app import ServerSettings, build_app
+
+MODEL = "SmolLM2-135M-Instruct"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asyncllm.serve", "--port", "0", "--max-model-len", "512", "--log-level", "warning",
+         "--max-body-bytes", "100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = None
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if m := re.search(r"ready on (http://\S+)", line):
+            url = m.group(1)
+            break
+    assert url, "server did not start"
+    yield url
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0  # graceful shutdown exits 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+
+
+def test_chat_stream_equals_non_stream(client):
+    full = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=24)
+    assert full.choices[0].message.content == "The capital of France is Paris."
+    assert full.choices[0].finish_reason == "stop" and full.object == "chat.completion"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=24,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump()["completion_tokens"] == full.usage.completion_tokens
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+
+
+def test_completions_usage_and_streaming(client, server):
+    prompt = "The three primary colors are"
+    full = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=20)
+    count = httpx.post(f"{server}/tokenize", json={"prompt": prompt}).json()["count"]
+    assert full.usage.prompt_tokens == count and full.usage.completion_tokens == 20
+    assert full.choices[0].finish_reason == "length"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=prompt, temperature=0, max_tokens=20, stream=True))
+    assert streamed == full.choices[0].text
+    detok = httpx.post(f"{server}/detokenize", json={"tokens": httpx.post(
+        f"{server}/tokenize", json={"prompt": full.choices[0].text, "add_special_tokens": False}).json()["tokens"]})
+    assert detok.json()["prompt"] == full.choices[0].text
+
+
+def test_batch_prompts_n_and_stop(client):
+    out = client.completions.create(model=MODEL, prompt=["One, two,", "Red, green,"], n=2, temperature=0,
+                                    max_tokens=8, seed=3)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert out.choices[0].text == out.choices[1].text  # greedy: both choices agree
+    stopped = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=24, stop=["Paris"])
+    assert stopped.choices[0].message.content == "The capital of France is "
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+async def test_async_openai_client_streams_concurrently(server):
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused")
+
+    async def one():
+        stream = await client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=24, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    texts = await asyncio.gather(*(one() for _ in range(8)))
+    assert texts == ["The capital of France is Paris."] * 8
+
+
+def test_other_routes(server):
+    models = httpx.get(f"{server}/v1/models").json()
+    assert models["data"][0]["id"] == MODEL and models["data"][0]["max_model_len"] == 512
+    assert httpx.get(f"{server}/health").status_code == 200
+    assert httpx.get(f"{server}/version").json()["version"]
+    metrics = httpx.get(f"{server}/metrics").text
+    for name in ("asyncllm:num_requests_running", "asyncllm:kv_cache_usage_perc", "asyncllm:prompt_tokens_total",
+                 "asyncllm:generation_tokens_total", "asyncllm:num_preemptions_total",
+                 "asyncllm:time_to_first_token_seconds_bucket", "asyncllm:inter_token_latency_seconds_bucket",
+                 "asyncllm:e2e_request_latency_seconds_bucket", "asyncllm:client_disconnects_total"):
+        assert name in metrics
+    chat_ids = httpx.post(f"{server}/tokenize", json={"messages": CHAT}).json()["tokens"]
+    assert chat_ids[0] == 1  # <|im_start|> from the chat template
+
+
+C, X = "/v1/chat/completions", "/v1/completions"
+MSG = {"messages": CHAT}
+BAD_REQUESTS = [
+    # (path, body, status, param or None)
+    (C, b"{not json", 400, None),
+    (C, b"[1, 2]", 400, None),
+    (C, b"", 400, None),
+    (C, {}, 400, "messages"),
+    (C, {"messages": []}, 400, "messages"),
+    (C, {"messages": "hi"}, 400, "messages"),
+    (C, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    (C, {"messages": [{"content": "x"}]}, 400, "messages"),
+    (C, {**MSG, "model": "gpt-4"}, 404, "model"),
+    (C, {**MSG, "max_tokens": 0}, 400, "max_tokens"),
+    (C, {**MSG, "max_tokens": -5}, 400, "max_tokens"),
+    (C, {**MSG, "max_tokens": "ten"}, 400, "max_tokens"),
+    (C, {**MSG, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    (C, {**MSG, "temperature": -1}, 400, "temperature"),
+    (C, {**MSG, "temperature": "hot"}, 400, "temperature"),
+    (C, {**MSG, "top_p": 0}, 400, "top_p"),
+    (C, {**MSG, "top_p": 1.5}, 400, "top_p"),
+    (C, {**MSG, "top_k": -2}, 400, "top_k"),
+    (C, {**MSG, "min_p": 2}, 400, "min_p"),
+    (C, {**MSG, "n": 0}, 400, "n"),
+    (C, {**MSG, "stream_options": {"include_usage": True}}, 400, None),
+    (C, {**MSG, "max_tokens": 600}, 400, "max_tokens"),
+    (C, {**MSG, "logprobs": True}, 400, None),
+    (C, {**MSG, "stop": [""]}, 400, "stop"),
+    (C, {**MSG, "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    (C, {**MSG, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    (C, {**MSG, "presence_penalty": 5}, 400, "presence_penalty"),
+    (X, {}, 400, "prompt"),
+    (X, {"prompt": []}, 400, None),
+    (X, {"prompt": "hi " * 600}, 400, "prompt"),
+    (X, {"prompt": [1, 2, 10**9]}, 400, "prompt"),
+    (X, {"prompt": "hi", "echo": True}, 400, None),
+    (X, {"prompt": "x" * 200_000}, 413, None),
+    ("/v1/embeddings", {"input": "x"}, 404, None),
+    ("/tokenize", {}, 400, None),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD_REQUESTS)
+def test_bad_requests_get_openai_errors(server, path, body, status, param):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(f"{server}{path}", **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    if "max_tokens" in str(body) and status == 400 and body.get("max_tokens") == 600:
+        assert "maximum context length is 512 tokens" in err["message"]
+
+
+def test_server_still_answers_after_bad_requests(client):
+    assert client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=24).choices[0].message.content
+
+
+# ---- in-process server on a tiny model: disconnects, auth, engine failure -------------------------------------
+@pytest_asyncio.fixture
+async def local(tiny_models):
+    engine = AsyncEngine(str(tiny_models["llama"]), max_model_len=512)
+    await engine.start()
+    app = build_app(engine, ServerSettings("tiny", api_key="sekret"))
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield engine, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await engine.shutdown()
+    await runner.cleanup()
+
+
+AUTH = {"Authorization": "Bearer sekret"}
+
+
+async def test_dropped_connections_free_their_blocks(local):
+    engine, url = local
+    body = {"prompt": list(range(10, 60)), "max_tokens": 450, "ignore_eos": True, "temperature": 0}
+    sessions = [aiohttp.ClientSession(headers=AUTH) for _ in range(20)]
+
+    async def call(i, s):
+        async with s.post(f"{url}/v1/completions", json={**body, "stream": i % 2 == 0}) as r:
+            async for _ in r.content:
+                pass
+
+    tasks = [asyncio.create_task(call(i, s)) for i, s in enumerate(sessions)]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while len(engine.core.scheduler.running) < 20 and loop.time() < deadline:
+        await asyncio.sleep(0.005)
+    assert len(engine.core.scheduler.running) == 20 and engine.num_free_blocks < engine.num_blocks
+    for t in tasks:  # drop every connection mid-way, streaming or not
+        t.cancel()
+    for s in sessions:
+        await s.close()
+    deadline = loop.time() + 1.0
+    while engine.num_free_blocks != engine.num_blocks and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert engine.num_free_blocks == engine.num_blocks and not engine.core.scheduler.requests
+    async with aiohttp.ClientSession() as s:
+        metrics = await (await s.get(f"{url}/metrics")).text()
+    assert "asyncllm:client_disconnects_total 20.0" in metrics
+
+
+async def test_api_key_and_dead_engine(local):
+    engine, url = local
+    async with aiohttp.ClientSession() as s:
+        r = await s.get(f"{url}/v1/models")
+        assert r.status == 401 and (await r.json())["error"]["type"] == "authentication_error"
+        r = await s.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert r.status == 401
+        r = await s.get(f"{url}/v1/models", headers=AUTH)
+        assert r.status == 200
+        assert (await s.get(f"{url}/health")).status == 200  # only /v1 needs the key
+
+        def boom(batch):
+            raise RuntimeError("simulated device failure")
+
+        engine.core.runner.execute = boom
+        r = await s.post(f"{url}/v1/completions", json={"prompt": [5, 6], "stream": True}, headers=AUTH)
+        text = await r.text()
+        assert '"error"' in text and "simulated device failure" in text and text.endswith("data: [DONE]\n\n")
+        assert (await s.get(f"{url}/health")).status == 503
+        r = await s.post(f"{url}/v1/completions", json={"prompt": [5, 6]}, headers=AUTH)
+        assert r.status == 503 and (await r.json())["error"]["type"] == "service_unavailable"
