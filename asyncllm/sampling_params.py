@@ -19,6 +19,9 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from each token already in the output
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # transformers/CTRL: tokens of prompt or output have logits divided (>0) or multiplied
     max_tokens: int | None = 16
     ignore_eos: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
@@ -33,6 +36,10 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:
@@ -50,6 +57,11 @@ class SamplingParams:
             raise bad(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise bad(f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k}", "top_k")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(f"{name} must be in [-2, 2], got {getattr(self, name)}", name)
+        if not self.repetition_penalty > 0.0:
+            raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise bad(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
         if self.seed is not None and not isinstance(self.seed, int):

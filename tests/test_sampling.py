@@ -98,3 +98,43 @@ def test_invalid_params(kwargs, param):
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(**kwargs)
     assert e.value.param == param
+
+
+def test_penalties_shift_the_argmax():
+    from asyncllm.layers.sampler import Penalties
+
+    logits = torch.tensor([[3.0, 2.5, -1.0, 0.0], [3.0, 2.5, -1.0, 0.0]])
+    counts = torch.tensor([[2.0, 0.0, 0.0, 0.0]])
+    pen = Penalties(rows=torch.tensor([1]), output_counts=counts, seen=counts > 0,
+                    presence=torch.tensor([0.3]), frequency=torch.tensor([0.2]), repetition=torch.tensor([1.0]))
+    out = pen.apply(logits)
+    assert torch.allclose(out[1], torch.tensor([3.0 - 0.3 - 0.4, 2.5, -1.0, 0.0]))
+    assert torch.equal(out[0], logits[0])  # rows without penalties are untouched
+    pen.repetition = torch.tensor([2.0])
+    pen.seen = torch.tensor([[True, False, True, False]])
+    pen.presence, pen.frequency = torch.zeros(1), torch.zeros(1)
+    assert torch.allclose(pen.apply(logits)[1], torch.tensor([1.5, 2.5, -2.0, 0.0]))  # divide positive, multiply negative
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    t = tensors(2, temperature=0.0)
+    t.penalties = pen
+    assert sampler(logits, t).tolist() == [0, 1]
+
+
+def test_repetition_penalty_matches_transformers(tiny_models):
+    from conftest import hf_greedy
+
+    model_dir = tiny_models["qwen2"]
+    prompts = random_prompts(3, 49152, 5, 30, seed=13)
+    llm = LLM(str(model_dir), max_model_len=128)
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20, repetition_penalty=1.5), use_tqdm=False)
+    plain = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20), use_tqdm=False)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    for out, p in zip(outs, prompts):
+        x = torch.tensor([p])
+        ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=20, do_sample=False,
+                          repetition_penalty=1.5, pad_token_id=2)[0, len(p):].tolist()
+        assert out.token_ids == ref
+    assert [o.token_ids for o in outs] != [o.token_ids for o in plain]
+    assert [o.token_ids for o in plain] == hf_greedy(model_dir, prompts, 20)

@@ -13,7 +13,7 @@ from asyncllm.engine.request import Request
 from asyncllm.engine.scheduler import Batch
 from asyncllm.errors import InvalidRequestError, OutOfMemoryError
 from asyncllm.layers.attention import Attention, AttentionBackend, AttentionMetadata, TorchAttentionBackend
-from asyncllm.layers.sampler import Sampler, SamplingTensors
+from asyncllm.layers.sampler import Penalties, Sampler, SamplingTensors
 from asyncllm.models import build_model
 from asyncllm.models.loader import init_dummy, load_safetensors
 from asyncllm.sampling_params import SamplingParams
@@ -199,6 +199,7 @@ class ModelRunner:
                 seeded.append((row, req.generator))
         temps = [0.0 if p.greedy else p.temperature for p in params]
         f32 = torch.float32
+        penalized = [row for row, p in enumerate(params) if p.has_penalties]
         return SamplingTensors(
             temperature=torch.tensor(temps, dtype=f32).to(self.device, non_blocking=True),
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64).to(self.device, non_blocking=True),
@@ -208,6 +209,31 @@ class ModelRunner:
             all_greedy=all(t == 0.0 for t in temps),
             need_sort=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
             need_min_p=any(p.min_p > 0.0 for p in params),
+            penalties=self._penalties([reqs[r] for r in penalized], penalized) if penalized else None,
+        )
+
+    def _penalties(self, reqs: list[Request], rows: list[int]) -> Penalties:
+        """Token counts of the penalized requests (work proportional to their lengths, once per step)."""
+        vocab = self.model.config.vocab_size
+        out_ids = [torch.tensor(r.output_token_ids, dtype=torch.int64) for r in reqs]
+        all_ids = [torch.tensor(r.token_ids, dtype=torch.int64) for r in reqs]
+        counts = torch.zeros(len(reqs), vocab, dtype=torch.float32)
+        seen = torch.zeros(len(reqs), vocab, dtype=torch.bool)
+        for i, (o, a) in enumerate(zip(out_ids, all_ids)):
+            counts[i].index_add_(0, o, torch.ones(len(o)))
+            seen[i, a] = True
+        dev = self.device
+
+        def col(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32).to(dev, non_blocking=True)
+
+        return Penalties(
+            rows=torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True),
+            output_counts=counts.to(dev, non_blocking=True),
+            seen=seen.to(dev, non_blocking=True),
+            presence=col([r.params.presence_penalty for r in reqs]),
+            frequency=col([r.params.frequency_penalty for r in reqs]),
+            repetition=col([r.params.repetition_penalty for r in reqs]),
         )
 
     @torch.inference_mode()

@@ -21,6 +21,26 @@ class SamplingTensors:
     all_greedy: bool
     need_sort: bool  # some row uses top-k or top-p
     need_min_p: bool
+    penalties: Penalties | None = None
+
+
+@dataclass
+class Penalties:
+    """Repetition penalties of the rows that use them (others are unaffected)."""
+
+    rows: torch.Tensor  # [P] int64 rows of the batch
+    output_counts: torch.Tensor  # [P, V] float32: occurrences of each token in the output so far
+    seen: torch.Tensor  # [P, V] bool: token is in the prompt or the output
+    presence: torch.Tensor  # [P] float32
+    frequency: torch.Tensor  # [P] float32
+    repetition: torch.Tensor  # [P] float32
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        rows = logits[self.rows]
+        rep = self.repetition[:, None]
+        rows = torch.where(self.seen, torch.where(rows > 0, rows / rep, rows * rep), rows)
+        rows = rows - self.frequency[:, None] * self.output_counts - self.presence[:, None] * (self.output_counts > 0)
+        return logits.index_copy(0, self.rows, rows)
 
 
 class Sampler:
@@ -30,6 +50,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         """logits [B, V] (float32) -> token ids [B] int64."""
+        if t.penalties is not None:
+            logits = t.penalties.apply(logits)
         greedy = logits.argmax(dim=-1)
         if t.all_greedy:
             return greedy

@@ -5,7 +5,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from asyncllm.errors import InvalidRequestError
 from asyncllm.sampling_params import SamplingParams
 
 
@@ -48,9 +47,6 @@ class _Generation(_Model):
 
     def sampling_params(self, default_max_tokens: int | None, index: int = 0) -> SamplingParams:
         """SamplingParams for choice `index` (choices with a seed get seed + index, so they differ)."""
-        if self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0:
-            raise InvalidRequestError("presence_penalty, frequency_penalty and repetition_penalty are not supported "
-                                      "yet", "presence_penalty")
         max_tokens = self.max_tokens if self.max_tokens is not None else default_max_tokens
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -58,6 +54,9 @@ class _Generation(_Model):
             top_k=self.top_k or 0,
             min_p=self.min_p or 0.0,
             seed=None if self.seed is None else self.seed + index,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
             max_tokens=max_tokens,
             ignore_eos=self.ignore_eos,
             stop_token_ids=list(self.stop_token_ids or []),
