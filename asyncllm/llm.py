@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from asyncllm.config import EngineConfig
 from asyncllm.engine.core import EngineCore
+from asyncllm.engine.detokenizer import IncrementalDetokenizer
 from asyncllm.engine.request import Request
 from asyncllm.errors import InvalidRequestError
 from asyncllm.outputs import GenerateOutput
@@ -46,10 +47,13 @@ class LLM:
         token_lists = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         # validate everything before queueing anything, so a bad prompt leaves the engine untouched
         reqs = [self.engine.make_request(ids, p) for ids, p in zip(token_lists, params)]
+        # stop strings need incremental text: those requests get a detokenizer; the rest decode once at the end
+        detoks = {r.request_id: IncrementalDetokenizer(self._require_tokenizer(), r.prompt_token_ids, r.params)
+                  for r in reqs if r.params.stop}
         for req in reqs:
             self.engine.scheduler.add(req)
-        self._run(reqs, use_tqdm)
-        return [self._output(r) for r in reqs]
+        self._run(reqs, detoks, use_tqdm)
+        return [self._output(r, detoks.get(r.request_id)) for r in reqs]
 
     def chat(
         self,
@@ -74,13 +78,18 @@ class LLM:
         out = self._require_tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         return list(out["input_ids"])
 
-    def _run(self, reqs: list[Request], use_tqdm: bool) -> None:
+    def _run(self, reqs: list[Request], detoks: dict[str, IncrementalDetokenizer], use_tqdm: bool) -> None:
         bar = tqdm(total=len(reqs), desc="generate", disable=not use_tqdm, dynamic_ncols=True)
         stats = self.engine.scheduler.stats
         t0, p0, g0 = time.perf_counter(), stats.prompt_tokens, stats.generation_tokens
         try:
             while self.engine.has_unfinished:
-                finished = sum(r.finished for r in self.engine.step())
+                stepped = self.engine.step()
+                for r in stepped:
+                    detok = detoks.get(r.request_id)
+                    if detok is not None and detok.push(r.token_ids[-1]):
+                        self.engine.scheduler.finish(r, "stop")
+                finished = sum(r.finished for r in stepped)
                 if use_tqdm:  # throughput since the call started
                     dt = max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(
@@ -96,12 +105,18 @@ class LLM:
         finally:
             bar.close()
 
-    def _output(self, req: Request) -> GenerateOutput:
+    def _output(self, req: Request, detok: IncrementalDetokenizer | None) -> GenerateOutput:
         out = req.output_token_ids
+        if detok is not None:
+            text = detok.text
+        elif self.tokenizer is not None:
+            text = self.tokenizer.decode(out, skip_special_tokens=req.params.skip_special_tokens)
+        else:
+            text = ""
         return GenerateOutput(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,
             token_ids=out,
-            text=self.tokenizer.decode(out, skip_special_tokens=req.params.skip_special_tokens) if self.tokenizer else "",
+            text=text,
             finish_reason=req.finish_reason,  # type: ignore[arg-type]
         )

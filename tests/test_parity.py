@@ -76,3 +76,14 @@ def test_logits_match_transformers_teacher_forced(tiny_models):
     ours, ref = our_logits(llm, ids), hf_logits(model_dir, ids)
     assert ours.shape == ref.shape
     assert (ours - ref).abs().max().item() < 1e-4
+
+
+def test_llm_generate_honours_stop_strings(smollm2_dir):
+    llm = LLM(str(smollm2_dir), max_model_len=512)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    [full] = llm.chat(chat, SamplingParams(temperature=0.0, max_tokens=20), use_tqdm=False)
+    [cut] = llm.chat(chat, SamplingParams(temperature=0.0, max_tokens=20, stop=["l of Fr"]), use_tqdm=False)
+    assert full.text == "The capital of France is Paris."
+    assert cut.text == "The capita" and cut.finish_reason == "stop"
+    assert cut.token_ids == full.token_ids[: len(cut.token_ids)] and len(cut.token_ids) < len(full.token_ids)
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
