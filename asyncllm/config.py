@@ -28,6 +28,7 @@ class EngineConfig:
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
     attention_backend: Literal["auto", "torch", "flashinfer", "triton"] = "auto"
+    enable_prefix_caching: bool = True  # reuse the KV blocks of shared prompt prefixes (radix tree)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -46,6 +47,14 @@ class EngineConfig:
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> "EngineConfig":
+        # names used by other engines for the same switch
+        if "enable_radix_cache" in kwargs:
+            kwargs["enable_prefix_caching"] = bool(kwargs.pop("enable_radix_cache"))
+        if "cache_type" in kwargs:
+            cache_type = kwargs.pop("cache_type")
+            if cache_type not in ("radix", "naive"):
+                raise InvalidRequestError(f"cache_type must be 'radix' or 'naive', got {cache_type!r}", "cache_type")
+            kwargs["enable_prefix_caching"] = cache_type == "radix"
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:

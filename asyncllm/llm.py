@@ -119,4 +119,5 @@ class LLM:
             token_ids=out,
             text=text,
             finish_reason=req.finish_reason,  # type: ignore[arg-type]
+            num_cached_tokens=max(0, req.num_cached_tokens),
         )

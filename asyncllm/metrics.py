@@ -24,6 +24,7 @@ class _Gauges(Collector):
             ("num_requests_waiting", "Requests waiting for admission."),
             ("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1)."),
             ("kv_cache_free_blocks", "Free KV cache blocks."),
+            ("prefix_cache_blocks", "KV blocks held by the prefix cache (in use or evictable)."),
             ("event_loop_lag_seconds", "Delay of the last event-loop lag probe."),
         ):
             yield GaugeMetricFamily(f"asyncllm:{name}", doc, value=values.get(name, 0.0))
@@ -36,6 +37,8 @@ class EngineMetrics:
         self.generation_tokens = Counter("asyncllm:generation_tokens", "Tokens generated.", registry=r)
         self.preemptions = Counter("asyncllm:num_preemptions", "Requests preempted (recomputed later).", registry=r)
         self.requests = Counter("asyncllm:request_success", "Finished requests by reason.", ["finished_reason"], registry=r)
+        self.cache_queries = Counter("asyncllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r)
+        self.cache_hits = Counter("asyncllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r)
         self.disconnects = Counter("asyncllm:client_disconnects", "Requests aborted by their client.", registry=r)
         self.ttft = Histogram("asyncllm:time_to_first_token_seconds", "Time to first token.", buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("asyncllm:inter_token_latency_seconds", "Time between tokens.", buckets=_LATENCY_BUCKETS, registry=r)

@@ -80,7 +80,7 @@ class _Stream:
         final = self.done
         text = self.detok.take(final) if self.detok is not None else ""
         ids, self.new_ids = self.new_ids, []
-        usage = Usage(self.req.num_prompt_tokens, self.num_tokens) if final else None
+        usage = Usage(self.req.num_prompt_tokens, self.num_tokens, max(0, self.req.num_cached_tokens)) if final else None
         return StreamChunk(self.req.request_id, text, ids, self.finish_reason if final else None, usage)
 
 
@@ -100,7 +100,7 @@ class AsyncEngine:
         self._step_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncllm-step")
         self.metrics = EngineMetrics(self._gauges)
         self.loop_lag = 0.0  # seconds; updated by whoever probes the loop (the server)
-        self._last_counts = (0, 0, 0)
+        self._last_counts = (0, 0, 0, 0, 0)
 
     # ---- life cycle -----------------------------------------------------------------------------------------
     async def start(self) -> "AsyncEngine":
@@ -305,9 +305,10 @@ class AsyncEngine:
     def _count(self) -> None:
         """Move the scheduler's counters into the Prometheus counters (once per step)."""
         stats, last = self._core.scheduler.stats, self._last_counts
-        now = (stats.prompt_tokens, stats.generation_tokens, stats.num_preemptions)
-        for counter, new, old in zip((self.metrics.prompt_tokens, self.metrics.generation_tokens,
-                                      self.metrics.preemptions), now, last):
+        now = (stats.prompt_tokens, stats.generation_tokens, stats.num_preemptions, stats.cache_queries, stats.cache_hits)
+        m = self.metrics
+        for counter, new, old in zip((m.prompt_tokens, m.generation_tokens, m.preemptions, m.cache_queries,
+                                      m.cache_hits), now, last):
             if new != old:
                 counter.inc(new - old)
         self._last_counts = now
@@ -322,6 +323,7 @@ class AsyncEngine:
             "num_requests_waiting": len(s.waiting),
             "kv_cache_usage_perc": b.usage,
             "kv_cache_free_blocks": b.num_free_blocks,
+            "prefix_cache_blocks": b.num_cached_blocks,
             "event_loop_lag_seconds": self.loop_lag,
         }
 

@@ -70,7 +70,7 @@ class EngineCore:
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.hf_config)
         self.runner = ModelRunner(config, self.model_dir, self.hf_config, self.max_model_len)
-        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         max_tokens = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, max_tokens, self.max_model_len), self.blocks)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)

@@ -29,6 +29,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first admission (-1: not admitted yet)
+    num_cached_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     generator: Any = None  # the sampler's per-request RNG when params.seed is set (owned by the runner)
 
     def __post_init__(self) -> None:

@@ -52,6 +52,8 @@ class SchedulerStats:
     num_preemptions: int = 0
     prompt_tokens: int = 0  # tokens prefilled (recomputation after preemption included)
     generation_tokens: int = 0
+    cache_queries: int = 0  # prompt tokens looked up in the prefix cache (first admissions)
+    cache_hits: int = 0  # of those, tokens found
 
 
 class Scheduler:
@@ -124,23 +126,44 @@ class Scheduler:
             i += 1
         # Admit nothing in a step that had to preempt: the victims would only come straight back.
         preempted = self.stats.num_preemptions != preemptions
+        bs = self.blocks.block_size
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             req = self.waiting[0]
-            n = min(req.num_tokens, budget)
-            need = self.blocks.blocks_for(n)
+            # reuse cached whole blocks of the prefix, but always compute at least the last token
+            cached = self.blocks.match(req.token_ids[: (req.num_tokens - 1) // bs * bs])
+            computed = len(cached) * bs
+            n = min(req.num_tokens - computed, budget)
+            need = self.blocks.blocks_for(computed + n) - len(cached)
             if not self.blocks.can_allocate(need):
+                self.blocks.free(cached)
                 break
             self.waiting.popleft()
-            req.block_table = self.blocks.allocate(need)
+            req.block_table = cached + self.blocks.allocate(need)
+            req.num_computed_tokens = computed
+            req.num_cached_blocks = len(cached)
+            if req.num_cached_tokens < 0:  # first admission: what the client is told was cached
+                req.num_cached_tokens = computed
+                self.stats.cache_queries += req.num_tokens
+                self.stats.cache_hits += computed
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             batch.add(req, n)
-            req.num_computed_tokens = n
+            req.num_computed_tokens += n
             budget -= n
+        for req in batch.requests:
+            self._cache_full_blocks(req)
         for req, n in zip(batch.requests, batch.num_new_tokens):
             if n > 1 or req.num_computed_tokens <= req.num_prompt_tokens:
                 self.stats.prompt_tokens += n
         return batch
+
+    def _cache_full_blocks(self, req: Request) -> None:
+        """Offer the request's newly filled blocks to the prefix cache (their K/V are written by this step,
+        before any later step can read them)."""
+        full = req.num_computed_tokens // self.blocks.block_size
+        if full > req.num_cached_blocks:
+            self.blocks.cache_blocks(req.token_ids[: full * self.blocks.block_size], req.block_table[:full])
+            req.num_cached_blocks = full
 
     def _grow(self, req: Request, n: int) -> bool:
         """Give `req` the blocks for n more tokens, preempting later requests if needed.
@@ -159,7 +182,7 @@ class Scheduler:
         self.running.remove(req)
         self.blocks.free(req.block_table)
         req.block_table = []
-        req.num_computed_tokens = 0
+        req.num_computed_tokens = req.num_cached_blocks = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.stats.num_preemptions += 1
