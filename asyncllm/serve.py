@@ -25,7 +25,7 @@ log = logging.getLogger("asyncllm.serve")
 # CLI flag -> EngineConfig field (flags mirror the engine config)
 ENGINE_FLAGS = ("dtype", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size",
                 "gpu_memory_utilization", "num_kv_blocks", "kv_cache_memory_bytes", "enforce_eager", "load_format",
-                "attention_backend", "seed")
+                "attention_backend", "seed", "enable_prefix_caching")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,11 +53,18 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"], help="dummy = random weights")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer", "triton"], help="attention implementation")
     g.add_argument("--seed", type=int, default=0, help="seed of the shared sampling generator")
+    g.add_argument("--enable-prefix-caching", "--enable-radix-cache", action=argparse.BooleanOptionalAction,
+                   default=True, help="reuse the KV cache of shared prompt prefixes (radix tree)")
+    g.add_argument("--cache-type", choices=["radix", "naive"], default=None,
+                   help="radix = --enable-prefix-caching, naive = --no-enable-prefix-caching")
     return p
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in ENGINE_FLAGS}
+    kwargs = {name: getattr(args, name) for name in ENGINE_FLAGS}
+    if args.cache_type is not None:
+        kwargs["enable_prefix_caching"] = args.cache_type == "radix"
+    return kwargs
 
 
 async def probe_loop_lag(engine: AsyncEngine, interval: float = 0.05) -> None:

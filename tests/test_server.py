@@ -92,6 +92,19 @@ async def test_async_openai_client_streams_concurrently(server):
     assert texts == ["The capital of France is Paris."] * 8
 
 
+def test_cached_tokens_and_hit_rate_reported(client, server):
+    system = {"role": "system", "content": "You are a terse assistant. " * 20}
+    ask = lambda q: client.chat.completions.create(  # noqa: E731
+        model=MODEL, messages=[system, {"role": "user", "content": q}], temperature=0, max_tokens=4)
+    first, second = ask("Name a color."), ask("Name a fruit.")
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 100 and cached % 16 == 0 and cached < second.usage.prompt_tokens
+    metrics = httpx.get(f"{server}/metrics").text
+    hits = float(re.search(r"^asyncllm:prefix_cache_hits_total (\S+)", metrics, re.M).group(1))
+    assert hits >= cached
+
+
 def test_other_routes(server):
     models = httpx.get(f"{server}/v1/models").json()
     assert models["data"][0]["id"] == MODEL and models["data"][0]["max_model_len"] == 512

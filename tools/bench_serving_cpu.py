@@ -11,27 +11,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
-import platform
 import random
-import subprocess
-import sys
 import time
 
 import aiohttp
+from sse_client import common_fields, emit as _emit, load, percentile, start_server
 
-COMMON = dict(device=f"cpu {platform.machine()}", date=time.strftime("%Y-%m-%d"),
-              commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+COMMON = common_fields()
 
 
 def emit(**fields):
-    print(json.dumps({**fields, **COMMON}), flush=True)
-
-
-def percentile(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+    _emit(**fields, **COMMON)
 
 
 # ---- the server process ---------------------------------------------------------------------------------------
@@ -78,34 +69,6 @@ def stand_in_server(port_q, model_dir: str) -> None:
     uvloop.run(main())
 
 
-# ---- clients --------------------------------------------------------------------------------------------------
-async def stream_one(session, url, body):
-    t0 = time.perf_counter()
-    ttft, tokens = None, 0
-    async with session.post(url, json=body) as r:
-        async for line in r.content:
-            if line.startswith(b"data: {"):
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                d = json.loads(line[6:])
-                if d.get("usage"):
-                    tokens = d["usage"]["completion_tokens"]
-    return tokens, ttft, time.perf_counter() - t0
-
-
-async def load(url, bodies, concurrency):
-    sem = asyncio.Semaphore(concurrency)
-    conn = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as s:
-        async def run(b):
-            async with sem:
-                return await stream_one(s, url, b)
-
-        t = time.perf_counter()
-        results = await asyncio.gather(*(run(b) for b in bodies))
-        return results, time.perf_counter() - t
-
-
 def stand_in(args, model_dir):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -143,13 +106,7 @@ def real(args):
     from asyncllm.model_files import default_model_dir
 
     model_dir = str(default_model_dir())
-    server = subprocess.Popen([sys.executable, "-m", "asyncllm.serve", "--port", "0", "--max-model-len", "1024",
-                               "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
-    url = None
-    for line in server.stdout:
-        if "ready on" in line:
-            url = line.split("ready on ")[1].strip()
-            break
+    server, url = start_server(["--max-model-len", "1024"])
     try:
         llm = LLM(model_dir, max_model_len=1024)
         rng = random.Random(1)

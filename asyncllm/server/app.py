@@ -161,9 +161,10 @@ class OpenAIServer:
         if model is not None and model != self.settings.served_model_name:
             raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
-    def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def _usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": 0}}
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
     async def _prepare(self, prompts: list[Any], body: Any, default_max_tokens: int | None
                        ) -> tuple[list[list[int]], list[tuple[list[int], SamplingParams]]]:
@@ -203,11 +204,13 @@ class OpenAIServer:
             return await self._sse(request, body, streams, meta, prompt_tokens, chat)
         texts = [[] for _ in jobs]  # type: list[list[str]]
         finish: list[str | None] = [None] * len(jobs)
-        completion_tokens = 0
+        completion_tokens = cached_tokens = 0
         async for i, chunk in merged(streams):
             texts[i].append(chunk.text)
             completion_tokens += len(chunk.token_ids)
             finish[i] = chunk.finish_reason or finish[i]
+            if chunk.usage is not None and i % body.n == 0:  # a prompt's cache hit counts once, like its tokens
+                cached_tokens += chunk.usage.cached_tokens
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": "".join(t)}, "logprobs": None,
                         "finish_reason": finish[i]} for i, t in enumerate(texts)]
@@ -215,7 +218,7 @@ class OpenAIServer:
             choices = [{"index": i, "text": "".join(t), "logprobs": None, "finish_reason": finish[i]}
                        for i, t in enumerate(texts)]
         return json_response({**meta, "object": "chat.completion" if chat else "text_completion",
-                              "choices": choices, "usage": self._usage(prompt_tokens, completion_tokens)})
+                              "choices": choices, "usage": self._usage(prompt_tokens, completion_tokens, cached_tokens)})
 
     async def _sse(self, request: web.Request, body: Any, streams: list[AsyncIterator[StreamChunk]],
                    meta: dict[str, Any], prompt_tokens: int, chat: bool) -> web.StreamResponse:
@@ -234,18 +237,21 @@ class OpenAIServer:
                 return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             return {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
-        completion_tokens = 0
+        completion_tokens = cached_tokens = 0
         try:
             if chat:  # the first chunk of each choice announces the role
                 for i in range(len(streams)):
                     await send({**meta, "object": obj, "choices": [choice(i, "", None, first=True)], **extra})
             async for i, chunk in merged(streams):
                 completion_tokens += len(chunk.token_ids)
+                if chunk.usage is not None and i % body.n == 0:
+                    cached_tokens += chunk.usage.cached_tokens
                 if chunk.text or chunk.finish_reason:
                     reason = "stop" if chunk.finish_reason == "abort" else chunk.finish_reason
                     await send({**meta, "object": obj, "choices": [choice(i, chunk.text, reason)], **extra})
             if include_usage:
-                await send({**meta, "object": obj, "choices": [], "usage": self._usage(prompt_tokens, completion_tokens)})
+                await send({**meta, "object": obj, "choices": [],
+                            "usage": self._usage(prompt_tokens, completion_tokens, cached_tokens)})
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the client is gone: closing the streams frees their KV blocks
         except Exception as e:
