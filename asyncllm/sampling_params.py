@@ -64,8 +64,8 @@ class SamplingParams:
             raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise bad(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad(f"seed must be an integer, got {self.seed!r}", "seed")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64):
+            raise bad(f"seed must be an integer in [-2^63, 2^64), got {self.seed!r}", "seed")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids must be non-negative integers", "stop_token_ids")
         if any(not isinstance(s, str) or not s for s in self.stop):

@@ -92,6 +92,9 @@ def test_engine_seeded_runs_reproduce_and_top_k_1_is_greedy(llm):
         (dict(top_k=-5), "top_k"),
         (dict(max_tokens=0), "max_tokens"),
         (dict(stop_token_ids=[-1]), "stop_token_ids"),
+        (dict(seed=2**64), "seed"),
+        (dict(presence_penalty=3.0), "presence_penalty"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
     ],
 )
 def test_invalid_params(kwargs, param):

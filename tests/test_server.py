@@ -152,6 +152,8 @@ BAD_REQUESTS = [
     (C, {**MSG, "repetition_penalty": 0}, 400, "repetition_penalty"),
     (C, {**MSG, "frequency_penalty": -3}, 400, "frequency_penalty"),
     (C, {**MSG, "presence_penalty": 5}, 400, "presence_penalty"),
+    (C, {**MSG, "seed": 2**70}, 400, "seed"),
+    (X, {"prompt": ["a"] * 300, "n": 4}, 400, "n"),
     (X, {}, 400, "prompt"),
     (X, {"prompt": []}, 400, None),
     (X, {"prompt": "hi " * 600}, 400, "prompt"),

@@ -29,6 +29,7 @@ from asyncllm.server.protocol import ChatCompletionRequest, CompletionRequest, D
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
+MAX_CHOICES = 1024  # prompts x n in one request
 ENGINE = web.AppKey("engine", AsyncEngine)
 SETTINGS = web.AppKey("settings", "ServerSettings")
 
@@ -171,6 +172,8 @@ class OpenAIServer:
         """Tokenize and validate everything; returns the prompts' ids and one (ids, params) per choice."""
         if not self.engine.healthy:
             raise EngineDeadError("the engine is not running")
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise ApiError(400, f"{len(prompts)} prompts x n={body.n} asks for more than {MAX_CHOICES} choices", param="n")
         encoded = [await self.engine.encode(p) for p in prompts]
         jobs = []
         for ids in encoded:
