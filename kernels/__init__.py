@@ -1,4 +1,13 @@
 """Triton kernels, imported as `asyncllm_kernels` (a bare `kernels` would shadow the Hugging Face package).
 
-Empty until the GPU fast path lands: the engine runs on the torch reference implementations meanwhile.
+Each kernel has a torch reference beside it (`*_ref`) that the tests compare against; on CPU the tests run the
+kernels under Triton's interpreter (TRITON_INTERPRET=1). Shapes follow the engine: packed tokens [T, ...],
+KV cache of one layer [2, num_blocks, block_size, kv_heads, head_dim].
 """
+from asyncllm_kernels.kv_store import store_kv, store_kv_ref
+from asyncllm_kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+from asyncllm_kernels.rmsnorm import rms_norm, rms_norm_ref
+from asyncllm_kernels.rope import rope_inplace, rope_ref
+
+__all__ = ["paged_decode_attention", "paged_decode_attention_ref", "rms_norm", "rms_norm_ref", "rope_inplace",
+           "rope_ref", "store_kv", "store_kv_ref"]

@@ -1,0 +1,18 @@
+"""The kernel tests of tests/test_kernels.py, compiled for CUDA (bf16 attention included)."""
+import os
+
+import pytest
+import torch
+
+if torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU; must precede the first import of triton
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+if torch.cuda.is_available():
+    from test_kernels import (  # noqa: E402,F401  (collected again here, on the GPU)
+        test_paged_decode_attention,
+        test_rmsnorm_with_and_without_residual,
+        test_rope_in_place,
+        test_store_kv_scatters_and_skips_padding,
+    )

@@ -1,0 +1,83 @@
+"""Triton kernels vs their torch references. On CPU they run under Triton's interpreter (small shapes); the same
+tests run on CUDA with `pytest -m gpu` (tests/gpu/test_gpu_kernels.py reuses them at larger shapes)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported; a CUDA run sets it to 0
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import asyncllm_kernels as K  # noqa: E402
+
+DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] == "0" else "cpu"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def rnd(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, cols", [(1, 64), (5, 96), (7, 576)])
+def test_rmsnorm_with_and_without_residual(rows, cols, dtype):
+    torch.manual_seed(0)
+    x, w, res = rnd(rows, cols, dtype=dtype), rnd(cols, dtype=dtype), rnd(rows, cols, dtype=dtype)
+    torch.testing.assert_close(K.rms_norm(x, w, 1e-6), K.rms_norm_ref(x, w, 1e-6), atol=TOL[dtype], rtol=TOL[dtype])
+    r1, r2 = res.clone(), res.clone()
+    out, ref = K.rms_norm(x, w, 1e-6, residual=r1), K.rms_norm_ref(x, w, 1e-6, residual=r2)
+    torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(r1, r2, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens, hq, hk, dim", [(3, 4, 2, 16), (9, 9, 3, 64)])
+def test_rope_in_place(tokens, hq, hk, dim, dtype):
+    torch.manual_seed(1)
+    from asyncllm.layers.rotary import RotaryEmbedding
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=hq * dim, num_attention_heads=hq, head_dim=dim,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    cache = RotaryEmbedding(cfg, dim, 512).cos_sin_cache.to(DEVICE)
+    pos = torch.randint(0, 512, (tokens,), device=DEVICE)
+    q, k = rnd(tokens, hq, dim, dtype=dtype), rnd(tokens, hk, dim, dtype=dtype)
+    q_ref, k_ref = K.rope_ref(pos, q, k, cache)
+    K.rope_inplace(pos, q, k, cache)
+    torch.testing.assert_close(q, q_ref, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(k, k_ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_store_kv_scatters_and_skips_padding():
+    torch.manual_seed(2)
+    cache, ref = torch.zeros(2, 6, 4, 2, 16, device=DEVICE), torch.zeros(2, 6, 4, 2, 16, device=DEVICE)
+    k, v = rnd(5, 2, 16), rnd(5, 2, 16)
+    slots = torch.tensor([3, 17, 0, -1, 22], device=DEVICE)
+    K.store_kv(k, v, cache, slots)
+    K.store_kv_ref(k, v, ref, slots)
+    assert torch.equal(cache, ref) and cache[0].reshape(-1, 2, 16)[17].equal(k[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size, hq, hk, dim, lens", [(4, 4, 2, 16, [1, 7, 33]), (16, 9, 3, 64, [600, 5])])
+def test_paged_decode_attention(block_size, hq, hk, dim, lens, dtype):
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter mis-evaluates bf16 tl.dot; bf16 runs on the GPU (pytest -m gpu)")
+    torch.manual_seed(3)
+    num_blocks = sum(-(-n // block_size) for n in lens) + 3
+    cache = rnd(2, num_blocks, block_size, hk, dim, dtype=dtype)
+    perm = torch.randperm(num_blocks, device=DEVICE)  # scattered, non-contiguous blocks
+    width = max(-(-n // block_size) for n in lens)
+    tables, used = torch.zeros(len(lens), width, dtype=torch.int32, device=DEVICE), 0
+    for b, n in enumerate(lens):
+        nb = -(-n // block_size)
+        tables[b, :nb] = perm[used : used + nb].int()
+        used += nb
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = rnd(len(lens), hq, dim, dtype=dtype)
+    out = K.paged_decode_attention(q, cache, tables, seq_lens, dim**-0.5, max(lens))
+    ref = K.paged_decode_attention_ref(q, cache, tables, seq_lens, dim**-0.5)
+    torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])

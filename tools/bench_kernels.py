@@ -1,0 +1,85 @@
+"""Workload 5 of BENCHMARKS.md: each Triton kernel vs its PyTorch eager reference on the same inputs, at decode-
+and prefill-sized shapes, with the fraction of the measured copy bandwidth. GPU only. One JSON line per result.
+    python tools/bench_kernels.py [--bandwidth-tbs 2.99]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+
+import torch
+from triton.testing import do_bench
+
+import asyncllm_kernels as K
+from asyncllm.layers.attention import AttentionMetadata, TorchAttentionBackend
+
+
+def emit(**f):
+    print(json.dumps(f), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bandwidth-tbs", type=float, default=None, help="copy bandwidth; measured when omitted")
+    a = ap.parse_args()
+    dev, bf16 = "cuda", torch.bfloat16
+    commit = os.environ.get("ASYNCLLM_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                                 capture_output=True, text=True).stdout.strip()
+    common = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), commit=commit)
+    if a.bandwidth_tbs is None:
+        x = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
+        y = torch.empty_like(x)
+        a.bandwidth_tbs = 2 * x.numel() / (do_bench(lambda: y.copy_(x)) * 1e-3) / 1e12
+    emit(bench="kernels", metric="copy_bandwidth_tbs", value=round(a.bandwidth_tbs, 3), **common)
+    bw = a.bandwidth_tbs * 1e12
+
+    def report(kernel, shape, ours, ref, nbytes):
+        t_ours, t_ref = do_bench(ours) * 1e3, do_bench(ref) * 1e3  # microseconds
+        emit(bench="kernels", kernel=kernel, shape=shape, triton_us=round(t_ours, 2), torch_eager_us=round(t_ref, 2),
+             speedup=round(t_ref / t_ours, 2), bandwidth_fraction=round(nbytes / (t_ours * 1e-6) / bw, 3), **common)
+
+    for tokens, hidden in ((1, 4096), (64, 4096), (16384, 4096), (32, 1024), (16384, 1024)):
+        x, res, w = (torch.randn(tokens, hidden, device=dev, dtype=bf16) for _ in range(2)), None, None
+        x, res = x
+        w = torch.randn(hidden, device=dev, dtype=bf16)
+        report("add_rmsnorm", f"{tokens}x{hidden}", lambda: K.rms_norm(x, w, 1e-6, residual=res),
+               lambda: K.rms_norm_ref(x, w, 1e-6, residual=res), 4 * x.numel() * 2)
+    for tokens, hq, hk in ((1, 32, 8), (64, 32, 8), (16384, 32, 8), (256, 16, 8)):
+        from transformers import LlamaConfig
+
+        from asyncllm.layers.rotary import RotaryEmbedding
+        cfg = LlamaConfig(hidden_size=hq * 128, num_attention_heads=hq, head_dim=128)
+        cache = RotaryEmbedding(cfg, 128, 32768).cos_sin_cache.to(dev)
+        pos = torch.randint(0, 32768, (tokens,), device=dev)
+        q, k = torch.randn(tokens, hq, 128, device=dev, dtype=bf16), torch.randn(tokens, hk, 128, device=dev, dtype=bf16)
+        report("rope", f"{tokens}x({hq}+{hk})x128", lambda: K.rope_inplace(pos, q, k, cache),
+               lambda: K.rope_ref(pos, q, k, cache), 2 * (q.numel() + k.numel()) * 2)
+    for tokens in (1, 256, 16384):
+        cache = torch.zeros(2, 8192, 16, 8, 128, device=dev, dtype=bf16)
+        k, v = (torch.randn(tokens, 8, 128, device=dev, dtype=bf16) for _ in range(2))
+        slots = torch.randperm(8192 * 16, device=dev)[:tokens]
+        report("kv_store", f"{tokens}x8x128", lambda: K.store_kv(k, v, cache, slots),
+               lambda: K.store_kv_ref(k, v, cache, slots), 2 * 2 * k.numel() * 2)
+    for batch, ctx, hq, hk in ((1, 1024, 32, 8), (1, 8192, 32, 8), (32, 1024, 32, 8), (128, 2048, 16, 8)):
+        bs = 16
+        nb = batch * (ctx // bs)
+        cache = torch.randn(2, nb, bs, hk, 128, device=dev, dtype=bf16)
+        tables = torch.randperm(nb, device=dev).view(batch, ctx // bs).int()
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+        q = torch.randn(batch, hq, 128, device=dev, dtype=bf16)
+        backend = TorchAttentionBackend()
+        meta = AttentionMetadata(query_start_loc=torch.arange(batch + 1, device=dev), seq_lens=lens.long(),
+                                 block_tables=tables.long(), slot_mapping=torch.full((batch,), 0, device=dev),
+                                 query_lens_cpu=[1] * batch, seq_lens_cpu=[ctx] * batch, block_size=bs)
+        backend.plan(meta)
+        knew = torch.zeros(batch, hk, 128, device=dev, dtype=bf16)
+        report("paged_decode_attention", f"b{batch} ctx{ctx} {hq}/{hk}x128",
+               lambda: K.paged_decode_attention(q, cache, tables, lens, 128**-0.5, ctx),
+               lambda: backend.forward(q, knew, knew, cache, 128**-0.5), 2 * batch * ctx * hk * 128 * 2)
+
+
+if __name__ == "__main__":
+    main()
