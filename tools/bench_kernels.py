@@ -14,7 +14,10 @@ import torch
 from triton.testing import do_bench
 
 import asyncllm_kernels as K
+from transformers import LlamaConfig
+
 from asyncllm.layers.attention import AttentionMetadata, TorchAttentionBackend
+from asyncllm.layers.rotary import RotaryEmbedding
 
 
 def emit(**f):
@@ -42,15 +45,11 @@ def main() -> None:
              speedup=round(t_ref / t_ours, 2), bandwidth_fraction=round(nbytes / (t_ours * 1e-6) / bw, 3), **common)
 
     for tokens, hidden in ((1, 4096), (64, 4096), (16384, 4096), (32, 1024), (16384, 1024)):
-        x, res, w = (torch.randn(tokens, hidden, device=dev, dtype=bf16) for _ in range(2)), None, None
-        x, res = x
+        x, res = (torch.randn(tokens, hidden, device=dev, dtype=bf16) for _ in range(2))
         w = torch.randn(hidden, device=dev, dtype=bf16)
         report("add_rmsnorm", f"{tokens}x{hidden}", lambda: K.rms_norm(x, w, 1e-6, residual=res),
                lambda: K.rms_norm_ref(x, w, 1e-6, residual=res), 4 * x.numel() * 2)
     for tokens, hq, hk in ((1, 32, 8), (64, 32, 8), (16384, 32, 8), (256, 16, 8)):
-        from transformers import LlamaConfig
-
-        from asyncllm.layers.rotary import RotaryEmbedding
         cfg = LlamaConfig(hidden_size=hq * 128, num_attention_heads=hq, head_dim=128)
         cache = RotaryEmbedding(cfg, 128, 32768).cos_sin_cache.to(dev)
         pos = torch.randint(0, 32768, (tokens,), device=dev)
