@@ -22,7 +22,7 @@ def _decode_partition_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_
                              stride_qb, stride_qh, stride_bt, n_splits,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, KV_HEADS: tl.constexpr,
                              DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                             PARTITION: tl.constexpr):
+                             PARTITION: tl.constexpr, PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -49,14 +49,14 @@ def _decode_partition_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_
         slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         kv_off = slot[:, None] * row + kvh * DIM + d[None, :]
         k = tl.load(cache_ptr + kv_off, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [GROUP_PAD, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [GROUP_PAD, BLOCK_N]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(cache_ptr + v_offset + kv_off, mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         m_i = m_new
     o = acc / l_i[:, None]
     tl.store(o_ptr + out_idx[:, None] * DIM + d[None, :], o, mask=g_mask[:, None])
@@ -95,7 +95,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     _decode_partition_kernel[(batch, kv_heads, splits)](
         q, kv_cache, block_tables, seq_lens, o, lse, scale, kv_cache[0].numel(), q.stride(0), q.stride(1),
         block_tables.stride(0), splits, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        KV_HEADS=kv_heads, DIM=dim, BLOCK_SIZE=block_size, BLOCK_N=64, PARTITION=PARTITION, num_warps=4)
+        KV_HEADS=kv_heads, DIM=dim, BLOCK_SIZE=block_size, BLOCK_N=64, PARTITION=PARTITION, num_warps=4,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # no TF32 rounding for float32 inputs
     _merge_kernel[(batch, heads)](o, lse, out, splits, out.stride(0), out.stride(1), HEADS=heads, DIM=dim,
                                   SPLITS_PAD=max(2, triton.next_power_of_2(splits)))
     return out
