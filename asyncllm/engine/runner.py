@@ -1,6 +1,7 @@
 """ModelRunner: turns a scheduler Batch into tensors, runs the model, samples. Owns the model and the KV cache."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,15 @@ from asyncllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from asyncllm.engine.request import Request
 from asyncllm.engine.scheduler import Batch
 from asyncllm.errors import InvalidRequestError, OutOfMemoryError
-from asyncllm.layers.attention import Attention, AttentionBackend, AttentionMetadata, TorchAttentionBackend
+from asyncllm.layers.attention import (
+    Attention,
+    AttentionBackend,
+    AttentionMetadata,
+    TorchAttentionBackend,
+    TritonAttentionBackend,
+)
+from asyncllm.layers.norm import RMSNorm
+from asyncllm.layers.rotary import RotaryEmbedding
 from asyncllm.layers.sampler import Penalties, Sampler, SamplingTensors
 from asyncllm.models import build_model
 from asyncllm.models.loader import init_dummy, load_safetensors
@@ -56,10 +65,17 @@ def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtyp
 
 
 def make_backend(name: str, device: torch.device) -> AttentionBackend:
-    if name in ("auto", "torch"):
+    """auto: triton on CUDA when Triton imports, else torch. flashinfer is not available yet."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "torch"
+    if name == "torch":
         return TorchAttentionBackend()
+    if name == "triton":
+        if device.type != "cuda":
+            raise InvalidRequestError("the triton attention backend needs a CUDA device", "attention_backend")
+        return TritonAttentionBackend()
     raise InvalidRequestError(
-        f"attention backend {name!r} is not available in this build (available: torch)", "attention_backend"
+        f"attention backend {name!r} is not available in this build (available: torch, triton)", "attention_backend"
     )
 
 
@@ -86,6 +102,10 @@ class ModelRunner:
         self.model.eval()
         self.backend = make_backend(config.attention_backend, self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        if self.backend.name != "torch":  # GPU fast path: fused Triton norm and rotary kernels too
+            for m in self.model.modules():
+                if isinstance(m, (RMSNorm, RotaryEmbedding)):
+                    m.fused = True
         self.sampler = Sampler(self.device, config.seed)
 
         attn = self.attention_layers[0]

@@ -88,13 +88,17 @@ class TorchAttentionBackend:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float
     ) -> torch.Tensor:
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, self.meta.slot_mapping, k)
+        kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, self.meta.slot_mapping, v)
+        return self._attend(q, kv_cache, scale)
+
+    def _attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of the packed queries over the cache (the new tokens' K/V already stored)."""
+        num_kv_heads, head_dim = kv_cache.shape[-2], kv_cache.shape[-1]
         num_heads = q.shape[1]
         groups = num_heads // num_kv_heads
         k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
         v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
-        k_flat.index_copy_(0, self.meta.slot_mapping, k)
-        v_flat.index_copy_(0, self.meta.slot_mapping, v)
-
         num_seqs, max_q, max_kv = self.shape
         kp = k_flat.index_select(0, self.kv_slots).view(num_seqs, max_kv, num_kv_heads, head_dim).transpose(1, 2)
         vp = v_flat.index_select(0, self.kv_slots).view(num_seqs, max_kv, num_kv_heads, head_dim).transpose(1, 2)
@@ -108,6 +112,34 @@ class TorchAttentionBackend:
             return out.reshape(num_seqs, num_heads, head_dim)
         out = out.view(num_seqs, num_kv_heads, groups, max_q, head_dim).permute(0, 3, 1, 2, 4)
         return out.reshape(num_seqs * max_q, num_heads, head_dim).index_select(0, self.q_scatter)
+
+
+class TritonAttentionBackend(TorchAttentionBackend):
+    """CUDA: K/V stored by a Triton kernel; decode-only steps attend with the Triton paged decode kernel (no
+    gather, no padding); steps with prefill rows attend like the torch backend."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        import asyncllm_kernels  # CUDA only: imports triton
+
+        self.kernels = asyncllm_kernels
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        if max(meta.query_lens_cpu) == 1:
+            self.meta, self.decode_only = meta, True
+            self.max_seq_len = max(meta.seq_lens_cpu)
+        else:
+            super().plan(meta)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        self.kernels.store_kv(k, v, kv_cache, self.meta.slot_mapping)
+        if self.decode_only:
+            return self.kernels.paged_decode_attention(q, kv_cache, self.meta.block_tables, self.meta.seq_lens, scale,
+                                                       self.max_seq_len)
+        return self._attend(q, kv_cache, scale)
 
 
 class Attention(nn.Module):

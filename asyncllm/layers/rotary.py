@@ -51,9 +51,15 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
         cache = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self.fused = False  # the runner turns on the Triton kernel on CUDA (rotates q and k in place)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, D], k [T, Hk, D], positions [T] -> rotated (q, k), non-neox halves layout (HF rotate_half)."""
+        if self.fused:
+            from asyncllm_kernels import rope_inplace
+
+            rope_inplace(positions, q, k, self.cos_sin_cache)
+            return q, k
         cos, sin = self.cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

@@ -29,30 +29,33 @@ def models(tmp_path_factory):
     return {arch: make_tiny_model(root / arch, arch, dtype_name="bfloat16", **SHAPE) for arch in ("qwen3", "qwen2", "llama")}
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
-def test_bf16_greedy_matches_transformers(models, arch, config):
+def test_bf16_greedy_matches_transformers(models, arch, config, backend):
     model_dir = models[arch]
     prompts = random_prompts(8, 2048, 20, 200, seed=3)
     kwargs = dict(max_model_len=512, block_size=16) | CONFIGS[config]
-    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", **kwargs)
+    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", attention_backend=backend, **kwargs)
+    assert llm.engine.runner.backend.name == backend
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True), use_tqdm=False)
     ref = hf_greedy_with_logits(model_dir, prompts, 64, torch.bfloat16, "cuda")
     matched = [assert_same_until_near_tie(o.token_ids, r[0], r[1], TIE) for o, r in zip(outs, ref)]
-    print(f"{arch}/{config}: tokens matched before a near-tie: {matched} of 64")
+    print(f"{arch}/{config}/{backend}: tokens matched before a near-tie: {matched} of 64")
     assert sum(matched) >= 0.5 * 64 * len(prompts)  # most requests run all the way without a near-tie
     if config == "tight":
         assert llm.engine.scheduler.stats.num_preemptions > 0
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
-def test_bf16_logits_close(models, arch):
+def test_bf16_logits_close(models, arch, backend):
     model_dir = models[arch]
     ids = random_prompts(1, 2048, 300, 300, seed=5)[0]
-    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", max_model_len=512)
+    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", max_model_len=512, attention_backend=backend)
     ours, ref = our_logits(llm, ids), hf_logits(model_dir, ids, torch.bfloat16, "cuda")
     err = (ours - ref).abs().max().item()
     scale = ref.abs().max().item()
-    print(f"{arch}: max |logit diff| {err:.4f}, max |logit| {scale:.3f}")
+    print(f"{arch}/{backend}: max |logit diff| {err:.4f}, max |logit| {scale:.3f}")
     assert err <= 0.02 * scale + 0.05
