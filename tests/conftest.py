@@ -133,3 +133,14 @@ def assert_same_until_near_tie(ours: list[int], ref: list[int], ref_logits: list
             return i
     assert len(ours) == len(ref), f"lengths differ: {len(ours)} vs {len(ref)}"
     return len(ours)
+
+
+@pytest.fixture(autouse=True)
+def _free_gpu_memory(request):
+    """Each GPU test's engine goes away before the next test sizes its KV cache."""
+    yield
+    if request.node.get_closest_marker("gpu") and torch.cuda.is_available():
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
