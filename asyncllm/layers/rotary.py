@@ -48,9 +48,11 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = 2 * inv_freq.numel()
         if self.rotary_dim != head_dim:
             raise ValueError("partial rotary embeddings are not supported")
-        freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        # computed on the CPU (where transformers' rope functions put inv_freq), then moved to the device the
+        # model is being built on (the ambient torch.device context)
+        freqs = torch.arange(max_position, dtype=torch.float32, device="cpu")[:, None] * inv_freq.cpu()[None, :]
         cache = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
-        self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self.register_buffer("cos_sin_cache", cache.to(torch.empty(0).device), persistent=False)
         self.fused = False  # the runner turns on the Triton kernel on CUDA (rotates q and k in place)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
