@@ -44,15 +44,15 @@ def compute_inv_freq(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float
 class RotaryEmbedding(nn.Module):
     def __init__(self, hf_config: Any, head_dim: int, max_position: int) -> None:
         super().__init__()
-        inv_freq, scaling = compute_inv_freq(hf_config, head_dim)
+        target = torch.empty(0).device  # the device the model is being built on (ambient torch.device context)
+        with torch.device("cpu"):  # transformers' rope functions work on the CPU; so does this cache
+            inv_freq, scaling = compute_inv_freq(hf_config, head_dim)
+            freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
+            cache = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
         self.rotary_dim = 2 * inv_freq.numel()
         if self.rotary_dim != head_dim:
             raise ValueError("partial rotary embeddings are not supported")
-        # computed on the CPU (where transformers' rope functions put inv_freq), then moved to the device the
-        # model is being built on (the ambient torch.device context)
-        freqs = torch.arange(max_position, dtype=torch.float32, device="cpu")[:, None] * inv_freq.cpu()[None, :]
-        cache = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
-        self.register_buffer("cos_sin_cache", cache.to(torch.empty(0).device), persistent=False)
+        self.register_buffer("cos_sin_cache", cache.to(target), persistent=False)
         self.fused = False  # the runner turns on the Triton kernel on CUDA (rotates q and k in place)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
