@@ -25,7 +25,8 @@ class EngineConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     load_format: Literal["auto", "safetensors", "dummy"] = "auto"
     seed: int = 0
-    enforce_eager: bool = False
+    enforce_eager: bool = False  # CUDA: no CUDA graphs
+    cuda_graph_max_bs: int | None = None  # largest decode batch replayed from a CUDA graph; default min(256, max_num_seqs)
     tensor_parallel_size: int = 1
     attention_backend: Literal["auto", "torch", "flashinfer", "triton"] = "auto"
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prompt prefixes (radix tree)

@@ -21,7 +21,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
-    ap.add_argument("--backends", nargs="+", default=["torch", "triton"])
+    ap.add_argument("--backends", nargs="+", default=["torch", "triton-eager", "triton"],
+                    help="attention backends; '-eager' = without CUDA graphs")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--bandwidth-tbs", type=float, default=2.99, help="measured copy bandwidth (BENCHMARKS.md)")
@@ -31,7 +32,8 @@ def main() -> None:
     common = dict(model=os.path.basename(a.model.rstrip("/")), device=torch.cuda.get_device_name(),
                   date=time.strftime("%Y-%m-%d"), commit=commit, prompt_len=a.prompt_len, new_tokens=a.new_tokens)
     for backend in a.backends:
-        llm = LLM(a.model, load_format="dummy", dtype="bfloat16", attention_backend=backend,
+        llm = LLM(a.model, load_format="dummy", dtype="bfloat16", attention_backend=backend.removesuffix("-eager"),
+                  enforce_eager=backend.endswith("-eager"),
                   max_model_len=a.prompt_len + a.new_tokens + 16, max_num_seqs=max(a.batches),
                   max_num_batched_tokens=max(a.batches) * a.prompt_len)
         engine = llm.engine

@@ -120,8 +120,12 @@ class ModelRunner:
                 "give the cache more memory (num_kv_blocks, kv_cache_memory_bytes or gpu_memory_utilization)"
             )
         self._allocate_kv_cache(self.num_blocks)
+        self.graphs = CudaGraphs(self) if self._use_graphs() else None
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_bytes / 2**20, self.num_blocks * self.block_size)
+
+    def _use_graphs(self) -> bool:
+        return self.device.type == "cuda" and not self.config.enforce_eager and self.backend.name == "triton"
 
     # ---- KV cache -------------------------------------------------------------------------------------------
     def _allocate_kv_cache(self, num_blocks: int) -> None:
@@ -260,9 +264,80 @@ class ModelRunner:
     def execute(self, batch: Batch) -> list[int]:
         """Run one step; returns one sampled token per row with batch.sample set, in row order."""
         inputs = self.prepare(batch)
-        self.backend.plan(inputs.meta)
-        hidden = self.model(inputs.input_ids, inputs.positions)
+        if self.graphs is not None and self.graphs.fits(inputs):
+            hidden = self.graphs.replay(inputs)
+        else:
+            self.backend.plan(inputs.meta)
+            hidden = self.model(inputs.input_ids, inputs.positions)
         if inputs.sample_rows.numel() == 0:
             return []
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
         return self.sampler(logits, inputs.sampling).tolist()
+
+
+class CudaGraphs:
+    """Decode steps replayed from CUDA graphs, one per padded batch size, sharing one memory pool.
+
+    Inputs live in static buffers; a step copies its tensors in (device to device) and pads the rest: padded rows
+    have slot -1 (the KV-store kernel skips them) and seq_len 1. The paged decode kernel's grid is fixed by
+    max_model_len. Logits and sampling run outside the graph (their shapes and parameters vary per step).
+    """
+
+    def __init__(self, runner: ModelRunner) -> None:
+        cfg = runner.config
+        self.runner = runner
+        self.max_bs = min(cfg.cuda_graph_max_bs or 256, cfg.max_num_seqs)
+        self.sizes = sorted({s for s in (1, 2, 4, 8, *range(16, self.max_bs + 1, 16)) if s <= self.max_bs} | {self.max_bs})
+        dev, i64 = runner.device, torch.int64
+        width = -(-runner.max_model_len // runner.block_size)
+        self.ids = torch.zeros(self.max_bs, dtype=i64, device=dev)
+        self.positions = torch.zeros(self.max_bs, dtype=i64, device=dev)
+        self.slots = torch.full((self.max_bs,), -1, dtype=i64, device=dev)
+        self.seq_lens = torch.ones(self.max_bs, dtype=i64, device=dev)
+        self.tables = torch.zeros(self.max_bs, width, dtype=i64, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode():
+            for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its pool memory
+                self._capture(bs)
+        log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        r = self.runner
+        return AttentionMetadata(
+            query_start_loc=torch.arange(bs + 1, device=r.device), seq_lens=self.seq_lens[:bs],
+            block_tables=self.tables[:bs], slot_mapping=self.slots[:bs], query_lens_cpu=[1] * bs,
+            seq_lens_cpu=[r.max_model_len] * bs, block_size=r.block_size)
+
+    def _capture(self, bs: int) -> None:
+        r = self.runner
+        r.backend.plan(self._meta(bs))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up (compiles the Triton kernels) off the capture
+            r.model(self.ids[:bs], self.positions[:bs])
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            hidden = r.model(self.ids[:bs], self.positions[:bs])
+        self.graphs[bs] = (graph, hidden)
+
+    def fits(self, inputs: StepInputs) -> bool:
+        meta = inputs.meta
+        return max(meta.query_lens_cpu) == 1 and meta.num_seqs <= self.max_bs
+
+    def replay(self, inputs: StepInputs) -> torch.Tensor:
+        n = inputs.meta.num_seqs
+        bs = next(s for s in self.sizes if s >= n)
+        meta = inputs.meta
+        self.ids[:n].copy_(inputs.input_ids)
+        self.positions[:n].copy_(inputs.positions)
+        self.slots[:n].copy_(meta.slot_mapping)
+        self.seq_lens[:n].copy_(meta.seq_lens)
+        self.tables[:n, : meta.block_tables.shape[1]].copy_(meta.block_tables)
+        if bs > n:
+            self.slots[n:bs].fill_(-1)
+            self.seq_lens[n:bs].fill_(1)
+        graph, hidden = self.graphs[bs]
+        graph.replay()
+        return hidden[:n]

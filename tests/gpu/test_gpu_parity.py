@@ -29,15 +29,18 @@ def models(tmp_path_factory):
     return {arch: make_tiny_model(root / arch, arch, dtype_name="bfloat16", **SHAPE) for arch in ("qwen3", "qwen2", "llama")}
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-eager"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
 def test_bf16_greedy_matches_transformers(models, arch, config, backend):
     model_dir = models[arch]
     prompts = random_prompts(8, 2048, 20, 200, seed=3)
     kwargs = dict(max_model_len=512, block_size=16) | CONFIGS[config]
-    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", attention_backend=backend, **kwargs)
+    eager = backend.endswith("-eager")
+    backend = backend.removesuffix("-eager")
+    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", attention_backend=backend, enforce_eager=eager, **kwargs)
     assert llm.engine.runner.backend.name == backend
+    assert (llm.engine.runner.graphs is not None) == (backend == "triton" and not eager)
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True), use_tqdm=False)
     ref = hf_greedy_with_logits(model_dir, prompts, 64, torch.bfloat16, "cuda")
     matched = [assert_same_until_near_tie(o.token_ids, r[0], r[1], TIE) for o, r in zip(outs, ref)]
