@@ -107,6 +107,7 @@ class ModelRunner:
                 if isinstance(m, (RMSNorm, RotaryEmbedding)):
                     m.fused = True
         self.sampler = Sampler(self.device, config.seed)
+        self.graphs: CudaGraphs | None = None  # captured once the KV cache exists (after the profiling forward)
 
         attn = self.attention_layers[0]
         self.kv_shape = (len(self.attention_layers), 2, self.block_size, attn.num_kv_heads, attn.head_dim)
