@@ -1,0 +1,89 @@
+"""Workload 1 of BENCHMARKS.md (nano-vllm's benchmark): offline throughput on the GPU.
+
+random.seed(0); 256 requests; prompts of random token ids in [0, 10000) with length uniform in [100, 1024];
+max_tokens uniform in [100, 1024]; ignore_eos; temperature 0.6; dummy weights of the given shape; throughput =
+output tokens / wall time of `generate`, after one warm-up. Variants in the same run: CUDA graphs on (default) and
+off (--enforce-eager). Baseline in the same run: transformers `generate` (eager, bf16, same shape, random weights)
+on a subset — the first --hf-requests requests, max_tokens capped at --hf-max-tokens, left-padded in one batch —
+and our engine on that same subset. One JSON line per result.
+    python tools/bench_offline.py --model tools/model_configs/qwen3-0.6b
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import subprocess
+import time
+
+import torch
+
+from asyncllm import LLM, SamplingParams
+
+FLOOR_S = 5.5  # memory-bound floor of this workload on one H100 (BENCHMARKS.md)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--hf-requests", type=int, default=32)
+    ap.add_argument("--hf-max-tokens", type=int, default=128)
+    a = ap.parse_args()
+    commit = os.environ.get("ASYNCLLM_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                                 capture_output=True, text=True).stdout.strip()
+    common = dict(model=os.path.basename(a.model.rstrip("/")), device=torch.cuda.get_device_name(),
+                  date=time.strftime("%Y-%m-%d"), commit=commit)
+    random.seed(0)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(a.num_requests)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, 1024))
+              for _ in range(a.num_requests)]
+    sub_prompts = prompts[: a.hf_requests]
+    sub_params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=a.hf_max_tokens) for _ in sub_prompts]
+
+    def emit(**f):
+        print(json.dumps({**f, **common}), flush=True)
+
+    for variant in ("graphs", "eager"):
+        llm = LLM(a.model, load_format="dummy", dtype="bfloat16", max_model_len=2048, enforce_eager=variant == "eager")
+        llm.generate(["warm up"] if llm.tokenizer else [[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        secs = time.perf_counter() - t
+        toks = sum(len(o.token_ids) for o in outs)
+        emit(bench="offline_throughput", engine=f"asyncllm-{variant}", requests=len(prompts), output_tokens=toks,
+             seconds=round(secs, 2), output_tok_per_s=round(toks / secs, 1), floor_fraction=round(FLOOR_S / secs, 3))
+        t = time.perf_counter()
+        outs = llm.generate(sub_prompts, sub_params, use_tqdm=False)
+        secs = time.perf_counter() - t
+        toks = sum(len(o.token_ids) for o in outs)
+        emit(bench="offline_subset", engine=f"asyncllm-{variant}", requests=len(sub_prompts), output_tokens=toks,
+             seconds=round(secs, 2), output_tok_per_s=round(toks / secs, 1))
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(a.model)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
+    width = max(map(len, sub_prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in sub_prompts], device="cuda")
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in sub_prompts], device="cuda")
+    with torch.inference_mode():
+        hf.generate(ids[:2, -16:], attention_mask=mask[:2, -16:], max_new_tokens=4, do_sample=True, pad_token_id=0)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=a.hf_max_tokens, min_new_tokens=a.hf_max_tokens,
+                          do_sample=True, temperature=0.6, top_k=0, top_p=1.0, pad_token_id=0)
+        torch.cuda.synchronize()
+        secs = time.perf_counter() - t
+    toks = (out.shape[1] - width) * len(sub_prompts)
+    emit(bench="offline_subset", engine="transformers", requests=len(sub_prompts), output_tokens=toks,
+         seconds=round(secs, 2), output_tok_per_s=round(toks / secs, 1))
+
+
+if __name__ == "__main__":
+    main()
