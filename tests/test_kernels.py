@@ -81,3 +81,30 @@ def test_paged_decode_attention(block_size, hq, hk, dim, lens, dtype):
     out = K.paged_decode_attention(q, cache, tables, seq_lens, dim**-0.5, max(lens))
     ref = K.paged_decode_attention_ref(q, cache, tables, seq_lens, dim**-0.5)
     torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("q_lens", [[1, 1, 1], [5, 1, 9, 1], [7, 12]])
+def test_triton_backend_matches_torch_backend(q_lens):
+    """Decode-only, mixed and prefill-only steps: the triton backend (paged kernel for decode rows, torch path for
+    prefill rows) gives the torch backend's output and cache."""
+    from asyncllm.layers.attention import AttentionMetadata, TorchAttentionBackend, TritonAttentionBackend
+
+    torch.manual_seed(4)
+    bs, hq, hk, dim = 4, 4, 2, 16
+    ctx = [n + extra for n, extra in zip(q_lens, [6, 0, 13, 21])]
+    tables = torch.tensor([[8 * b + j for j in range(8)] for b in range(len(q_lens))], device=DEVICE)
+    slots = [int(tables[b, p // bs]) * bs + p % bs for b, (n, c) in enumerate(zip(q_lens, ctx)) for p in range(c - n, c)]
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], device=DEVICE),
+        seq_lens=torch.tensor(ctx, device=DEVICE), block_tables=tables, slot_mapping=torch.tensor(slots, device=DEVICE),
+        query_lens_cpu=q_lens, seq_lens_cpu=ctx, block_size=bs)
+    cache = rnd(2, 8 * len(q_lens), bs, hk, dim)
+    q, k, v = rnd(sum(q_lens), hq, dim), rnd(sum(q_lens), hk, dim), rnd(sum(q_lens), hk, dim)
+    outs, caches = [], []
+    for backend in (TorchAttentionBackend(), TritonAttentionBackend()):
+        c = cache.clone()
+        backend.plan(meta)
+        outs.append(backend.forward(q, k, v, c, dim**-0.5))
+        caches.append(c)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+    assert torch.equal(caches[0], caches[1])

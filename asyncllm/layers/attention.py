@@ -8,6 +8,7 @@ for a (k, v) pair). A token's slot is block_id * block_size + offset.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -115,8 +116,8 @@ class TorchAttentionBackend:
 
 
 class TritonAttentionBackend(TorchAttentionBackend):
-    """CUDA: K/V stored by a Triton kernel; decode-only steps attend with the Triton paged decode kernel (no
-    gather, no padding); steps with prefill rows attend like the torch backend."""
+    """CUDA: K/V stored by a Triton kernel; decode rows attend with the Triton paged decode kernel (no gather, no
+    padding); prefill rows attend like the torch backend, over the prefill sequences only."""
 
     name = "triton"
 
@@ -126,20 +127,48 @@ class TritonAttentionBackend(TorchAttentionBackend):
         self.kernels = asyncllm_kernels
 
     def plan(self, meta: AttentionMetadata) -> None:
-        if max(meta.query_lens_cpu) == 1:
-            self.meta, self.decode_only = meta, True
-            self.max_seq_len = max(meta.seq_lens_cpu)
-        else:
+        self.full = meta
+        q_lens = meta.query_lens_cpu
+        dec = [i for i, n in enumerate(q_lens) if n == 1]
+        pre = [i for i, n in enumerate(q_lens) if n > 1]
+        self.mixed = bool(dec and pre)
+        self.decode_only = not pre
+        if pre and not dec:
             super().plan(meta)
+            return
+        device = meta.seq_lens.device
+        dec_seqs = torch.tensor(dec, device=device)
+        self.dec_tables = meta.block_tables.index_select(0, dec_seqs) if self.mixed else meta.block_tables
+        self.dec_seq_lens = meta.seq_lens.index_select(0, dec_seqs) if self.mixed else meta.seq_lens
+        self.dec_max_len = max(meta.seq_lens_cpu[i] for i in dec)
+        if self.mixed:  # rows of each part within the packed tokens, and a torch plan over the prefill sequences
+            starts = [0]
+            for n in q_lens:
+                starts.append(starts[-1] + n)
+            self.dec_rows = torch.tensor([starts[i] for i in dec], device=device)
+            self.pre_rows = torch.tensor([t for i in pre for t in range(starts[i], starts[i + 1])], device=device)
+            pre_seqs = torch.tensor(pre, device=device)
+            pre_lens = [q_lens[i] for i in pre]
+            super().plan(AttentionMetadata(
+                query_start_loc=torch.tensor([0, *itertools.accumulate(pre_lens)], device=device),
+                seq_lens=meta.seq_lens.index_select(0, pre_seqs), block_tables=meta.block_tables.index_select(0, pre_seqs),
+                slot_mapping=meta.slot_mapping, query_lens_cpu=pre_lens,
+                seq_lens_cpu=[meta.seq_lens_cpu[i] for i in pre], block_size=meta.block_size))
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        self.kernels.store_kv(k, v, kv_cache, self.meta.slot_mapping)
+        kern = self.kernels
+        kern.store_kv(k, v, kv_cache, self.full.slot_mapping)
         if self.decode_only:
-            return self.kernels.paged_decode_attention(q, kv_cache, self.meta.block_tables, self.meta.seq_lens, scale,
-                                                       self.max_seq_len)
-        return self._attend(q, kv_cache, scale)
+            return kern.paged_decode_attention(q, kv_cache, self.dec_tables, self.dec_seq_lens, scale, self.dec_max_len)
+        if not self.mixed:
+            return self._attend(q, kv_cache, scale)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out[self.dec_rows] = kern.paged_decode_attention(q[self.dec_rows], kv_cache, self.dec_tables,
+                                                         self.dec_seq_lens, scale, self.dec_max_len)
+        out[self.pre_rows] = self._attend(q[self.pre_rows], kv_cache, scale)
+        return out
 
 
 class Attention(nn.Module):
