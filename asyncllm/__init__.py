@@ -1,7 +1,7 @@
 """asyncllm: an asyncio-native LLM inference engine."""
 from asyncllm.config import EngineConfig
-from asyncllm.engine.async_engine import AsyncEngine, EngineDeadError, StreamChunk, Usage
-from asyncllm.errors import InvalidRequestError, ModelNotFoundError, OutOfMemoryError
+from asyncllm.engine.async_engine import AsyncEngine, StreamChunk, Usage
+from asyncllm.errors import EngineDeadError, InvalidRequestError, ModelNotFoundError, OutOfMemoryError
 from asyncllm.llm import LLM
 from asyncllm.outputs import GenerateOutput
 from asyncllm.sampling_params import SamplingParams

@@ -19,3 +19,7 @@ class OutOfMemoryError(AsyncLLMError, RuntimeError):
 
 class ModelNotFoundError(AsyncLLMError, ValueError):
     """The model path does not exist, or its architecture is not supported."""
+
+
+class EngineDeadError(AsyncLLMError, RuntimeError):
+    """The engine loop failed; the engine serves no more requests."""

@@ -23,7 +23,7 @@ from asyncllm.config import EngineConfig
 from asyncllm.engine.core import EngineCore
 from asyncllm.engine.detokenizer import IncrementalDetokenizer
 from asyncllm.engine.request import Request
-from asyncllm.errors import AsyncLLMError, InvalidRequestError
+from asyncllm.errors import EngineDeadError, InvalidRequestError
 from asyncllm.metrics import EngineMetrics
 from asyncllm.outputs import GenerateOutput
 from asyncllm.sampling_params import SamplingParams
@@ -32,10 +32,6 @@ log = logging.getLogger(__name__)
 
 Messages = Sequence[dict[str, Any]]
 PromptInput = str | list[int] | Messages
-
-
-class EngineDeadError(AsyncLLMError, RuntimeError):
-    """The engine loop failed; the engine serves no more requests."""
 
 
 @dataclass

@@ -22,16 +22,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from asyncllm import __version__
-from asyncllm.engine.async_engine import AsyncEngine, EngineDeadError, StreamChunk
-from asyncllm.errors import InvalidRequestError
+from asyncllm.engine.async_engine import AsyncEngine, StreamChunk
+from asyncllm.errors import EngineDeadError, InvalidRequestError
 from asyncllm.sampling_params import SamplingParams
 from asyncllm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 MAX_CHOICES = 1024  # prompts x n in one request
-ENGINE = web.AppKey("engine", AsyncEngine)
-SETTINGS = web.AppKey("settings", "ServerSettings")
 
 
 @dataclass
@@ -62,26 +60,34 @@ _HTTP_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "
                      413: "invalid_request_error"}
 
 
+def api_error(e: Exception) -> ApiError:
+    """The OpenAI-style error for an exception raised while serving a request."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, InvalidRequestError):
+        return ApiError(400, str(e), param=e.param)
+    if isinstance(e, EngineDeadError):
+        return ApiError(503, str(e), "service_unavailable")
+    if isinstance(e, web.HTTPException):
+        return ApiError(e.status, e.text or e.reason, _HTTP_ERROR_TYPES.get(e.status, "invalid_request_error"),
+                        code=e.status)
+    return ApiError(500, "internal server error", "server_error")
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as e:
-        return e.response()
-    except InvalidRequestError as e:
-        return ApiError(400, str(e), param=e.param).response()
-    except EngineDeadError as e:
-        return ApiError(503, str(e), "service_unavailable").response()
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        return ApiError(e.status, e.text or e.reason, _HTTP_ERROR_TYPES.get(e.status, "invalid_request_error"),
-                        code=e.status).response()
+        return api_error(e).response()
     except asyncio.CancelledError:
         raise
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return ApiError(500, "internal server error", "server_error").response()
+    except Exception as e:
+        if not isinstance(e, (ApiError, InvalidRequestError, EngineDeadError)):
+            log.exception("unhandled error in %s %s", request.method, request.path)
+        return api_error(e).response()
 
 
 def auth_middleware(api_key: str) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -257,12 +263,9 @@ class OpenAIServer:
                             "usage": self._usage(prompt_tokens, completion_tokens, cached_tokens)})
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the client is gone: closing the streams frees their KV blocks
-        except Exception as e:
-            err = e if isinstance(e, ApiError) else ApiError(
-                500 if not isinstance(e, (InvalidRequestError, EngineDeadError)) else 400, str(e),
-                "server_error" if not isinstance(e, InvalidRequestError) else "invalid_request_error")
+        except Exception as e:  # headers are sent: the error goes into the stream
             log.warning("stream %s ended with an error: %s", meta["id"], e)
-            await send(err.body())
+            await send(api_error(e).body())
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -302,7 +305,6 @@ class OpenAIServer:
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> web.Application:
     middlewares = [error_middleware] + ([auth_middleware(settings.api_key)] if settings.api_key else [])
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
-    app[ENGINE], app[SETTINGS] = engine, settings
     s = OpenAIServer(engine, settings)
     app.router.add_post("/v1/chat/completions", s.chat_completions)
     app.router.add_post("/v1/completions", s.completions)
