@@ -57,17 +57,7 @@ def tiny_models(tmp_path_factory, smollm2_dir) -> dict[str, Path]:
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int, dtype=torch.float32, device="cpu") -> list[list[int]]:
     """transformers' greedy continuation of each prompt, one at a time (no padding), EOS included if hit."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    outs = []
-    with torch.inference_mode():
-        for ids in prompts:
-            x = torch.tensor([ids], device=device)
-            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                               do_sample=False, pad_token_id=model.generation_config.eos_token_id)
-            outs.append(y[0, len(ids):].tolist())
-    return outs
+    return [tokens for tokens, _ in hf_greedy_with_logits(model_dir, prompts, max_new_tokens, dtype, device)]
 
 
 def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
@@ -108,7 +98,8 @@ def hf_logits(model_dir: Path, token_ids: list[int], dtype=torch.float32, device
 
 
 def hf_greedy_with_logits(model_dir: Path, prompts, max_new_tokens: int, dtype, device):
-    """transformers' greedy tokens and the logits it chose them from, per prompt."""
+    """transformers' greedy tokens (one prompt at a time, no padding, EOS included if hit) and the logits it
+    chose them from, per prompt."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()

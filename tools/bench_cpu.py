@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 
 import torch
+from bench_common import run_fields
 from transformers import AutoModelForCausalLM
 
 from asyncllm import LLM, SamplingParams
@@ -43,9 +43,8 @@ def main() -> None:
     ap.add_argument("--batch-1-prompts", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    common = dict(device=f"cpu {platform.machine()}", threads=torch.get_num_threads(), commit=commit,
-                  date=time.strftime("%Y-%m-%d"), max_new_tokens=a.new_tokens, dtype="float32")
+    common = dict(threads=torch.get_num_threads(), max_new_tokens=a.new_tokens, dtype="float32",
+                  **run_fields(f"cpu {platform.machine()}"))
 
     model_dir = default_model_dir()
     llm = LLM(str(model_dir), max_model_len=2048)

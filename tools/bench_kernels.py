@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import time
 
 import torch
+from bench_common import run_fields
 from triton.testing import do_bench
 
 import asyncllm_kernels as K
@@ -29,9 +27,7 @@ def main() -> None:
     ap.add_argument("--bandwidth-tbs", type=float, default=None, help="copy bandwidth; measured when omitted")
     a = ap.parse_args()
     dev, bf16 = "cuda", torch.bfloat16
-    commit = os.environ.get("ASYNCLLM_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                                 capture_output=True, text=True).stdout.strip()
-    common = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), commit=commit)
+    common = run_fields()
     if a.bandwidth_tbs is None:
         x = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
         y = torch.empty_like(x)

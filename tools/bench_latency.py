@@ -9,10 +9,10 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import time
 
 import torch
+from bench_common import run_fields
 
 from asyncllm import LLM, SamplingParams
 
@@ -27,10 +27,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--bandwidth-tbs", type=float, default=2.99, help="measured copy bandwidth (BENCHMARKS.md)")
     a = ap.parse_args()
-    commit = os.environ.get("ASYNCLLM_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                                 capture_output=True, text=True).stdout.strip()
-    common = dict(model=os.path.basename(a.model.rstrip("/")), device=torch.cuda.get_device_name(),
-                  date=time.strftime("%Y-%m-%d"), commit=commit, prompt_len=a.prompt_len, new_tokens=a.new_tokens)
+    common = dict(model=os.path.basename(a.model.rstrip("/")), prompt_len=a.prompt_len, new_tokens=a.new_tokens,
+                  **run_fields())
     for backend in a.backends:
         llm = LLM(a.model, load_format="dummy", dtype="bfloat16", attention_backend=backend.removesuffix("-eager"),
                   enforce_eager=backend.endswith("-eager"),

@@ -15,10 +15,10 @@ import gc
 import json
 import os
 import random
-import subprocess
 import time
 
 import torch
+from bench_common import run_fields
 
 from asyncllm import LLM, SamplingParams
 
@@ -32,10 +32,7 @@ def main() -> None:
     ap.add_argument("--hf-requests", type=int, default=32)
     ap.add_argument("--hf-max-tokens", type=int, default=128)
     a = ap.parse_args()
-    commit = os.environ.get("ASYNCLLM_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                                 capture_output=True, text=True).stdout.strip()
-    common = dict(model=os.path.basename(a.model.rstrip("/")), device=torch.cuda.get_device_name(),
-                  date=time.strftime("%Y-%m-%d"), commit=commit)
+    common = dict(model=os.path.basename(a.model.rstrip("/")), **run_fields())
     random.seed(0)
     prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(a.num_requests)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, 1024))
@@ -49,18 +46,13 @@ def main() -> None:
     for variant in ("graphs", "eager"):
         llm = LLM(a.model, load_format="dummy", dtype="bfloat16", max_model_len=2048, enforce_eager=variant == "eager")
         llm.generate(["warm up"] if llm.tokenizer else [[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)
-        t = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        secs = time.perf_counter() - t
-        toks = sum(len(o.token_ids) for o in outs)
-        emit(bench="offline_throughput", engine=f"asyncllm-{variant}", requests=len(prompts), output_tokens=toks,
-             seconds=round(secs, 2), output_tok_per_s=round(toks / secs, 1), floor_fraction=round(FLOOR_S / secs, 3))
-        t = time.perf_counter()
-        outs = llm.generate(sub_prompts, sub_params, use_tqdm=False)
-        secs = time.perf_counter() - t
-        toks = sum(len(o.token_ids) for o in outs)
-        emit(bench="offline_subset", engine=f"asyncllm-{variant}", requests=len(sub_prompts), output_tokens=toks,
-             seconds=round(secs, 2), output_tok_per_s=round(toks / secs, 1))
+        for bench, ps, pp in (("offline_throughput", prompts, params), ("offline_subset", sub_prompts, sub_params)):
+            t = time.perf_counter()
+            toks = sum(len(o.token_ids) for o in llm.generate(ps, pp, use_tqdm=False))
+            secs = time.perf_counter() - t
+            extra = {"floor_fraction": round(FLOOR_S / secs, 3)} if bench == "offline_throughput" else {}
+            emit(bench=bench, engine=f"asyncllm-{variant}", requests=len(ps), output_tokens=toks,
+                 seconds=round(secs, 2), output_tok_per_s=round(toks / secs, 1), **extra)
         del llm
         gc.collect()
         torch.cuda.empty_cache()

@@ -3,19 +3,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import platform
 import subprocess
 import sys
 import time
 
 import aiohttp
+from bench_common import run_fields
 
 
 def common_fields(device: str | None = None) -> dict:
-    commit = os.environ.get("ASYNCLLM_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return dict(device=device or f"cpu {platform.machine()}", date=time.strftime("%Y-%m-%d"), commit=commit)
+    return run_fields(device or f"cpu {platform.machine()}")
 
 
 def emit(**fields) -> None:

@@ -32,10 +32,6 @@ class Batch:
         self.num_new_tokens.append(n)
         self.sample.append(start + n == req.num_tokens)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
     def __len__(self) -> int:
         return len(self.requests)
 
