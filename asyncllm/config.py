@@ -30,6 +30,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     attention_backend: Literal["auto", "torch", "flashinfer", "triton"] = "auto"
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prompt prefixes (radix tree)
+    overlap_schedule: bool | None = None  # schedule step N+1 while step N runs; None = on with CUDA, off on CPU
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -83,7 +83,7 @@ class LLM:
         stats = self.engine.scheduler.stats
         t0, p0, g0 = time.perf_counter(), stats.prompt_tokens, stats.generation_tokens
         try:
-            while self.engine.has_unfinished:
+            while self.engine.busy:
                 stepped = self.engine.step()
                 for r in stepped:
                     detok = detoks.get(r.request_id)

@@ -140,7 +140,7 @@ async def test_failed_step_ends_requests_with_an_error(tiny_models):
         def boom(batch):
             raise RuntimeError("device lost")
 
-        engine.core.runner.execute = boom
+        engine.core.runner.launch = boom
         with pytest.raises(EngineDeadError, match="device lost"):
             await collect(engine, [5, 6, 7], GREEDY)
         assert not engine.healthy and "device lost" in str(engine.error)

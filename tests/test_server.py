@@ -243,7 +243,7 @@ async def test_api_key_and_dead_engine(local):
         def boom(batch):
             raise RuntimeError("simulated device failure")
 
-        engine.core.runner.execute = boom
+        engine.core.runner.launch = boom
         r = await s.post(f"{url}/v1/completions", json={"prompt": [5, 6], "stream": True}, headers=AUTH)
         text = await r.text()
         assert '"error"' in text and "simulated device failure" in text and text.endswith("data: [DONE]\n\n")

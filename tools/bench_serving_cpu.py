@@ -27,10 +27,12 @@ def emit(**fields):
 
 # ---- the server process ---------------------------------------------------------------------------------------
 def stand_in_server(port_q, model_dir: str) -> None:
+    import torch
     import uvloop
     from aiohttp import web
 
     from asyncllm import AsyncEngine
+    from asyncllm.engine.runner import StepHandle
     from asyncllm.server.app import ServerSettings, build_app
 
     async def main():
@@ -38,11 +40,11 @@ def stand_in_server(port_q, model_dir: str) -> None:
         await engine.start()
         runner = engine.core.runner
 
-        def execute(batch):  # same data preparation, no model
+        def launch(batch):  # same data preparation, no model
             inputs = runner.prepare(batch)
-            return [int(i) % 1000 + 10 for i in range(inputs.sample_rows.numel())]
+            return StepHandle(batch, torch.arange(inputs.sample_rows.numel()) % 1000 + 10)
 
-        runner.execute = execute
+        runner.launch = launch
         lags: list[float] = []
 
         async def probe():

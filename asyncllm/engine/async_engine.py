@@ -1,10 +1,11 @@
 """AsyncEngine: the engine as a coroutine inside any asyncio program.
 
-One loop coroutine owns the scheduler. Each iteration: apply aborts -> schedule step N -> launch it in the step
-thread -> deliver step N-1's tokens while it runs (detokenize, stop strings, wake consumers) -> await step N ->
-append its tokens. Only `ModelRunner.execute` leaves the event-loop thread; everything that touches the
-scheduler runs on the loop, so aborts and stop-string finishes that happen while a step runs are deferred to the
-next iteration (the step may still be reading those requests' block tables).
+One loop coroutine owns the scheduler. Each iteration: apply aborts -> schedule step N+1 -> in the step thread,
+launch it on the GPU's side stream and wait (on a CUDA event, in that thread) for step N -> append step N's tokens
+and deliver them (detokenize, stop strings, wake consumers) while the GPU runs step N+1. With overlap off, the
+step thread waits for the step it just launched. Only `EngineCore.advance` leaves the event-loop thread, and
+everything that touches the scheduler runs on the loop, so aborts and stop-string finishes that arrive while the
+step thread works are applied at the start of the next iteration.
 
 Delivery is coalescing: a consumer that reads slowly gets several tokens in one chunk, and a request buffers at
 most its own output (no per-token queue grows behind a slow client).
@@ -230,23 +231,19 @@ class AsyncEngine:
     async def _run(self) -> None:
         core = self._core
         loop = asyncio.get_running_loop()
-        delivered: list[Request] = []  # the previous step's requests that got a token
         try:
             while not self._stopping:
                 self._apply_deferred()
-                if not core.has_unfinished:
-                    self._deliver(delivered)
-                    delivered = []
+                if not core.busy:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
                 batch = core.scheduler.schedule()
-                step = loop.run_in_executor(self._step_pool, core.runner.execute, batch) if batch else None
-                self._deliver(delivered)  # while the step runs
-                sampled = await step if step is not None else []
-                if step is None:
+                done = await loop.run_in_executor(self._step_pool, core.advance, batch)
+                if done is None:
                     await asyncio.sleep(0.001)  # nothing fits this instant (all blocks busy): let aborts land
-                delivered = core.scheduler.update(batch, sampled) if batch else []
+                    continue
+                self._deliver(core.scheduler.update(*done))  # while the GPU runs the step just launched
                 self._count()
         except Exception as e:
             log.exception("engine loop failed; failing all requests")

@@ -12,8 +12,8 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from asyncllm.config import EngineConfig
 from asyncllm.engine.kv_cache import BlockManager
 from asyncllm.engine.request import Request
-from asyncllm.engine.runner import ModelRunner
-from asyncllm.engine.scheduler import Scheduler, SchedulerConfig
+from asyncllm.engine.runner import ModelRunner, StepHandle
+from asyncllm.engine.scheduler import Batch, Scheduler, SchedulerConfig
 from asyncllm.errors import InvalidRequestError
 from asyncllm.model_files import resolve_model
 from asyncllm.sampling_params import SamplingParams
@@ -74,6 +74,9 @@ class EngineCore:
         max_tokens = config.max_num_batched_tokens or max(2048, config.max_num_seqs)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, max_tokens, self.max_model_len), self.blocks)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
+        # overlap scheduling: step N+1 is scheduled and launched before step N's tokens are read back
+        self.overlap = config.overlap_schedule if config.overlap_schedule is not None else self.runner.stream is not None
+        self._inflight: StepHandle | None = None
         self._ids = itertools.count()
         self._id_prefix = os.urandom(4).hex()
 
@@ -103,10 +106,24 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
 
+    @property
+    def busy(self) -> bool:
+        """Requests to serve, or a step still in flight."""
+        return self.scheduler.has_unfinished or self._inflight is not None
+
+    def advance(self, batch: Batch) -> tuple[Batch, list[int]] | None:
+        """Launch `batch` (if not empty), then wait for a step to finish and return it with its sampled tokens:
+        with overlap, the step launched before (the new one keeps the GPU busy meanwhile); without, this one.
+        Blocks its thread on the GPU: the async engine calls it in its step thread. None if nothing ran."""
+        handle = self.runner.launch(batch) if batch else None
+        if self.overlap:
+            handle, self._inflight = self._inflight, handle
+        if handle is None:
+            return None
+        return handle.batch, handle.wait()
+
     def step(self) -> list[Request]:
-        """Schedule, run and apply one step; returns the requests that got a token this step."""
-        batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        sampled = self.runner.execute(batch)
-        return self.scheduler.update(batch, sampled)
+        """Schedule, launch and apply one step (with overlap, apply the previous one); returns the requests that
+        got a token."""
+        done = self.advance(self.scheduler.schedule())
+        return self.scheduler.update(*done) if done is not None else []

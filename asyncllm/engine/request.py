@@ -32,6 +32,10 @@ class Request:
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first admission (-1: not admitted yet)
     num_cached_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     generator: Any = None  # the sampler's per-request RNG when params.seed is set (owned by the runner)
+    # Overlap scheduling: tokens already sampled on the device but not yet appended to token_ids (0, 1, or 2
+    # for a moment), and the row of the newest of them in its step's sampled-ids tensor (the next step's input).
+    num_pending: int = 0
+    pending_row: int = -1
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -40,6 +44,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Known tokens plus the ones the device has sampled but the host has not seen yet."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -1,15 +1,18 @@
 """ModelRunner: turns a scheduler Batch into tensors, runs the model, samples. Owns the model and the KV cache."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from asyncllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from asyncllm.device import resolve_device, to_device
 from asyncllm.engine.request import Request
 from asyncllm.engine.scheduler import Batch
 from asyncllm.errors import InvalidRequestError, OutOfMemoryError
@@ -37,14 +40,6 @@ class StepInputs:
     meta: AttentionMetadata
     sample_rows: torch.Tensor  # [S] rows of the packed tokens whose logits are sampled
     sampling: SamplingTensors
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InvalidRequestError("device='cuda' but no CUDA GPU is available", "device")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtype:
@@ -107,6 +102,9 @@ class ModelRunner:
                 if isinstance(m, (RMSNorm, RotaryEmbedding)):
                     m.fused = True
         self.sampler = Sampler(self.device, config.seed)
+        self.last_sampled: torch.Tensor | None = None  # the previous step's sampled ids, on the device
+        # CUDA: every step runs on this side stream, in launch order (the loop thread never waits on it)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.graphs: CudaGraphs | None = None  # captured once the KV cache exists (after the profiling forward)
 
         attn = self.attention_layers[0]
@@ -122,6 +120,8 @@ class ModelRunner:
             )
         self._allocate_kv_cache(self.num_blocks)
         self.graphs = CudaGraphs(self) if self._use_graphs() else None
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # weights, cache, graphs are ready
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_bytes / 2**20, self.num_blocks * self.block_size)
 
@@ -178,43 +178,52 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------------------
     def prepare(self, batch: Batch) -> StepInputs:
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        sampled: list[Request] = []
-        for req, start, n, sample in zip(batch.requests, batch.starts, batch.num_new_tokens, batch.sample):
-            end = start + n
-            table = req.block_table
-            ids.extend(req.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_start_loc.append(query_start_loc[-1] + n)
-            seq_lens.append(end)
-            if sample:
-                sample_rows.append(query_start_loc[-1] - 1)
-                sampled.append(req)
-        width = max(len(r.block_table) for r in batch.requests)
-        tables = [r.block_table + [0] * (width - len(r.block_table)) for r in batch.requests]
+        """Host arrays of the step packed into one page-locked buffer, copied to the device in one go.
 
-        def t(x: list[Any], dtype: torch.dtype = torch.int64) -> torch.Tensor:
-            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
-
+        A row whose last input token is still on the device (overlap scheduling) gets it from the previous step's
+        sampled ids, on the device (`batch.feed`)."""
+        bs, num_seqs = self.block_size, len(batch)
+        n_new = np.asarray(batch.num_new_tokens, dtype=np.int64)
+        starts = np.asarray(batch.starts, dtype=np.int64)
+        qsl = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(n_new, out=qsl[1:])
+        num_tokens = int(qsl[-1])
+        seq_lens = starts + n_new
+        tables = np.zeros((num_seqs, max(len(r.block_table) for r in batch.requests)), dtype=np.int64)
+        ids = np.zeros(num_tokens, dtype=np.int64)
+        feed_rows: list[int] = []
+        feed_src: list[int] = []
+        row = 0
+        feeds = batch.feed or [-1] * num_seqs
+        for i, (req, start, n, feed) in enumerate(zip(batch.requests, batch.starts, batch.num_new_tokens, feeds)):
+            tables[i, : len(req.block_table)] = req.block_table
+            if feed >= 0:  # the last input token was sampled by the previous step and is not on the host yet
+                feed_rows.append(row + n - 1)
+                feed_src.append(feed)
+                n -= 1
+            ids[row : row + n] = req.token_ids[start : start + n]
+            row += n + (feed >= 0)
+        positions = np.repeat(starts - qsl[:-1], n_new) + np.arange(num_tokens)
+        slots = tables[np.repeat(np.arange(num_seqs), n_new), positions // bs] * bs + positions % bs
+        sample_rows = qsl[1:][np.asarray(batch.sample, dtype=bool)] - 1
+        parts = (ids, positions, slots, qsl, seq_lens, sample_rows, np.asarray(feed_rows, np.int64),
+                 np.asarray(feed_src, np.int64), tables.reshape(-1))
+        packed = to_device(np.concatenate(parts), self.device)
+        (ids_d, pos_d, slots_d, qsl_d, lens_d, sample_d, feed_rows_d, feed_src_d, tables_d) = packed.split(
+            [len(p) for p in parts])
+        if feed_rows:
+            assert self.last_sampled is not None, "a pending token without a previous step"
+            ids_d[feed_rows_d] = self.last_sampled[feed_src_d]
         meta = AttentionMetadata(
-            query_start_loc=t(query_start_loc),
-            seq_lens=t(seq_lens),
-            block_tables=t(tables),
-            slot_mapping=t(slots),
-            query_lens_cpu=list(batch.num_new_tokens),
-            seq_lens_cpu=seq_lens,
-            block_size=bs,
-        )
-        return StepInputs(t(ids), t(positions), meta, t(sample_rows), self._sampling_tensors(sampled))
+            query_start_loc=qsl_d, seq_lens=lens_d, block_tables=tables_d.view(tables.shape), slot_mapping=slots_d,
+            query_lens_cpu=list(batch.num_new_tokens), seq_lens_cpu=seq_lens.tolist(), block_size=bs,
+            block_tables_cpu=tables)
+        sampled = [(r, f) for r, s, f in zip(batch.requests, batch.sample, feeds) if s]
+        return StepInputs(ids_d, pos_d, meta, sample_d, self._sampling_tensors(sampled))
 
-    def _sampling_tensors(self, reqs: list[Request]) -> SamplingTensors:
+    def _sampling_tensors(self, rows: list[tuple[Request, int]]) -> SamplingTensors:
+        """Per-row sampling parameters of the sampled rows: (request, its feed index or -1)."""
+        reqs = [r for r, _ in rows]
         params = [r.params for r in reqs]
         seeded: list[tuple[int, torch.Generator]] = []
         for row, req in enumerate(reqs):
@@ -223,57 +232,92 @@ class ModelRunner:
                     req.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
                 seeded.append((row, req.generator))
         temps = [0.0 if p.greedy else p.temperature for p in params]
-        f32 = torch.float32
+        all_greedy = all(t == 0.0 for t in temps)
         penalized = [row for row, p in enumerate(params) if p.has_penalties]
+        if all_greedy:  # argmax only: no per-row parameters to copy
+            floats, top_k = torch.empty(3, 0, device=self.device), torch.empty(0, dtype=torch.int64, device=self.device)
+        else:
+            floats = to_device([temps, [p.top_p for p in params], [p.min_p for p in params]], self.device, torch.float32)
+            top_k = to_device([p.top_k for p in params], self.device)
         return SamplingTensors(
-            temperature=torch.tensor(temps, dtype=f32).to(self.device, non_blocking=True),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64).to(self.device, non_blocking=True),
-            top_p=torch.tensor([p.top_p for p in params], dtype=f32).to(self.device, non_blocking=True),
-            min_p=torch.tensor([p.min_p for p in params], dtype=f32).to(self.device, non_blocking=True),
+            temperature=floats[0], top_p=floats[1], min_p=floats[2], top_k=top_k,
             seeded=seeded,
-            all_greedy=all(t == 0.0 for t in temps),
+            all_greedy=all_greedy,
             need_sort=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
             need_min_p=any(p.min_p > 0.0 for p in params),
-            penalties=self._penalties([reqs[r] for r in penalized], penalized) if penalized else None,
+            penalties=self._penalties([rows[r] for r in penalized], penalized) if penalized else None,
         )
 
-    def _penalties(self, reqs: list[Request], rows: list[int]) -> Penalties:
-        """Token counts of the penalized requests (work proportional to their lengths, once per step)."""
+    def _penalties(self, penalized: list[tuple[Request, int]], rows: list[int]) -> Penalties:
+        """Token counts of the penalized requests (work proportional to their lengths, once per step). A token
+        still on the device (overlap scheduling) is counted on the device."""
+        reqs = [r for r, _ in penalized]
         vocab = self.model.config.vocab_size
-        out_ids = [torch.tensor(r.output_token_ids, dtype=torch.int64) for r in reqs]
-        all_ids = [torch.tensor(r.token_ids, dtype=torch.int64) for r in reqs]
         counts = torch.zeros(len(reqs), vocab, dtype=torch.float32)
         seen = torch.zeros(len(reqs), vocab, dtype=torch.bool)
-        for i, (o, a) in enumerate(zip(out_ids, all_ids)):
-            counts[i].index_add_(0, o, torch.ones(len(o)))
-            seen[i, a] = True
+        for i, r in enumerate(reqs):
+            out = torch.tensor(r.output_token_ids, dtype=torch.int64)
+            counts[i].index_add_(0, out, torch.ones(len(out)))
+            seen[i, torch.tensor(r.token_ids, dtype=torch.int64)] = True
         dev = self.device
-
-        def col(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32).to(dev, non_blocking=True)
-
-        return Penalties(
-            rows=torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True),
-            output_counts=counts.to(dev, non_blocking=True),
-            seen=seen.to(dev, non_blocking=True),
-            presence=col([r.params.presence_penalty for r in reqs]),
-            frequency=col([r.params.frequency_penalty for r in reqs]),
-            repetition=col([r.params.repetition_penalty for r in reqs]),
-        )
+        counts, seen = to_device(counts, dev, torch.float32), to_device(seen, dev, torch.bool)
+        pending = [(i, feed) for i, (_, feed) in enumerate(penalized) if feed >= 0]
+        if pending:
+            assert self.last_sampled is not None
+            idx = to_device(pending, dev)
+            token = self.last_sampled[idx[:, 1]]
+            counts.index_put_((idx[:, 0], token), torch.ones(len(pending), device=dev), accumulate=True)
+            seen[idx[:, 0], token] = True
+        per_row = to_device([[r.params.presence_penalty for r in reqs], [r.params.frequency_penalty for r in reqs],
+                             [r.params.repetition_penalty for r in reqs]], dev, torch.float32)
+        return Penalties(rows=to_device(rows, dev), output_counts=counts, seen=seen,
+                         presence=per_row[0], frequency=per_row[1], repetition=per_row[2])
 
     @torch.inference_mode()
+    def launch(self, batch: Batch) -> StepHandle:
+        """Queue one step on the runner's stream and return at once (CUDA); the handle yields the sampled
+        tokens (one per row with batch.sample set, in row order)."""
+        with self._on_stream():
+            inputs = self.prepare(batch)
+            if self.graphs is not None and self.graphs.fits(inputs):
+                hidden = self.graphs.replay(inputs)
+            else:
+                self.backend.plan(inputs.meta)
+                hidden = self.model(inputs.input_ids, inputs.positions)
+            if inputs.sample_rows.numel() == 0:
+                return StepHandle(batch, None, None)
+            logits = self.model.compute_logits(hidden[inputs.sample_rows])
+            sampled = self.sampler(logits, inputs.sampling)
+            self.last_sampled = sampled
+            if self.stream is None:
+                return StepHandle(batch, sampled, None)
+            host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+            host.copy_(sampled, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+            return StepHandle(batch, host, event)
+
     def execute(self, batch: Batch) -> list[int]:
-        """Run one step; returns one sampled token per row with batch.sample set, in row order."""
-        inputs = self.prepare(batch)
-        if self.graphs is not None and self.graphs.fits(inputs):
-            hidden = self.graphs.replay(inputs)
-        else:
-            self.backend.plan(inputs.meta)
-            hidden = self.model(inputs.input_ids, inputs.positions)
-        if inputs.sample_rows.numel() == 0:
-            return []
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])
-        return self.sampler(logits, inputs.sampling).tolist()
+        """Run one step to completion (blocks on the GPU)."""
+        return self.launch(batch).wait()
+
+    def _on_stream(self) -> Any:
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+
+@dataclass
+class StepHandle:
+    """A launched step. `wait()` blocks the calling thread (not the event loop: call it from a worker thread)
+    until the step's sampled ids are on the host."""
+
+    batch: Batch
+    sampled: torch.Tensor | None  # CPU: the ids; CUDA: page-locked host buffer the device copies into
+    event: Any = None  # torch.cuda.Event recorded after that copy
+
+    def wait(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return [] if self.sampled is None else self.sampled.tolist()
 
 
 class CudaGraphs:

@@ -5,6 +5,12 @@ requests are admitted first-come first-served while the token budget, `max_num_s
 When a running request needs a block and none is free, the most recently admitted request is preempted by
 recompute: its blocks are freed and it goes back to the head of the waiting queue with all its tokens (prompt and
 output so far) to prefill again.
+
+Overlap scheduling: step N+1 may be scheduled before step N's tokens reach the host. A request whose token is
+still on the device (`num_pending`) decodes it next (the runner feeds it from the device), unless that token
+will surely end it (length limits); a token that turns out to be EOS wastes one row, which `update` drops. Only
+known tokens go into the prefix cache. Blocks freed while a step is in flight are safe to reuse: every step runs
+on one CUDA stream, so a later step's writes come after the in-flight step's reads and writes.
 """
 from __future__ import annotations
 
@@ -24,13 +30,15 @@ class Batch:
     starts: list[int] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     sample: list[bool] = field(default_factory=list)  # row ends at the request's last token: sample the next one
+    # row's last input token is still on the device: its index in the previous step's sampled ids, else -1
+    feed: list[int] = field(default_factory=list)
 
     def add(self, req: Request, n: int) -> None:
         start = req.num_computed_tokens
         self.requests.append(req)
         self.starts.append(start)
         self.num_new_tokens.append(n)
-        self.sample.append(start + n == req.num_tokens)
+        self.sample.append(start + n == req.num_scheduled_tokens)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -93,11 +101,7 @@ class Scheduler:
         req = self.requests.get(request_id)
         if req is None:
             return None
-        if req.status is RequestStatus.WAITING:
-            self.waiting.remove(req)
-        else:
-            self.running.remove(req)
-        self._finish(req, "abort")
+        self.finish(req, "abort")
         return req
 
     @property
@@ -113,7 +117,10 @@ class Scheduler:
         # Running requests in admission order; a victim is always taken from the end, so never one already batched.
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_pending and self._ends_with_pending(req):
+                i += 1  # its last token is on the device: nothing more to compute
+                continue
+            n = min(req.num_scheduled_tokens - req.num_computed_tokens, budget)
             if not self._grow(req, n):
                 break  # req preempted itself: it was the last running request
             batch.add(req, n)
@@ -125,6 +132,8 @@ class Scheduler:
         bs = self.blocks.block_size
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             req = self.waiting[0]
+            if req.num_pending:
+                break  # preempted with a token in flight: admit it once the token is known
             # reuse cached whole blocks of the prefix, but always compute at least the last token
             cached = self.blocks.match(req.token_ids[: (req.num_tokens - 1) // bs * bs])
             computed = len(cached) * bs
@@ -146,8 +155,15 @@ class Scheduler:
             batch.add(req, n)
             req.num_computed_tokens += n
             budget -= n
-        for req in batch.requests:
+        row = 0
+        for req, sample in zip(batch.requests, batch.sample):
             self._cache_full_blocks(req)
+            # a scheduled request with a pending token computes it now: its input comes from the previous step
+            batch.feed.append(req.pending_row if req.num_pending else -1)
+            if sample:  # its next token will exist on the device before the host sees it
+                req.num_pending += 1
+                req.pending_row = row
+                row += 1
         for req, n in zip(batch.requests, batch.num_new_tokens):
             if n > 1 or req.num_computed_tokens <= req.num_prompt_tokens:
                 self.stats.prompt_tokens += n
@@ -156,10 +172,15 @@ class Scheduler:
     def _cache_full_blocks(self, req: Request) -> None:
         """Offer the request's newly filled blocks to the prefix cache (their K/V are written by this step,
         before any later step can read them)."""
-        full = req.num_computed_tokens // self.blocks.block_size
+        full = min(req.num_computed_tokens, req.num_tokens) // self.blocks.block_size
         if full > req.num_cached_blocks:
             self.blocks.cache_blocks(req.token_ids[: full * self.blocks.block_size], req.block_table[:full])
             req.num_cached_blocks = full
+
+    def _ends_with_pending(self, req: Request) -> bool:
+        """The request's pending token is its last one (it reaches max_tokens or max_model_len)."""
+        pending = req.num_pending
+        return req.num_output_tokens + pending >= req.max_tokens or req.num_tokens + pending >= self.config.max_model_len
 
     def _grow(self, req: Request, n: int) -> bool:
         """Give `req` the blocks for n more tokens, preempting later requests if needed.
@@ -195,12 +216,15 @@ class Scheduler:
             if not sample:
                 continue
             token = next(it)
-            if req.finished:  # aborted while the step ran
+            req.num_pending -= 1
+            if req.finished:  # aborted, stopped or ended by EOS while the step ran
                 continue
             req.token_ids.append(token)
             out.append(req)
             reason = self._stop_reason(req, token)
             if reason is not None:
+                if req.status is RequestStatus.WAITING:  # preempted while its token was in flight
+                    self.waiting.remove(req)
                 self._finish(req, reason)
                 any_finished = True
         self.stats.generation_tokens += len(out)
@@ -219,7 +243,7 @@ class Scheduler:
     def finish(self, req: Request, reason: str) -> None:
         """End a running request early (a stop string matched above the scheduler)."""
         if not req.finished:
-            self.running.remove(req)
+            (self.waiting if req.status is RequestStatus.WAITING else self.running).remove(req)
             self._finish(req, reason)
 
     def _finish(self, req: Request, reason: str) -> None:

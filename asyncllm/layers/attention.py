@@ -12,9 +12,12 @@ import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from asyncllm.device import to_device
 
 
 @dataclass
@@ -29,6 +32,7 @@ class AttentionMetadata:
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     block_size: int
+    block_tables_cpu: np.ndarray | None = None  # [B, max_blocks] int64, host copy of block_tables
 
     @property
     def num_seqs(self) -> int:
@@ -62,7 +66,7 @@ class TorchAttentionBackend:
         num_seqs, max_q, max_kv = meta.num_seqs, max(meta.query_lens_cpu), max(meta.seq_lens_cpu)
         self.shape = (num_seqs, max_q, max_kv)
         self.decode_only = max_q == 1  # one query per sequence: packed rows are already the padded layout
-        q_lens = torch.tensor(meta.query_lens_cpu, device=device)
+        q_lens = to_device(meta.query_lens_cpu, device)
         q_idx = torch.arange(max_q, device=device)
         kv_idx = torch.arange(max_kv, device=device)
         q_valid = q_idx[None, :] < q_lens[:, None]  # [B, max_q]
@@ -137,7 +141,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
             super().plan(meta)
             return
         device = meta.seq_lens.device
-        dec_seqs = torch.tensor(dec, device=device)
+        dec_seqs = to_device(dec, device)
         self.dec_tables = meta.block_tables.index_select(0, dec_seqs) if self.mixed else meta.block_tables
         self.dec_seq_lens = meta.seq_lens.index_select(0, dec_seqs) if self.mixed else meta.seq_lens
         self.dec_max_len = max(meta.seq_lens_cpu[i] for i in dec)
@@ -145,12 +149,12 @@ class TritonAttentionBackend(TorchAttentionBackend):
             starts = [0]
             for n in q_lens:
                 starts.append(starts[-1] + n)
-            self.dec_rows = torch.tensor([starts[i] for i in dec], device=device)
-            self.pre_rows = torch.tensor([t for i in pre for t in range(starts[i], starts[i + 1])], device=device)
-            pre_seqs = torch.tensor(pre, device=device)
+            self.dec_rows = to_device([starts[i] for i in dec], device)
+            self.pre_rows = to_device([t for i in pre for t in range(starts[i], starts[i + 1])], device)
+            pre_seqs = to_device(pre, device)
             pre_lens = [q_lens[i] for i in pre]
             super().plan(AttentionMetadata(
-                query_start_loc=torch.tensor([0, *itertools.accumulate(pre_lens)], device=device),
+                query_start_loc=to_device([0, *itertools.accumulate(pre_lens)], device),
                 seq_lens=meta.seq_lens.index_select(0, pre_seqs), block_tables=meta.block_tables.index_select(0, pre_seqs),
                 slot_mapping=meta.slot_mapping, query_lens_cpu=pre_lens,
                 seq_lens_cpu=[meta.seq_lens_cpu[i] for i in pre], block_size=meta.block_size))
