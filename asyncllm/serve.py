@@ -25,7 +25,7 @@ log = logging.getLogger("asyncllm.serve")
 # CLI flag -> EngineConfig field (flags mirror the engine config)
 ENGINE_FLAGS = ("dtype", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size",
                 "gpu_memory_utilization", "num_kv_blocks", "kv_cache_memory_bytes", "enforce_eager", "load_format",
-                "attention_backend", "seed", "enable_prefix_caching", "cuda_graph_max_bs")
+                "attention_backend", "seed", "enable_prefix_caching", "cuda_graph_max_bs", "overlap_schedule")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--cuda-graph-max-bs", type=int, default=None,
                    help="largest decode batch replayed from a CUDA graph (default: min(256, max-num-seqs))")
+    g.add_argument("--overlap-schedule", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule step N+1 while the GPU runs step N (default: on with CUDA, off on CPU)")
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"], help="dummy = random weights")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer", "triton"], help="attention implementation")
     g.add_argument("--seed", type=int, default=0, help="seed of the shared sampling generator")

@@ -15,3 +15,55 @@ def run_fields(device: str | None = None) -> dict:
 
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu {platform.machine()}"
     return dict(device=device, date=time.strftime("%Y-%m-%d"), commit=commit)
+
+
+def variant_config(variant: str) -> dict:
+    """'BACKEND[-eager][-no-overlap]' -> engine options: eager = no CUDA graphs, no-overlap = each step read back
+    before the next is scheduled."""
+    return dict(attention_backend=variant.split("-")[0], enforce_eager="-eager" in variant,
+                overlap_schedule="-no-overlap" not in variant)
+
+
+class StepTimer:
+    """Per-step host time vs GPU time of an engine: wraps its runner's launch (CUDA events around each step on the
+    runner's stream) and the handles' wait (time the host sat idle waiting for the GPU)."""
+
+    def __init__(self, engine) -> None:
+        import torch
+
+        self.torch, self.runner = torch, engine.runner
+        self.events: list = []
+        self.blocked = 0.0
+        launch = self.runner.launch
+
+        def timed_launch(batch):
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(self.runner.stream)
+            handle = launch(batch)
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(self.runner.stream)
+            self.events.append((start, end))
+            wait = handle.wait
+
+            def timed_wait():
+                t = time.perf_counter()
+                try:
+                    return wait()
+                finally:
+                    self.blocked += time.perf_counter() - t
+
+            handle.wait = timed_wait
+            return handle
+
+        self.runner.launch = timed_launch
+
+    def reset(self) -> None:
+        self.events, self.blocked = [], 0.0
+
+    def summary(self, wall_s: float) -> dict:
+        """Mean per step, in ms: wall, GPU busy, host busy (wall minus waiting for the GPU)."""
+        self.torch.cuda.synchronize()
+        n = max(1, len(self.events))
+        gpu = sum(s.elapsed_time(e) for s, e in self.events) / n
+        return dict(steps=len(self.events), wall_ms_per_step=round(wall_s * 1e3 / n, 3), gpu_ms_per_step=round(gpu, 3),
+                    host_ms_per_step=round((wall_s - self.blocked) * 1e3 / n, 3))

@@ -1,7 +1,8 @@
 """Workload 2 of BENCHMARKS.md: decode latency (ms per step) at batch 1..256, 128-token prompts, dummy weights,
-our engine with each attention backend in the same run (the torch backend is our previous version), with the
-fraction of the bandwidth floor (weights + the batch's KV read once per step). GPU. One JSON line per result.
-    python tools/bench_latency.py --model tools/model_configs/qwen3-0.6b [--batches 1 8 32] [--backends torch triton]
+our engine in several variants in the same run (backend, CUDA graphs off with '-eager', overlap scheduling off
+with '-no-overlap'; the torch backend is our previous version), with the fraction of the bandwidth floor (weights
++ the batch's KV read once per step) and the host vs GPU time per step. GPU. One JSON line per result.
+    python tools/bench_latency.py --model tools/model_configs/qwen3-0.6b [--batches 1 8 32] [--variants flashinfer triton]
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import random
 import time
 
 import torch
-from bench_common import run_fields
+from bench_common import StepTimer, run_fields, variant_config
 
 from asyncllm import LLM, SamplingParams
 
@@ -21,20 +22,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
-    ap.add_argument("--backends", nargs="+", default=["torch", "triton-eager", "triton"],
-                    help="attention backends; '-eager' = without CUDA graphs")
+    ap.add_argument("--variants", nargs="+", default=["flashinfer", "flashinfer-no-overlap", "flashinfer-eager",
+                                                      "triton", "torch"],
+                    help="BACKEND[-eager][-no-overlap]")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--bandwidth-tbs", type=float, default=2.99, help="measured copy bandwidth (BENCHMARKS.md)")
     a = ap.parse_args()
     common = dict(model=os.path.basename(a.model.rstrip("/")), prompt_len=a.prompt_len, new_tokens=a.new_tokens,
                   **run_fields())
-    for backend in a.backends:
-        llm = LLM(a.model, load_format="dummy", dtype="bfloat16", attention_backend=backend.removesuffix("-eager"),
-                  enforce_eager=backend.endswith("-eager"),
+    for variant in a.variants:
+        llm = LLM(a.model, load_format="dummy", dtype="bfloat16", **variant_config(variant),
                   max_model_len=a.prompt_len + a.new_tokens + 16, max_num_seqs=max(a.batches),
                   max_num_batched_tokens=max(a.batches) * a.prompt_len)
         engine = llm.engine
+        timer = StepTimer(engine)
         weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
         kv_token_bytes = engine.runner.block_bytes / engine.config.block_size
         rng = random.Random(0)
@@ -46,17 +48,19 @@ def main() -> None:
             engine.step()  # prefill (the budget holds every prompt)
             engine.step()
             torch.cuda.synchronize()
+            timer.reset()
             t, steps = time.perf_counter(), 0
-            while engine.has_unfinished:
+            while engine.busy:
                 engine.step()
                 steps += 1
             torch.cuda.synchronize()
-            ms = (time.perf_counter() - t) / steps * 1e3
+            wall = time.perf_counter() - t
+            ms = wall / steps * 1e3
             ctx = a.prompt_len + a.new_tokens / 2  # mean context over the decode
             floor_ms = (weight_bytes + batch * ctx * kv_token_bytes) / (a.bandwidth_tbs * 1e12) * 1e3
-            print(json.dumps(dict(bench="decode_latency", backend=backend, batch=batch, ms_per_step=round(ms, 3),
+            print(json.dumps(dict(bench="decode_latency", variant=variant, batch=batch, ms_per_step=round(ms, 3),
                                   output_tok_per_s=round(batch / ms * 1e3, 1), floor_ms=round(floor_ms, 3),
-                                  floor_fraction=round(floor_ms / ms, 3), **common)), flush=True)
+                                  floor_fraction=round(floor_ms / ms, 3), **timer.summary(wall), **common)), flush=True)
         del llm, engine
         torch.cuda.empty_cache()
 

@@ -2,8 +2,9 @@
 
 random.seed(0); 256 requests; prompts of random token ids in [0, 10000) with length uniform in [100, 1024];
 max_tokens uniform in [100, 1024]; ignore_eos; temperature 0.6; dummy weights of the given shape; throughput =
-output tokens / wall time of `generate`, after one warm-up. Variants in the same run: CUDA graphs on (default) and
-off (--enforce-eager). Baseline in the same run: transformers `generate` (eager, bf16, same shape, random weights)
+output tokens / wall time of `generate`, after one warm-up. Variants in the same run (--variants,
+BACKEND[-eager][-no-overlap]): CUDA graphs off, overlap scheduling off, other attention backends; each line also
+gives the host vs GPU time per step. Baseline in the same run: transformers `generate` (eager, bf16, same shape, random weights)
 on a subset — the first --hf-requests requests, max_tokens capped at --hf-max-tokens, left-padded in one batch —
 and our engine on that same subset. One JSON line per result.
     python tools/bench_offline.py --model tools/model_configs/qwen3-0.6b
@@ -18,7 +19,7 @@ import random
 import time
 
 import torch
-from bench_common import run_fields
+from bench_common import StepTimer, run_fields, variant_config
 
 from asyncllm import LLM, SamplingParams
 
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--hf-requests", type=int, default=32)
     ap.add_argument("--hf-max-tokens", type=int, default=128)
+    ap.add_argument("--variants", nargs="+", default=["flashinfer", "flashinfer-no-overlap", "flashinfer-eager", "triton"])
     a = ap.parse_args()
     common = dict(model=os.path.basename(a.model.rstrip("/")), **run_fields())
     random.seed(0)
@@ -43,16 +45,18 @@ def main() -> None:
     def emit(**f):
         print(json.dumps({**f, **common}), flush=True)
 
-    for variant in ("graphs", "eager"):
-        llm = LLM(a.model, load_format="dummy", dtype="bfloat16", max_model_len=2048, enforce_eager=variant == "eager")
+    for variant in a.variants:
+        llm = LLM(a.model, load_format="dummy", dtype="bfloat16", max_model_len=2048, **variant_config(variant))
         llm.generate(["warm up"] if llm.tokenizer else [[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)
+        timer = StepTimer(llm.engine)
         for bench, ps, pp in (("offline_throughput", prompts, params), ("offline_subset", sub_prompts, sub_params)):
+            timer.reset()
             t = time.perf_counter()
             toks = sum(len(o.token_ids) for o in llm.generate(ps, pp, use_tqdm=False))
             secs = time.perf_counter() - t
             extra = {"floor_fraction": round(FLOOR_S / secs, 3)} if bench == "offline_throughput" else {}
             emit(bench=bench, engine=f"asyncllm-{variant}", requests=len(ps), output_tokens=toks,
-                 seconds=round(secs, 2), output_tok_per_s=round(toks / secs, 1), **extra)
+                 seconds=round(secs, 2), output_tok_per_s=round(toks / secs, 1), **extra, **timer.summary(secs))
         del llm
         gc.collect()
         torch.cuda.empty_cache()

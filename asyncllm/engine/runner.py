@@ -59,19 +59,39 @@ def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtyp
     return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def make_backend(name: str, device: torch.device) -> AttentionBackend:
-    """auto: triton on CUDA when Triton imports, else torch. flashinfer is not available yet."""
+def make_backend(name: str, device: torch.device, dtype: torch.dtype, attn: Attention, block_size: int) -> AttentionBackend:
+    """auto: flashinfer on CUDA in bf16/fp16 when it imports and its kernels load, else triton on CUDA, else torch."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "torch"
+        if device.type != "cuda":
+            return TorchAttentionBackend()
+        if dtype != torch.float32 and importlib.util.find_spec("flashinfer"):
+            try:
+                return _flashinfer(device, dtype, attn, block_size)
+            except Exception as e:  # a kernel variant missing from this flashinfer build, or no flashinfer
+                log.warning("flashinfer attention unavailable (%s: %s); using the triton backend", type(e).__name__, e)
+        name = "triton" if importlib.util.find_spec("triton") else "torch"
     if name == "torch":
         return TorchAttentionBackend()
+    if device.type != "cuda":
+        raise InvalidRequestError(f"the {name} attention backend needs a CUDA device", "attention_backend")
     if name == "triton":
-        if device.type != "cuda":
-            raise InvalidRequestError("the triton attention backend needs a CUDA device", "attention_backend")
         return TritonAttentionBackend()
+    if name == "flashinfer":
+        if dtype == torch.float32:
+            raise InvalidRequestError("the flashinfer backend needs bfloat16 or float16", "attention_backend")
+        if not importlib.util.find_spec("flashinfer"):
+            raise InvalidRequestError("flashinfer is not installed (pip install asyncllm[gpu])", "attention_backend")
+        return _flashinfer(device, dtype, attn, block_size)
     raise InvalidRequestError(
-        f"attention backend {name!r} is not available in this build (available: torch, triton)", "attention_backend"
-    )
+        f"unknown attention backend {name!r} (available: auto, flashinfer, triton, torch)", "attention_backend")
+
+
+def _flashinfer(device: torch.device, dtype: torch.dtype, attn: Attention, block_size: int) -> AttentionBackend:
+    from asyncllm.layers.flashinfer_attention import FlashInferAttentionBackend, self_test
+
+    backend = FlashInferAttentionBackend(device, dtype, attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
+    self_test(backend, block_size)
+    return backend
 
 
 class ModelRunner:
@@ -95,8 +115,9 @@ class ModelRunner:
         else:
             load_safetensors(self.model, model_dir)
         self.model.eval()
-        self.backend = make_backend(config.attention_backend, self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.backend = make_backend(config.attention_backend, self.device, self.dtype, self.attention_layers[0],
+                                    self.block_size)
         if self.backend.name != "torch":  # GPU fast path: fused Triton norm and rotary kernels too
             for m in self.model.modules():
                 if isinstance(m, (RMSNorm, RotaryEmbedding)):
@@ -126,7 +147,7 @@ class ModelRunner:
                  self.num_blocks * self.block_bytes / 2**20, self.num_blocks * self.block_size)
 
     def _use_graphs(self) -> bool:
-        return self.device.type == "cuda" and not self.config.enforce_eager and self.backend.name == "triton"
+        return self.device.type == "cuda" and not self.config.enforce_eager and self.backend.name != "torch"
 
     # ---- KV cache -------------------------------------------------------------------------------------------
     def _allocate_kv_cache(self, num_blocks: int) -> None:
@@ -352,11 +373,12 @@ class CudaGraphs:
         return AttentionMetadata(
             query_start_loc=torch.arange(bs + 1, device=r.device), seq_lens=self.seq_lens[:bs],
             block_tables=self.tables[:bs], slot_mapping=self.slots[:bs], query_lens_cpu=[1] * bs,
-            seq_lens_cpu=[r.max_model_len] * bs, block_size=r.block_size)
+            seq_lens_cpu=[r.max_model_len] * bs, block_size=r.block_size,
+            block_tables_cpu=np.zeros(tuple(self.tables[:bs].shape), dtype=np.int64))
 
     def _capture(self, bs: int) -> None:
         r = self.runner
-        r.backend.plan(self._meta(bs))
+        r.backend.plan_graph(bs, self._meta(bs), capture=True)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up (compiles the Triton kernels) off the capture
@@ -383,6 +405,7 @@ class CudaGraphs:
         if bs > n:
             self.slots[n:bs].fill_(-1)
             self.seq_lens[n:bs].fill_(1)
+        self.runner.backend.plan_graph(bs, meta, capture=False)
         graph, hidden = self.graphs[bs]
         graph.replay()
         return hidden[:n]

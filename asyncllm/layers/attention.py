@@ -45,6 +45,9 @@ class AttentionBackend(Protocol):
     def plan(self, meta: AttentionMetadata) -> None:
         """Host-side preparation for one step; called once before the forward pass."""
 
+    def plan_graph(self, batch_size: int, meta: AttentionMetadata, capture: bool) -> None:
+        """Backends with CUDA graphs: plan the graph of `batch_size` at capture and before each replay."""
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float
     ) -> torch.Tensor:
@@ -158,6 +161,11 @@ class TritonAttentionBackend(TorchAttentionBackend):
                 seq_lens=meta.seq_lens.index_select(0, pre_seqs), block_tables=meta.block_tables.index_select(0, pre_seqs),
                 slot_mapping=meta.slot_mapping, query_lens_cpu=pre_lens,
                 seq_lens_cpu=[meta.seq_lens_cpu[i] for i in pre], block_size=meta.block_size))
+
+    def plan_graph(self, batch_size: int, meta: AttentionMetadata, capture: bool) -> None:
+        """CUDA graphs: plan once at capture (the kernels read the graph's static buffers); nothing per replay."""
+        if capture:
+            self.plan(meta)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float

@@ -29,29 +29,70 @@ def models(tmp_path_factory):
     return {arch: make_tiny_model(root / arch, arch, dtype_name="bfloat16", **SHAPE) for arch in ("qwen3", "qwen2", "llama")}
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "triton-eager"])
+@pytest.fixture(scope="module")
+def hf_refs(models):
+    """transformers' greedy tokens and per-step logits for PROMPTS, once per architecture."""
+    cache: dict[str, list] = {}
+
+    def get(arch: str) -> list:
+        if arch not in cache:
+            cache[arch] = hf_greedy_with_logits(models[arch], PROMPTS, 64, torch.bfloat16, "cuda")
+        return cache[arch]
+
+    return get
+
+
+PROMPTS = random_prompts(8, 2048, 20, 200, seed=3)
+# backend[-eager][-no-overlap]: eager = no CUDA graphs; no-overlap = each step read back before the next is scheduled
+VARIANTS = ["torch", "triton", "triton-eager", "triton-no-overlap", "flashinfer", "flashinfer-eager",
+            "flashinfer-no-overlap"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
-def test_bf16_greedy_matches_transformers(models, arch, config, backend):
+def test_bf16_greedy_matches_transformers(models, hf_refs, arch, config, variant):
     model_dir = models[arch]
-    prompts = random_prompts(8, 2048, 20, 200, seed=3)
     kwargs = dict(max_model_len=512, block_size=16) | CONFIGS[config]
-    eager = backend.endswith("-eager")
-    backend = backend.removesuffix("-eager")
-    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", attention_backend=backend, enforce_eager=eager, **kwargs)
-    assert llm.engine.runner.backend.name == backend
-    assert (llm.engine.runner.graphs is not None) == (backend == "triton" and not eager)
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True), use_tqdm=False)
-    ref = hf_greedy_with_logits(model_dir, prompts, 64, torch.bfloat16, "cuda")
+    backend = variant.split("-")[0]
+    eager, overlap = "eager" in variant, "no-overlap" not in variant
+    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", attention_backend=backend, enforce_eager=eager,
+              overlap_schedule=overlap, **kwargs)
+    engine = llm.engine
+    assert engine.runner.backend.name == backend and engine.overlap == overlap
+    assert (engine.runner.graphs is not None) == (backend != "torch" and not eager)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True), use_tqdm=False)
+    ref = hf_refs(arch)
     matched = [assert_same_until_near_tie(o.token_ids, r[0], r[1], TIE) for o, r in zip(outs, ref)]
-    print(f"{arch}/{config}/{backend}: tokens matched before a near-tie: {matched} of 64")
-    assert sum(matched) >= 0.25 * 64 * len(prompts)  # sanity: a broken kernel diverges at once
+    print(f"{arch}/{config}/{variant}: tokens matched before a near-tie: {matched} of 64")
+    assert sum(matched) >= 0.25 * 64 * len(PROMPTS)  # sanity: a broken kernel diverges at once
     if config == "tight":
-        assert llm.engine.scheduler.stats.num_preemptions > 0
-    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+        assert engine.scheduler.stats.num_preemptions > 0
+    assert not engine.busy and engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_auto_backend_is_flashinfer_with_graphs_and_overlap(models):
+    llm = LLM(str(models["qwen3"]), device="cuda", dtype="bfloat16", max_model_len=512, num_kv_blocks=256)
+    engine = llm.engine
+    assert engine.runner.backend.name == "flashinfer" and engine.runner.graphs is not None and engine.overlap
+
+
+async def test_async_engine_overlap_on_gpu_equals_llm(models):
+    """Concurrent streams through the overlapped GPU loop give the tokens of LLM.generate (same engine config)."""
+    import asyncio
+
+    from asyncllm import AsyncEngine
+
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    kwargs = dict(device="cuda", dtype="bfloat16", max_model_len=512, num_kv_blocks=512)
+    expected = [o.token_ids for o in LLM(str(models["llama"]), **kwargs).generate(PROMPTS, params, use_tqdm=False)]
+    async with AsyncEngine(str(models["llama"]), **kwargs) as engine:
+        assert engine.core.overlap
+        outs = await asyncio.gather(*(engine.generate(p, params) for p in PROMPTS))
+    assert [o.token_ids for o in outs] == expected
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "flashinfer"])
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
 def test_bf16_logits_close(models, arch, backend):
     model_dir = models[arch]
