@@ -7,6 +7,7 @@ with '-no-overlap'; the torch backend is our previous version), with the fractio
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -61,7 +62,8 @@ def main() -> None:
             print(json.dumps(dict(bench="decode_latency", variant=variant, batch=batch, ms_per_step=round(ms, 3),
                                   output_tok_per_s=round(batch / ms * 1e3, 1), floor_ms=round(floor_ms, 3),
                                   floor_fraction=round(floor_ms / ms, 3), **timer.summary(wall), **common)), flush=True)
-        del llm, engine
+        del llm, engine, timer
+        gc.collect()  # the timer's wrappers form a reference cycle with the runner
         torch.cuda.empty_cache()
 
 
