@@ -37,6 +37,7 @@ class FlashInferAttentionBackend:
         import asyncllm_kernels
 
         self.fi, self.kernels = flashinfer, asyncllm_kernels
+        _pin_flashinfer_range_buffers()
         self.device, self.dtype = device, dtype
         self.heads = (num_heads, num_kv_heads, head_dim)
         self.scale = scale
@@ -117,6 +118,24 @@ class FlashInferAttentionBackend:
         assert self.slot_mapping is not None, "plan() first"
         self.kernels.store_kv(k, v, kv_cache, self.slot_mapping)
         return self.wrapper.run(q, (kv_cache[0], kv_cache[1]))
+
+
+def _pin_flashinfer_range_buffers(largest: int = 1 << 13) -> None:
+    """The tensor-core decode plan copies a cached host `arange` (flashinfer.utils._get_range_buf(n, "cpu")) to the
+    device; from pageable memory that copy waits for the stream to drain, which serializes overlapped steps (seen
+    on the H100: Llama-3.1-8B batch 1 went from 7.4 to 10.0 ms/step with overlap on). Seed that cache with pinned
+    buffers, keyed as flashinfer keys them (powers of two)."""
+    from flashinfer import utils
+
+    cache = getattr(utils, "_cache_buf", None)
+    if cache is None:
+        return
+    n = 1
+    while n <= largest:
+        key = (f"range_{n}", "cpu")
+        if key not in cache or not cache[key].is_pinned():
+            cache[key] = torch.arange(n, dtype=torch.int32).pin_memory()
+        n *= 2
 
 
 def self_test(backend: FlashInferAttentionBackend, block_size: int) -> None:
