@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--hf-requests", type=int, default=32)
     ap.add_argument("--hf-max-tokens", type=int, default=128)
+    # nano-vllm's engine limits for this benchmark (its Config defaults)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--variants", nargs="+", default=["flashinfer", "flashinfer-no-overlap", "flashinfer-eager", "triton"])
     a = ap.parse_args()
     common = dict(model=os.path.basename(a.model.rstrip("/")), **run_fields())
@@ -46,7 +49,8 @@ def main() -> None:
         print(json.dumps({**f, **common}), flush=True)
 
     for variant in a.variants:
-        llm = LLM(a.model, load_format="dummy", dtype="bfloat16", max_model_len=2048, **variant_config(variant))
+        llm = LLM(a.model, load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=a.max_num_seqs,
+                  max_num_batched_tokens=a.max_num_batched_tokens, **variant_config(variant))
         llm.generate(["warm up"] if llm.tokenizer else [[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)
         timer = StepTimer(llm.engine)
         for bench, ps, pp in (("offline_throughput", prompts, params), ("offline_subset", sub_prompts, sub_params)):
@@ -57,8 +61,8 @@ def main() -> None:
             extra = {"floor_fraction": round(FLOOR_S / secs, 3)} if bench == "offline_throughput" else {}
             emit(bench=bench, engine=f"asyncllm-{variant}", requests=len(ps), output_tokens=toks,
                  seconds=round(secs, 2), output_tok_per_s=round(toks / secs, 1), **extra, **timer.summary(secs))
-        del llm
-        gc.collect()
+        del llm, timer
+        gc.collect()  # the timer's wrappers form a reference cycle with the runner
         torch.cuda.empty_cache()
 
     from transformers import AutoConfig, AutoModelForCausalLM
