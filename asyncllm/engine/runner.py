@@ -123,6 +123,7 @@ class ModelRunner:
                 if isinstance(m, (RMSNorm, RotaryEmbedding)):
                     m.fused = True
         self.sampler = Sampler(self.device, config.seed)
+        self.sampler.fused = self.backend.name != "torch"
         self.last_sampled: torch.Tensor | None = None  # the previous step's sampled ids, on the device
         # CUDA: every step runs on this side stream, in launch order (the loop thread never waits on it)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None

@@ -6,6 +6,7 @@ generator, so its tokens do not depend on which other requests share the batch.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -44,17 +45,26 @@ class Penalties:
 
 
 class Sampler:
+    """`fused` (CUDA fast path): steps whose rows use only temperature (no top-k/top-p/min-p, no per-request seed)
+    sample with one Triton Gumbel-max pass over the logits, keyed by a per-step seed drawn on the host."""
+
     def __init__(self, device: torch.device, seed: int) -> None:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.host_rng = random.Random(seed)
+        self.fused = False
 
     def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         """logits [B, V] (float32) -> token ids [B] int64."""
         if t.penalties is not None:
             logits = t.penalties.apply(logits)
-        greedy = logits.argmax(dim=-1)
         if t.all_greedy:
-            return greedy
+            return logits.argmax(dim=-1)
+        if self.fused and not (t.need_sort or t.need_min_p or t.seeded):
+            from asyncllm_kernels import gumbel_sample
+
+            return gumbel_sample(logits, t.temperature, self.host_rng.getrandbits(62))
+        greedy = logits.argmax(dim=-1)
         is_greedy = t.temperature == 0
         logits = logits / torch.where(is_greedy, 1.0, t.temperature)[:, None]
         if t.need_min_p:
