@@ -74,6 +74,17 @@ def main() -> None:
         report("paged_decode_attention", f"b{batch} ctx{ctx} {hq}/{hk}x128",
                lambda: K.paged_decode_attention(q, cache, tables, lens, 128**-0.5, ctx),
                lambda: backend.forward(q, knew, knew, cache, 128**-0.5), 2 * batch * ctx * hk * 128 * 2)
+    # temperature sampling over the Qwen3 vocabulary: fused Gumbel-max vs our torch sampler (exponential race)
+    from asyncllm.layers.sampler import Sampler, SamplingTensors
+
+    sampler = Sampler(torch.device(dev), 0)
+    for batch in (1, 256):
+        logits = torch.randn(batch, 151936, device=dev)
+        temps = torch.full((batch,), 0.6, device=dev)
+        t = SamplingTensors(temps, torch.zeros(batch, dtype=torch.int64, device=dev), torch.ones(batch, device=dev),
+                            torch.zeros(batch, device=dev), [], False, False, False)
+        report("temperature_sampling", f"{batch}x151936", lambda: K.gumbel_sample(logits, temps, 7),
+               lambda: sampler(logits, t), logits.numel() * 4)
 
 
 if __name__ == "__main__":
