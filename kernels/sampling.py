@@ -9,38 +9,38 @@ import triton.language as tl
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _gumbel_sample_kernel(logits_ptr, temp_ptr, out_ptr, vocab, stride, seed, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+def _gumbel_sample_kernel(logits_ptr, temp_ptr, best_ptr, idx_ptr, vocab, stride, seed, BLOCK: tl.constexpr):
+    """Program (row, chunk): the best score and its column within one BLOCK of the row's vocabulary."""
+    row, chunk = tl.program_id(0), tl.program_id(1)
     t = tl.load(temp_ptr + row)
     greedy = t == 0.0
-    inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, t))
-    best = -float("inf")
-    best_idx = 0
-    for start in range(0, vocab, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < vocab
-        x = tl.load(logits_ptr + row * stride + cols, mask=mask, other=-float("inf")).to(tl.float32)
-        u = tl.rand(seed, row * vocab + cols)
-        gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-30)))
-        score = tl.where(greedy, x, x * inv_t + gumbel)
-        score = tl.where(mask, score, -float("inf"))
-        block_best = tl.max(score, axis=0)
-        block_idx = tl.argmax(score, axis=0) + start
-        take = block_best > best
-        best_idx = tl.where(take, block_idx, best_idx)
-        best = tl.where(take, block_best, best)
-    tl.store(out_ptr + row, best_idx.to(tl.int64))
+    inv_t = 1.0 / tl.where(greedy, 1.0, t)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < vocab
+    x = tl.load(logits_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.rand(seed, row * vocab + cols)
+    gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-30)))
+    score = tl.where(greedy, x, x * inv_t + gumbel)
+    score = tl.where(mask, score, -float("inf"))
+    out = row * tl.num_programs(1) + chunk
+    tl.store(best_ptr + out, tl.max(score, axis=0))
+    tl.store(idx_ptr + out, (tl.argmax(score, axis=0) + chunk * BLOCK).to(tl.int64))
 
 
-def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> torch.Tensor:
-    """logits [B, V] (any float dtype), temperature [B] float32 (0 = greedy) -> token ids [B] int64."""
+def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int, block: int = 4096) -> torch.Tensor:
+    """logits [B, V] (any float dtype), temperature [B] float32 (0 = greedy) -> token ids [B] int64.
+    The vocabulary is split in blocks (one program each, so batch 1 fills the GPU too); a second pass picks
+    each row's best block."""
     assert logits.ndim == 2 and logits.stride(-1) == 1
     rows, vocab = logits.shape
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    block = min(block, triton.next_power_of_2(vocab))
+    chunks = triton.cdiv(vocab, block)
+    best = torch.empty(rows, chunks, dtype=torch.float32, device=logits.device)
+    idx = torch.empty(rows, chunks, dtype=torch.int64, device=logits.device)
     if rows:
-        _gumbel_sample_kernel[(rows,)](logits, temperature, out, vocab, logits.stride(0), seed,
-                                       BLOCK=min(4096, triton.next_power_of_2(vocab)), num_warps=8)
-    return out
+        _gumbel_sample_kernel[(rows, chunks)](logits, temperature, best, idx, vocab, logits.stride(0), seed,
+                                              BLOCK=block, num_warps=8)
+    return idx.gather(1, best.argmax(1, keepdim=True)).squeeze(1)
 
 
 def gumbel_sample_ref(logits: torch.Tensor, temperature: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
