@@ -27,7 +27,7 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False  # CUDA: no CUDA graphs
     cuda_graph_max_bs: int | None = None  # largest decode batch replayed from a CUDA graph; default min(256, max_num_seqs)
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # > 1 needs torchrun with as many processes (1 = whatever torchrun started)
     attention_backend: Literal["auto", "torch", "flashinfer", "triton"] = "auto"
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prompt prefixes (radix tree)
     overlap_schedule: bool | None = None  # schedule step N+1 while step N runs; None = on with CUDA, off on CPU
@@ -41,11 +41,8 @@ class EngineConfig:
             raise InvalidRequestError("gpu_memory_utilization must be in (0, 1]", "gpu_memory_utilization")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise InvalidRequestError("max_num_batched_tokens must be at least 1", "max_num_batched_tokens")
-        if self.tensor_parallel_size != 1:
-            raise InvalidRequestError(
-                "tensor_parallel_size > 1 is not supported yet (tensor parallelism is a planned feature)",
-                "tensor_parallel_size",
-            )
+        if self.tensor_parallel_size < 1:
+            raise InvalidRequestError("tensor_parallel_size must be at least 1", "tensor_parallel_size")
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> "EngineConfig":

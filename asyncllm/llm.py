@@ -1,6 +1,7 @@
 """`LLM`: the synchronous API for offline batches."""
 from __future__ import annotations
 
+import atexit
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +29,20 @@ class LLM:
         self.config = EngineConfig.from_kwargs(model, **config)
         self.engine = EngineCore(self.config)
         self.tokenizer = self.engine.tokenizer
+        if self.engine.runner.tp.size > 1:
+            if self.engine.is_follower:
+                self.engine.follow()  # returns when rank 0 calls shutdown() or exits
+            else:
+                atexit.register(self.shutdown)
+
+    @property
+    def is_follower(self) -> bool:
+        """Under torchrun, ranks 1..N-1: the object returned once rank 0 shut down; it cannot generate."""
+        return self.engine.is_follower
+
+    def shutdown(self) -> None:
+        """Release the followers (tensor parallelism; also done at interpreter exit)."""
+        self.engine.shutdown()
 
     def generate(
         self,
@@ -36,6 +51,8 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[GenerateOutput]:
         """Generate for every prompt (a string, or a list of token ids); outputs come back in prompt order."""
+        if self.is_follower:
+            raise RuntimeError("this LLM is a tensor-parallel follower (rank > 0): generate on rank 0")
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)

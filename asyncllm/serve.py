@@ -15,7 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
+from asyncllm.config import EngineConfig
 from asyncllm.engine.async_engine import AsyncEngine
+from asyncllm.engine.core import EngineCore
 from asyncllm.errors import AsyncLLMError
 from asyncllm.model_files import DEFAULT_MODEL_NAME
 from asyncllm.server.app import ServerSettings, build_app
@@ -25,7 +27,8 @@ log = logging.getLogger("asyncllm.serve")
 # CLI flag -> EngineConfig field (flags mirror the engine config)
 ENGINE_FLAGS = ("dtype", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size",
                 "gpu_memory_utilization", "num_kv_blocks", "kv_cache_memory_bytes", "enforce_eager", "load_format",
-                "attention_backend", "seed", "enable_prefix_caching", "cuda_graph_max_bs", "overlap_schedule")
+                "attention_backend", "seed", "enable_prefix_caching", "cuda_graph_max_bs", "overlap_schedule",
+                "tensor_parallel_size")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
                    help="largest decode batch replayed from a CUDA graph (default: min(256, max-num-seqs))")
     g.add_argument("--overlap-schedule", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule step N+1 while the GPU runs step N (default: on with CUDA, off on CPU)")
+    g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
+                   help="shards over torchrun's processes; must equal --nproc-per-node (1 = whatever torchrun started)")
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"], help="dummy = random weights")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer", "triton"], help="attention implementation")
     g.add_argument("--seed", type=int, default=0, help="seed of the shared sampling generator")
@@ -89,8 +94,8 @@ async def serve(args: argparse.Namespace) -> int:
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else args.port
-    log.info("serving %s on http://%s:%d (kv cache: %d blocks x %d tokens)", name, args.host, port,
-             engine.num_blocks, engine.config.block_size)
+    log.info("serving %s on http://%s:%d (pid %d, kv cache: %d blocks x %d tokens)", name, args.host, port,
+             os.getpid(), engine.num_blocks, engine.config.block_size)
     print(f"asyncllm: ready on http://{args.host}:{port}", flush=True)
 
     stop = asyncio.Event()
@@ -107,9 +112,23 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def follow(args: argparse.Namespace) -> int:
+    """torchrun ranks 1..N-1: load this rank's shard, then run the steps rank 0 sends until it shuts down."""
+    core = EngineCore(EngineConfig.from_kwargs(args.model, **engine_kwargs(args)))
+    log.info("rank %d (pid %d): following rank 0", core.runner.tp.rank, os.getpid())
+    core.follow()
+    return 0
+
+
 def run(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if int(os.environ.get("RANK", "0")) > 0:
+        try:
+            return follow(args)
+        except AsyncLLMError as e:
+            log.error("%s", e)
+            return 1
     try:
         import uvloop
 

@@ -30,7 +30,7 @@ def test_bad_config_values():
     with pytest.raises(InvalidRequestError):
         EngineConfig(block_size=12)
     with pytest.raises(InvalidRequestError, match="tensor_parallel_size"):
-        EngineConfig(tensor_parallel_size=2)
+        EngineConfig(tensor_parallel_size=0)
     with pytest.raises(TypeError, match="unknown engine option"):
         EngineConfig.from_kwargs(None, max_num_seq=3)
 

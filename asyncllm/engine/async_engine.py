@@ -115,6 +115,8 @@ class AsyncEngine:
             self._task = None
         for stream in list(self._streams.values()):
             self._end(stream, "abort")
+        if self.core is not None:
+            await asyncio.get_running_loop().run_in_executor(self._step_pool, self.core.shutdown)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self._step_pool.shutdown(wait=True)
 

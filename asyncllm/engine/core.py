@@ -77,6 +77,7 @@ class EngineCore:
         # overlap scheduling: step N+1 is scheduled and launched before step N's tokens are read back
         self.overlap = config.overlap_schedule if config.overlap_schedule is not None else self.runner.stream is not None
         self._inflight: StepHandle | None = None
+        self._stopped = False
         self._ids = itertools.count()
         self._id_prefix = os.urandom(4).hex()
 
@@ -105,6 +106,21 @@ class EngineCore:
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
+
+    @property
+    def is_follower(self) -> bool:
+        """Tensor parallelism, ranks 1..N-1: this process only runs the steps rank 0 sends (`follow`)."""
+        return not self.runner.tp.is_leader
+
+    def follow(self) -> None:
+        """Follower ranks: serve rank 0's steps; returns when rank 0 shuts down."""
+        self.runner.follow()
+
+    def shutdown(self) -> None:
+        """Rank 0 under tensor parallelism: tell the followers to exit (idempotent)."""
+        if not self._stopped:
+            self._stopped = True
+            self.runner.stop_followers()
 
     @property
     def busy(self) -> bool:

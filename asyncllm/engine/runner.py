@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from asyncllm import distributed
 from asyncllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from asyncllm.device import resolve_device, to_device
 from asyncllm.engine.request import Request
@@ -101,6 +103,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
         self.block_size = config.block_size
         self.max_model_len = max_model_len
+        self.tp = distributed.init_from_env(config.tensor_parallel_size, self.device)
         torch.manual_seed(config.seed)
 
         default_dtype = torch.get_default_dtype()
@@ -134,6 +137,10 @@ class ModelRunner:
         # bytes of one block across all layers (K and V)
         self.block_bytes = self.dtype.itemsize * 2 * len(self.attention_layers) * self.block_size * attn.num_kv_heads * attn.head_dim
         self.num_blocks = self._num_kv_blocks()
+        if self.tp.size > 1:  # every rank holds the same blocks: the smallest budget decides
+            n = torch.tensor([self.num_blocks], dtype=torch.int64)
+            dist.all_reduce(n, dist.ReduceOp.MIN, group=self.tp.host_group)
+            self.num_blocks = int(n.item())
         if self.num_blocks * self.block_size < max_model_len:
             raise OutOfMemoryError(
                 f"the KV cache holds {self.num_blocks} blocks x {self.block_size} = {self.num_blocks * self.block_size} "
@@ -199,8 +206,9 @@ class ModelRunner:
         return self.config.max_num_batched_tokens or max(2048, self.config.max_num_seqs)
 
     # ---- one step -------------------------------------------------------------------------------------------
-    def prepare(self, batch: Batch) -> StepInputs:
-        """Host arrays of the step packed into one page-locked buffer, copied to the device in one go.
+    def prepare(self, batch: Batch, broadcast: bool = True) -> StepInputs:
+        """Host arrays of the step packed into one page-locked buffer, copied to the device in one go (and, with
+        tensor parallelism, sent to the followers first).
 
         A row whose last input token is still on the device (overlap scheduling) gets it from the previous step's
         sampled ids, on the device (`batch.feed`)."""
@@ -230,18 +238,29 @@ class ModelRunner:
         sample_rows = qsl[1:][np.asarray(batch.sample, dtype=bool)] - 1
         parts = (ids, positions, slots, qsl, seq_lens, sample_rows, np.asarray(feed_rows, np.int64),
                  np.asarray(feed_src, np.int64), tables.reshape(-1))
-        packed = to_device(np.concatenate(parts), self.device)
-        (ids_d, pos_d, slots_d, qsl_d, lens_d, sample_d, feed_rows_d, feed_src_d, tables_d) = packed.split(
-            [len(p) for p in parts])
-        if feed_rows:
+        header = StepHeader(num_seqs, num_tokens, len(sample_rows), len(feed_rows), tables.shape[1])
+        packed = np.concatenate(parts)
+        if broadcast and self.tp.size > 1:
+            header.send(packed, self.tp)
+        sampled = [(r, f) for r, s, f in zip(batch.requests, batch.sample, feeds) if s]
+        return self.unpack(header, packed, self._sampling_tensors(sampled))
+
+    def unpack(self, header: StepHeader, packed: np.ndarray, sampling: SamplingTensors | None) -> StepInputs:
+        """The packed host array of a step (built here or received from rank 0) -> device tensors."""
+        b, t, w = header.num_seqs, header.num_tokens, header.table_width
+        sizes = [t, t, t, b + 1, b, header.num_sampled, header.num_feed, header.num_feed, b * w]
+        (ids_d, pos_d, slots_d, qsl_d, lens_d, sample_d, feed_rows_d, feed_src_d, tables_d) = to_device(
+            packed, self.device).split(sizes)
+        host = np.split(packed, np.cumsum(sizes)[:-1])
+        qsl, lens, tables = host[3], host[4], host[8].reshape(b, w)
+        if header.num_feed:
             assert self.last_sampled is not None, "a pending token without a previous step"
             ids_d[feed_rows_d] = self.last_sampled[feed_src_d]
         meta = AttentionMetadata(
-            query_start_loc=qsl_d, seq_lens=lens_d, block_tables=tables_d.view(tables.shape), slot_mapping=slots_d,
-            query_lens_cpu=list(batch.num_new_tokens), seq_lens_cpu=seq_lens.tolist(), block_size=bs,
+            query_start_loc=qsl_d, seq_lens=lens_d, block_tables=tables_d.view(b, w), slot_mapping=slots_d,
+            query_lens_cpu=np.diff(qsl).tolist(), seq_lens_cpu=lens.tolist(), block_size=self.block_size,
             block_tables_cpu=tables)
-        sampled = [(r, f) for r, s, f in zip(batch.requests, batch.sample, feeds) if s]
-        return StepInputs(ids_d, pos_d, meta, sample_d, self._sampling_tensors(sampled))
+        return StepInputs(ids_d, pos_d, meta, sample_d, sampling)
 
     def _sampling_tensors(self, rows: list[tuple[Request, int]]) -> SamplingTensors:
         """Per-row sampling parameters of the sampled rows: (request, its feed index or -1)."""
@@ -296,20 +315,20 @@ class ModelRunner:
                          presence=per_row[0], frequency=per_row[1], repetition=per_row[2])
 
     @torch.inference_mode()
-    def launch(self, batch: Batch) -> StepHandle:
+    def launch(self, batch: Batch, broadcast: bool = True) -> StepHandle:
         """Queue one step on the runner's stream and return at once (CUDA); the handle yields the sampled
-        tokens (one per row with batch.sample set, in row order)."""
+        tokens (one per row with batch.sample set, in row order). With tensor parallelism (rank 0) the step is
+        first sent to the followers, and the sampled ids after it (they feed the next step on every rank)."""
         with self._on_stream():
-            inputs = self.prepare(batch)
-            if self.graphs is not None and self.graphs.fits(inputs):
-                hidden = self.graphs.replay(inputs)
-            else:
-                self.backend.plan(inputs.meta)
-                hidden = self.model(inputs.input_ids, inputs.positions)
+            inputs = self.prepare(batch, broadcast)
+            hidden = self._forward(inputs)
             if inputs.sample_rows.numel() == 0:
                 return StepHandle(batch, None, None)
             logits = self.model.compute_logits(hidden[inputs.sample_rows])
+            assert inputs.sampling is not None
             sampled = self.sampler(logits, inputs.sampling)
+            if broadcast and self.tp.size > 1:
+                dist.broadcast(sampled, 0, group=self.tp.device_group)
             self.last_sampled = sampled
             if self.stream is None:
                 return StepHandle(batch, sampled, None)
@@ -319,12 +338,69 @@ class ModelRunner:
             event.record(self.stream)
             return StepHandle(batch, host, event)
 
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.fits(inputs):
+            return self.graphs.replay(inputs)
+        self.backend.plan(inputs.meta)
+        return self.model(inputs.input_ids, inputs.positions)
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """Ranks 1..N-1: run every step rank 0 sends (same forward, same graphs, same collectives) until it says
+        stop. Rank 0 samples; followers take its sampled ids for the next step's feed."""
+        while (step := StepHeader.recv(self.tp)) is not None:
+            header, packed = step
+            with self._on_stream():
+                inputs = self.unpack(header, packed, None)
+                hidden = self._forward(inputs)
+                if header.num_sampled:
+                    self.model.compute_logits(hidden[inputs.sample_rows])  # its all-gather is a collective
+                    sampled = torch.empty(header.num_sampled, dtype=torch.int64, device=self.device)
+                    dist.broadcast(sampled, 0, group=self.tp.device_group)
+                    self.last_sampled = sampled
+        log.info("rank %d: rank 0 ended the job", self.tp.rank)
+
+    def stop_followers(self) -> None:
+        if self.tp.size > 1 and self.tp.is_leader:
+            StepHeader.send_stop(self.tp)
+
     def execute(self, batch: Batch) -> list[int]:
-        """Run one step to completion (blocks on the GPU)."""
-        return self.launch(batch).wait()
+        """Run one step to completion on this rank alone (blocks on the GPU); every rank calls it alike at start-up."""
+        return self.launch(batch, broadcast=False).wait()
 
     def _on_stream(self) -> Any:
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+
+@dataclass
+class StepHeader:
+    """Sizes of one step's packed host array; rank 0 broadcasts it, then the array, over the host (gloo) group."""
+
+    num_seqs: int
+    num_tokens: int
+    num_sampled: int
+    num_feed: int
+    table_width: int
+
+    def send(self, packed: np.ndarray, tp: distributed.TPGroup) -> None:
+        fields = [1, self.num_seqs, self.num_tokens, self.num_sampled, self.num_feed, self.table_width, len(packed)]
+        dist.broadcast(torch.tensor(fields, dtype=torch.int64), 0, group=tp.host_group)
+        dist.broadcast(torch.from_numpy(packed), 0, group=tp.host_group)
+
+    @staticmethod
+    def send_stop(tp: distributed.TPGroup) -> None:
+        dist.broadcast(torch.zeros(7, dtype=torch.int64), 0, group=tp.host_group)
+
+    @staticmethod
+    def recv(tp: distributed.TPGroup) -> tuple[StepHeader, np.ndarray] | None:
+        fields = torch.empty(7, dtype=torch.int64)
+        dist.broadcast(fields, 0, group=tp.host_group)
+        kind, *sizes, length = fields.tolist()
+        if kind == 0:
+            return None
+        packed = torch.empty(length, dtype=torch.int64)
+        dist.broadcast(packed, 0, group=tp.host_group)
+        return StepHeader(*sizes), packed.numpy()
 
 
 @dataclass

@@ -1,36 +1,109 @@
-"""Linear layers whose weights load from several checkpoint tensors (fused q|k|v, fused gate|up)."""
+"""Linear layers for fused checkpoint tensors and tensor parallelism.
+
+Every parameter that needs more than a plain copy from the checkpoint carries a `weight_loader(tensor)`: it slices
+this rank's shard out of the full checkpoint tensor (one tensor in memory at a time, so no rank holds the model).
+With TP 1 the slices are the whole tensors and no collective runs.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from asyncllm import distributed
+
+
+def _check(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"shape mismatch for {what}: checkpoint {tuple(src.shape)}, model {tuple(dst.shape)}")
+
 
 class MergedLinear(nn.Module):
-    """One matmul whose output is the concatenation of named parts, each loaded from its own checkpoint tensor.
+    """Column-parallel matmul whose output is the concatenation of named parts (fused q|k|v, gate|up), each loaded
+    from its own checkpoint tensor.
 
-    `parts` maps a shard id (e.g. "q", "k", "v" or 0, 1) to its number of output features, in output order.
+    `parts` maps a shard id (e.g. "q", "k", "v" or 0, 1) to (output features on this rank, index of this rank's
+    slice of that checkpoint tensor's rows), in output order.
     """
 
-    def __init__(self, in_features: int, parts: dict[str | int, int], bias: bool = False) -> None:
+    def __init__(self, in_features: int, parts: dict[str | int, tuple[int, int]], bias: bool = False) -> None:
         super().__init__()
-        self.offsets: dict[str | int, tuple[int, int]] = {}
+        self.offsets: dict[str | int, tuple[int, int, int]] = {}
         start = 0
-        for shard, size in parts.items():
-            self.offsets[shard] = (start, size)
+        for shard, (size, index) in parts.items():
+            self.offsets[shard] = (start, size, index)
             start += size
         self.weight = nn.Parameter(torch.empty(start, in_features))
         self.bias = nn.Parameter(torch.empty(start)) if bias else None
 
     def load_shard(self, shard: str | int, name: str, tensor: torch.Tensor) -> None:
-        """Copy checkpoint tensor `tensor` (a weight or a bias, per `name`) into part `shard`."""
-        start, size = self.offsets[shard]
+        """Copy this rank's rows of checkpoint tensor `tensor` (a weight or a bias, per `name`) into part `shard`."""
+        start, size, index = self.offsets[shard]
         param = self.bias if name == "bias" else self.weight
         if param is None:
             raise ValueError("checkpoint has a bias for a layer built without one")
+        if tensor.shape[0] < (index + 1) * size:
+            raise ValueError(f"shape mismatch for part {shard!r}: checkpoint {tuple(tensor.shape)}, model needs "
+                             f"rows {index * size}..{(index + 1) * size}")
+        src = tensor.narrow(0, index * size, size)
         dst = param.data.narrow(0, start, size)
-        if dst.shape != tensor.shape:
-            raise ValueError(f"shape mismatch for part {shard!r}: checkpoint {tuple(tensor.shape)}, model {tuple(dst.shape)}")
-        dst.copy_(tensor)
+        _check(dst, src, f"part {shard!r}")
+        dst.copy_(src)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W split by input columns across ranks; partial sums are all-reduced (o_proj, down_proj)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.tp = distributed.current()
+        self.in_start, in_end = distributed.shard_range(in_features, self.tp.rank, self.tp.size, "input features")
+        self.weight = nn.Parameter(torch.empty(out_features, in_end - self.in_start))
+        self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def _load_weight(self, tensor: torch.Tensor) -> None:
+        src = tensor.narrow(1, self.in_start, self.weight.shape[1]) if tensor.ndim == 2 else tensor
+        _check(self.weight.data, src, "row-parallel weight")
+        self.weight.data.copy_(src)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(nn.functional.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split by vocabulary across ranks (the vocabulary padded to a multiple of the TP size). Also the
+    weight of the (tied or untied) LM head, whose logits are gathered from every rank's vocabulary slice."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.tp = distributed.current()
+        self.vocab_size = vocab_size
+        self.per_rank = -(-vocab_size // self.tp.size)
+        self.start = self.tp.rank * self.per_rank
+        self.weight = nn.Parameter(torch.empty(self.per_rank, hidden_size))
+        self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]
+
+    def _load_weight(self, tensor: torch.Tensor) -> None:
+        if tensor.shape != (self.vocab_size, self.weight.shape[1]):
+            raise ValueError(f"shape mismatch for the vocabulary matrix: checkpoint {tuple(tensor.shape)}, "
+                             f"model {(self.vocab_size, self.weight.shape[1])}")
+        rows = tensor[self.start : self.start + self.per_rank]
+        self.weight.data.zero_()
+        self.weight.data[: len(rows)].copy_(rows)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return nn.functional.embedding(ids, self.weight)
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.per_rank)
+        out = nn.functional.embedding(local.clamp(0, self.per_rank - 1), self.weight) * inside[:, None]
+        return self.tp.all_reduce(out)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H] -> logits [T, vocab] (every rank gets all of them)."""
+        local = nn.functional.linear(hidden, self.weight)
+        return self.tp.all_gather_last_dim(local)[:, : self.vocab_size]

@@ -13,7 +13,9 @@ from torch import nn
 
 from asyncllm.layers.activation import SiluAndMul
 from asyncllm.layers.attention import Attention
-from asyncllm.layers.linear import MergedLinear
+from asyncllm import distributed
+from asyncllm.errors import InvalidRequestError
+from asyncllm.layers.linear import MergedLinear, RowParallelLinear, VocabParallelEmbedding
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
 
@@ -29,13 +31,27 @@ class DecoderSpec:
 class DecoderAttention(nn.Module):
     def __init__(self, cfg: Any, spec: DecoderSpec, max_position: int) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        tp = distributed.current()
+        total_heads = cfg.num_attention_heads
+        total_kv = getattr(cfg, "num_key_value_heads", None) or total_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // total_heads
+        # TP: query heads split evenly; KV heads split too, or replicated when there are fewer than ranks
+        lo, hi = distributed.shard_range(total_heads, tp.rank, tp.size, "attention heads")
+        self.num_heads = hi - lo
+        if total_kv >= tp.size:
+            lo, hi = distributed.shard_range(total_kv, tp.rank, tp.size, "KV heads")
+            self.num_kv_heads, kv_index = hi - lo, tp.rank
+        elif tp.size % total_kv:
+            raise InvalidRequestError(f"the tensor-parallel size ({tp.size}) must be a multiple of the number of KV "
+                                      f"heads ({total_kv}) when it exceeds it", "tensor_parallel_size")
+        else:
+            self.num_kv_heads, kv_index = 1, tp.rank * total_kv // tp.size
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = spec.qkv_bias or bool(getattr(cfg, "attention_bias", False))
-        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=bias)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=bool(getattr(cfg, "attention_bias", False)))
+        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": (q_size, tp.rank), "k": (kv_size, kv_index),
+                                                       "v": (kv_size, kv_index)}, bias=bias)
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, cfg.hidden_size,
+                                        bias=bool(getattr(cfg, "attention_bias", False)))
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if spec.qk_norm else None
         self.rotary = RotaryEmbedding(cfg, self.head_dim, max_position)
@@ -61,8 +77,10 @@ class DecoderMLP(nn.Module):
         if act not in ("silu", "swish"):
             raise ValueError(f"activation {act!r} is not supported (only silu)")
         bias = bool(getattr(cfg, "mlp_bias", False))
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, {0: cfg.intermediate_size, 1: cfg.intermediate_size}, bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        tp = distributed.current()
+        lo, hi = distributed.shard_range(cfg.intermediate_size, tp.rank, tp.size, "intermediate size")
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {0: (hi - lo, tp.rank), 1: (hi - lo, tp.rank)}, bias)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +110,7 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, cfg: Any, spec: DecoderSpec, max_position: int) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, spec, max_position) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -124,14 +142,14 @@ class CausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return nn.functional.linear(hidden, weight).float()
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        return head.logits(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors into the parameters; returns the parameter names that were loaded."""
@@ -151,6 +169,11 @@ class CausalLM(nn.Module):
                 if name not in params:
                     raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
                 param = params[name]
+                loader = getattr(param, "weight_loader", None)
+                if loader is not None:  # a sharded parameter slices its part
+                    loader(tensor)
+                    loaded.add(name)
+                    continue
                 if param.shape != tensor.shape:
                     raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, model {tuple(param.shape)}")
                 param.data.copy_(tensor)

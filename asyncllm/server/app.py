@@ -212,10 +212,12 @@ class OpenAIServer:
         if body.stream:
             return await self._sse(request, body, streams, meta, prompt_tokens, chat)
         texts = [[] for _ in jobs]  # type: list[list[str]]
+        ids: list[list[int]] = [[] for _ in jobs]
         finish: list[str | None] = [None] * len(jobs)
         completion_tokens = cached_tokens = 0
         async for i, chunk in merged(streams):
             texts[i].append(chunk.text)
+            ids[i].extend(chunk.token_ids)
             completion_tokens += len(chunk.token_ids)
             finish[i] = chunk.finish_reason or finish[i]
             if chunk.usage is not None and i % body.n == 0:  # a prompt's cache hit counts once, like its tokens
@@ -226,6 +228,9 @@ class OpenAIServer:
         else:
             choices = [{"index": i, "text": "".join(t), "logprobs": None, "finish_reason": finish[i]}
                        for i, t in enumerate(texts)]
+        if body.return_token_ids:
+            for c, token_ids in zip(choices, ids):
+                c["token_ids"] = token_ids
         return json_response({**meta, "object": "chat.completion" if chat else "text_completion",
                               "choices": choices, "usage": self._usage(prompt_tokens, completion_tokens, cached_tokens)})
 
@@ -240,11 +245,16 @@ class OpenAIServer:
         async def send(payload: Any) -> None:
             await resp.write(b"data: " + orjson.dumps(payload) + b"\n\n")
 
-        def choice(i: int, text: str, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+        def choice(i: int, text: str, finish_reason: str | None, first: bool = False,
+                   token_ids: list[int] | None = None) -> dict[str, Any]:
             if chat:
                 delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}
+                out = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            else:
+                out = {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            if body.return_token_ids and not first:
+                out["token_ids"] = token_ids or []
+            return out
 
         completion_tokens = cached_tokens = 0
         try:
@@ -255,9 +265,10 @@ class OpenAIServer:
                 completion_tokens += len(chunk.token_ids)
                 if chunk.usage is not None and i % body.n == 0:
                     cached_tokens += chunk.usage.cached_tokens
-                if chunk.text or chunk.finish_reason:
+                if chunk.text or chunk.finish_reason or (body.return_token_ids and chunk.token_ids):
                     reason = "stop" if chunk.finish_reason == "abort" else chunk.finish_reason
-                    await send({**meta, "object": obj, "choices": [choice(i, chunk.text, reason)], **extra})
+                    payload = choice(i, chunk.text, reason, token_ids=chunk.token_ids)
+                    await send({**meta, "object": obj, "choices": [payload], **extra})
             if include_usage:
                 await send({**meta, "object": obj, "choices": [],
                             "usage": self._usage(prompt_tokens, completion_tokens, cached_tokens)})

@@ -27,6 +27,7 @@ class _Generation(_Model):
     stop: str | list[str] | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     ignore_eos: bool = False
+    return_token_ids: bool = False  # extension (as vLLM's): each choice also carries its generated token ids
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     n: int = Field(default=1, ge=1, le=64)

@@ -1,0 +1,93 @@
+"""Tensor-parallel process group: torchrun's environment -> one group of all ranks (world size = TP size).
+
+Rank 0 runs the engine (scheduler, sampling, HTTP); ranks 1..N-1 are followers that run the same forward on
+their shard. Collectives between shards (all-reduce, all-gather) use the device backend (NCCL on CUDA, gloo on
+CPU); step metadata from rank 0 to the followers goes through a gloo group on the host (followers need it on the
+host to plan attention), so a step never waits on a device-to-host copy.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from asyncllm.errors import InvalidRequestError
+
+# A dead peer must end the job within seconds, not hang it: every collective has this deadline (seconds).
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("ASYNCLLM_COLLECTIVE_TIMEOUT_S", "60"))
+
+
+@dataclass
+class TPGroup:
+    rank: int
+    size: int
+    device_group: dist.ProcessGroup | None  # shards' collectives
+    host_group: dist.ProcessGroup | None  # rank 0 -> followers step metadata (gloo)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.device_group)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's x along the last dimension (rank order)."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.device_group)
+        return torch.cat(parts, dim=-1)
+
+
+SINGLE = TPGroup(0, 1, None, None)
+_current = SINGLE
+
+
+def current() -> TPGroup:
+    """The group the model being built belongs to (TP 1 unless `init_from_env` ran)."""
+    return _current
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def init_from_env(tensor_parallel_size: int | None, device: torch.device) -> TPGroup:
+    """Join torchrun's job (TP size = WORLD_SIZE; `tensor_parallel_size` must agree or be None/1 meaning 'auto')."""
+    global _current
+    if not launched_by_torchrun():
+        if tensor_parallel_size not in (None, 1):
+            raise InvalidRequestError(
+                f"tensor_parallel_size={tensor_parallel_size} needs a torchrun launch "
+                f"(torchrun --nproc-per-node {tensor_parallel_size} -m asyncllm.serve ...)", "tensor_parallel_size")
+        _current = SINGLE
+        return SINGLE
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if tensor_parallel_size not in (None, 1, world):
+        raise InvalidRequestError(
+            f"tensor_parallel_size={tensor_parallel_size} but torchrun started {world} processes", "tensor_parallel_size")
+    if _current.size == world:
+        return _current  # already joined (a second engine in the same process)
+    timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    host = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
+    _current = TPGroup(rank, world, dist.group.WORLD, host)
+    return _current
+
+
+def shard_range(total: int, rank: int, size: int, what: str) -> tuple[int, int]:
+    """[start, end) of rank's equal share of `total`; fails clearly when it does not divide."""
+    if total % size:
+        raise InvalidRequestError(f"{what} ({total}) is not divisible by the tensor-parallel size ({size})",
+                                  "tensor_parallel_size")
+    per = total // size
+    return rank * per, (rank + 1) * per

@@ -1,0 +1,106 @@
+"""Tensor parallelism on CPU (gloo): `torchrun --nproc-per-node 2` gives exactly the float32 tokens of TP 1,
+through `LLM` and through the HTTP server; a follower that dies ends the job with an error; SIGTERM ends it
+cleanly."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from asyncllm import LLM, SamplingParams
+from conftest import make_tiny_model, random_prompts
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ASYNCLLM_COLLECTIVE_TIMEOUT_S": "20"}
+PROMPTS = random_prompts(5, 512, 3, 40, seed=31)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=["llama-kv2", "qwen2-kv1"])
+def model(request, tmp_path_factory):
+    """4 query heads; 2 KV heads (split over 2 ranks) or 1 (replicated on both); qwen2 has q/k/v biases."""
+    arch, kv = request.param.split("-kv")
+    return make_tiny_model(tmp_path_factory.mktemp("tp") / request.param, arch, num_key_value_heads=int(kv),
+                           intermediate_size=96, vocab_size=511)  # a vocabulary that does not split evenly
+
+
+def tp1_tokens(model: Path) -> list[list[int]]:
+    return [o.token_ids for o in LLM(str(model), max_model_len=128).generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+def test_llm_under_torchrun_equals_tp1(model, tmp_path):
+    out = tmp_path / "tokens.json"
+    proc = subprocess.run([*TORCHRUN, str(Path(__file__).parent / "tp_generate.py"), str(model), str(out),
+                           json.dumps(PROMPTS)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads(out.read_text()) == tp1_tokens(model)
+
+
+def start_server(model: Path) -> tuple[subprocess.Popen, str, list[str]]:
+    proc = subprocess.Popen([*TORCHRUN, "-m", "asyncllm.serve", "--model", str(model), "--device", "cpu", "--tp", "2",
+                             "--port", "0", "--max-model-len", "128"], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    for line in proc.stdout:  # type: ignore[union-attr]
+        lines.append(line)
+        if m := re.search(r"ready on (http://\S+)", line):
+            return proc, m.group(1), lines
+    raise AssertionError("server did not start:\n" + "".join(lines[-40:]))
+
+
+def leader_pid(lines: list[str]) -> int:
+    return int(next(m.group(1) for line in lines if (m := re.search(r"serving .* \(pid (\d+),", line))))
+
+
+def follower_pid(proc: subprocess.Popen, lines: list[str]) -> int:
+    """The follower's pid from its log line (which may come just after rank 0's 'ready')."""
+    pattern = re.compile(r"rank 1 \(pid (\d+)\): following rank 0")
+    for line in lines:
+        if m := pattern.search(line):
+            return int(m.group(1))
+    for line in proc.stdout:  # type: ignore[union-attr]
+        lines.append(line)
+        if m := pattern.search(line):
+            return int(m.group(1))
+    raise AssertionError("no follower line in:\n" + "".join(lines[-40:]))
+
+
+def test_http_server_under_torchrun_equals_tp1_and_stops_on_sigterm(model):
+    proc, url, lines = start_server(model)
+    try:
+        follower = follower_pid(proc, lines)
+        got = []
+        for prompt in PROMPTS:
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0,
+                                                          "ignore_eos": True, "return_token_ids": True}, timeout=60)
+            assert r.status_code == 200, r.text
+            got.append(r.json())
+        os.kill(leader_pid(lines), signal.SIGTERM)  # rank 0 ends the job: followers exit, torchrun exits 0
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(follower, 0)  # the follower is gone too
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    ids = [choice["token_ids"] for body in got for choice in body["choices"]]
+    assert ids == tp1_tokens(model)
+
+
+def test_dead_follower_ends_the_job_with_an_error(model):
+    proc, url, lines = start_server(model)
+    try:
+        os.kill(follower_pid(proc, lines), signal.SIGKILL)
+        t = time.monotonic()
+        code = proc.wait(timeout=30)
+        assert code != 0 and time.monotonic() - t < 30
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
