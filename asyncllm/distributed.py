@@ -84,6 +84,17 @@ def init_from_env(tensor_parallel_size: int | None, device: torch.device) -> TPG
     return _current
 
 
+def shutdown() -> None:
+    """End the job's process group on this rank (every rank calls it once, rank 0 after telling the followers to
+    stop): a barrier so no rank tears down while a peer still reads, then destroy (else gloo's threads abort the
+    interpreter at exit)."""
+    global _current
+    if _current.size > 1 and dist.is_initialized():
+        dist.barrier(group=_current.host_group)
+        dist.destroy_process_group()
+    _current = SINGLE
+
+
 def shard_range(total: int, rank: int, size: int, what: str) -> tuple[int, int]:
     """[start, end) of rank's equal share of `total`; fails clearly when it does not divide."""
     if total % size:

@@ -1,15 +1,17 @@
-"""Run by torchrun from test_tensor_parallel.py: greedy tokens through `LLM` on every rank's shard; rank 0 writes
-them as JSON to argv[2]. The documented pattern: followers get their LLM back only once rank 0 has shut down."""
+"""Run by torchrun from the tensor-parallel tests: greedy tokens through `LLM` on every rank's shard; rank 0 writes
+them as JSON. The documented pattern: followers get their LLM back only once rank 0 has shut down.
+    torchrun --nproc-per-node N tests/tp_generate.py MODEL OUT.json PROMPTS_JSON [device dtype max_tokens]"""
 import json
 import sys
 
 from asyncllm import LLM, SamplingParams
 
-model, out = sys.argv[1], sys.argv[2]
-prompts = json.loads(sys.argv[3])
-llm = LLM(model, device="cpu", max_model_len=128, tensor_parallel_size=2)
+model, out, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+device, dtype, max_tokens = (sys.argv[4:7] + ["cpu", "auto", "12"][len(sys.argv[4:7]):])
+llm = LLM(model, device=device, dtype=dtype, max_model_len=512, num_kv_blocks=512)
 if not llm.is_follower:
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    params = SamplingParams(temperature=0.0, max_tokens=int(max_tokens), ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
     with open(out, "w") as f:
         json.dump([o.token_ids for o in outs], f)
     llm.shutdown()

@@ -3,6 +3,7 @@ our engine in several variants in the same run (backend, CUDA graphs off with '-
 with '-no-overlap'; the torch backend is our previous version), with the fraction of the bandwidth floor (weights
 + the batch's KV read once per step) and the host vs GPU time per step. GPU. One JSON line per result.
     python tools/bench_latency.py --model tools/model_configs/qwen3-0.6b [--batches 1 8 32] [--variants flashinfer triton]
+    torchrun --standalone --nproc-per-node 4 tools/bench_latency.py --model ... --variants flashinfer  (one variant)
 """
 from __future__ import annotations
 
@@ -31,11 +32,13 @@ def main() -> None:
     ap.add_argument("--bandwidth-tbs", type=float, default=2.99, help="measured copy bandwidth (BENCHMARKS.md)")
     a = ap.parse_args()
     common = dict(model=os.path.basename(a.model.rstrip("/")), prompt_len=a.prompt_len, new_tokens=a.new_tokens,
-                  **run_fields())
+                  tp=int(os.environ.get("WORLD_SIZE", "1")), **run_fields())
     for variant in a.variants:
         llm = LLM(a.model, load_format="dummy", dtype="bfloat16", **variant_config(variant),
                   max_model_len=a.prompt_len + a.new_tokens + 16, max_num_seqs=max(a.batches),
                   max_num_batched_tokens=max(a.batches) * a.prompt_len)
+        if llm.is_follower:  # under torchrun: rank 0 has finished this variant
+            continue
         engine = llm.engine
         timer = StepTimer(engine)
         weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
@@ -62,6 +65,7 @@ def main() -> None:
             print(json.dumps(dict(bench="decode_latency", variant=variant, batch=batch, ms_per_step=round(ms, 3),
                                   output_tok_per_s=round(batch / ms * 1e3, 1), floor_ms=round(floor_ms, 3),
                                   floor_fraction=round(floor_ms / ms, 3), **timer.summary(wall), **common)), flush=True)
+        llm.shutdown()  # tensor parallelism: release the followers
         del llm, engine, timer
         gc.collect()  # the timer's wrappers form a reference cycle with the runner
         torch.cuda.empty_cache()

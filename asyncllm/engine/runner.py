@@ -359,10 +359,12 @@ class ModelRunner:
                     dist.broadcast(sampled, 0, group=self.tp.device_group)
                     self.last_sampled = sampled
         log.info("rank %d: rank 0 ended the job", self.tp.rank)
+        distributed.shutdown()
 
     def stop_followers(self) -> None:
         if self.tp.size > 1 and self.tp.is_leader:
             StepHeader.send_stop(self.tp)
+            distributed.shutdown()
 
     def execute(self, batch: Batch) -> list[int]:
         """Run one step to completion on this rank alone (blocks on the GPU); every rank calls it alike at start-up."""
