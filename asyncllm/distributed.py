@@ -90,6 +90,8 @@ def shutdown() -> None:
     interpreter at exit)."""
     global _current
     if _current.size > 1 and dist.is_initialized():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # no NCCL work may still run when its communicator is destroyed
         dist.barrier(group=_current.host_group)
         dist.destroy_process_group()
     _current = SINGLE
