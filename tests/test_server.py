@@ -9,6 +9,7 @@ import sys
 import aiohttp
 import httpx
 import openai
+import orjson
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -250,3 +251,16 @@ async def test_api_key_and_dead_engine(local):
         assert (await s.get(f"{url}/health")).status == 503
         r = await s.post(f"{url}/v1/completions", json={"prompt": [5, 6]}, headers=AUTH)
         assert r.status == 503 and (await r.json())["error"]["type"] == "service_unavailable"
+
+
+def test_return_token_ids_stream_and_non_stream(server):
+    body = {"prompt": "The sky is", "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+    whole = httpx.post(f"{server}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    ids: list[int] = []
+    with httpx.stream("POST", f"{server}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                ids += orjson.loads(line[6:])["choices"][0]["token_ids"]
+    assert len(whole["token_ids"]) == 8 and ids == whole["token_ids"]
+    plain = httpx.post(f"{server}/v1/completions", json={**body, "return_token_ids": False}, timeout=60).json()
+    assert "token_ids" not in plain["choices"][0] and plain["choices"][0]["text"] == whole["text"]
