@@ -81,6 +81,9 @@ def init_from_env(tensor_parallel_size: int | None, device: torch.device) -> TPG
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     host = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
     _current = TPGroup(rank, world, dist.group.WORLD, host)
+    if device.type == "cuda":  # create the NCCL communicator now, eagerly, never during a CUDA-graph capture
+        _current.all_reduce(torch.ones(1, device=device))
+        torch.cuda.synchronize(device)
     return _current
 
 
