@@ -128,6 +128,7 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.seed)
         self.sampler.fused = self.backend.name != "torch"
         self.last_sampled: torch.Tensor | None = None  # the previous step's sampled ids, on the device
+        self._sends: list[Any] = []  # TP, rank 0: the last step's header broadcast still in progress
         # CUDA: every step runs on this side stream, in launch order (the loop thread never waits on it)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.graphs: CudaGraphs | None = None  # captured once the KV cache exists (after the profiling forward)
@@ -241,7 +242,8 @@ class ModelRunner:
         header = StepHeader(num_seqs, num_tokens, len(sample_rows), len(feed_rows), tables.shape[1])
         packed = np.concatenate(parts)
         if broadcast and self.tp.size > 1:
-            header.send(packed, self.tp)
+            self._wait_sends()
+            self._sends = header.send(packed, self.tp)
         sampled = [(r, f) for r, s, f in zip(batch.requests, batch.sample, feeds) if s]
         return self.unpack(header, packed, self._sampling_tensors(sampled))
 
@@ -361,8 +363,14 @@ class ModelRunner:
         log.info("rank %d: rank 0 ended the job", self.tp.rank)
         distributed.shutdown()
 
+    def _wait_sends(self) -> None:
+        for work, _ in self._sends:
+            work.wait()
+        self._sends = []
+
     def stop_followers(self) -> None:
         if self.tp.size > 1 and self.tp.is_leader:
+            self._wait_sends()
             StepHeader.send_stop(self.tp)
             distributed.shutdown()
 
@@ -384,10 +392,12 @@ class StepHeader:
     num_feed: int
     table_width: int
 
-    def send(self, packed: np.ndarray, tp: distributed.TPGroup) -> None:
+    def send(self, packed: np.ndarray, tp: distributed.TPGroup) -> list[Any]:
+        """Start sending (rank 0 does not wait for the followers to take it); returns the pending works, whose
+        tensors must stay alive until they complete."""
         fields = [1, self.num_seqs, self.num_tokens, self.num_sampled, self.num_feed, self.table_width, len(packed)]
-        dist.broadcast(torch.tensor(fields, dtype=torch.int64), 0, group=tp.host_group)
-        dist.broadcast(torch.from_numpy(packed), 0, group=tp.host_group)
+        tensors = (torch.tensor(fields, dtype=torch.int64), torch.from_numpy(packed))
+        return [(dist.broadcast(t, 0, group=tp.host_group, async_op=True), t) for t in tensors]
 
     @staticmethod
     def send_stop(tp: distributed.TPGroup) -> None:
