@@ -17,6 +17,11 @@ def run_fields(device: str | None = None) -> dict:
     return dict(device=device, date=time.strftime("%Y-%m-%d"), commit=commit)
 
 
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
 def variant_config(variant: str) -> dict:
     """'BACKEND[-eager][-no-overlap]' -> engine options: eager = no CUDA graphs, no-overlap = each step read back
     before the next is scheduled."""

@@ -14,14 +14,9 @@ import random
 import time
 
 import torch
-from bench_common import run_fields
+from bench_common import percentile, run_fields
 
 from asyncllm import AsyncEngine, SamplingParams
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else 0.0
 
 
 async def run(model: str, overlap: bool, streams: int, new_tokens: int) -> dict:

@@ -9,7 +9,7 @@ import sys
 import time
 
 import aiohttp
-from bench_common import run_fields
+from bench_common import percentile, run_fields  # noqa: F401  (percentile: re-exported to the serving benchmarks)
 
 
 def common_fields(device: str | None = None) -> dict:
@@ -18,11 +18,6 @@ def common_fields(device: str | None = None) -> dict:
 
 def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
-
-
-def percentile(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
 async def stream_one(session, url, body):

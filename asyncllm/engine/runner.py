@@ -207,9 +207,13 @@ class ModelRunner:
         return self.config.max_num_batched_tokens or max(2048, self.config.max_num_seqs)
 
     # ---- one step -------------------------------------------------------------------------------------------
-    def prepare(self, batch: Batch, broadcast: bool = True) -> StepInputs:
-        """Host arrays of the step packed into one page-locked buffer, copied to the device in one go (and, with
-        tensor parallelism, sent to the followers first).
+    def prepare(self, batch: Batch) -> StepInputs:
+        """The step's device inputs (this rank only)."""
+        header, packed = self.pack(batch)
+        return self.unpack(header, packed, self._sampling_tensors(batch))
+
+    def pack(self, batch: Batch) -> tuple[StepHeader, np.ndarray]:
+        """The step's host arrays in one int64 array (what followers receive), and its sizes.
 
         A row whose last input token is still on the device (overlap scheduling) gets it from the previous step's
         sampled ids, on the device (`batch.feed`)."""
@@ -225,8 +229,7 @@ class ModelRunner:
         feed_rows: list[int] = []
         feed_src: list[int] = []
         row = 0
-        feeds = batch.feed or [-1] * num_seqs
-        for i, (req, start, n, feed) in enumerate(zip(batch.requests, batch.starts, batch.num_new_tokens, feeds)):
+        for i, (req, start, n, feed) in enumerate(zip(batch.requests, batch.starts, batch.num_new_tokens, batch.feed)):
             tables[i, : len(req.block_table)] = req.block_table
             if feed >= 0:  # the last input token was sampled by the previous step and is not on the host yet
                 feed_rows.append(row + n - 1)
@@ -240,15 +243,11 @@ class ModelRunner:
         parts = (ids, positions, slots, qsl, seq_lens, sample_rows, np.asarray(feed_rows, np.int64),
                  np.asarray(feed_src, np.int64), tables.reshape(-1))
         header = StepHeader(num_seqs, num_tokens, len(sample_rows), len(feed_rows), tables.shape[1])
-        packed = np.concatenate(parts)
-        if broadcast and self.tp.size > 1:
-            self._wait_sends()
-            self._sends = header.send(packed, self.tp)
-        sampled = [(r, f) for r, s, f in zip(batch.requests, batch.sample, feeds) if s]
-        return self.unpack(header, packed, self._sampling_tensors(sampled))
+        return header, np.concatenate(parts)
 
     def unpack(self, header: StepHeader, packed: np.ndarray, sampling: SamplingTensors | None) -> StepInputs:
-        """The packed host array of a step (built here or received from rank 0) -> device tensors."""
+        """The packed host array of a step (built here or received from rank 0) -> device tensors. Every rank
+        derives its inputs from the same array, so they cannot diverge."""
         b, t, w = header.num_seqs, header.num_tokens, header.table_width
         sizes = [t, t, t, b + 1, b, header.num_sampled, header.num_feed, header.num_feed, b * w]
         (ids_d, pos_d, slots_d, qsl_d, lens_d, sample_d, feed_rows_d, feed_src_d, tables_d) = to_device(
@@ -264,8 +263,9 @@ class ModelRunner:
             block_tables_cpu=tables)
         return StepInputs(ids_d, pos_d, meta, sample_d, sampling)
 
-    def _sampling_tensors(self, rows: list[tuple[Request, int]]) -> SamplingTensors:
-        """Per-row sampling parameters of the sampled rows: (request, its feed index or -1)."""
+    def _sampling_tensors(self, batch: Batch) -> SamplingTensors:
+        """Sampling parameters of the rows that sample, in row order."""
+        rows = [(r, f) for r, s, f in zip(batch.requests, batch.sample, batch.feed) if s]
         reqs = [r for r, _ in rows]
         params = [r.params for r in reqs]
         seeded: list[tuple[int, torch.Generator]] = []
@@ -322,7 +322,11 @@ class ModelRunner:
         tokens (one per row with batch.sample set, in row order). With tensor parallelism (rank 0) the step is
         first sent to the followers, and the sampled ids after it (they feed the next step on every rank)."""
         with self._on_stream():
-            inputs = self.prepare(batch, broadcast)
+            header, packed = self.pack(batch)
+            if broadcast and self.tp.size > 1:
+                self._wait_sends()
+                self._sends = header.send(packed, self.tp)
+            inputs = self.unpack(header, packed, self._sampling_tensors(batch))
             hidden = self._forward(inputs)
             if inputs.sample_rows.numel() == 0:
                 return StepHandle(batch, None, None)

@@ -39,6 +39,7 @@ class Batch:
         self.starts.append(start)
         self.num_new_tokens.append(n)
         self.sample.append(start + n == req.num_scheduled_tokens)
+        self.feed.append(-1)  # the scheduler sets it for requests with a pending token
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -117,7 +118,7 @@ class Scheduler:
         # Running requests in admission order; a victim is always taken from the end, so never one already batched.
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.num_pending and self._ends_with_pending(req):
+            if req.num_pending and self._at_length_limit(req, req.num_pending):
                 i += 1  # its last token is on the device: nothing more to compute
                 continue
             n = min(req.num_scheduled_tokens - req.num_computed_tokens, budget)
@@ -156,10 +157,10 @@ class Scheduler:
             req.num_computed_tokens += n
             budget -= n
         row = 0
-        for req, sample in zip(batch.requests, batch.sample):
+        for i, (req, sample) in enumerate(zip(batch.requests, batch.sample)):
             self._cache_full_blocks(req)
-            # a scheduled request with a pending token computes it now: its input comes from the previous step
-            batch.feed.append(req.pending_row if req.num_pending else -1)
+            if req.num_pending:  # it computes its pending token now: the input comes from the previous step
+                batch.feed[i] = req.pending_row
             if sample:  # its next token will exist on the device before the host sees it
                 req.num_pending += 1
                 req.pending_row = row
@@ -177,9 +178,8 @@ class Scheduler:
             self.blocks.cache_blocks(req.token_ids[: full * self.blocks.block_size], req.block_table[:full])
             req.num_cached_blocks = full
 
-    def _ends_with_pending(self, req: Request) -> bool:
-        """The request's pending token is its last one (it reaches max_tokens or max_model_len)."""
-        pending = req.num_pending
+    def _at_length_limit(self, req: Request, pending: int = 0) -> bool:
+        """With `pending` more tokens the request reaches max_tokens or max_model_len."""
         return req.num_output_tokens + pending >= req.max_tokens or req.num_tokens + pending >= self.config.max_model_len
 
     def _grow(self, req: Request, n: int) -> bool:
@@ -236,7 +236,7 @@ class Scheduler:
         p = req.params
         if (token in req.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return "stop"
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+        if self._at_length_limit(req):
             return "length"
         return None
 

@@ -69,7 +69,7 @@ class TorchAttentionBackend:
         num_seqs, max_q, max_kv = meta.num_seqs, max(meta.query_lens_cpu), max(meta.seq_lens_cpu)
         self.shape = (num_seqs, max_q, max_kv)
         self.decode_only = max_q == 1  # one query per sequence: packed rows are already the padded layout
-        q_lens = to_device(meta.query_lens_cpu, device)
+        q_lens = meta.query_start_loc.diff()
         q_idx = torch.arange(max_q, device=device)
         kv_idx = torch.arange(max_kv, device=device)
         q_valid = q_idx[None, :] < q_lens[:, None]  # [B, max_q]

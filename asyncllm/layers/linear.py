@@ -65,7 +65,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def _load_weight(self, tensor: torch.Tensor) -> None:
-        src = tensor.narrow(1, self.in_start, self.weight.shape[1]) if tensor.ndim == 2 else tensor
+        src = tensor.narrow(1, self.in_start, self.weight.shape[1])
         _check(self.weight.data, src, "row-parallel weight")
         self.weight.data.copy_(src)
 
