@@ -13,7 +13,6 @@ host memory a queued copy has not read yet (in practice the wait is over: that s
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,6 @@ import torch
 from asyncllm.device import host_tensor, to_device
 from asyncllm.layers.attention import AttentionMetadata
 
-log = logging.getLogger(__name__)
 
 WORKSPACE_BYTES = 128 << 20
 
