@@ -2,12 +2,15 @@
 
 Rank 0 runs the engine (scheduler, sampling, HTTP); ranks 1..N-1 are followers that run the same forward on
 their shard. Collectives between shards (all-reduce, all-gather) use the device backend (NCCL on CUDA, gloo on
-CPU); step metadata from rank 0 to the followers goes through a gloo group on the host (followers need it on the
-host to plan attention), so a step never waits on a device-to-host copy.
+CPU); each step's inputs go from rank 0 to the followers through a shared-memory ring on the host (followers need
+them on the host to plan attention; `step_channel`), so a step never waits on a device-to-host copy or a socket. A
+gloo group on the host carries the rare start-up and shutdown messages. One host only.
 """
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -15,8 +18,12 @@ import torch
 import torch.distributed as dist
 
 from asyncllm.errors import InvalidRequestError
+from asyncllm.step_channel import StepChannel
 
-# A dead peer must end the job within seconds, not hang it: every collective has this deadline (seconds).
+log = logging.getLogger(__name__)
+
+# A dead peer must end the job within seconds, not hang it: every collective has this deadline (seconds), and so
+# has the shutdown of the process group.
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("ASYNCLLM_COLLECTIVE_TIMEOUT_S", "60"))
 
 
@@ -25,7 +32,8 @@ class TPGroup:
     rank: int
     size: int
     device_group: dist.ProcessGroup | None  # shards' collectives
-    host_group: dist.ProcessGroup | None  # rank 0 -> followers step metadata (gloo)
+    host_group: dist.ProcessGroup | None  # start-up and shutdown messages (gloo)
+    steps: StepChannel | None = None  # rank 0 -> followers, every step's inputs
 
     @property
     def is_leader(self) -> bool:
@@ -74,30 +82,60 @@ def init_from_env(tensor_parallel_size: int | None, device: torch.device) -> TPG
             f"tensor_parallel_size={tensor_parallel_size} but torchrun started {world} processes", "tensor_parallel_size")
     if _current.size == world:
         return _current  # already joined (a second engine in the same process)
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) != world:
+        raise InvalidRequestError("tensor parallelism runs on one host: start every rank with one torchrun "
+                                  f"(--nnodes 1 --nproc-per-node {world})", "tensor_parallel_size")
     timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     host = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
-    _current = TPGroup(rank, world, dist.group.WORLD, host)
+    _current = TPGroup(rank, world, dist.group.WORLD, host, _open_step_channel(rank, world, host))
     if device.type == "cuda":  # create the NCCL communicator now, eagerly, never during a CUDA-graph capture
         _current.all_reduce(torch.ones(1, device=device))
         torch.cuda.synchronize(device)
     return _current
 
 
+def _open_step_channel(rank: int, world: int, host: dist.ProcessGroup) -> StepChannel:
+    """Rank 0 creates the ring and tells the followers its name; once all attached, the name is removed."""
+    channel = StepChannel.create(world) if rank == 0 else None
+    name = [channel.name if channel else None]
+    dist.broadcast_object_list(name, src=0, group=host)
+    if channel is None:
+        channel = StepChannel.attach(name[0], world, rank)
+    dist.barrier(group=host)
+    if rank == 0:
+        channel.unlink()
+    return channel
+
+
 def shutdown() -> None:
     """End the job's process group on this rank (every rank calls it once, rank 0 after telling the followers to
-    stop): a barrier so no rank tears down while a peer still reads, then destroy (else gloo's threads abort the
-    interpreter at exit)."""
+    stop, all after releasing CUDA graphs that hold NCCL work: NCCL waits for those before it destroys a
+    communicator): a barrier so no rank tears down while a peer still reads, then destroy (else gloo's threads abort
+    the interpreter at exit). A shutdown that does not finish in time exits the process instead of hanging."""
     global _current
-    if _current.size > 1 and dist.is_initialized():
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()  # no NCCL work may still run when its communicator is destroyed
-        dist.barrier(group=_current.host_group)
-        dist.destroy_process_group()
-    _current = SINGLE
+    group, _current = _current, SINGLE
+    if group.size == 1 or not dist.is_initialized():
+        return
+    watchdog = threading.Timer(COLLECTIVE_TIMEOUT_S, _exit_stuck, (group.rank,))
+    watchdog.daemon = True
+    watchdog.start()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # no NCCL work may still run when its communicator is destroyed
+    dist.barrier(group=group.host_group)
+    dist.destroy_process_group()
+    if group.steps is not None:
+        group.steps.close()
+        group.steps = None
+    watchdog.cancel()
+
+
+def _exit_stuck(rank: int) -> None:
+    log.error("rank %d: the process group did not shut down within %.0f s; exiting", rank, COLLECTIVE_TIMEOUT_S)
+    os._exit(1)
 
 
 def shard_range(total: int, rank: int, size: int, what: str) -> tuple[int, int]:

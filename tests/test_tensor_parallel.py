@@ -94,13 +94,17 @@ def test_http_server_under_torchrun_equals_tp1_and_stops_on_sigterm(model):
     assert ids == tp1_tokens(model)
 
 
-def test_dead_follower_ends_the_job_with_an_error(model):
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_dead_rank_ends_the_job_with_an_error_naming_it(model, victim):
     proc, url, lines = start_server(model)
     try:
-        os.kill(follower_pid(proc, lines), signal.SIGKILL)
+        pid = follower_pid(proc, lines) if victim else leader_pid(lines)
+        os.kill(pid, signal.SIGKILL)
         t = time.monotonic()
         code = proc.wait(timeout=30)
         assert code != 0 and time.monotonic() - t < 30
+        report = "".join(lines) + proc.stdout.read()  # type: ignore[union-attr]
+        assert re.search(rf"rank\s*:\s*{victim}\b", report), report[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -6,7 +6,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -128,7 +128,6 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.seed)
         self.sampler.fused = self.backend.name != "torch"
         self.last_sampled: torch.Tensor | None = None  # the previous step's sampled ids, on the device
-        self._sends: list[Any] = []  # TP, rank 0: the last step's header broadcast still in progress
         # CUDA: every step runs on this side stream, in launch order (the loop thread never waits on it)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.graphs: CudaGraphs | None = None  # captured once the KV cache exists (after the profiling forward)
@@ -324,8 +323,9 @@ class ModelRunner:
         with self._on_stream():
             header, packed = self.pack(batch)
             if broadcast and self.tp.size > 1:
-                self._wait_sends()
-                self._sends = header.send(packed, self.tp)
+                if self.tp.steps is None:
+                    raise RuntimeError("this tensor-parallel engine was shut down")
+                self.tp.steps.send(header.encode(packed))
             inputs = self.unpack(header, packed, self._sampling_tensors(batch))
             hidden = self._forward(inputs)
             if inputs.sample_rows.numel() == 0:
@@ -354,7 +354,8 @@ class ModelRunner:
     def follow(self) -> None:
         """Ranks 1..N-1: run every step rank 0 sends (same forward, same graphs, same collectives) until it says
         stop. Rank 0 samples; followers take its sampled ids for the next step's feed."""
-        while (step := StepHeader.recv(self.tp)) is not None:
+        assert self.tp.steps is not None
+        while (step := StepHeader.decode(self.tp.steps.recv())) is not None:
             header, packed = step
             with self._on_stream():
                 inputs = self.unpack(header, packed, None)
@@ -365,17 +366,20 @@ class ModelRunner:
                     dist.broadcast(sampled, 0, group=self.tp.device_group)
                     self.last_sampled = sampled
         log.info("rank %d: rank 0 ended the job", self.tp.rank)
-        distributed.shutdown()
-
-    def _wait_sends(self) -> None:
-        for work, _ in self._sends:
-            work.wait()
-        self._sends = []
+        self.close()
 
     def stop_followers(self) -> None:
-        if self.tp.size > 1 and self.tp.is_leader:
-            self._wait_sends()
-            StepHeader.send_stop(self.tp)
+        """Rank 0: tell the followers to stop, then leave the process group with them."""
+        if self.tp.is_leader and self.tp.steps is not None:
+            self.tp.steps.send(StepHeader.STOP)
+            self.close()
+
+    def close(self) -> None:
+        """Release the CUDA graphs (their collectives pin the NCCL communicator) and leave the process group."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+        if self.tp.size > 1:
             distributed.shutdown()
 
     def execute(self, batch: Batch) -> list[int]:
@@ -388,7 +392,7 @@ class ModelRunner:
 
 @dataclass
 class StepHeader:
-    """Sizes of one step's packed host array; rank 0 broadcasts it, then the array, over the host (gloo) group."""
+    """Sizes of one step's packed host array; rank 0 sends [1, sizes..., packed...] to the followers, [0] to stop."""
 
     num_seqs: int
     num_tokens: int
@@ -396,27 +400,17 @@ class StepHeader:
     num_feed: int
     table_width: int
 
-    def send(self, packed: np.ndarray, tp: distributed.TPGroup) -> list[Any]:
-        """Start sending (rank 0 does not wait for the followers to take it); returns the pending works, whose
-        tensors must stay alive until they complete."""
-        fields = [1, self.num_seqs, self.num_tokens, self.num_sampled, self.num_feed, self.table_width, len(packed)]
-        tensors = (torch.tensor(fields, dtype=torch.int64), torch.from_numpy(packed))
-        return [(dist.broadcast(t, 0, group=tp.host_group, async_op=True), t) for t in tensors]
+    STOP: ClassVar[np.ndarray] = np.zeros(1, dtype=np.int64)
+
+    def encode(self, packed: np.ndarray) -> np.ndarray:
+        sizes = [1, self.num_seqs, self.num_tokens, self.num_sampled, self.num_feed, self.table_width]
+        return np.concatenate([np.asarray(sizes, dtype=np.int64), packed])
 
     @staticmethod
-    def send_stop(tp: distributed.TPGroup) -> None:
-        dist.broadcast(torch.zeros(7, dtype=torch.int64), 0, group=tp.host_group)
-
-    @staticmethod
-    def recv(tp: distributed.TPGroup) -> tuple[StepHeader, np.ndarray] | None:
-        fields = torch.empty(7, dtype=torch.int64)
-        dist.broadcast(fields, 0, group=tp.host_group)
-        kind, *sizes, length = fields.tolist()
-        if kind == 0:
+    def decode(msg: np.ndarray) -> tuple[StepHeader, np.ndarray] | None:
+        if msg[0] == 0:
             return None
-        packed = torch.empty(length, dtype=torch.int64)
-        dist.broadcast(packed, 0, group=tp.host_group)
-        return StepHeader(*sizes), packed.numpy()
+        return StepHeader(*(int(x) for x in msg[1:6])), msg[6:]
 
 
 @dataclass
@@ -481,6 +475,12 @@ class CudaGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             hidden = r.model(self.ids[:bs], self.positions[:bs])
         self.graphs[bs] = (graph, hidden)
+
+    def release(self) -> None:
+        for graph, _ in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        torch.cuda.synchronize(self.runner.device)
 
     def fits(self, inputs: StepInputs) -> bool:
         meta = inputs.meta

@@ -1,0 +1,87 @@
+"""Where a tensor-parallel decode step's time goes (GPU): torch.profiler on every rank over --steps decode steps of
+--batch requests (dummy weights, CUDA graphs as served). Prints one JSON line per rank: GPU ms per step, ms in NCCL
+kernels per step and their share (an NCCL kernel's time includes waiting for the slowest rank), and the host time per
+step spent blocked (stream/event synchronize, host-group receives). --trace-dir writes a chrome trace per rank.
+    torchrun --standalone --nproc-per-node 4 tools/profile_tp.py --model tools/model_configs/llama-3.1-8b
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+
+import torch
+from bench_common import run_fields, variant_config
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from asyncllm import SamplingParams
+from asyncllm.config import EngineConfig
+from asyncllm.engine.core import EngineCore
+
+# host calls that wait: on the GPU, for a step; on a peer (host-group receives; a device broadcast only launches)
+BLOCKING = ("cudaEventSynchronize", "cudaStreamSynchronize", "cudaDeviceSynchronize", "c10d::broadcast_")
+
+
+def summarize(prof, steps: int) -> dict:
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    nccl = [e for e in kernels if "nccl" in e.name.lower()]
+    blocked = [e for e in events if e.device_type == DeviceType.CPU and any(b in e.name for b in BLOCKING)]
+
+    def ms(evs):
+        return sum(e.time_range.elapsed_us() for e in evs) / 1e3 / steps
+
+    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 1e3 if kernels else 0
+    return dict(gpu_span_ms_per_step=round(span / steps, 3), kernel_ms_per_step=round(ms(kernels), 3),
+                nccl_ms_per_step=round(ms(nccl), 3), nccl_kernels_per_step=round(len(nccl) / steps, 1),
+                nccl_share=round(ms(nccl) / max(ms(kernels), 1e-9), 3), host_blocked_ms_per_step=round(ms(blocked), 3))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--variant", default="flashinfer", help="BACKEND[-eager][-no-overlap]")
+    ap.add_argument("--trace-dir")
+    ap.add_argument("--device", default="cuda", help="cpu: only to try this tool (gloo, float32)")
+    a = ap.parse_args()
+    core = EngineCore(EngineConfig.from_kwargs(
+        a.model, load_format="dummy", device=a.device, dtype="bfloat16" if a.device == "cuda" else "float32", max_model_len=a.prompt_len + a.steps + 32,
+        max_num_seqs=a.batch, max_num_batched_tokens=max(2048, a.batch * a.prompt_len), **variant_config(a.variant)))
+    rank = core.runner.tp.rank
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    if core.is_follower:  # profile every step rank 0 sends (its warm-up steps included: 2 per 64)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            core.follow()
+        steps = a.steps + 4
+    else:
+        rng = random.Random(0)
+        params = SamplingParams(temperature=0.0, max_tokens=a.steps + 4, ignore_eos=True)
+        for _ in range(a.batch):
+            core.add_request([rng.randrange(core.hf_config.vocab_size) for _ in range(a.prompt_len)], params)
+        for _ in range(4):  # prefill and the first decode steps (graphs, plans warm)
+            core.step()
+        sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            steps = 0
+            while core.busy:
+                core.step()
+                steps += 1
+            sync()
+    fields = dict(bench="tp_profile", rank=rank, tp=core.runner.tp.size, batch=a.batch, steps=steps, variant=a.variant,
+                  model=os.path.basename(a.model.rstrip("/")), **summarize(prof, steps), **run_fields())
+    print(json.dumps(fields), flush=True)
+    core.shutdown()  # rank 0: release the followers
+    if a.trace_dir:
+        os.makedirs(a.trace_dir, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(a.trace_dir, f"rank{rank}.json"))
+        with open(os.path.join(a.trace_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+
+
+if __name__ == "__main__":
+    main()
