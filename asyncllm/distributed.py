@@ -8,6 +8,7 @@ gloo group on the host carries the rare start-up and shutdown messages. One host
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -34,14 +35,19 @@ class TPGroup:
     device_group: dist.ProcessGroup | None  # shards' collectives
     host_group: dist.ProcessGroup | None  # start-up and shutdown messages (gloo)
     steps: StepChannel | None = None  # rank 0 -> followers, every step's inputs
+    small_all_reduce: SymmetricMemoryAllReduce | None = None  # opt-in (all_reduce="symm_mem") for small inputs
 
     @property
     def is_leader(self) -> bool:
         return self.rank == 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size > 1:
-            dist.all_reduce(x, group=self.device_group)
+        """The sum over ranks (in place with NCCL; a new tensor on the symmetric-memory path: use the result)."""
+        if self.size == 1:
+            return x
+        if self.small_all_reduce is not None and self.small_all_reduce.fits(x):
+            return self.small_all_reduce(x)
+        dist.all_reduce(x, group=self.device_group)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,6 +57,31 @@ class TPGroup:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.device_group)
         return torch.cat(parts, dim=-1)
+
+
+class SymmetricMemoryAllReduce:
+    """Small all-reduces (decode steps) as one kernel over NVLink instead of NCCL's: each rank stages its input in a
+    buffer its peers can read (torch symmetric memory) and sums every rank's buffer itself (one-shot). Inputs of
+    more than `max_bytes` or of another dtype go to NCCL. Captured in CUDA graphs like any kernel."""
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype, max_bytes: int) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.group_name, self.dtype, self.max_bytes = group.group_name, dtype, max_bytes
+        with contextlib.suppress(AttributeError):  # needed before torch 2.9's implicit enablement
+            symm_mem.enable_symm_mem_for_group(self.group_name)
+        self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
+        symm_mem.rendezvous(self.buffer, self.group_name)  # collective: every rank maps every peer's buffer
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.dtype == self.dtype and x.numel() * x.element_size() <= self.max_bytes and x.is_contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        staged = self.buffer[: x.numel()]
+        staged.copy_(x.view(-1))
+        out = torch.empty_like(x)
+        torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out=out.view(-1))
+        return out
 
 
 SINGLE = TPGroup(0, 1, None, None)
@@ -125,6 +156,7 @@ def shutdown() -> None:
     watchdog.start()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()  # no NCCL work may still run when its communicator is destroyed
+    group.small_all_reduce = None  # its buffer is mapped by every peer: freed before the group goes
     dist.barrier(group=group.host_group)
     dist.destroy_process_group()
     if group.steps is not None:

@@ -44,6 +44,13 @@ def test_llm_under_torchrun_equals_tp1(model, tmp_path):
     assert json.loads(out.read_text()) == tp1_tokens(model)
 
 
+def test_symm_mem_all_reduce_needs_cuda(model, tmp_path):
+    proc = subprocess.run([*TORCHRUN, str(Path(__file__).parent / "tp_generate.py"), str(model), str(tmp_path / "o"),
+                           json.dumps(PROMPTS), "cpu", "float32", "4", json.dumps({"all_reduce": "symm_mem"})],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "all_reduce='symm_mem' needs CUDA GPUs" in proc.stdout + proc.stderr
+
+
 def start_server(model: Path) -> tuple[subprocess.Popen, str, list[str]]:
     proc = subprocess.Popen([*TORCHRUN, "-m", "asyncllm.serve", "--model", str(model), "--device", "cpu", "--tp", "2",
                              "--port", "0", "--max-model-len", "128"], env=ENV, stdout=subprocess.PIPE,

@@ -23,10 +23,10 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def variant_config(variant: str) -> dict:
-    """'BACKEND[-eager][-no-overlap]' -> engine options: eager = no CUDA graphs, no-overlap = each step read back
-    before the next is scheduled."""
+    """'BACKEND[-eager][-no-overlap][-symm]' -> engine options: eager = no CUDA graphs, no-overlap = each step read
+    back before the next is scheduled, symm = tensor parallelism's small all-reduces by the symmetric-memory kernel."""
     return dict(attention_backend=variant.split("-")[0], enforce_eager="-eager" in variant,
-                overlap_schedule="-no-overlap" not in variant)
+                overlap_schedule="-no-overlap" not in variant, all_reduce="symm_mem" if "-symm" in variant else "nccl")
 
 
 class StepTimer:

@@ -3,11 +3,12 @@
 random.seed(0); 256 requests; prompts of random token ids in [0, 10000) with length uniform in [100, 1024];
 max_tokens uniform in [100, 1024]; ignore_eos; temperature 0.6; dummy weights of the given shape; throughput =
 output tokens / wall time of `generate`, after one warm-up. Variants in the same run (--variants,
-BACKEND[-eager][-no-overlap]): CUDA graphs off, overlap scheduling off, other attention backends; each line also
+BACKEND[-eager][-no-overlap][-symm]): CUDA graphs off, overlap scheduling off, symmetric-memory all-reduce, other attention backends; each line also
 gives the host vs GPU time per step. Baseline in the same run: transformers `generate` (eager, bf16, same shape, random weights)
 on a subset — the first --hf-requests requests, max_tokens capped at --hf-max-tokens, left-padded in one batch —
 and our engine on that same subset. One JSON line per result.
     python tools/bench_offline.py --model tools/model_configs/qwen3-0.6b
+    torchrun --standalone --nproc-per-node 4 tools/bench_offline.py --model ... --variants flashinfer --no-hf
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from bench_common import StepTimer, run_fields, variant_config
 
 from asyncllm import LLM, SamplingParams
 
-FLOOR_S = 5.5  # memory-bound floor of this workload on one H100 (BENCHMARKS.md)
 
 
 def main() -> None:
@@ -36,8 +36,11 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--variants", nargs="+", default=["flashinfer", "flashinfer-no-overlap", "flashinfer-eager", "triton"])
+    ap.add_argument("--floor-s", type=float, default=5.5,
+                    help="the workload's memory-bound floor: 5.5 s for qwen3-0.6b on one H100 (BENCHMARKS.md); 0 = none")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     a = ap.parse_args()
-    common = dict(model=os.path.basename(a.model.rstrip("/")), **run_fields())
+    common = dict(model=os.path.basename(a.model.rstrip("/")), tp=int(os.environ.get("WORLD_SIZE", "1")), **run_fields())
     random.seed(0)
     prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(a.num_requests)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, 1024))
@@ -51,6 +54,8 @@ def main() -> None:
     for variant in a.variants:
         llm = LLM(a.model, load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=a.max_num_seqs,
                   max_num_batched_tokens=a.max_num_batched_tokens, **variant_config(variant))
+        if llm.is_follower:  # under torchrun: rank 0 has finished this variant
+            continue
         llm.generate(["warm up"] if llm.tokenizer else [[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)
         timer = StepTimer(llm.engine)
         for bench, ps, pp in (("offline_throughput", prompts, params), ("offline_subset", sub_prompts, sub_params)):
@@ -58,13 +63,16 @@ def main() -> None:
             t = time.perf_counter()
             toks = sum(len(o.token_ids) for o in llm.generate(ps, pp, use_tqdm=False))
             secs = time.perf_counter() - t
-            extra = {"floor_fraction": round(FLOOR_S / secs, 3)} if bench == "offline_throughput" else {}
+            extra = {"floor_fraction": round(a.floor_s / secs, 3)} if bench == "offline_throughput" and a.floor_s else {}
             emit(bench=bench, engine=f"asyncllm-{variant}", requests=len(ps), output_tokens=toks,
                  seconds=round(secs, 2), output_tok_per_s=round(toks / secs, 1), **extra, **timer.summary(secs))
+        llm.shutdown()  # tensor parallelism: release the followers
         del llm, timer
         gc.collect()  # the timer's wrappers form a reference cycle with the runner
         torch.cuda.empty_cache()
 
+    if a.no_hf or int(os.environ.get("RANK", "0")):
+        return
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(a.model)

@@ -34,6 +34,10 @@ from asyncllm.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+# all_reduce="symm_mem": inputs up to this size (bytes) take the one-shot kernel (a decode step of up to 128 rows
+# of a 4096-wide bf16 model), larger ones NCCL
+SYMM_MEM_ALL_REDUCE_BYTES = 1 << 20
+
 
 @dataclass
 class StepInputs:
@@ -104,6 +108,11 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.tp = distributed.init_from_env(config.tensor_parallel_size, self.device)
+        if config.all_reduce == "symm_mem" and self.tp.size > 1 and self.tp.small_all_reduce is None:
+            if self.device.type != "cuda":
+                raise InvalidRequestError("all_reduce='symm_mem' needs CUDA GPUs", "all_reduce")
+            self.tp.small_all_reduce = distributed.SymmetricMemoryAllReduce(
+                self.tp.device_group, self.device, self.dtype, SYMM_MEM_ALL_REDUCE_BYTES)
         torch.manual_seed(config.seed)
 
         default_dtype = torch.get_default_dtype()

@@ -1,5 +1,6 @@
 """bf16 tensor parallelism on CUDA (NCCL): TP = 2 and 4 give transformers' greedy tokens until the first near-tie,
-like TP = 1 does (same tolerance as test_gpu_parity). Needs as many GPUs (device kinds nvidia-h200-x2 / -x4)."""
+like TP = 1 does (same tolerance as test_gpu_parity), with NCCL all-reduces and with the symmetric-memory one-shot
+kernel. Needs as many GPUs (device kinds nvidia-h200-x2 / -x4)."""
 from __future__ import annotations
 
 import json
@@ -28,18 +29,18 @@ def model(tmp_path_factory):
                            initializer_range=0.05)
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
-def test_tp_bf16_matches_transformers(model, tmp_path, tp):
+@pytest.mark.parametrize("tp,all_reduce", [(1, "nccl"), (2, "nccl"), (2, "symm_mem"), (4, "nccl"), (4, "symm_mem")])
+def test_tp_bf16_matches_transformers(model, tmp_path, tp, all_reduce):
     if torch.cuda.device_count() < tp:
         pytest.skip(f"needs {tp} GPUs")
     out = tmp_path / "tokens.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
            str(Path(__file__).parents[1] / "tp_generate.py"), str(model), str(out), json.dumps(PROMPTS), "cuda",
-           "bfloat16", "64"]
+           "bfloat16", "64", json.dumps({"all_reduce": all_reduce})]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     ours = json.loads(out.read_text())
     ref = hf_greedy_with_logits(model, PROMPTS, 64, torch.bfloat16, "cuda")
     matched = [assert_same_until_near_tie(o, r[0], r[1], TIE) for o, r in zip(ours, ref)]
-    print(f"tp={tp}: tokens matched before a near-tie: {matched} of 64")
+    print(f"tp={tp} {all_reduce}: tokens matched before a near-tie: {matched} of 64")
     assert sum(matched) >= 0.25 * 64 * len(PROMPTS)
