@@ -1,7 +1,10 @@
 """Shared fixtures: the real SmolLM2 directory, tiny random HF models, and a transformers reference."""
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +138,37 @@ def _free_gpu_memory(request):
 
         gc.collect()
         torch.cuda.empty_cache()
+
+
+# ---- tensor parallelism: the HTTP server under torchrun -----------------------------------------------------------
+def start_tp_server(model: Path, nproc: int, device: str, env: dict[str, str], *extra: str
+                    ) -> tuple[subprocess.Popen, str, list[str]]:
+    """`torchrun --nproc-per-node nproc -m asyncllm.serve` on a free port; returns once rank 0 says it is ready."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "asyncllm.serve", "--model", str(model), "--device", device, "--tp", str(nproc), "--port", "0",
+           "--max-model-len", "128", *extra]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines: list[str] = []
+    for line in proc.stdout:  # type: ignore[union-attr]
+        lines.append(line)
+        if m := re.search(r"ready on (http://\S+)", line):
+            return proc, m.group(1), lines
+    raise AssertionError("server did not start:\n" + "".join(lines[-40:]))
+
+
+def leader_pid(lines: list[str]) -> int:
+    return int(next(m.group(1) for line in lines if (m := re.search(r"serving .* \(pid (\d+),", line))))
+
+
+def follower_pid(proc: subprocess.Popen, lines: list[str], rank: int = 1) -> int:
+    """A follower's pid from its log line (which may come just after rank 0's 'ready')."""
+    pattern = re.compile(rf"rank {rank} \(pid (\d+)\): following rank 0")
+    for line in lines:
+        if m := pattern.search(line):
+            return int(m.group(1))
+    for line in proc.stdout:  # type: ignore[union-attr]
+        lines.append(line)
+        if m := pattern.search(line):
+            return int(m.group(1))
+    raise AssertionError("no follower line in:\n" + "".join(lines[-40:]))

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from asyncllm import LLM, SamplingParams
-from conftest import make_tiny_model, random_prompts
+from conftest import follower_pid, leader_pid, make_tiny_model, random_prompts, start_tp_server
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ASYNCLLM_COLLECTIVE_TIMEOUT_S": "20"}
@@ -51,37 +51,8 @@ def test_symm_mem_all_reduce_needs_cuda(model, tmp_path):
     assert proc.returncode != 0 and "all_reduce='symm_mem' needs CUDA GPUs" in proc.stdout + proc.stderr
 
 
-def start_server(model: Path) -> tuple[subprocess.Popen, str, list[str]]:
-    proc = subprocess.Popen([*TORCHRUN, "-m", "asyncllm.serve", "--model", str(model), "--device", "cpu", "--tp", "2",
-                             "--port", "0", "--max-model-len", "128"], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: list[str] = []
-    for line in proc.stdout:  # type: ignore[union-attr]
-        lines.append(line)
-        if m := re.search(r"ready on (http://\S+)", line):
-            return proc, m.group(1), lines
-    raise AssertionError("server did not start:\n" + "".join(lines[-40:]))
-
-
-def leader_pid(lines: list[str]) -> int:
-    return int(next(m.group(1) for line in lines if (m := re.search(r"serving .* \(pid (\d+),", line))))
-
-
-def follower_pid(proc: subprocess.Popen, lines: list[str]) -> int:
-    """The follower's pid from its log line (which may come just after rank 0's 'ready')."""
-    pattern = re.compile(r"rank 1 \(pid (\d+)\): following rank 0")
-    for line in lines:
-        if m := pattern.search(line):
-            return int(m.group(1))
-    for line in proc.stdout:  # type: ignore[union-attr]
-        lines.append(line)
-        if m := pattern.search(line):
-            return int(m.group(1))
-    raise AssertionError("no follower line in:\n" + "".join(lines[-40:]))
-
-
 def test_http_server_under_torchrun_equals_tp1_and_stops_on_sigterm(model):
-    proc, url, lines = start_server(model)
+    proc, url, lines = start_tp_server(model, 2, "cpu", ENV)
     try:
         follower = follower_pid(proc, lines)
         got = []
@@ -103,7 +74,7 @@ def test_http_server_under_torchrun_equals_tp1_and_stops_on_sigterm(model):
 
 @pytest.mark.parametrize("victim", [1, 0])
 def test_a_dead_rank_ends_the_job_with_an_error_naming_it(model, victim):
-    proc, url, lines = start_server(model)
+    proc, url, lines = start_tp_server(model, 2, "cpu", ENV)
     try:
         pid = follower_pid(proc, lines) if victim else leader_pid(lines)
         os.kill(pid, signal.SIGKILL)

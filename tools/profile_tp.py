@@ -1,7 +1,9 @@
 """Where a tensor-parallel decode step's time goes (GPU): torch.profiler on every rank over --steps decode steps of
---batch requests (dummy weights, CUDA graphs as served). Prints one JSON line per rank: GPU ms per step, ms in NCCL
-kernels per step and their share (an NCCL kernel's time includes waiting for the slowest rank), and the host time per
-step spent blocked (stream/event synchronize, host-group receives). --trace-dir writes a chrome trace per rank.
+--batch requests (dummy weights, CUDA graphs as served). Prints one JSON line per rank: GPU ms per step, ms in
+collective kernels (NCCL, symmetric-memory all-reduce) per step and their share (a collective's time includes waiting
+for the slowest rank), and the host time per
+step spent blocked (stream/event synchronize), and the GPU's idle time within the steps' span (gaps between kernels,
+also inside graphs). --trace-dir writes a chrome trace and the top host / device ops per rank.
     torchrun --standalone --nproc-per-node 4 tools/profile_tp.py --model tools/model_configs/llama-3.1-8b
 """
 from __future__ import annotations
@@ -20,23 +22,30 @@ from asyncllm import SamplingParams
 from asyncllm.config import EngineConfig
 from asyncllm.engine.core import EngineCore
 
-# host calls that wait: on the GPU, for a step; on a peer (host-group receives; a device broadcast only launches)
-BLOCKING = ("cudaEventSynchronize", "cudaStreamSynchronize", "cudaDeviceSynchronize", "c10d::broadcast_")
+# collectives: NCCL's kernels and the symmetric-memory all-reduce
+COMM_KERNELS = ("nccl", "all_reduce")
+# host calls that wait for the GPU
+BLOCKING = ("cudaEventSynchronize", "cudaStreamSynchronize", "cudaDeviceSynchronize")
 
 
 def summarize(prof, steps: int) -> dict:
     events = prof.events()
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-    nccl = [e for e in kernels if "nccl" in e.name.lower()]
+    comm = [e for e in kernels if any(k in e.name.lower() for k in COMM_KERNELS)]
     blocked = [e for e in events if e.device_type == DeviceType.CPU and any(b in e.name for b in BLOCKING)]
 
     def ms(evs):
         return sum(e.time_range.elapsed_us() for e in evs) / 1e3 / steps
 
     span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 1e3 if kernels else 0
-    return dict(gpu_span_ms_per_step=round(span / steps, 3), kernel_ms_per_step=round(ms(kernels), 3),
-                nccl_ms_per_step=round(ms(nccl), 3), nccl_kernels_per_step=round(len(nccl) / steps, 1),
-                nccl_share=round(ms(nccl) / max(ms(kernels), 1e-9), 3), host_blocked_ms_per_step=round(ms(blocked), 3))
+    busy, end = 0.0, float("-inf")  # union of kernel intervals (us): the rest of the span the GPU sat idle
+    for e in sorted(kernels, key=lambda e: e.time_range.start):
+        start, stop = max(e.time_range.start, end), e.time_range.end
+        busy, end = busy + max(0.0, stop - start), max(end, stop)
+    return dict(gpu_span_ms_per_step=round(span / steps, 3), gpu_idle_ms_per_step=round((span - busy / 1e3) / steps, 3),
+                kernels_per_step=round(len(kernels) / steps, 1), kernel_ms_per_step=round(ms(kernels), 3),
+                comm_ms_per_step=round(ms(comm), 3), comm_kernels_per_step=round(len(comm) / steps, 1),
+                comm_share=round(ms(comm) / max(ms(kernels), 1e-9), 3), host_blocked_ms_per_step=round(ms(blocked), 3))
 
 
 def main() -> None:
@@ -81,6 +90,7 @@ def main() -> None:
         prof.export_chrome_trace(os.path.join(a.trace_dir, f"rank{rank}.json"))
         with open(os.path.join(a.trace_dir, f"rank{rank}.txt"), "w") as f:
             f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+            f.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""bf16 tensor parallelism on CUDA (NCCL): TP = 2 and 4 give transformers' greedy tokens until the first near-tie,
+"""bf16 tensor parallelism on CUDA (NCCL): TP = 2 and 4 give transformers' greedy tokens until the first near-tie
+(through `LLM` and through the HTTP server under torchrun),
 like TP = 1 does (same tolerance as test_gpu_parity), with NCCL all-reduces and with the symmetric-memory one-shot
 kernel. Needs as many GPUs (device kinds nvidia-h200-x2 / -x4)."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_same_until_near_tie, hf_greedy_with_logits, make_tiny_model, random_prompts
+from conftest import (
+    assert_same_until_near_tie,
+    hf_greedy_with_logits,
+    leader_pid,
+    make_tiny_model,
+    random_prompts,
+    start_tp_server,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -44,3 +53,35 @@ def test_tp_bf16_matches_transformers(model, tmp_path, tp, all_reduce):
     matched = [assert_same_until_near_tie(o, r[0], r[1], TIE) for o, r in zip(ours, ref)]
     print(f"tp={tp} {all_reduce}: tokens matched before a near-tie: {matched} of 64")
     assert sum(matched) >= 0.25 * 64 * len(PROMPTS)
+
+
+def test_tp_http_server_matches_transformers_and_stops_on_sigterm(model):
+    """The used-by line: `torchrun --nproc-per-node N -m asyncllm.serve` on N GPUs (4 where there are), queried with
+    the openai client (plain and streaming), then SIGTERM on rank 0 ends every rank with exit code 0."""
+    import openai
+
+    n = min(4, torch.cuda.device_count())
+    if n < 2:
+        pytest.skip("needs 2 GPUs")
+    prompts = random_prompts(4, 2048, 10, 60, seed=5)
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}
+    proc, url, lines = start_tp_server(model, n, "cuda", env, "--dtype", "bfloat16", "--max-num-seqs", "16")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        name = client.models.list().data[0].id
+        extra = {"ignore_eos": True, "return_token_ids": True}
+        ours = [client.completions.create(model=name, prompt=p, max_tokens=32, temperature=0, extra_body=extra)
+                .choices[0].model_extra["token_ids"] for p in prompts]
+        stream = client.completions.create(model=name, prompt=prompts[0], max_tokens=32, temperature=0, stream=True,
+                                           extra_body=extra)
+        streamed = [t for chunk in stream for t in (chunk.choices[0].model_extra.get("token_ids") or [])]
+        assert streamed == ours[0]
+        os.kill(leader_pid(lines), signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, "".join(lines[-40:])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    ref = hf_greedy_with_logits(model, prompts, 32, torch.bfloat16, "cuda")
+    matched = [assert_same_until_near_tie(o, r[0], r[1], TIE) for o, r in zip(ours, ref)]
+    print(f"server tp={n}: tokens matched before a near-tie: {matched} of 32")
+    assert sum(matched) >= 0.25 * 32 * len(prompts)
