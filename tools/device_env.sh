@@ -2,13 +2,16 @@
 #   . tools/device_env.sh
 # Unpacks the flashinfer bundle and the AOT kernels, adds the wheels the machine lacks (after its own
 # site-packages, so nothing it has is shadowed), and puts the repo on PYTHONPATH.
+# .device/extra.tar.xz = the unpacked wheels of prometheus-client pydantic pydantic-core annotated-types
+# typing-inspection typing-extensions httpx httpcore h11 anyio sniffio certifi idna gguf openai distro jiter
+# (pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 ...).
 set -e
 mkdir -p /tmp/site
 [ -d /tmp/site/flashinfer ] || { tar xJf .device/bundle.tar.xz -C /tmp/site && tar xJf .device/aot.tar.xz -C /tmp/site; }
 # kernels/ is imported as asyncllm_kernels (the install maps it; here a link does)
 mkdir -p /tmp/alias && ln -sfn "$PWD/kernels" /tmp/alias/asyncllm_kernels
 export PYTHONPATH=/tmp/site:$PWD:/tmp/alias${PYTHONPATH:+:$PYTHONPATH} FLASHINFER_DISABLE_JIT=1 PYTHONUNBUFFERED=1
-if ! python -c "import pydantic, prometheus_client, httpx, gguf" 2>/dev/null; then
+if ! python -c "import pydantic, prometheus_client, httpx, gguf, openai" 2>/dev/null; then
   mkdir -p /tmp/extra && tar xJf .device/extra.tar.xz -C /tmp/extra
   echo /tmp/extra > "$(python -c 'import site; print(site.getsitepackages()[0])')/zz-asyncllm-extra.pth"
 fi
