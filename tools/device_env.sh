@@ -3,7 +3,8 @@
 # Unpacks the flashinfer bundle and the AOT kernels, adds the wheels the machine lacks (after its own
 # site-packages, so nothing it has is shadowed), and puts the repo on PYTHONPATH.
 # .device/extra.tar.xz = the unpacked wheels of prometheus-client pydantic pydantic-core annotated-types
-# typing-inspection typing-extensions httpx httpcore h11 anyio sniffio certifi idna gguf openai distro jiter
+# typing-inspection typing-extensions httpx httpcore h11 anyio sniffio certifi idna gguf openai httpx2 httpcore2
+# truststore distro jiter
 # (pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 ...).
 set -e
 mkdir -p /tmp/site
