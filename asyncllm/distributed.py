@@ -68,7 +68,7 @@ class SymmetricMemoryAllReduce:
         import torch.distributed._symmetric_memory as symm_mem
 
         self.group_name, self.dtype, self.max_bytes = group.group_name, dtype, max_bytes
-        with contextlib.suppress(AttributeError):  # needed before torch 2.9's implicit enablement
+        with contextlib.suppress(AttributeError):  # older torch needs the group enabled; newer drops the call
             symm_mem.enable_symm_mem_for_group(self.group_name)
         self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)  # collective: every rank maps every peer's buffer
