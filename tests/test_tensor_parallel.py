@@ -41,7 +41,25 @@ def test_llm_under_torchrun_equals_tp1(model, tmp_path):
     proc = subprocess.run([*TORCHRUN, str(Path(__file__).parent / "tp_generate.py"), str(model), str(out),
                            json.dumps(PROMPTS)], env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert json.loads(out.read_text()) == tp1_tokens(model)
+    assert json.loads(out.read_text())["tokens"] == tp1_tokens(model)
+
+
+def test_sampling_chunked_prefill_and_preemption_under_torchrun_equal_tp1(model, tmp_path):
+    """Seeded sampling with top-k/top-p and penalties, prompts cut into 16-token chunks, and a cache of 8 blocks that
+    forces preemptions: rank 0 decides all of it, the follower only runs the steps, and nothing changes."""
+    config = dict(max_model_len=128, num_kv_blocks=8, max_num_batched_tokens=16, max_num_seqs=3)
+    params = dict(temperature=0.8, top_k=40, top_p=0.9, seed=7, presence_penalty=0.5, repetition_penalty=1.1,
+                  max_tokens=16, ignore_eos=True)
+    out = tmp_path / "tokens.json"
+    proc = subprocess.run([*TORCHRUN, str(Path(__file__).parent / "tp_generate.py"), str(model), str(out),
+                           json.dumps(PROMPTS), "cpu", "float32", "16", json.dumps(config), json.dumps(params)],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    llm = LLM(str(model), **config)
+    ref = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(**params), use_tqdm=False)]
+    assert got["preemptions"] > 0 and got["preemptions"] == llm.engine.scheduler.stats.num_preemptions
+    assert got["tokens"] == ref
 
 
 def test_symm_mem_all_reduce_needs_cuda(model, tmp_path):

@@ -48,7 +48,7 @@ def test_tp_bf16_matches_transformers(model, tmp_path, tp, all_reduce):
            "bfloat16", "64", json.dumps({"all_reduce": all_reduce})]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    ours = json.loads(out.read_text())
+    ours = json.loads(out.read_text())["tokens"]
     ref = hf_greedy_with_logits(model, PROMPTS, 64, torch.bfloat16, "cuda")
     matched = [assert_same_until_near_tie(o, r[0], r[1], TIE) for o, r in zip(ours, ref)]
     print(f"tp={tp} {all_reduce}: tokens matched before a near-tie: {matched} of 64")
