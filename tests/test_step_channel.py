@@ -34,7 +34,9 @@ def dead_pid() -> int:
 def test_messages_arrive_whole_and_in_order(pair):
     leader, follower = pair
     rng = np.random.default_rng(0)
-    sizes = [0, 1, SLOT_WORDS - 1, SLOT_WORDS, 3 * SLOT_WORDS + 5] + [int(x) for x in rng.integers(1, 300, 3 * NUM_SLOTS)]
+    # up to one message longer than the whole ring (the reader frees slots while the sender still writes it)
+    sizes = [0, 1, SLOT_WORDS - 1, SLOT_WORDS, 3 * SLOT_WORDS + 5, NUM_SLOTS * SLOT_WORDS + 3]
+    sizes += [int(x) for x in rng.integers(1, 300, 3 * NUM_SLOTS)]
     msgs = [rng.integers(-2**62, 2**62, n, dtype=np.int64) for n in sizes]
     got: list[np.ndarray] = []
     reader = threading.Thread(target=lambda: got.extend(follower.recv() for _ in msgs))
