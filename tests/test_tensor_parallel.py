@@ -32,14 +32,19 @@ def model(request, tmp_path_factory):
                            intermediate_size=96, vocab_size=511)  # a vocabulary that does not split evenly
 
 
+def tp_generate(model: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    """tests/tp_generate.py over 2 ranks (args: device dtype max_tokens config_json params_json)."""
+    return subprocess.run([*TORCHRUN, str(Path(__file__).parent / "tp_generate.py"), str(model), str(out),
+                           json.dumps(PROMPTS), *args], env=ENV, capture_output=True, text=True, timeout=300)
+
+
 def tp1_tokens(model: Path) -> list[list[int]]:
     return [o.token_ids for o in LLM(str(model), max_model_len=128).generate(PROMPTS, GREEDY, use_tqdm=False)]
 
 
 def test_llm_under_torchrun_equals_tp1(model, tmp_path):
     out = tmp_path / "tokens.json"
-    proc = subprocess.run([*TORCHRUN, str(Path(__file__).parent / "tp_generate.py"), str(model), str(out),
-                           json.dumps(PROMPTS)], env=ENV, capture_output=True, text=True, timeout=300)
+    proc = tp_generate(model, out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads(out.read_text())["tokens"] == tp1_tokens(model)
 
@@ -51,9 +56,7 @@ def test_sampling_chunked_prefill_and_preemption_under_torchrun_equal_tp1(model,
     params = dict(temperature=0.8, top_k=40, top_p=0.9, seed=7, presence_penalty=0.5, repetition_penalty=1.1,
                   max_tokens=16, ignore_eos=True)
     out = tmp_path / "tokens.json"
-    proc = subprocess.run([*TORCHRUN, str(Path(__file__).parent / "tp_generate.py"), str(model), str(out),
-                           json.dumps(PROMPTS), "cpu", "float32", "16", json.dumps(config), json.dumps(params)],
-                          env=ENV, capture_output=True, text=True, timeout=300)
+    proc = tp_generate(model, out, "cpu", "float32", "16", json.dumps(config), json.dumps(params))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = json.loads(out.read_text())
     llm = LLM(str(model), **config)
@@ -63,9 +66,7 @@ def test_sampling_chunked_prefill_and_preemption_under_torchrun_equal_tp1(model,
 
 
 def test_symm_mem_all_reduce_needs_cuda(model, tmp_path):
-    proc = subprocess.run([*TORCHRUN, str(Path(__file__).parent / "tp_generate.py"), str(model), str(tmp_path / "o"),
-                           json.dumps(PROMPTS), "cpu", "float32", "4", json.dumps({"all_reduce": "symm_mem"})],
-                          env=ENV, capture_output=True, text=True, timeout=300)
+    proc = tp_generate(model, tmp_path / "o", "cpu", "float32", "4", json.dumps({"all_reduce": "symm_mem"}))
     assert proc.returncode != 0 and "all_reduce='symm_mem' needs CUDA GPUs" in proc.stdout + proc.stderr
 
 

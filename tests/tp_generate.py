@@ -1,5 +1,5 @@
-"""Run by torchrun from the tensor-parallel tests: greedy tokens through `LLM` on every rank's shard; rank 0 writes
-them as JSON. The documented pattern: followers get their LLM back only once rank 0 has shut down.
+"""Run by torchrun from the tensor-parallel tests: tokens (greedy by default) through `LLM` on every rank's shard;
+rank 0 writes them as JSON. The documented pattern: followers get their LLM back only once rank 0 has shut down.
     torchrun --nproc-per-node N tests/tp_generate.py MODEL OUT.json PROMPTS_JSON [device dtype max_tokens [CONFIG_JSON
     [PARAMS_JSON]]]
 CONFIG_JSON overrides engine options, PARAMS_JSON sampling parameters (default greedy, ignore_eos). Rank 0 writes
