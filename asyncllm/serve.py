@@ -28,7 +28,7 @@ log = logging.getLogger("asyncllm.serve")
 ENGINE_FLAGS = ("dtype", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size",
                 "gpu_memory_utilization", "num_kv_blocks", "kv_cache_memory_bytes", "enforce_eager", "load_format",
                 "attention_backend", "all_reduce", "seed", "enable_prefix_caching", "cuda_graph_max_bs", "overlap_schedule",
-                "tensor_parallel_size")
+                "tensor_parallel_size", "decode_gemv")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,8 +59,11 @@ def parser() -> argparse.ArgumentParser:
                    help="schedule step N+1 while the GPU runs step N (default: on with CUDA, off on CPU)")
     g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
                    help="shards over torchrun's processes; must equal --nproc-per-node (1 = whatever torchrun started)")
-    g.add_argument("--all-reduce", default="nccl", choices=["nccl", "symm_mem"],
-                   help="tensor parallelism on CUDA: symm_mem = one-shot symmetric-memory kernel for small all-reduces")
+    g.add_argument("--all-reduce", default="nccl", choices=["nccl", "symm_mem", "flashinfer"],
+                   help="tensor parallelism on CUDA, small all-reduces: symm_mem = torch's one-shot kernel, flashinfer "
+                        "= one-shot kernel fused with the residual add and RMSNorm")
+    g.add_argument("--decode-gemv", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA: one-row (batch-1 decode) matmuls by the Triton GEMV instead of cuBLAS")
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"], help="dummy = random weights")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer", "triton"], help="attention implementation")
     g.add_argument("--seed", type=int, default=0, help="seed of the shared sampling generator")

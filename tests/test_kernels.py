@@ -62,7 +62,8 @@ def test_store_kv_scatters_and_skips_padding():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_size, hq, hk, dim, lens", [(4, 4, 2, 16, [1, 7, 33]), (16, 9, 3, 64, [600, 5])])
+@pytest.mark.parametrize("block_size, hq, hk, dim, lens", [(4, 4, 2, 16, [1, 7, 33]), (16, 9, 3, 64, [600, 5]),
+                                                         (16, 4, 1, 32, [2000])])
 def test_paged_decode_attention(block_size, hq, hk, dim, lens, dtype):
     if DEVICE == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter mis-evaluates bf16 tl.dot; bf16 runs on the GPU (pytest -m gpu)")
@@ -78,9 +79,11 @@ def test_paged_decode_attention(block_size, hq, hk, dim, lens, dtype):
         used += nb
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     q = rnd(len(lens), hq, dim, dtype=dtype)
-    out = K.paged_decode_attention(q, cache, tables, seq_lens, dim**-0.5, max(lens))
     ref = K.paged_decode_attention_ref(q, cache, tables, seq_lens, dim**-0.5)
-    torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
+    for bound in (max(lens), 4 * max(lens)):  # one chunk per head, or several merged in the kernel (twice: the
+        for _ in range(2):                    # arrival counters are reset for the next call)
+            out = K.paged_decode_attention(q, cache, tables, seq_lens, dim**-0.5, bound)
+            torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
 
 
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [5, 1, 9, 1], [7, 12]])
@@ -133,3 +136,15 @@ def test_gumbel_sample_follows_softmax_and_greedy_rows(dtype):
                        K.gumbel_sample(small, temps[draws - 20:], seed=5))
     assert not torch.equal(K.gumbel_sample(small, temps[draws - 20:], seed=5),
                            K.gumbel_sample(small, temps[draws - 20:], seed=6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, n, k", [(1, 5, 40), (3, 70, 96), (4, 33, 300)])
+@pytest.mark.parametrize("bias, silu_mul", [(False, False), (True, False), (False, True)])
+def test_gemv_matches_linear(rows, n, k, dtype, bias, silu_mul):
+    torch.manual_seed(5)
+    x = rnd(rows, 2 * k if silu_mul else k, dtype=dtype)
+    w, b = rnd(n, k, dtype=dtype), rnd(n, dtype=dtype) if bias else None
+    out, ref = K.gemv(x, w, b, silu_mul=silu_mul), K.gemv_ref(x, w, b, silu_mul=silu_mul)
+    assert out.shape == (rows, n) and out.dtype == dtype
+    torch.testing.assert_close(out, ref, atol=TOL[dtype] * k**0.5, rtol=TOL[dtype])

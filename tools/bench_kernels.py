@@ -1,6 +1,6 @@
 """Workload 5 of BENCHMARKS.md: each Triton kernel vs its PyTorch eager reference on the same inputs, at decode-
 and prefill-sized shapes, with the fraction of the measured copy bandwidth. GPU only. One JSON line per result.
-    python tools/bench_kernels.py [--bandwidth-tbs 2.99]
+    python tools/bench_kernels.py [--bandwidth-tbs 2.99] [--kernels gemv rope ...]
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def emit(**f):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bandwidth-tbs", type=float, default=None, help="copy bandwidth; measured when omitted")
+    ap.add_argument("--kernels", nargs="+", default=None, help="only these (default: all)")
     a = ap.parse_args()
     dev, bf16 = "cuda", torch.bfloat16
     common = run_fields()
@@ -36,6 +37,8 @@ def main() -> None:
     bw = a.bandwidth_tbs * 1e12
 
     def report(kernel, shape, ours, ref, nbytes):
+        if a.kernels and kernel.split("[")[0] not in a.kernels:
+            return
         t_ours, t_ref = do_bench(ours) * 1e3, do_bench(ref) * 1e3  # microseconds
         emit(bench="kernels", kernel=kernel, shape=shape, triton_us=round(t_ours, 2), torch_eager_us=round(t_ref, 2),
              speedup=round(t_ref / t_ours, 2), bandwidth_fraction=round(nbytes / (t_ours * 1e-6) / bw, 3), **common)
@@ -74,6 +77,18 @@ def main() -> None:
         report("paged_decode_attention", f"b{batch} ctx{ctx} {hq}/{hk}x128",
                lambda: K.paged_decode_attention(q, cache, tables, lens, 128**-0.5, ctx),
                lambda: backend.forward(q, knew, knew, cache, 128**-0.5), 2 * batch * ctx * hk * 128 * 2)
+    # decode matmuls of Llama-3.1-8B (q|k|v, o, gate|up, down, LM head) whole and as one of 4 tensor-parallel shards
+    for rows in (1, 4):
+        for tp in (1, 4):
+            for name, n, k in (("qkv", 6144 // tp, 4096), ("o", 4096, 4096 // tp), ("gate_up", 28672 // tp, 4096),
+                               ("down", 4096, 14336 // tp), ("lm_head", 128256 // tp, 4096)):
+                w = torch.randn(n, k, device=dev, dtype=bf16)
+                silu = name == "down"
+                x = torch.randn(rows, 2 * k if silu else k, device=dev, dtype=bf16)
+                for tile, warps in ((4096, 4), (8192, 4), (8192, 8), (16384, 8)):
+                    report(f"gemv[{tile}/{warps}]", f"{name}/tp{tp} {rows}x{n}x{k}",
+                           lambda: K.gemv(x, w, silu_mul=silu, tile=tile, num_warps=warps),
+                           lambda: K.gemv_ref(x, w, silu_mul=silu), w.numel() * 2)
     # temperature sampling over the Qwen3 vocabulary: fused Gumbel-max vs our torch sampler (exponential race)
     from asyncllm.layers.sampler import Sampler, SamplingTensors
 

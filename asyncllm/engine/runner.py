@@ -25,6 +25,7 @@ from asyncllm.layers.attention import (
     TorchAttentionBackend,
     TritonAttentionBackend,
 )
+from asyncllm.layers.linear import MergedLinear, RowParallelLinear, VocabParallelEmbedding
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
 from asyncllm.layers.sampler import Penalties, Sampler, SamplingTensors
@@ -33,10 +34,6 @@ from asyncllm.models.loader import init_dummy, load_safetensors
 from asyncllm.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-# all_reduce="symm_mem": inputs up to this size (bytes) take the one-shot kernel (a decode step of up to 128 rows
-# of a 4096-wide bf16 model), larger ones NCCL
-SYMM_MEM_ALL_REDUCE_BYTES = 1 << 20
 
 
 @dataclass
@@ -108,11 +105,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.tp = distributed.init_from_env(config.tensor_parallel_size, self.device)
-        if config.all_reduce == "symm_mem" and self.tp.size > 1 and self.tp.small_all_reduce is None:
-            if self.device.type != "cuda":
-                raise InvalidRequestError("all_reduce='symm_mem' needs CUDA GPUs", "all_reduce")
-            self.tp.small_all_reduce = distributed.SymmetricMemoryAllReduce(
-                self.tp.device_group, self.device, self.dtype, SYMM_MEM_ALL_REDUCE_BYTES)
+        self.tp.use_fast_all_reduce(config.all_reduce, self.device, self.dtype, hf_config.hidden_size)
         torch.manual_seed(config.seed)
 
         default_dtype = torch.get_default_dtype()
@@ -130,9 +123,11 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = make_backend(config.attention_backend, self.device, self.dtype, self.attention_layers[0],
                                     self.block_size)
-        if self.backend.name != "torch":  # GPU fast path: fused Triton norm and rotary kernels too
+        if self.backend.name != "torch":  # GPU fast path: Triton norm, rotary and (decode) matmul kernels too
+            fast = (RMSNorm, RotaryEmbedding, *((MergedLinear, RowParallelLinear, VocabParallelEmbedding)
+                                                 if config.decode_gemv else ()))
             for m in self.model.modules():
-                if isinstance(m, (RMSNorm, RotaryEmbedding)):
+                if isinstance(m, fast):
                     m.fused = True
         self.sampler = Sampler(self.device, config.seed)
         self.sampler.fused = self.backend.name != "torch"

@@ -3,9 +3,10 @@
 One plan per step, on the host: page table as CSR (indptr, indices, last page length) built with numpy from the
 step's host block tables. Steps with any multi-token row (prefill, chunked prefill, prefix hits) run the paged
 prefill wrapper (fa2; the causal mask is aligned to the end of each sequence, so new tokens after a cached prefix
-need nothing else); decode-only steps run the paged decode wrapper (tensor cores when >= 4 query heads share a KV
-head). Decode steps replayed from CUDA graphs use one graph-mode decode wrapper per captured batch size, planned
-before each replay (plans cannot be captured). New K/V are stored by the Triton KV-store kernel.
+need nothing else); eager decode-only steps run the paged decode wrapper (tensor cores when >= 4 query heads share
+a KV head). Decode steps replayed from CUDA graphs run the Triton paged decode kernel on the graph's static block
+tables and lengths instead: one kernel per layer (flashinfer's needs a merge kernel after it) and no plan before
+each replay. New K/V are stored by the Triton KV-store kernel.
 
 Each wrapper's plan() refills its own page-locked host buffer and copies it to the device on the step's stream;
 an event recorded after the plan is waited on before the next plan of that wrapper, so a plan never overwrites
@@ -44,7 +45,8 @@ class FlashInferAttentionBackend:
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self.tensor_cores, backend="fa2")
-        self.graph_decode: dict[int, Any] = {}  # batch size -> graph-mode decode wrapper
+        self.graph_meta: AttentionMetadata | None = None  # the graph being captured: its static buffers
+        self.graph_max_len = 0
         self._planned: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> event after its last plan
         self.wrapper: Any = None
         self.slot_mapping: torch.Tensor | None = None
@@ -94,20 +96,12 @@ class FlashInferAttentionBackend:
         self._plan(self.wrapper, meta)
 
     def plan_graph(self, batch_size: int, meta: AttentionMetadata, capture: bool) -> None:
-        """Plan the graph-mode decode wrapper of `batch_size` for `meta` (padded up to batch_size). At capture,
-        also route forward() to it and to the graph's static slot mapping."""
-        if batch_size not in self.graph_decode:
-            width = meta.block_tables.shape[1]
-            i32, dev = torch.int32, self.device
-            self.graph_decode[batch_size] = self.fi.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_cores, backend="fa2",
-                paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=i32, device=dev),
-                paged_kv_indices_buffer=torch.zeros(batch_size * width, dtype=i32, device=dev),
-                paged_kv_last_page_len_buffer=torch.zeros(batch_size, dtype=i32, device=dev))
-        wrapper = self.graph_decode[batch_size]
+        """CUDA graphs: at capture, route forward() to the Triton decode kernel over the graph's static buffers
+        (`meta` of the largest length); nothing to do before a replay."""
         if capture:
-            self.slot_mapping, self.wrapper = meta.slot_mapping, wrapper
-        self._plan(wrapper, meta, pad_to=batch_size)
+            self.slot_mapping, self.wrapper = meta.slot_mapping, None
+            self.graph_meta = meta
+            self.graph_max_len = max(meta.seq_lens_cpu)
 
     # ---- per layer ------------------------------------------------------------------------------------------
     def forward(
@@ -115,6 +109,10 @@ class FlashInferAttentionBackend:
     ) -> torch.Tensor:
         assert self.slot_mapping is not None, "plan() first"
         self.kernels.store_kv(k, v, kv_cache, self.slot_mapping)
+        if self.wrapper is None:  # capturing a decode graph
+            meta = self.graph_meta
+            return self.kernels.paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
+                                                       self.graph_max_len)
         return self.wrapper.run(q, (kv_cache[0], kv_cache[1]))
 
 

@@ -1,8 +1,11 @@
-"""RMSNorm with an optional fused residual add (same arithmetic as transformers' LlamaRMSNorm)."""
+"""RMSNorm with an optional fused residual add (same arithmetic as transformers' LlamaRMSNorm), and under tensor
+parallelism the all-reduce of its input (the partial sums of a row-parallel matmul) before the add."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from asyncllm import distributed
 
 
 class RMSNorm(nn.Module):
@@ -11,6 +14,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.fused = False  # the runner turns on the Triton kernel on CUDA
+        self.tp = distributed.current()
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
@@ -18,9 +22,15 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, reduce: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
+        """norm(x), or with `residual`: (norm(x + residual), x + residual). `reduce`: x is this rank's partial sum;
+        the sum over ranks is used (one kernel with the add and the norm where the group has it)."""
+        if reduce and self.tp.size > 1:
+            fused = self.tp.fused_norm
+            if fused is not None and residual is not None and fused.fits(x):
+                return fused(x, residual, self.weight, self.eps), residual  # residual updated in place
+            x = self.tp.all_reduce(x)
         if self.fused and x.ndim == 2 and x.stride(-1) == 1:
             from asyncllm_kernels import rms_norm
 

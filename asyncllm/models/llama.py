@@ -11,10 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from asyncllm.layers.activation import SiluAndMul
-from asyncllm.layers.attention import Attention
 from asyncllm import distributed
 from asyncllm.errors import InvalidRequestError
+from asyncllm.layers.attention import Attention
 from asyncllm.layers.linear import MergedLinear, RowParallelLinear, VocabParallelEmbedding
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
@@ -59,6 +58,7 @@ class DecoderAttention(nn.Module):
         self.splits = [q_size, kv_size, kv_size]
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """-> this rank's partial sum of o_proj (see RowParallelLinear)."""
         q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -81,10 +81,10 @@ class DecoderMLP(nn.Module):
         lo, hi = distributed.shard_range(cfg.intermediate_size, tp.rank, tp.size, "intermediate size")
         self.gate_up_proj = MergedLinear(cfg.hidden_size, {0: (hi - lo, tp.rank), 1: (hi - lo, tp.rank)}, bias)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        """-> this rank's partial sum (see RowParallelLinear)."""
+        return self.down_proj(self.gate_up_proj(x), silu_mul=True)
 
 
 class DecoderLayer(nn.Module):
@@ -98,12 +98,13 @@ class DecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the embeddings (residual None), else the previous layer's partial sums; returns this layer's."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, reduce=True)
         x = self.self_attn(positions, x)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(x, residual, reduce=True)
         return self.mlp(x), residual
 
 
@@ -118,7 +119,7 @@ class DecoderModel(nn.Module):
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual)
-        x, _ = self.norm(x, residual)
+        x, _ = self.norm(x, residual, reduce=True)
         return x
 
 
