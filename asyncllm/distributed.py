@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import threading
-import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -27,9 +26,9 @@ log = logging.getLogger(__name__)
 # A dead peer must end the job within seconds, not hang it: every collective has this deadline (seconds), and so
 # has the shutdown of the process group.
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("ASYNCLLM_COLLECTIVE_TIMEOUT_S", "60"))
-# all_reduce="symm_mem" / "flashinfer": inputs up to this size (bytes) take the one-shot kernel (a decode step of
-# up to 128 rows of a 4096-wide bf16 model), larger ones NCCL
-FAST_ALL_REDUCE_BYTES = 1 << 20
+# all_reduce="symm_mem": inputs up to this size (bytes) take the one-shot kernel (a decode step of up to 128 rows
+# of a 4096-wide bf16 model), larger ones NCCL
+SYMM_MEM_ALL_REDUCE_BYTES = 1 << 20
 
 
 @dataclass
@@ -39,8 +38,7 @@ class TPGroup:
     device_group: dist.ProcessGroup | None  # shards' collectives
     host_group: dist.ProcessGroup | None  # start-up and shutdown messages (gloo)
     steps: StepChannel | None = None  # rank 0 -> followers, every step's inputs
-    small_all_reduce: SymmetricMemoryAllReduce | None = None  # all_reduce="symm_mem": small inputs
-    fused_norm: FusedAllReduceNorm | None = None  # all_reduce="flashinfer": all-reduce + add + RMSNorm
+    small_all_reduce: SymmetricMemoryAllReduce | None = None  # opt-in (all_reduce="symm_mem") for small inputs
 
     @property
     def is_leader(self) -> bool:
@@ -55,21 +53,15 @@ class TPGroup:
         dist.all_reduce(x, group=self.device_group)
         return x
 
-    def use_fast_all_reduce(self, kind: str, device: torch.device, dtype: torch.dtype, hidden_size: int) -> None:
-        """Small all-reduces by a one-shot kernel over NVLink instead of NCCL's (`kind` "symm_mem" or
-        "flashinfer"; "nccl" keeps NCCL). Collective: every rank calls it, before the CUDA graphs are captured."""
-        if self.size == 1 or kind == "nccl" or self.small_all_reduce is not None or self.fused_norm is not None:
+    def use_symmetric_memory(self, device: torch.device, dtype: torch.dtype) -> None:
+        """all_reduce="symm_mem": small all-reduces by torch's one-shot kernel over NVLink instead of NCCL's.
+        Collective: every rank calls it, before the CUDA graphs are captured."""
+        if self.size == 1 or self.small_all_reduce is not None:
             return
         if device.type != "cuda":
-            raise InvalidRequestError(f"all_reduce={kind!r} needs CUDA GPUs", "all_reduce")
+            raise InvalidRequestError("all_reduce='symm_mem' needs CUDA GPUs", "all_reduce")
         assert self.device_group is not None
-        if kind == "symm_mem":
-            self.small_all_reduce = SymmetricMemoryAllReduce(self.device_group, device, dtype, FAST_ALL_REDUCE_BYTES)
-        elif hidden_size % 8:  # the kernel moves 16-byte vectors
-            log.warning("all_reduce='flashinfer' needs a hidden size divisible by 8 (got %d); using NCCL", hidden_size)
-        else:
-            rows = FAST_ALL_REDUCE_BYTES // (hidden_size * dtype.itemsize)
-            self.fused_norm = FusedAllReduceNorm(self.device_group, self.rank, self.size, dtype, hidden_size, rows)
+        self.small_all_reduce = SymmetricMemoryAllReduce(self.device_group, device, dtype, SYMM_MEM_ALL_REDUCE_BYTES)
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's x along the last dimension (rank order)."""
@@ -103,43 +95,6 @@ class SymmetricMemoryAllReduce:
         out = torch.empty_like(x)
         torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out=out.view(-1))
         return out
-
-
-class FusedAllReduceNorm:
-    """residual += all_reduce(x); out = rms_norm(residual) * weight, as one kernel: flashinfer's port of
-    TensorRT-LLM's one-shot all-reduce fusion (every rank writes its rows into every peer's buffer with flags in
-    the data (Lamport), then each rank sums, adds the residual and normalizes). For inputs of up to `max_rows` rows
-    of `hidden` in `dtype`; the caller takes NCCL and the norm kernel for the rest. Captured in CUDA graphs."""
-
-    def __init__(self, group: dist.ProcessGroup, rank: int, size: int, dtype: torch.dtype, hidden: int,
-                 max_rows: int) -> None:
-        import flashinfer.comm as comm
-
-        self.comm, self.rank, self.size, self.dtype, self.hidden, self.max_rows = comm, rank, size, dtype, hidden, max_rows
-        with warnings.catch_warnings():  # the unified API would pick a workspace type needing more than NVLink
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.ipc_handles, self.workspace, self.metadata = comm.trtllm_create_ipc_workspace_for_all_reduce_fusion(
-                rank, size, max_rows, hidden, group=group, create_metadata=True, use_symm_dev_mem=False)
-
-    def fits(self, x: torch.Tensor) -> bool:
-        return (x.dtype == self.dtype and x.ndim == 2 and x.shape[1] == self.hidden and 0 < x.shape[0] <= self.max_rows
-                and x.is_contiguous())
-
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        out = torch.empty_like(x)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.comm.trtllm_allreduce_fusion(
-                allreduce_in=x, world_size=self.size, world_rank=self.rank, token_num=x.shape[0],
-                hidden_dim=self.hidden, workspace_ptrs=self.workspace, launch_with_pdl=False,
-                trigger_completion_at_end=True, fp32_acc=True,
-                pattern_code=self.comm.AllReduceFusionPattern.kARResidualRMSNorm, use_oneshot=True,
-                allreduce_out=None, residual_in=residual, residual_out=residual, norm_out=out, quant_out=None,
-                scale_out=None, rms_gamma=weight, rms_eps=eps, scale_factor=None, layout_code=None)
-        return out
-
-    def close(self) -> None:
-        self.comm.trtllm_destroy_ipc_workspace_for_all_reduce_fusion(self.ipc_handles)
 
 
 SINGLE = TPGroup(0, 1, None, None)
@@ -214,10 +169,7 @@ def shutdown() -> None:
     watchdog.start()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()  # no NCCL work may still run when its communicator is destroyed
-    group.small_all_reduce = None  # their buffers are mapped by every peer: freed before the group goes
-    if group.fused_norm is not None:
-        group.fused_norm.close()
-        group.fused_norm = None
+    group.small_all_reduce = None  # its buffer is mapped by every peer: freed before the group goes
     dist.barrier(group=group.host_group)
     dist.destroy_process_group()
     if group.steps is not None:

@@ -59,11 +59,10 @@ def parser() -> argparse.ArgumentParser:
                    help="schedule step N+1 while the GPU runs step N (default: on with CUDA, off on CPU)")
     g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
                    help="shards over torchrun's processes; must equal --nproc-per-node (1 = whatever torchrun started)")
-    g.add_argument("--all-reduce", default="nccl", choices=["nccl", "symm_mem", "flashinfer"],
-                   help="tensor parallelism on CUDA, small all-reduces: symm_mem = torch's one-shot kernel, flashinfer "
-                        "= one-shot kernel fused with the residual add and RMSNorm")
+    g.add_argument("--all-reduce", default="nccl", choices=["nccl", "symm_mem"],
+                   help="tensor parallelism on CUDA: symm_mem = one-shot symmetric-memory kernel for small all-reduces")
     g.add_argument("--decode-gemv", action=argparse.BooleanOptionalAction, default=True,
-                   help="CUDA: one-row (batch-1 decode) matmuls by the Triton GEMV instead of cuBLAS")
+                   help="CUDA: batch-1 decode's down projection by the Triton GEMV with SwiGLU fused (else silu, mul, cuBLAS)")
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"], help="dummy = random weights")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer", "triton"], help="attention implementation")
     g.add_argument("--seed", type=int, default=0, help="seed of the shared sampling generator")

@@ -23,12 +23,12 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def variant_config(variant: str) -> dict:
-    """'BACKEND[-eager][-no-overlap][-symm|-fiar][-cublas]' -> engine options: eager = no CUDA graphs, no-overlap =
-    each step read back before the next is scheduled, symm / fiar = tensor parallelism's small all-reduces by torch's
-    symmetric-memory kernel / flashinfer's kernel fused with add + RMSNorm, cublas = no Triton GEMV for decode."""
-    all_reduce = "symm_mem" if "-symm" in variant else "flashinfer" if "-fiar" in variant else "nccl"
+    """'BACKEND[-eager][-no-overlap][-symm][-cublas]' -> engine options: eager = no CUDA graphs, no-overlap = each
+    step read back before the next is scheduled, symm = tensor parallelism's small all-reduces by the
+    symmetric-memory kernel, cublas = no Triton GEMV for batch-1 decode's down projection."""
     return dict(attention_backend=variant.split("-")[0], enforce_eager="-eager" in variant,
-                overlap_schedule="-no-overlap" not in variant, all_reduce=all_reduce, decode_gemv="-cublas" not in variant)
+                overlap_schedule="-no-overlap" not in variant, all_reduce="symm_mem" if "-symm" in variant else "nccl",
+                decode_gemv="-cublas" not in variant)
 
 
 class StepTimer:

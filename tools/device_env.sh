@@ -1,7 +1,6 @@
 # Source on the GPU machine (see ../shared/DEVICE.md), from the repo root, with .device carried:
 #   . tools/device_env.sh
-# Unpacks the flashinfer bundle and the AOT kernels (.device/aot*.tar.xz; aot_comm.tar.xz = the trtllm_comm module,
-# compiled on the CPU machine: see docs/ARCHITECTURE.md "Building flashinfer modules"), adds the wheels the machine lacks (after its own
+# Unpacks the flashinfer bundle and the AOT kernels, adds the wheels the machine lacks (after its own
 # site-packages, so nothing it has is shadowed), and puts the repo on PYTHONPATH.
 # .device/extra.tar.xz = the unpacked wheels of prometheus-client pydantic pydantic-core annotated-types
 # typing-inspection typing-extensions httpx httpcore h11 anyio sniffio certifi idna gguf openai httpx2 httpcore2
@@ -9,7 +8,7 @@
 # (pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 ...).
 set -e
 mkdir -p /tmp/site
-[ -d /tmp/site/flashinfer ] || { tar xJf .device/bundle.tar.xz -C /tmp/site && for a in .device/aot*.tar.xz; do tar xJf "$a" -C /tmp/site; done; }
+[ -d /tmp/site/flashinfer ] || { tar xJf .device/bundle.tar.xz -C /tmp/site && tar xJf .device/aot.tar.xz -C /tmp/site; }
 # kernels/ is imported as asyncllm_kernels (the install maps it; here a link does)
 mkdir -p /tmp/alias && ln -sfn "$PWD/kernels" /tmp/alias/asyncllm_kernels
 export PYTHONPATH=/tmp/site:$PWD:/tmp/alias${PYTHONPATH:+:$PYTHONPATH} FLASHINFER_DISABLE_JIT=1 PYTHONUNBUFFERED=1

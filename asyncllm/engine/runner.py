@@ -25,7 +25,7 @@ from asyncllm.layers.attention import (
     TorchAttentionBackend,
     TritonAttentionBackend,
 )
-from asyncllm.layers.linear import MergedLinear, RowParallelLinear, VocabParallelEmbedding
+from asyncllm.layers.linear import RowParallelLinear
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
 from asyncllm.layers.sampler import Penalties, Sampler, SamplingTensors
@@ -105,7 +105,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.tp = distributed.init_from_env(config.tensor_parallel_size, self.device)
-        self.tp.use_fast_all_reduce(config.all_reduce, self.device, self.dtype, hf_config.hidden_size)
+        if config.all_reduce == "symm_mem":
+            self.tp.use_symmetric_memory(self.device, self.dtype)
         torch.manual_seed(config.seed)
 
         default_dtype = torch.get_default_dtype()
@@ -123,9 +124,8 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = make_backend(config.attention_backend, self.device, self.dtype, self.attention_layers[0],
                                     self.block_size)
-        if self.backend.name != "torch":  # GPU fast path: Triton norm, rotary and (decode) matmul kernels too
-            fast = (RMSNorm, RotaryEmbedding, *((MergedLinear, RowParallelLinear, VocabParallelEmbedding)
-                                                 if config.decode_gemv else ()))
+        if self.backend.name != "torch":  # GPU fast path: Triton norm, rotary and SwiGLU-down GEMV kernels too
+            fast = (RMSNorm, RotaryEmbedding, *((RowParallelLinear,) if config.decode_gemv else ()))
             for m in self.model.modules():
                 if isinstance(m, fast):
                     m.fused = True

@@ -4,8 +4,8 @@ Every parameter that needs more than a plain copy from the checkpoint carries a 
 this rank's shard out of the full checkpoint tensor (one tensor in memory at a time, so no rank holds the model).
 With TP 1 the slices are the whole tensors and no collective runs.
 
-`fused` (set by the runner on the CUDA fast path): matmuls of one row (batch-1 decode) run the Triton GEMV
-instead of cuBLAS (one kernel, no split-K reduce, SwiGLU fused into the down projection).
+`fused` (set by the runner on the CUDA fast path): a one-row down projection (batch-1 decode) runs the Triton
+GEMV with the SwiGLU activation fused into it (one kernel instead of silu + mul + cuBLAS).
 """
 from __future__ import annotations
 
@@ -13,23 +13,6 @@ import torch
 from torch import nn
 
 from asyncllm import distributed
-
-# decode steps of one sequence run the Triton GEMV; at 2..4 rows cuBLAS was faster (H100, Llama-3.1-8B shapes)
-GEMV_MAX_ROWS = 1
-
-
-def _linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            silu_mul: bool = False) -> torch.Tensor:
-    """x @ weight^T + bias; with `silu_mul`, x is gate | up and the matmul reads silu(gate) * up."""
-    if module.fused and x.shape[0] <= GEMV_MAX_ROWS and x.shape[0] > 0:
-        from asyncllm_kernels import gemv
-
-        return gemv(x, weight, bias, silu_mul=silu_mul)
-    if silu_mul:
-        gate, up = x.chunk(2, dim=-1)
-        x = nn.functional.silu(gate) * up
-    return nn.functional.linear(x, weight, bias)
-
 
 def _check(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     if dst.shape != src.shape:
@@ -53,7 +36,6 @@ class MergedLinear(nn.Module):
             start += size
         self.weight = nn.Parameter(torch.empty(start, in_features))
         self.bias = nn.Parameter(torch.empty(start)) if bias else None
-        self.fused = False
 
     def load_shard(self, shard: str | int, name: str, tensor: torch.Tensor) -> None:
         """Copy this rank's rows of checkpoint tensor `tensor` (a weight or a bias, per `name`) into part `shard`."""
@@ -70,7 +52,7 @@ class MergedLinear(nn.Module):
         dst.copy_(src)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(self, x, self.weight, self.bias)
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -93,7 +75,15 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
         """This rank's partial sum; with `silu_mul`, x is gate | up and the input is silu(gate) * up."""
-        return _linear(self, x, self.weight, self.bias if self.tp.rank == 0 else None, silu_mul)
+        bias = self.bias if self.tp.rank == 0 else None
+        if silu_mul and self.fused and x.shape[0] == 1:
+            from asyncllm_kernels import gemv
+
+            return gemv(x, self.weight, bias, silu_mul=True)
+        if silu_mul:
+            gate, up = x.chunk(2, dim=-1)
+            x = nn.functional.silu(gate) * up
+        return nn.functional.linear(x, self.weight, bias)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -108,7 +98,6 @@ class VocabParallelEmbedding(nn.Module):
         self.start = self.tp.rank * self.per_rank
         self.weight = nn.Parameter(torch.empty(self.per_rank, hidden_size))
         self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]
-        self.fused = False
 
     def _load_weight(self, tensor: torch.Tensor) -> None:
         if tensor.shape != (self.vocab_size, self.weight.shape[1]):
@@ -128,5 +117,5 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, H] -> logits [T, vocab] (every rank gets all of them)."""
-        local = _linear(self, hidden, self.weight, None)
+        local = nn.functional.linear(hidden, self.weight)
         return self.tp.all_gather_last_dim(local)[:, : self.vocab_size]

@@ -24,12 +24,10 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, reduce: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """norm(x), or with `residual`: (norm(x + residual), x + residual). `reduce`: x is this rank's partial sum;
-        the sum over ranks is used (one kernel with the add and the norm where the group has it)."""
-        if reduce and self.tp.size > 1:
-            fused = self.tp.fused_norm
-            if fused is not None and residual is not None and fused.fits(x):
-                return fused(x, residual, self.weight, self.eps), residual  # residual updated in place
+        """norm(x), or with `residual`: (norm(x + residual), x + residual). `reduce`: x is this rank's partial sum
+        (tensor parallelism) and the sum over ranks is used: the all-reduce sits here, before the add, so a kernel
+        fusing all-reduce + add + norm can replace the three."""
+        if reduce:
             x = self.tp.all_reduce(x)
         if self.fused and x.ndim == 2 and x.stride(-1) == 1:
             from asyncllm_kernels import rms_norm

@@ -1,7 +1,7 @@
 """bf16 tensor parallelism on CUDA (NCCL): TP = 2 and 4 give transformers' greedy tokens until the first near-tie
 (through `LLM` and through the HTTP server under torchrun),
-like TP = 1 does (same tolerance as test_gpu_parity), with NCCL all-reduces, the symmetric-memory one-shot
-kernel and flashinfer's all-reduce fused with add + RMSNorm (also checked alone against NCCL + the reference norm). Needs as many GPUs (device kinds nvidia-h200-x2 / -x4)."""
+like TP = 1 does (same tolerance as test_gpu_parity), with NCCL all-reduces and with the symmetric-memory one-shot
+kernel. Needs as many GPUs (device kinds nvidia-h200-x2 / -x4)."""
 from __future__ import annotations
 
 import json
@@ -38,8 +38,7 @@ def model(tmp_path_factory):
                            initializer_range=0.05)
 
 
-@pytest.mark.parametrize("tp,all_reduce", [(1, "nccl"), (2, "nccl"), (2, "symm_mem"), (2, "flashinfer"), (4, "nccl"),
-                                           (4, "symm_mem"), (4, "flashinfer")])
+@pytest.mark.parametrize("tp,all_reduce", [(1, "nccl"), (2, "nccl"), (2, "symm_mem"), (4, "nccl"), (4, "symm_mem")])
 def test_tp_bf16_matches_transformers(model, tmp_path, tp, all_reduce):
     if torch.cuda.device_count() < tp:
         pytest.skip(f"needs {tp} GPUs")
@@ -54,16 +53,6 @@ def test_tp_bf16_matches_transformers(model, tmp_path, tp, all_reduce):
     matched = [assert_same_until_near_tie(o, r[0], r[1], TIE) for o, r in zip(ours, ref)]
     print(f"tp={tp} {all_reduce}: tokens matched before a near-tie: {matched} of 64")
     assert sum(matched) >= 0.25 * 64 * len(PROMPTS)
-
-
-@pytest.mark.parametrize("tp", [2, 4])
-def test_fused_all_reduce_norm_matches_nccl_and_reference_norm(tp):
-    if torch.cuda.device_count() < tp:
-        pytest.skip(f"needs {tp} GPUs")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
-           str(Path(__file__).with_name("fused_norm_check.py"))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
 def test_tp_http_server_matches_transformers_and_stops_on_sigterm(model):
