@@ -28,7 +28,7 @@ log = logging.getLogger("asyncllm.serve")
 ENGINE_FLAGS = ("dtype", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size",
                 "gpu_memory_utilization", "num_kv_blocks", "kv_cache_memory_bytes", "enforce_eager", "load_format",
                 "attention_backend", "all_reduce", "seed", "enable_prefix_caching", "cuda_graph_max_bs", "overlap_schedule",
-                "tensor_parallel_size", "decode_gemv")
+                "tensor_parallel_size")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,8 +61,6 @@ def parser() -> argparse.ArgumentParser:
                    help="shards over torchrun's processes; must equal --nproc-per-node (1 = whatever torchrun started)")
     g.add_argument("--all-reduce", default="nccl", choices=["nccl", "symm_mem"],
                    help="tensor parallelism on CUDA: symm_mem = one-shot symmetric-memory kernel for small all-reduces")
-    g.add_argument("--decode-gemv", action=argparse.BooleanOptionalAction, default=True,
-                   help="CUDA: batch-1 decode's down projection by the Triton GEMV with SwiGLU fused (else silu, mul, cuBLAS)")
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"], help="dummy = random weights")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer", "triton"], help="attention implementation")
     g.add_argument("--seed", type=int, default=0, help="seed of the shared sampling generator")

@@ -58,7 +58,8 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, out_p
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+            # P stays float32 (tf32 MMA: 10 mantissa bits, not bf16's 7), like flashinfer's CUDA-core decode
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
             m_i = m_new
     out_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
     if SPLITS == 1:

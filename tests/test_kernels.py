@@ -137,14 +137,3 @@ def test_gumbel_sample_follows_softmax_and_greedy_rows(dtype):
     assert not torch.equal(K.gumbel_sample(small, temps[draws - 20:], seed=5),
                            K.gumbel_sample(small, temps[draws - 20:], seed=6))
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows, n, k", [(1, 5, 40), (3, 70, 96), (4, 33, 300)])
-@pytest.mark.parametrize("bias, silu_mul", [(False, False), (True, False), (False, True)])
-def test_gemv_matches_linear(rows, n, k, dtype, bias, silu_mul):
-    torch.manual_seed(5)
-    x = rnd(rows, 2 * k if silu_mul else k, dtype=dtype)
-    w, b = rnd(n, k, dtype=dtype), rnd(n, dtype=dtype) if bias else None
-    out, ref = K.gemv(x, w, b, silu_mul=silu_mul), K.gemv_ref(x, w, b, silu_mul=silu_mul)
-    assert out.shape == (rows, n) and out.dtype == dtype
-    torch.testing.assert_close(out, ref, atol=TOL[dtype] * k**0.5, rtol=TOL[dtype])

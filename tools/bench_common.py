@@ -23,12 +23,10 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def variant_config(variant: str) -> dict:
-    """'BACKEND[-eager][-no-overlap][-symm][-cublas]' -> engine options: eager = no CUDA graphs, no-overlap = each
-    step read back before the next is scheduled, symm = tensor parallelism's small all-reduces by the
-    symmetric-memory kernel, cublas = no Triton GEMV for batch-1 decode's down projection."""
+    """'BACKEND[-eager][-no-overlap][-symm]' -> engine options: eager = no CUDA graphs, no-overlap = each step read
+    back before the next is scheduled, symm = tensor parallelism's small all-reduces by the symmetric-memory kernel."""
     return dict(attention_backend=variant.split("-")[0], enforce_eager="-eager" in variant,
-                overlap_schedule="-no-overlap" not in variant, all_reduce="symm_mem" if "-symm" in variant else "nccl",
-                decode_gemv="-cublas" not in variant)
+                overlap_schedule="-no-overlap" not in variant, all_reduce="symm_mem" if "-symm" in variant else "nccl")
 
 
 class StepTimer:

@@ -1,6 +1,6 @@
 """Workload 5 of BENCHMARKS.md: each Triton kernel vs its PyTorch eager reference on the same inputs, at decode-
 and prefill-sized shapes, with the fraction of the measured copy bandwidth. GPU only. One JSON line per result.
-    python tools/bench_kernels.py [--bandwidth-tbs 2.99] [--kernels gemv rope ...]
+    python tools/bench_kernels.py [--bandwidth-tbs 2.99] [--kernels rope kv_store ...]
 """
 from __future__ import annotations
 
@@ -77,18 +77,6 @@ def main() -> None:
         report("paged_decode_attention", f"b{batch} ctx{ctx} {hq}/{hk}x128",
                lambda: K.paged_decode_attention(q, cache, tables, lens, 128**-0.5, ctx),
                lambda: backend.forward(q, knew, knew, cache, 128**-0.5), 2 * batch * ctx * hk * 128 * 2)
-    # decode matmuls of Llama-3.1-8B (q|k|v, o, gate|up, down, LM head) whole and as one of 4 tensor-parallel shards
-    for rows in (1, 4):
-        for tp in (1, 4):
-            for name, n, k in (("qkv", 6144 // tp, 4096), ("o", 4096, 4096 // tp), ("gate_up", 28672 // tp, 4096),
-                               ("down", 4096, 14336 // tp), ("lm_head", 128256 // tp, 4096)):
-                w = torch.randn(n, k, device=dev, dtype=bf16)
-                silu = name == "down"
-                x = torch.randn(rows, 2 * k if silu else k, device=dev, dtype=bf16)
-                for tile, warps in ((4096, 4), (8192, 4), (8192, 8), (16384, 8)):
-                    report(f"gemv[{tile}/{warps}]", f"{name}/tp{tp} {rows}x{n}x{k}",
-                           lambda: K.gemv(x, w, silu_mul=silu, tile=tile, num_warps=warps),
-                           lambda: K.gemv_ref(x, w, silu_mul=silu), w.numel() * 2)
     # temperature sampling over the Qwen3 vocabulary: fused Gumbel-max vs our torch sampler (exponential race)
     from asyncllm.layers.sampler import Sampler, SamplingTensors
 

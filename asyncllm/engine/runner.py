@@ -25,7 +25,6 @@ from asyncllm.layers.attention import (
     TorchAttentionBackend,
     TritonAttentionBackend,
 )
-from asyncllm.layers.linear import RowParallelLinear
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
 from asyncllm.layers.sampler import Penalties, Sampler, SamplingTensors
@@ -124,10 +123,9 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = make_backend(config.attention_backend, self.device, self.dtype, self.attention_layers[0],
                                     self.block_size)
-        if self.backend.name != "torch":  # GPU fast path: Triton norm, rotary and SwiGLU-down GEMV kernels too
-            fast = (RMSNorm, RotaryEmbedding, *((RowParallelLinear,) if config.decode_gemv else ()))
+        if self.backend.name != "torch":  # GPU fast path: fused Triton norm and rotary kernels too
             for m in self.model.modules():
-                if isinstance(m, fast):
+                if isinstance(m, (RMSNorm, RotaryEmbedding)):
                     m.fused = True
         self.sampler = Sampler(self.device, config.seed)
         self.sampler.fused = self.backend.name != "torch"

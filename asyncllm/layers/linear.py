@@ -3,9 +3,6 @@
 Every parameter that needs more than a plain copy from the checkpoint carries a `weight_loader(tensor)`: it slices
 this rank's shard out of the full checkpoint tensor (one tensor in memory at a time, so no rank holds the model).
 With TP 1 the slices are the whole tensors and no collective runs.
-
-`fused` (set by the runner on the CUDA fast path): a one-row down projection (batch-1 decode) runs the Triton
-GEMV with the SwiGLU activation fused into it (one kernel instead of silu + mul + cuBLAS).
 """
 from __future__ import annotations
 
@@ -13,6 +10,7 @@ import torch
 from torch import nn
 
 from asyncllm import distributed
+
 
 def _check(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     if dst.shape != src.shape:
@@ -57,7 +55,7 @@ class MergedLinear(nn.Module):
 
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W split by input columns across ranks (o_proj, down_proj). Each rank returns its partial
-    sum (the bias counted on rank 0 only): the caller all-reduces it, fused with the next norm when it can."""
+    sum (the bias counted on rank 0 only): the next RMSNorm all-reduces it (RMSNorm(reduce=True))."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -66,24 +64,15 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_end - self.in_start))
         self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.fused = False
 
     def _load_weight(self, tensor: torch.Tensor) -> None:
         src = tensor.narrow(1, self.in_start, self.weight.shape[1])
         _check(self.weight.data, src, "row-parallel weight")
         self.weight.data.copy_(src)
 
-    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
-        """This rank's partial sum; with `silu_mul`, x is gate | up and the input is silu(gate) * up."""
-        bias = self.bias if self.tp.rank == 0 else None
-        if silu_mul and self.fused and x.shape[0] == 1:
-            from asyncllm_kernels import gemv
-
-            return gemv(x, self.weight, bias, silu_mul=True)
-        if silu_mul:
-            gate, up = x.chunk(2, dim=-1)
-            x = nn.functional.silu(gate) * up
-        return nn.functional.linear(x, self.weight, bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial sum (the bias counted on rank 0 only)."""
+        return nn.functional.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -13,6 +13,7 @@ from torch import nn
 
 from asyncllm import distributed
 from asyncllm.errors import InvalidRequestError
+from asyncllm.layers.activation import SiluAndMul
 from asyncllm.layers.attention import Attention
 from asyncllm.layers.linear import MergedLinear, RowParallelLinear, VocabParallelEmbedding
 from asyncllm.layers.norm import RMSNorm
@@ -81,10 +82,11 @@ class DecoderMLP(nn.Module):
         lo, hi = distributed.shard_range(cfg.intermediate_size, tp.rank, tp.size, "intermediate size")
         self.gate_up_proj = MergedLinear(cfg.hidden_size, {0: (hi - lo, tp.rank), 1: (hi - lo, tp.rank)}, bias)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """-> this rank's partial sum (see RowParallelLinear)."""
-        return self.down_proj(self.gate_up_proj(x), silu_mul=True)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
