@@ -25,7 +25,7 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, out_p
                    stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, SPLIT_P: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -58,8 +58,13 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, out_p
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            # P stays float32 (tf32 MMA: 10 mantissa bits, not bf16's 7), like flashinfer's CUDA-core decode
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+            if SPLIT_P:  # bf16/fp16 V: P as a high + low half-precision pair (~16 mantissa bits, not 7)
+                p_hi = p.to(v.dtype)
+                p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
+                pv = tl.dot(p_hi, v, input_precision=PRECISION) + tl.dot(p_lo, v, input_precision=PRECISION)
+            else:
+                pv = tl.dot(p, v, input_precision=PRECISION)
+            acc = acc * alpha[:, None] + pv.to(tl.float32)
             m_i = m_new
     out_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
     if SPLITS == 1:
@@ -118,7 +123,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads, DIM=dim, BLOCK_SIZE=block_size,
         BLOCK_N=64, SPLITS=splits, MIN_CHUNK=MIN_CHUNK, num_warps=4,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # no TF32 rounding for float32 inputs
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # no TF32 rounding for float32 inputs
+        SPLIT_P=q.dtype != torch.float32)
     return out
 
 
