@@ -16,8 +16,13 @@ import triton
 import triton.language as tl
 
 MIN_CHUNK = 64  # context tokens per program at least (one BLOCK_N: a short context's heads spread over SMs)
-_COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: one arrival counter per (sequence, KV head), zero between calls
-MAX_COUNTERS = 1 << 16
+MAX_COUNTERS = 1 << 16  # (sequence, KV head) pairs one call may have
+
+
+def decode_counters(device: torch.device) -> torch.Tensor:
+    """Arrival counters for paged_decode_attention: zero between calls (the merging program resets its own).
+    Calls that share them must not overlap in time: one per stream (an engine's steps run on one stream)."""
+    return torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
 
 
 @triton.jit
@@ -102,8 +107,10 @@ def _num_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.devic
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float, max_seq_len: int) -> torch.Tensor:
-    """`max_seq_len` (host int, an upper bound of seq_lens) fixes the grid: no device-to-host sync here."""
+                           seq_lens: torch.Tensor, scale: float, max_seq_len: int,
+                           counters: torch.Tensor | None = None) -> torch.Tensor:
+    """`max_seq_len` (host int, an upper bound of seq_lens) fixes the grid: no device-to-host sync here.
+    `counters` (decode_counters): the caller's, reused across calls; None allocates fresh ones (a memset)."""
     batch, heads, dim = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     assert heads % kv_heads == 0 and dim == triton.next_power_of_2(dim) and kv_cache.is_contiguous()
@@ -115,9 +122,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     splits = _num_splits(batch, kv_heads, max_seq_len, q.device)
     o = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device) if splits > 1 else out
     lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
-    counters = _COUNTERS.get(q.device)
-    if counters is None:  # allocated once (never during a CUDA-graph capture: the warm-up call comes first)
-        counters = _COUNTERS[q.device] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=q.device)
+    if counters is None:
+        counters = decode_counters(q.device)
     _decode_kernel[(batch, kv_heads, splits)](
         q, kv_cache, block_tables, seq_lens, o, lse, out, counters, scale, kv_cache[0].numel(), q.stride(0),
         q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), GROUP=group,

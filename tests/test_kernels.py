@@ -80,10 +80,12 @@ def test_paged_decode_attention(block_size, hq, hk, dim, lens, dtype):
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     q = rnd(len(lens), hq, dim, dtype=dtype)
     ref = K.paged_decode_attention_ref(q, cache, tables, seq_lens, dim**-0.5)
-    for bound in (max(lens), 4 * max(lens)):  # one chunk per head, or several merged in the kernel (twice: the
-        for _ in range(2):                    # arrival counters are reset for the next call)
-            out = K.paged_decode_attention(q, cache, tables, seq_lens, dim**-0.5, bound)
+    counters = K.decode_counters(q.device)
+    for bound in (max(lens), 4 * max(lens)):  # one chunk per head, or several merged in the kernel (twice with
+        for _ in range(2):                    # the same counters: the merging program resets them)
+            out = K.paged_decode_attention(q, cache, tables, seq_lens, dim**-0.5, bound, counters)
             torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
+            assert not counters.any()
 
 
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [5, 1, 9, 1], [7, 12]])

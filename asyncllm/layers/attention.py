@@ -132,6 +132,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
         import asyncllm_kernels  # CUDA only: imports triton
 
         self.kernels = asyncllm_kernels
+        self.counters: torch.Tensor | None = None  # the decode kernel's, allocated on first use (its device)
 
     def plan(self, meta: AttentionMetadata) -> None:
         self.full = meta
@@ -172,13 +173,16 @@ class TritonAttentionBackend(TorchAttentionBackend):
     ) -> torch.Tensor:
         kern = self.kernels
         kern.store_kv(k, v, kv_cache, self.full.slot_mapping)
-        if self.decode_only:
-            return kern.paged_decode_attention(q, kv_cache, self.dec_tables, self.dec_seq_lens, scale, self.dec_max_len)
-        if not self.mixed:
+        if not self.decode_only and not self.mixed:
             return self._attend(q, kv_cache, scale)
+        if self.counters is None:  # first use is an eager step (a graph's warm-up precedes its capture)
+            self.counters = kern.decode_counters(q.device)
+        if self.decode_only:
+            return kern.paged_decode_attention(q, kv_cache, self.dec_tables, self.dec_seq_lens, scale,
+                                               self.dec_max_len, self.counters)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         out[self.dec_rows] = kern.paged_decode_attention(q[self.dec_rows], kv_cache, self.dec_tables,
-                                                         self.dec_seq_lens, scale, self.dec_max_len)
+                                                         self.dec_seq_lens, scale, self.dec_max_len, self.counters)
         out[self.pre_rows] = self._attend(q[self.pre_rows], kv_cache, scale)
         return out
 

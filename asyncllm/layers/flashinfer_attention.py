@@ -47,23 +47,19 @@ class FlashInferAttentionBackend:
             self.workspace, "NHD", use_tensor_cores=self.tensor_cores, backend="fa2")
         self.graph_meta: AttentionMetadata | None = None  # the graph being captured: its static buffers
         self.graph_max_len = 0
+        self.decode_counters = asyncllm_kernels.decode_counters(device)  # this engine's, for the Triton kernel
         self._planned: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> event after its last plan
         self.wrapper: Any = None
         self.slot_mapping: torch.Tensor | None = None
 
     # ---- planning -------------------------------------------------------------------------------------------
     @staticmethod
-    def page_table(meta: AttentionMetadata, pad_to: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """CSR page table (indptr [B+1], indices [nnz], last_page_len [B]) as int32, padded with rows of one
-        token in page 0 up to `pad_to` sequences (their outputs are discarded)."""
+    def page_table(meta: AttentionMetadata) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """CSR page table (indptr [B+1], indices [nnz], last_page_len [B]) as int32."""
         assert meta.block_tables_cpu is not None, "the flashinfer backend needs host block tables"
         bs = meta.block_size
         seq_lens = np.asarray(meta.seq_lens_cpu, dtype=np.int64)
         tables = meta.block_tables_cpu
-        if pad_to > len(seq_lens):
-            extra = pad_to - len(seq_lens)
-            seq_lens = np.concatenate([seq_lens, np.ones(extra, dtype=np.int64)])
-            tables = np.concatenate([tables, np.zeros((extra, tables.shape[1]), dtype=tables.dtype)])
         pages = (seq_lens + bs - 1) // bs
         indptr = np.zeros(len(seq_lens) + 1, dtype=np.int32)
         np.cumsum(pages, out=indptr[1:])
@@ -71,11 +67,11 @@ class FlashInferAttentionBackend:
         last = (seq_lens - (pages - 1) * bs).astype(np.int32)
         return indptr, indices, last
 
-    def _plan(self, wrapper: Any, meta: AttentionMetadata, pad_to: int = 0) -> None:
+    def _plan(self, wrapper: Any, meta: AttentionMetadata) -> None:
         event = self._planned.get(id(wrapper))
         if event is not None:
             event.synchronize()  # the previous plan's host buffer has been copied (see the module docstring)
-        indptr, indices, last = self.page_table(meta, pad_to)
+        indptr, indices, last = self.page_table(meta)
         dev, i32 = self.device, torch.int32
         hq, hk, d = self.heads
         kw = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale, non_blocking=True)
@@ -112,7 +108,7 @@ class FlashInferAttentionBackend:
         if self.wrapper is None:  # capturing a decode graph
             meta = self.graph_meta
             return self.kernels.paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
-                                                       self.graph_max_len)
+                                                       self.graph_max_len, self.decode_counters)
         return self.wrapper.run(q, (kv_cache[0], kv_cache[1]))
 
 
