@@ -35,7 +35,7 @@ class FlashInferAttentionBackend:
 
         import asyncllm_kernels
 
-        self.fi, self.kernels = flashinfer, asyncllm_kernels
+        self.kernels = asyncllm_kernels
         _pin_flashinfer_range_buffers()
         self.device, self.dtype = device, dtype
         self.heads = (num_heads, num_kv_heads, head_dim)
