@@ -322,9 +322,10 @@ class ModelRunner:
         """Queue one step on the runner's stream and return at once (CUDA); the handle yields the sampled
         tokens (one per row with batch.sample set, in row order). With tensor parallelism (rank 0) the step is
         first sent to the followers, and the sampled ids after it (they feed the next step on every rank)."""
+        to_followers = broadcast and self.tp.size > 1
         with self._on_stream():
             header, packed = self.pack(batch)
-            if broadcast and self.tp.size > 1:
+            if to_followers:
                 if self.tp.steps is None:
                     raise RuntimeError("this tensor-parallel engine was shut down")
                 self.tp.steps.send(header.encode(packed))
@@ -335,7 +336,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[inputs.sample_rows])
             assert inputs.sampling is not None
             sampled = self.sampler(logits, inputs.sampling)
-            if broadcast and self.tp.size > 1:
+            if to_followers:
                 dist.broadcast(sampled, 0, group=self.tp.device_group)
             self.last_sampled = sampled
             if self.stream is None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from asyncllm.device import host_tensor, to_device
-from asyncllm.layers.attention import AttentionMetadata
+from asyncllm.layers.attention import AttentionMetadata, TritonAttentionBackend
 
 
 WORKSPACE_BYTES = 128 << 20
@@ -45,9 +45,7 @@ class FlashInferAttentionBackend:
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self.tensor_cores, backend="fa2")
-        self.graph_meta: AttentionMetadata | None = None  # the graph being captured: its static buffers
-        self.graph_max_len = 0
-        self.decode_counters = asyncllm_kernels.decode_counters(device)  # this engine's, for the Triton kernel
+        self.graphs = TritonAttentionBackend()  # CUDA-graph decode steps attend through it
         self._planned: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> event after its last plan
         self.wrapper: Any = None
         self.slot_mapping: torch.Tensor | None = None
@@ -92,23 +90,20 @@ class FlashInferAttentionBackend:
         self._plan(self.wrapper, meta)
 
     def plan_graph(self, batch_size: int, meta: AttentionMetadata, capture: bool) -> None:
-        """CUDA graphs: at capture, route forward() to the Triton decode kernel over the graph's static buffers
-        (`meta` of the largest length); nothing to do before a replay."""
+        """CUDA graphs: at capture, route forward() to the Triton backend planned on the graph's static buffers;
+        nothing to do before a replay."""
         if capture:
-            self.slot_mapping, self.wrapper = meta.slot_mapping, None
-            self.graph_meta = meta
-            self.graph_max_len = max(meta.seq_lens_cpu)
+            self.graphs.plan_graph(batch_size, meta, capture)
+            self.wrapper = None
 
     # ---- per layer ------------------------------------------------------------------------------------------
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float
     ) -> torch.Tensor:
+        if self.wrapper is None:  # capturing a decode graph
+            return self.graphs.forward(q, k, v, kv_cache, scale)
         assert self.slot_mapping is not None, "plan() first"
         self.kernels.store_kv(k, v, kv_cache, self.slot_mapping)
-        if self.wrapper is None:  # capturing a decode graph
-            meta = self.graph_meta
-            return self.kernels.paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
-                                                       self.graph_max_len, self.decode_counters)
         return self.wrapper.run(q, (kv_cache[0], kv_cache[1]))
 
 
