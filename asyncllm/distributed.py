@@ -73,18 +73,32 @@ class TPGroup:
 
 
 class SymmetricMemoryAllReduce:
-    """Small all-reduces (decode steps) as one kernel over NVLink instead of NCCL's: each rank stages its input in a
-    buffer its peers can read (torch symmetric memory) and sums every rank's buffer itself (one-shot). Inputs of
-    more than `max_bytes` or of another dtype go to NCCL. Captured in CUDA graphs like any kernel."""
+    """Small all-reduces (decode steps) over NVLink instead of NCCL, from buffers every peer can read (torch
+    symmetric memory): a plain all-reduce by torch's one-shot kernel, and the all-reduce that feeds a residual add +
+    RMSNorm fused with them into one Triton kernel (asyncllm_kernels.all_reduce_add_rms_norm). Inputs of more than
+    `max_bytes` or of another dtype go to NCCL. Captured in CUDA graphs like any kernel."""
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype, max_bytes: int) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
+        from asyncllm_kernels import MAX_ALL_REDUCE_PROGRAMS
+
         self.group_name, self.dtype, self.max_bytes = group.group_name, dtype, max_bytes
+        self.rank, world = group.rank(), group.size()
         with contextlib.suppress(AttributeError):  # older torch needs the group enabled; newer drops the call
             symm_mem.enable_symm_mem_for_group(self.group_name)
         self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)  # collective: every rank maps every peer's buffer
+        # the fused kernel's two exchange slots and its flags (zero between calls), by address on every rank
+        self.slot_elems = max_bytes // dtype.itemsize
+        self.exchange = symm_mem.empty(2 * self.slot_elems, dtype=dtype, device=device)
+        self.signals = symm_mem.empty(MAX_ALL_REDUCE_PROGRAMS * world, dtype=torch.int32, device=device).zero_()
+        self.exchange_ptrs = torch.tensor(symm_mem.rendezvous(self.exchange, self.group_name).buffer_ptrs,
+                                          dtype=torch.int64, device=device)
+        self.signal_ptrs = torch.tensor(symm_mem.rendezvous(self.signals, self.group_name).buffer_ptrs,
+                                        dtype=torch.int64, device=device)
+        torch.cuda.synchronize(device)
+        dist.barrier(group=group)  # every pad is zero before any rank raises a flag in it
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.dtype == self.dtype and x.numel() * x.element_size() <= self.max_bytes and x.is_contiguous()
@@ -95,6 +109,15 @@ class SymmetricMemoryAllReduce:
         out = torch.empty_like(x)
         torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out=out.view(-1))
         return out
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                     slot: int) -> torch.Tensor:
+        """norm(all-reduced x + residual) * weight, residual updated in place; x [T, H] must `fit`. Two calls in a
+        row on the stream must pass different slots (0, 1): see asyncllm_kernels.allreduce_norm."""
+        from asyncllm_kernels import all_reduce_add_rms_norm
+
+        return all_reduce_add_rms_norm(x, residual, weight, eps, self.exchange_ptrs, self.signal_ptrs,
+                                       slot * self.slot_elems, self.rank)
 
 
 SINGLE = TPGroup(0, 1, None, None)

@@ -9,9 +9,12 @@ from asyncllm import distributed
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, exchange_slot: int = 0) -> None:
+        """exchange_slot (0 or 1): the fused all-reduce's buffer; norms that reduce one after the other on a step's
+        path alternate slots (see asyncllm_kernels.allreduce_norm)."""
         super().__init__()
         self.eps = eps
+        self.exchange_slot = exchange_slot
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.fused = False  # the runner turns on the Triton kernel on CUDA
         self.tp = distributed.current()
@@ -28,6 +31,9 @@ class RMSNorm(nn.Module):
         (tensor parallelism) and the sum over ranks is used: the all-reduce sits here, before the add, so a kernel
         fusing all-reduce + add + norm can replace the three."""
         if reduce:
+            symm = self.tp.small_all_reduce
+            if self.fused and residual is not None and symm is not None and symm.fits(x) and x.ndim == 2:
+                return symm.add_rms_norm(x, residual, self.weight, self.eps, self.exchange_slot), residual
             x = self.tp.all_reduce(x)
         if self.fused and x.ndim == 2 and x.stride(-1) == 1:
             from asyncllm_kernels import rms_norm

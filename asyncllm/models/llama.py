@@ -92,9 +92,11 @@ class DecoderMLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: Any, spec: DecoderSpec, max_position: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # the norms that all-reduce run in the order ..., post-attention (slot 1), next layer's input (0), ...,
+        # the model's last (0): consecutive ones alternate exchange slots
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, exchange_slot=0)
         self.self_attn = DecoderAttention(cfg, spec, max_position)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, exchange_slot=1)
         self.mlp = DecoderMLP(cfg)
 
     def forward(
@@ -115,7 +117,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, spec, max_position) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, exchange_slot=0)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
