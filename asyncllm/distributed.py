@@ -89,16 +89,16 @@ class SymmetricMemoryAllReduce:
             symm_mem.enable_symm_mem_for_group(self.group_name)
         self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)  # collective: every rank maps every peer's buffer
-        # the fused kernel's two exchange slots and its flags (zero between calls), by address on every rank
-        self.slot_elems = max_bytes // dtype.itemsize
-        self.exchange = symm_mem.empty(2 * self.slot_elems, dtype=dtype, device=device)
+        # the fused kernel's two exchange slots of `world` parts each and its flags, by address on every rank
+        self.part = max_bytes // dtype.itemsize
+        self.exchange = symm_mem.empty(2 * world * self.part, dtype=dtype, device=device)
         self.signals = symm_mem.empty(MAX_ALL_REDUCE_PROGRAMS * world, dtype=torch.int32, device=device).zero_()
         self.exchange_ptrs = torch.tensor(symm_mem.rendezvous(self.exchange, self.group_name).buffer_ptrs,
                                           dtype=torch.int64, device=device)
         self.signal_ptrs = torch.tensor(symm_mem.rendezvous(self.signals, self.group_name).buffer_ptrs,
                                         dtype=torch.int64, device=device)
         torch.cuda.synchronize(device)
-        dist.barrier(group=group)  # every pad is zero before any rank raises a flag in it
+        dist.barrier(group=group)  # every pad is zeroed before any rank raises a flag in it
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.dtype == self.dtype and x.numel() * x.element_size() <= self.max_bytes and x.is_contiguous()
@@ -117,7 +117,7 @@ class SymmetricMemoryAllReduce:
         from asyncllm_kernels import all_reduce_add_rms_norm
 
         return all_reduce_add_rms_norm(x, residual, weight, eps, self.exchange_ptrs, self.signal_ptrs,
-                                       slot * self.slot_elems, self.rank)
+                                       slot * self.exchange_ptrs.numel() * self.part, self.part, self.rank)
 
 
 SINGLE = TPGroup(0, 1, None, None)

@@ -35,7 +35,7 @@ def test_rmsnorm_with_and_without_residual(rows, cols, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_all_reduce_add_rms_norm_on_one_rank(dtype):
     """The fused TP kernel with a world of one (its cross-rank behaviour: tests/gpu, 2 and 4 GPUs): stages x in the
-    given slot of the exchange buffer, reads the sum back, adds, normalises; the barrier leaves the flags at zero."""
+    given slot of the exchange buffer, reads the sum back, adds, normalises; each call's barrier counts one up."""
     torch.manual_seed(2)
     rows, cols, slot_elems = 5, 96, 5 * 96
     x, w, res = rnd(rows, cols, dtype=dtype), rnd(cols, dtype=dtype), rnd(rows, cols, dtype=dtype)
@@ -43,11 +43,13 @@ def test_all_reduce_add_rms_norm_on_one_rank(dtype):
     signals = torch.zeros(K.MAX_ALL_REDUCE_PROGRAMS, dtype=torch.int32, device=DEVICE)
     ptrs = [torch.tensor([t.data_ptr()], dtype=torch.int64, device=DEVICE) for t in (exchange, signals)]
     r1, r2 = res.clone(), res.clone()
-    out = K.all_reduce_add_rms_norm(x, r1, w, 1e-6, *ptrs, slot_elems, 0)
-    torch.testing.assert_close(out, K.rms_norm_ref(x, w, 1e-6, residual=r2), atol=TOL[dtype], rtol=TOL[dtype])
-    torch.testing.assert_close(r1, r2, atol=TOL[dtype], rtol=TOL[dtype])  # the interpreter rounds bf16 its way
+    for call in (1, 2):
+        out = K.all_reduce_add_rms_norm(x, r1, w, 1e-6, *ptrs, slot_elems, slot_elems, 0)
+        ref = K.rms_norm_ref(x, w, 1e-6, residual=r2)
+        torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
+        torch.testing.assert_close(r1, r2, atol=TOL[dtype], rtol=TOL[dtype])  # the interpreter rounds bf16 its way
+        assert (signals[:rows] == call).all() and not signals[rows:].any()  # a program a row
     assert torch.equal(exchange[slot_elems:].view(rows, cols), x) and not exchange[:slot_elems].any()
-    assert not signals.any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
