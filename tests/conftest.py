@@ -1,7 +1,9 @@
 """Shared fixtures: the real SmolLM2 directory, tiny random HF models, and a transformers reference."""
 from __future__ import annotations
 
+import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -155,6 +157,18 @@ def start_tp_server(model: Path, nproc: int, device: str, env: dict[str, str], *
         if m := re.search(r"ready on (http://\S+)", line):
             return proc, m.group(1), lines
     raise AssertionError("server did not start:\n" + "".join(lines[-40:]))
+
+
+def stop_tp_server(proc: subprocess.Popen) -> None:
+    """After a failed test: SIGTERM lets torchrun stop its workers (they free their GPUs); SIGKILL to the session
+    if it has not exited within 30 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def leader_pid(lines: list[str]) -> int:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from asyncllm import LLM, SamplingParams
-from conftest import follower_pid, leader_pid, make_tiny_model, random_prompts, start_tp_server
+from conftest import follower_pid, leader_pid, make_tiny_model, random_prompts, start_tp_server, stop_tp_server
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ASYNCLLM_COLLECTIVE_TIMEOUT_S": "20"}
@@ -85,8 +85,7 @@ def test_http_server_under_torchrun_equals_tp1_and_stops_on_sigterm(model):
         with pytest.raises(ProcessLookupError):
             os.kill(follower, 0)  # the follower is gone too
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_tp_server(proc)
     ids = [choice["token_ids"] for body in got for choice in body["choices"]]
     assert ids == tp1_tokens(model)
 
@@ -103,5 +102,4 @@ def test_a_dead_rank_ends_the_job_with_an_error_naming_it(model, victim):
         report = "".join(lines) + proc.stdout.read()  # type: ignore[union-attr]
         assert re.search(rf"rank\s*:\s*{victim}\b", report), report[-3000:]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_tp_server(proc)
