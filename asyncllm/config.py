@@ -28,7 +28,9 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: no CUDA graphs
     cuda_graph_max_bs: int | None = None  # largest decode batch replayed from a CUDA graph; default min(256, max_num_seqs)
     tensor_parallel_size: int = 1  # > 1 needs torchrun with as many processes (1 = whatever torchrun started)
-    all_reduce: Literal["nccl", "symm_mem"] = "nccl"  # TP on CUDA: symm_mem = one-shot kernel for small inputs
+    # TP on CUDA: symm_mem = small all-reduces by one-shot kernels over symmetric memory (the one before each RMSNorm
+    # fused with it), larger ones NCCL; auto = symm_mem where it can be set up, else NCCL
+    all_reduce: Literal["auto", "nccl", "symm_mem"] = "auto"
     attention_backend: Literal["auto", "torch", "flashinfer", "triton"] = "auto"
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prompt prefixes (radix tree)
     overlap_schedule: bool | None = None  # schedule step N+1 while step N runs; None = on with CUDA, off on CPU

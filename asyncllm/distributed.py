@@ -53,15 +53,24 @@ class TPGroup:
         dist.all_reduce(x, group=self.device_group)
         return x
 
-    def use_symmetric_memory(self, device: torch.device, dtype: torch.dtype) -> None:
-        """all_reduce="symm_mem": small all-reduces by torch's one-shot kernel over NVLink instead of NCCL's.
+    def use_symmetric_memory(self, device: torch.device, dtype: torch.dtype, required: bool) -> None:
+        """Small all-reduces by one-shot kernels over NVLink instead of NCCL's (SymmetricMemoryAllReduce). Not
+        `required` (all_reduce="auto"): NCCL where that cannot be set up (CPU, no peer access, an older torch).
         Collective: every rank calls it, before the CUDA graphs are captured."""
         if self.size == 1 or self.small_all_reduce is not None:
             return
         if device.type != "cuda":
-            raise InvalidRequestError("all_reduce='symm_mem' needs CUDA GPUs", "all_reduce")
+            if required:
+                raise InvalidRequestError("all_reduce='symm_mem' needs CUDA GPUs", "all_reduce")
+            return
         assert self.device_group is not None
-        self.small_all_reduce = SymmetricMemoryAllReduce(self.device_group, device, dtype, SYMM_MEM_ALL_REDUCE_BYTES)
+        try:
+            self.small_all_reduce = SymmetricMemoryAllReduce(self.device_group, device, dtype,
+                                                             SYMM_MEM_ALL_REDUCE_BYTES)
+        except Exception as e:  # set-up fails alike on every rank (same host, same build)
+            if required:
+                raise
+            log.warning("rank %d: symmetric-memory all-reduce unavailable (%s); using NCCL only", self.rank, e)
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's x along the last dimension (rank order)."""

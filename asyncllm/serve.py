@@ -59,8 +59,9 @@ def parser() -> argparse.ArgumentParser:
                    help="schedule step N+1 while the GPU runs step N (default: on with CUDA, off on CPU)")
     g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
                    help="shards over torchrun's processes; must equal --nproc-per-node (1 = whatever torchrun started)")
-    g.add_argument("--all-reduce", default="nccl", choices=["nccl", "symm_mem"],
-                   help="tensor parallelism on CUDA: symm_mem = one-shot symmetric-memory kernel for small all-reduces")
+    g.add_argument("--all-reduce", default="auto", choices=["auto", "nccl", "symm_mem"],
+                   help="tensor parallelism on CUDA: symm_mem = small all-reduces by one-shot symmetric-memory kernels "
+                        "(fused with the next RMSNorm), auto = symm_mem where it can be set up, else NCCL")
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"], help="dummy = random weights")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer", "triton"], help="attention implementation")
     g.add_argument("--seed", type=int, default=0, help="seed of the shared sampling generator")

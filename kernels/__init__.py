@@ -4,13 +4,14 @@ Each kernel has a torch reference beside it (`*_ref`) that the tests compare aga
 kernels under Triton's interpreter (TRITON_INTERPRET=1). Shapes follow the engine: packed tokens [T, ...],
 KV cache of one layer [2, num_blocks, block_size, kv_heads, head_dim].
 """
+from asyncllm_kernels.activation import silu_and_mul, silu_and_mul_ref
 from asyncllm_kernels.allreduce_norm import MAX_PROGRAMS as MAX_ALL_REDUCE_PROGRAMS
 from asyncllm_kernels.allreduce_norm import all_reduce_add_rms_norm
 from asyncllm_kernels.kv_store import store_kv, store_kv_ref
 from asyncllm_kernels.paged_attention import decode_counters, paged_decode_attention, paged_decode_attention_ref
 from asyncllm_kernels.rmsnorm import rms_norm, rms_norm_ref
-from asyncllm_kernels.rope import rope_inplace, rope_ref
+from asyncllm_kernels.rope import rope_ref, rope_store_kv
 from asyncllm_kernels.sampling import gumbel_sample, gumbel_sample_ref
 
-__all__ = ["MAX_ALL_REDUCE_PROGRAMS", "all_reduce_add_rms_norm", "decode_counters", "gumbel_sample", "gumbel_sample_ref", "paged_decode_attention", "paged_decode_attention_ref", "rms_norm", "rms_norm_ref", "rope_inplace",
-           "rope_ref", "store_kv", "store_kv_ref"]
+__all__ = ["MAX_ALL_REDUCE_PROGRAMS", "all_reduce_add_rms_norm", "decode_counters", "gumbel_sample", "gumbel_sample_ref", "paged_decode_attention", "paged_decode_attention_ref", "rms_norm", "rms_norm_ref",
+           "rope_ref", "rope_store_kv", "silu_and_mul", "silu_and_mul_ref", "store_kv", "store_kv_ref"]

@@ -1,6 +1,8 @@
-"""Rotary embedding applied in place to q [T, Hq, D] and k [T, Hk, D] (rotate-half layout), from a float32
-cos/sin cache [max_position, D] (cos in the first half, sin in the second) indexed by positions [T]. Any rope
-scaling (Llama-3, linear, yarn) is baked into the cache."""
+"""Rotary embedding (rotate-half layout) from a float32 cos/sin cache [max_position, D] (cos in the first half, sin
+in the second) indexed by positions [T]; any rope scaling (Llama-3, linear, yarn) is baked into the cache.
+`rope_store_kv` rotates q [T, Hq, D] in place and writes the rotated k and v [T, Hk, D] into their paged slots of
+one layer's cache [2, num_blocks, block_size, Hk, D] (slot = block * block_size + offset; negative slots, the
+padding rows of a captured batch, are skipped): rotary embedding and KV store in one kernel."""
 from __future__ import annotations
 
 import torch
@@ -9,43 +11,64 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate(p, m, cos, sin, HALF: tl.constexpr):
-    x1 = tl.load(p, mask=m, other=0.0)
-    x2 = tl.load(p + HALF, mask=m, other=0.0)
+def _rotated(x1, x2, cos, sin):
+    """(x1, x2) halves -> rotated halves. cos/sin rounded to the activations' dtype like transformers; products in
+    float32, rounded once."""
     dt = x1.dtype
-    # cos/sin rounded to the activations' dtype like transformers; products in float32, rounded once
     c, s = cos.to(dt).to(tl.float32), sin.to(dt).to(tl.float32)
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(p, (x1f * c - x2f * s).to(dt), mask=m)
-    tl.store(p + HALF, (x2f * c + x1f * s).to(dt), mask=m)
+    return (x1f * c - x2f * s).to(dt), (x2f * c + x1f * s).to(dt)
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, cache_ptr, pos_ptr, n_q_heads, n_k_heads, stride_qt, stride_qh, stride_kt, stride_kh,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rotate_heads(ptr, stride_h, n_heads, cos, sin, dst_ptr, dst_stride_h, HALF: tl.constexpr,
+                  BLOCK_H: tl.constexpr):
+    """Rotate the n_heads rows of one token at ptr (stride_h apart) into dst_ptr (dst_stride_h apart)."""
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, HALF)[None, :]
+    for start in range(0, n_heads, BLOCK_H):
+        m = (start + h) < n_heads
+        src = ptr + (start + h) * stride_h + d
+        y1, y2 = _rotated(tl.load(src, mask=m, other=0.0), tl.load(src + HALF, mask=m, other=0.0), cos, sin)
+        dst = dst_ptr + (start + h) * dst_stride_h + d
+        tl.store(dst, y1, mask=m)
+        tl.store(dst + HALF, y2, mask=m)
+
+
+@triton.jit
+def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, pos_ptr, kv_ptr, slot_ptr, n_q_heads, n_k_heads,
+                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, v_offset, HALF: tl.constexpr,
+                          BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr):
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF)
     cos = tl.load(cache_ptr + pos * 2 * HALF + d)[None, :]
     sin = tl.load(cache_ptr + pos * 2 * HALF + HALF + d)[None, :]
-    h = tl.arange(0, BLOCK_H)[:, None]
-    for start in range(0, n_q_heads, BLOCK_H):
-        m = (start + h) < n_q_heads
-        p = q_ptr + t * stride_qt + (start + h) * stride_qh + d[None, :]
-        _rotate(p, m, cos, sin, HALF)
-    for start in range(0, n_k_heads, BLOCK_H):
-        m = (start + h) < n_k_heads
-        p = k_ptr + t * stride_kt + (start + h) * stride_kh + d[None, :]
-        _rotate(p, m, cos, sin, HALF)
+    q = q_ptr + t * stride_qt
+    _rotate_heads(q, stride_qh, n_q_heads, cos, sin, q, stride_qh, HALF, BLOCK_H)
+    slot = tl.load(slot_ptr + t)
+    if slot >= 0:
+        row = n_k_heads * 2 * HALF  # one token's K (or V) over its heads, contiguous in the cache
+        dst = kv_ptr + slot.to(tl.int64) * row
+        _rotate_heads(k_ptr + t * stride_kt, stride_kh, n_k_heads, cos, sin, dst, 2 * HALF, HALF, BLOCK_H)
+        for start in range(0, row, BLOCK_V):  # v's heads are contiguous within the token (stride_vh = D)
+            i = start + tl.arange(0, BLOCK_V)
+            tl.store(dst + v_offset + i, tl.load(v_ptr + t * stride_vt + i, mask=i < row), mask=i < row)
 
 
-def rope_inplace(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+def rope_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """q rotated in place; rotated k and v into the cache (k itself is left as it was)."""
     tokens, n_q, dim = q.shape
+    n_k = k.shape[1]
     assert dim % 2 == 0 and triton.next_power_of_2(dim // 2) == dim // 2 and q.stride(-1) == 1 and k.stride(-1) == 1
+    assert kv_cache.is_contiguous() and v.stride(1) == dim and v.stride(2) == 1
     if tokens == 0:
         return
-    _rope_kernel[(tokens,)](q, k, cos_sin_cache, positions, n_q, k.shape[1], q.stride(0), q.stride(1), k.stride(0),
-                            k.stride(1), HALF=dim // 2, BLOCK_H=min(triton.next_power_of_2(max(n_q, k.shape[1])), 16))
+    _rope_store_kv_kernel[(tokens,)](
+        q, k, v, cos_sin_cache, positions, kv_cache, slot_mapping, n_q, n_k, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), kv_cache[0].numel(), HALF=dim // 2,
+        BLOCK_H=min(triton.next_power_of_2(max(n_q, n_k)), 16), BLOCK_V=min(triton.next_power_of_2(n_k * dim), 1024))
 
 
 def rope_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

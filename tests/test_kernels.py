@@ -54,7 +54,7 @@ def test_all_reduce_add_rms_norm_on_one_rank(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens, hq, hk, dim", [(3, 4, 2, 16), (9, 9, 3, 64)])
-def test_rope_in_place(tokens, hq, hk, dim, dtype):
+def test_rope_with_kv_store(tokens, hq, hk, dim, dtype):
     torch.manual_seed(1)
     from asyncllm.layers.rotary import RotaryEmbedding
     from transformers import LlamaConfig
@@ -64,11 +64,26 @@ def test_rope_in_place(tokens, hq, hk, dim, dtype):
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
     cache = RotaryEmbedding(cfg, dim, 512).cos_sin_cache.to(DEVICE)
     pos = torch.randint(0, 512, (tokens,), device=DEVICE)
-    q, k = rnd(tokens, hq, dim, dtype=dtype), rnd(tokens, hk, dim, dtype=dtype)
+    qkv = rnd(tokens, (hq + 2 * hk) * dim, dtype=dtype)  # the views the model passes: rows of the fused matmul
+    q, k, v = (t.view(tokens, -1, dim) for t in qkv.split([hq * dim, hk * dim, hk * dim], dim=-1))
     q_ref, k_ref = K.rope_ref(pos, q, k, cache)
-    K.rope_inplace(pos, q, k, cache)
+    # q rotated in place, rotated k and v into the cache (padding slot skipped), k unchanged
+    kv_cache, kv_ref = (torch.zeros(2, 8, 4, hk, dim, dtype=dtype, device=DEVICE) for _ in range(2))
+    slots = torch.randperm(32, device=DEVICE)[:tokens]
+    slots[1] = -1
+    k0 = k.clone()
+    K.rope_store_kv(pos, q, k, v, cache, kv_cache, slots)
+    K.store_kv_ref(k_ref, v, kv_ref, slots)
     torch.testing.assert_close(q, q_ref, atol=TOL[dtype], rtol=TOL[dtype])
-    torch.testing.assert_close(k, k_ref, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(kv_cache, kv_ref, atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(k, k0) and kv_cache.ne(0).any(dim=(0, 3, 4)).sum() == tokens - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens, cols", [(1, 64), (5, 3000)])
+def test_silu_and_mul(tokens, cols, dtype):
+    x = rnd(tokens, 2 * cols, dtype=dtype) * 3
+    torch.testing.assert_close(K.silu_and_mul(x), K.silu_and_mul_ref(x), atol=TOL[dtype], rtol=TOL[dtype])
 
 
 def test_store_kv_scatters_and_skips_padding():

@@ -23,10 +23,12 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def variant_config(variant: str) -> dict:
-    """'BACKEND[-eager][-no-overlap][-symm]' -> engine options: eager = no CUDA graphs, no-overlap = each step read
-    back before the next is scheduled, symm = tensor parallelism's small all-reduces by the symmetric-memory kernel."""
+    """'BACKEND[-eager][-no-overlap][-nccl|-symm]' -> engine options: eager = no CUDA graphs, no-overlap = each step
+    read back before the next is scheduled, nccl / symm = tensor parallelism's all-reduces by NCCL only / by the
+    symmetric-memory kernels where small (default: auto)."""
+    all_reduce = "nccl" if "-nccl" in variant else "symm_mem" if "-symm" in variant else "auto"
     return dict(attention_backend=variant.split("-")[0], enforce_eager="-eager" in variant,
-                overlap_schedule="-no-overlap" not in variant, all_reduce="symm_mem" if "-symm" in variant else "nccl")
+                overlap_schedule="-no-overlap" not in variant, all_reduce=all_reduce)
 
 
 class StepTimer:

@@ -1,6 +1,6 @@
 """Workload 5 of BENCHMARKS.md: each Triton kernel vs its PyTorch eager reference on the same inputs, at decode-
 and prefill-sized shapes, with the fraction of the measured copy bandwidth. GPU only. One JSON line per result.
-    python tools/bench_kernels.py [--bandwidth-tbs 2.99] [--kernels rope kv_store ...]
+    python tools/bench_kernels.py [--bandwidth-tbs 2.99] [--kernels rope_kv_store kv_store ...]
 """
 from __future__ import annotations
 
@@ -52,9 +52,16 @@ def main() -> None:
         cfg = LlamaConfig(hidden_size=hq * 128, num_attention_heads=hq, head_dim=128)
         cache = RotaryEmbedding(cfg, 128, 32768).cos_sin_cache.to(dev)
         pos = torch.randint(0, 32768, (tokens,), device=dev)
-        q, k = torch.randn(tokens, hq, 128, device=dev, dtype=bf16), torch.randn(tokens, hk, 128, device=dev, dtype=bf16)
-        report("rope", f"{tokens}x({hq}+{hk})x128", lambda: K.rope_inplace(pos, q, k, cache),
-               lambda: K.rope_ref(pos, q, k, cache), 2 * (q.numel() + k.numel()) * 2)
+        q, k, v = (torch.randn(tokens, h, 128, device=dev, dtype=bf16) for h in (hq, hk, hk))
+        kv = torch.zeros(2, -(-tokens // 16), 16, hk, 128, device=dev, dtype=bf16)
+        slots = torch.arange(tokens, device=dev)
+        report("rope_kv_store", f"{tokens}x({hq}+{hk})x128", lambda: K.rope_store_kv(pos, q, k, v, cache, kv, slots),
+               lambda: K.store_kv_ref(K.rope_ref(pos, q, k, cache)[1], v, kv, slots),
+               2 * (q.numel() + 2 * k.numel()) * 2)
+    for tokens, inter in ((1, 14336), (64, 14336), (16384, 3584)):
+        x = torch.randn(tokens, 2 * inter, device=dev, dtype=bf16)
+        report("silu_and_mul", f"{tokens}x{inter}", lambda: K.silu_and_mul(x), lambda: K.silu_and_mul_ref(x),
+               3 * tokens * inter * 2)
     for tokens in (1, 256, 16384):
         cache = torch.zeros(2, 8192, 16, 8, 128, device=dev, dtype=bf16)
         k, v = (torch.randn(tokens, 8, 128, device=dev, dtype=bf16) for _ in range(2))

@@ -25,6 +25,7 @@ from asyncllm.layers.attention import (
     TorchAttentionBackend,
     TritonAttentionBackend,
 )
+from asyncllm.layers.activation import SiluAndMul
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
 from asyncllm.layers.sampler import Penalties, Sampler, SamplingTensors
@@ -104,8 +105,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.tp = distributed.init_from_env(config.tensor_parallel_size, self.device)
-        if config.all_reduce == "symm_mem":
-            self.tp.use_symmetric_memory(self.device, self.dtype)
+        if config.all_reduce != "nccl":
+            self.tp.use_symmetric_memory(self.device, self.dtype, required=config.all_reduce == "symm_mem")
         torch.manual_seed(config.seed)
 
         default_dtype = torch.get_default_dtype()
@@ -123,9 +124,9 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = make_backend(config.attention_backend, self.device, self.dtype, self.attention_layers[0],
                                     self.block_size)
-        if self.backend.name != "torch":  # GPU fast path: fused Triton norm and rotary kernels too
+        if self.backend.name != "torch":  # GPU fast path: Triton norm, rotary (+ KV store) and SwiGLU kernels too
             for m in self.model.modules():
-                if isinstance(m, (RMSNorm, RotaryEmbedding)):
+                if isinstance(m, (RMSNorm, RotaryEmbedding, SiluAndMul)):
                     m.fused = True
         self.sampler = Sampler(self.device, config.seed)
         self.sampler.fused = self.backend.name != "torch"

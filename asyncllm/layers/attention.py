@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -18,6 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from asyncllm.device import to_device
+from asyncllm.layers.rotary import apply_rotary
+
+# (positions [T], cos/sin cache [max_position, D]): a rotary embedding for the backend to apply to q and k
+Rotary = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -49,9 +53,11 @@ class AttentionBackend(Protocol):
         """Backends with CUDA graphs: plan the graph of `batch_size` at capture and before each replay."""
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float,
+        rotary: Rotary | None = None,
     ) -> torch.Tensor:
-        """Store k/v [T, Hk, D] of the new tokens into kv_cache, then attend q [T, Hq, D] -> [T, Hq, D]."""
+        """Store k/v [T, Hk, D] of the new tokens into kv_cache, then attend q [T, Hq, D] -> [T, Hq, D]. With
+        `rotary`, q and k are rotated first (the GPU backends fuse it with the store)."""
 
 
 class TorchAttentionBackend:
@@ -93,8 +99,11 @@ class TorchAttentionBackend:
         return self._group_masks[groups]
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float,
+        rotary: Rotary | None = None,
     ) -> torch.Tensor:
+        if rotary is not None:
+            q, k = apply_rotary(rotary[0], q, k, rotary[1])
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
         kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, self.meta.slot_mapping, k)
         kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, self.meta.slot_mapping, v)
@@ -169,10 +178,11 @@ class TritonAttentionBackend(TorchAttentionBackend):
             self.plan(meta)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float,
+        rotary: Rotary | None = None,
     ) -> torch.Tensor:
         kern = self.kernels
-        kern.store_kv(k, v, kv_cache, self.full.slot_mapping)
+        store_kv(kern, q, k, v, kv_cache, self.full.slot_mapping, rotary)
         if not self.decode_only and not self.mixed:
             return self._attend(q, kv_cache, scale)
         if self.counters is None:  # first use is an eager step (a graph's warm-up precedes its capture)
@@ -187,6 +197,16 @@ class TritonAttentionBackend(TorchAttentionBackend):
         return out
 
 
+def store_kv(kernels: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, rotary: Rotary | None) -> None:
+    """The GPU backends' first step: K/V into the cache; with `rotary`, q rotated in place and k rotated on its way
+    into the cache, in the same kernel."""
+    if rotary is None:
+        kernels.store_kv(k, v, kv_cache, slot_mapping)
+    else:
+        kernels.rope_store_kv(rotary[0], q, k, v, rotary[1], kv_cache, slot_mapping)
+
+
 class Attention(nn.Module):
     """Paged attention of one layer. The runner attaches `backend` and this layer's `kv_cache` before use."""
 
@@ -198,6 +218,6 @@ class Attention(nn.Module):
         self.backend: AttentionBackend | None = None
         self.kv_cache: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary | None = None) -> torch.Tensor:
         assert self.backend is not None and self.kv_cache is not None, "runner did not attach the KV cache"
-        return self.backend.forward(q, k, v, self.kv_cache, self.scale)
+        return self.backend.forward(q, k, v, self.kv_cache, self.scale, rotary)

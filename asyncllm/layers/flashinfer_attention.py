@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from asyncllm.device import host_tensor, to_device
-from asyncllm.layers.attention import AttentionMetadata, TritonAttentionBackend
+from asyncllm.layers.attention import AttentionMetadata, Rotary, TritonAttentionBackend, store_kv
 
 
 WORKSPACE_BYTES = 128 << 20
@@ -98,12 +98,13 @@ class FlashInferAttentionBackend:
 
     # ---- per layer ------------------------------------------------------------------------------------------
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float,
+        rotary: Rotary | None = None,
     ) -> torch.Tensor:
         if self.wrapper is None:  # capturing a decode graph
-            return self.graphs.forward(q, k, v, kv_cache, scale)
+            return self.graphs.forward(q, k, v, kv_cache, scale, rotary)
         assert self.slot_mapping is not None, "plan() first"
-        self.kernels.store_kv(k, v, kv_cache, self.slot_mapping)
+        store_kv(self.kernels, q, k, v, kv_cache, self.slot_mapping, rotary)
         return self.wrapper.run(q, (kv_cache[0], kv_cache[1]))
 
 

@@ -53,17 +53,19 @@ class RotaryEmbedding(nn.Module):
         if self.rotary_dim != head_dim:
             raise ValueError("partial rotary embeddings are not supported")
         self.register_buffer("cos_sin_cache", cache.to(target), persistent=False)
-        self.fused = False  # the runner turns on the Triton kernel on CUDA (rotates q and k in place)
+        # the runner turns on the Triton kernels on CUDA, where the attention backend applies the rotation as it
+        # stores K/V (asyncllm_kernels.rope_store_kv): see DecoderAttention
+        self.fused = False
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, D], k [T, Hk, D], positions [T] -> rotated (q, k), non-neox halves layout (HF rotate_half)."""
-        if self.fused:
-            from asyncllm_kernels import rope_inplace
+        return apply_rotary(positions, q, k, self.cos_sin_cache)
 
-            rope_inplace(positions, q, k, self.cos_sin_cache)
-            return q, k
-        cos, sin = self.cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
