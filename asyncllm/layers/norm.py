@@ -28,8 +28,8 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None, reduce: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with `residual`: (norm(x + residual), x + residual). `reduce`: x is this rank's partial sum
-        (tensor parallelism) and the sum over ranks is used: the all-reduce sits here, before the add, so a kernel
-        fusing all-reduce + add + norm can replace the three."""
+        (tensor parallelism) and the sum over ranks is used: the all-reduce sits here, before the add, so that over
+        symmetric memory one kernel does all three (SymmetricMemoryAllReduce.add_rms_norm)."""
         if reduce:
             symm = self.tp.small_all_reduce
             if self.fused and residual is not None and symm is not None and symm.fits(x) and x.ndim == 2:
