@@ -1,9 +1,8 @@
 """Where a tensor-parallel decode step's time goes (GPU): torch.profiler on every rank over --steps decode steps of
 --batch requests (dummy weights, CUDA graphs as served). Prints one JSON line per rank: GPU ms per step, ms in
 collective kernels (NCCL, symmetric-memory all-reduce) per step and their share (a collective's time includes waiting
-for the slowest rank), and the host time per
-step spent blocked (stream/event synchronize), and the GPU's idle time within the steps' span (gaps between kernels,
-also inside graphs). --trace-dir writes a chrome trace and the top host / device ops per rank.
+for the slowest rank), the host time per step spent blocked (stream/event synchronize), and the GPU's idle time
+within the steps' span (gaps between kernels, also inside graphs). --trace-dir writes a chrome trace and the top host / device ops per rank.
     torchrun --standalone --nproc-per-node 4 tools/profile_tp.py --model tools/model_configs/llama-3.1-8b
 """
 from __future__ import annotations

@@ -27,7 +27,6 @@ from asyncllm.layers.attention import (
 )
 from asyncllm.layers.activation import SiluAndMul
 from asyncllm.layers.norm import RMSNorm
-from asyncllm.layers.rotary import RotaryEmbedding
 from asyncllm.layers.sampler import Penalties, Sampler, SamplingTensors
 from asyncllm.models import build_model
 from asyncllm.models.loader import init_dummy, load_safetensors
@@ -124,9 +123,9 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = make_backend(config.attention_backend, self.device, self.dtype, self.attention_layers[0],
                                     self.block_size)
-        if self.backend.name != "torch":  # GPU fast path: Triton norm, rotary (+ KV store) and SwiGLU kernels too
+        if self.backend.name != "torch":  # GPU fast path: Triton norm and SwiGLU kernels too
             for m in self.model.modules():
-                if isinstance(m, (RMSNorm, RotaryEmbedding, SiluAndMul)):
+                if isinstance(m, (RMSNorm, SiluAndMul)):
                     m.fused = True
         self.sampler = Sampler(self.device, config.seed)
         self.sampler.fused = self.backend.name != "torch"

@@ -182,7 +182,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
         rotary: Rotary | None = None,
     ) -> torch.Tensor:
         kern = self.kernels
-        store_kv(kern, q, k, v, kv_cache, self.full.slot_mapping, rotary)
+        store_new_kv(kern, q, k, v, kv_cache, self.full.slot_mapping, rotary)
         if not self.decode_only and not self.mixed:
             return self._attend(q, kv_cache, scale)
         if self.counters is None:  # first use is an eager step (a graph's warm-up precedes its capture)
@@ -197,7 +197,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
         return out
 
 
-def store_kv(kernels: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+def store_new_kv(kernels: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
              slot_mapping: torch.Tensor, rotary: Rotary | None) -> None:
     """The GPU backends' first step: K/V into the cache; with `rotary`, q rotated in place and k rotated on its way
     into the cache, in the same kernel."""

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from asyncllm.device import host_tensor, to_device
-from asyncllm.layers.attention import AttentionMetadata, Rotary, TritonAttentionBackend, store_kv
+from asyncllm.layers.attention import AttentionMetadata, Rotary, TritonAttentionBackend, store_new_kv
 
 
 WORKSPACE_BYTES = 128 << 20
@@ -104,7 +104,7 @@ class FlashInferAttentionBackend:
         if self.wrapper is None:  # capturing a decode graph
             return self.graphs.forward(q, k, v, kv_cache, scale, rotary)
         assert self.slot_mapping is not None, "plan() first"
-        store_kv(self.kernels, q, k, v, kv_cache, self.slot_mapping, rotary)
+        store_new_kv(self.kernels, q, k, v, kv_cache, self.slot_mapping, rotary)
         return self.wrapper.run(q, (kv_cache[0], kv_cache[1]))
 
 

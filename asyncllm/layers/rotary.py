@@ -42,6 +42,9 @@ def compute_inv_freq(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float
 
 
 class RotaryEmbedding(nn.Module):
+    """The cos/sin cache of one attention layer. The attention backend applies it to q and k (`apply_rotary` in
+    the torch backend; on the GPU fused with the KV store, asyncllm_kernels.rope_store_kv)."""
+
     def __init__(self, hf_config: Any, head_dim: int, max_position: int) -> None:
         super().__init__()
         target = torch.empty(0).device  # the device the model is being built on (ambient torch.device context)
@@ -53,17 +56,11 @@ class RotaryEmbedding(nn.Module):
         if self.rotary_dim != head_dim:
             raise ValueError("partial rotary embeddings are not supported")
         self.register_buffer("cos_sin_cache", cache.to(target), persistent=False)
-        # the runner turns on the Triton kernels on CUDA, where the attention backend applies the rotation as it
-        # stores K/V (asyncllm_kernels.rope_store_kv): see DecoderAttention
-        self.fused = False
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k [T, Hk, D], positions [T] -> rotated (q, k), non-neox halves layout (HF rotate_half)."""
-        return apply_rotary(positions, q, k, self.cos_sin_cache)
 
 
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                  cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, D], k [T, Hk, D], positions [T] -> rotated (q, k), non-neox halves layout (HF rotate_half)."""
     cos, sin = cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

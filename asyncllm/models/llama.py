@@ -66,11 +66,7 @@ class DecoderAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rotary.fused:  # GPU: the backend rotates q and k as it stores K/V (one kernel)
-            out = self.attn(q, k, v, rotary=(positions, self.rotary.cos_sin_cache))
-        else:
-            q, k = self.rotary(positions, q, k)
-            out = self.attn(q, k, v)
+        out = self.attn(q, k, v, rotary=(positions, self.rotary.cos_sin_cache))  # the backend rotates q and k
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
 
