@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +16,8 @@ from asyncllm.engine.request import Request
 from asyncllm.errors import InvalidRequestError
 from asyncllm.outputs import GenerateOutput
 from asyncllm.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
 
@@ -116,8 +119,11 @@ class LLM:
                     )
                     bar.update(finished)
         except BaseException:
-            for r in reqs:
-                self.engine.abort(r.request_id)
+            try:
+                for r in reqs:
+                    self.engine.abort(r.request_id)
+            except Exception:  # the engine is already broken: the first error is the one to report
+                log.exception("cleanup after a failed generate also failed")
             raise
         finally:
             bar.close()

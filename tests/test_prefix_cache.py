@@ -107,3 +107,24 @@ def test_cache_switch_names(model):
     assert LLM(model, max_model_len=64, enable_radix_cache=True).engine.blocks.cache is not None
     with pytest.raises(ValueError, match="cache_type"):
         LLM(model, max_model_len=64, cache_type="lru")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_burst_with_shared_prefix_and_staggered_finishes(model, seed):
+    """Requests sharing a system prompt prefilled in the same step, finishing at different times, in a small
+    cache (the case that crashed: cached blocks hung under blocks their request did not hold)."""
+    import random
+
+    rng = random.Random(seed)
+    system = random_prompts(1, 49152, 64, 64, seed=50 + seed)[0]
+    prompts = [system + q for q in random_prompts(8, 49152, 3, 30, seed=60 + seed)]
+    params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 60), ignore_eos=True) for _ in prompts]
+    kw = dict(max_model_len=160, block_size=8, num_kv_blocks=40)
+    on, off = pair(model, **kw)
+    for _ in range(2):  # the second round finds the prefix cached
+        outs = on.generate(prompts, params, use_tqdm=False)
+        on.engine.scheduler.check_invariants()
+    ref = off.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    assert [len(o.token_ids) for o in outs] == [p.max_tokens for p in params]
+    assert_drained(on)

@@ -29,7 +29,9 @@ def test_split_on_diverging_insert_and_on_partial_match():
     c = RadixCache(BS)
     c.insert(toks(1, 2, 3, 4), [10, 11, 12, 13])
     # same first two blocks, then a different third: the edge splits after block 2
-    assert c.insert(toks(1, 2, 7), [20, 21, 22]) == [22]  # the shared blocks stay the cache's own
+    with pytest.raises(ValueError, match="adopt"):  # never hang blocks under a prefix held by other blocks
+        c.insert(toks(1, 2, 7), [20, 21, 22])
+    assert c.insert(toks(1, 2, 7), [10, 11, 22]) == [22]
     top = c.root.children[tuple(toks(1))]
     assert top.blocks == [10, 11] and set(top.children) == {tuple(toks(3)), tuple(toks(7))}
     assert c.match(toks(1, 2, 7, 9)) == [10, 11, 22]

@@ -55,6 +55,9 @@ class BlockManager:
             evicted = self.cache.evict(num_blocks - len(self._free), lambda b: self._ref[b] == 0)
             self._num_evictable -= len(evicted)
             self._free.extend(evicted)
+            if num_blocks > len(self._free):  # cannot happen while check_invariants holds
+                raise RuntimeError(f"KV cache accounting: {self._num_evictable} blocks counted evictable, "
+                                   f"{len(evicted)} could be evicted")
         blocks = [self._free.popleft() for _ in range(num_blocks)]
         for b in blocks:
             self._ref[b] = 1
@@ -80,15 +83,38 @@ class BlockManager:
             return []
         blocks = self.cache.match(tokens)
         for b in blocks:
-            if self._ref[b] == 0:
-                self._num_evictable -= 1
-            self._ref[b] += 1
+            self._hold(b)
         return blocks
 
-    def cache_blocks(self, tokens: Sequence[int], blocks: Sequence[int]) -> None:
-        """Offer full blocks (held by a request, so ref > 0) to the prefix cache."""
-        if self.cache is not None:
-            self.cache.insert(tokens, blocks)
+    def cache_blocks(self, tokens: Sequence[int], table: list[int], num_written: int | None = None) -> bool:
+        """Offer a request's full blocks to the prefix cache: `table[:k]` holds `tokens` (k = len(tokens) //
+        block_size) and the request holds a reference to each.
+
+        Where the tree already holds other blocks for a prefix of `tokens` (another request computed the same
+        prefix), the request first adopts the tree's blocks (a reference taken on each, its own copies freed, `table`
+        changed in place), so the tree never hangs blocks under blocks the request does not hold. Only blocks whose
+        K/V earlier steps wrote (`table[:num_written]`, default all) may be swapped: the switch then changes only
+        what later steps read, and the copies freed are reused only by later steps on the same stream. If a copy
+        is still being written, nothing is cached now and False is returned (the next step tries again)."""
+        if self.cache is None:
+            return False
+        k = len(tokens) // self.block_size
+        path = self.cache.peek(tokens)
+        own = next((j for j, (a, b) in enumerate(zip(path, table)) if a != b), len(path))
+        if own < len(path):
+            if len(path) > (k if num_written is None else num_written):
+                return False
+            for j in range(own, len(path)):
+                self._hold(path[j])
+            self.free(table[own : len(path)])
+            table[own : len(path)] = path[own:]
+        self.cache.insert(tokens[: k * self.block_size], table[:k])
+        return True
+
+    def _hold(self, block: int) -> None:
+        if self._ref[block] == 0:
+            self._num_evictable -= 1
+        self._ref[block] += 1
 
     def clear_cache(self) -> None:
         """Drop every cached prefix: evictable blocks go back to the free list."""
@@ -98,3 +124,19 @@ class BlockManager:
             if self._ref[b] == 0:
                 self._free.append(b)
         self._num_evictable = 0
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError unless every block is in exactly one state (free / in use / evictable), the counts
+        agree, and every evictable block can be reached by eviction. For tests: O(blocks)."""
+        free = list(self._free)
+        assert len(set(free)) == len(free), "a block twice in the free list"
+        cached = set(self.cache.block_node) if self.cache is not None else set()
+        for b in free:
+            assert self._ref[b] == 0 and b not in cached, f"free block {b} is in use or cached"
+        assert all(r >= 0 for r in self._ref), "a negative reference count"
+        evictable = [b for b in cached if self._ref[b] == 0]
+        in_use = sum(r > 0 for r in self._ref)
+        assert len(evictable) == self._num_evictable, f"{self._num_evictable} evictable counted, {len(evictable)} found"
+        assert len(free) + in_use + len(evictable) == self.num_blocks, "a block in no state, or in two"
+        if self.cache is not None:
+            self.cache.check(lambda b: self._ref[b] == 0)

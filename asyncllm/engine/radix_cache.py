@@ -3,13 +3,18 @@
 An edge holds a run of whole blocks: `tokens` (a multiple of block_size) and the block ids that hold their K/V.
 Children are keyed by their first block's tokens. A match that ends inside an edge splits it there, so nodes stay
 aligned with what requests share. The tree never decides whether a block is in use: `evict` asks the block
-manager (`unused(block)`) and drops least-recently-used leaves whose blocks are all unused.
+manager (`unused(block)`).
+
+Invariant the block manager keeps (and `check` verifies with it): a block in use has every block above it (earlier
+in its node, and in every ancestor node) in use too, so every unused cached block can be reached by evicting
+unused tails of leaves, leaf after leaf. `insert` helps: it only hangs blocks under a path made of the caller's own
+blocks.
 """
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 Key = tuple[int, ...]
 
@@ -55,7 +60,8 @@ class RadixCache:
         return upper
 
     def _walk(self, chunks: list[Key], split: bool) -> tuple[Node, list[int], int]:
-        """Deepest node matching a prefix of `chunks` -> (node, matched blocks, matched chunks)."""
+        """Deepest node matching a prefix of `chunks` -> (node, matched blocks, matched chunks). Without `split`
+        a match ending inside an edge counts its blocks there, but the node returned is the edge's parent."""
         node, blocks, i = self.root, [], 0
         now = next(self._clock)
         while i < len(chunks) and (child := node.children.get(chunks[i])) is not None:
@@ -79,12 +85,19 @@ class RadixCache:
         _, blocks, _ = self._walk(self._chunks(tokens), split=True)
         return blocks
 
+    def peek(self, tokens: Sequence[int]) -> list[int]:
+        """Like `match`, without reshaping the tree."""
+        return self._walk(self._chunks(tokens), split=False)[1]
+
     def insert(self, tokens: Sequence[int], blocks: Sequence[int]) -> list[int]:
-        """Cache `blocks` as holding `tokens` (len(tokens) == len(blocks) * block_size). Positions already cached
-        keep their existing blocks; returns the blocks of `blocks` that the cache took."""
+        """Cache `blocks` as holding `tokens` (len(tokens) == len(blocks) * block_size). The cached prefix of
+        `tokens` must already be these very blocks (the caller adopts the tree's blocks first): the tree never
+        hangs a caller's blocks under blocks the caller may not hold. Returns the blocks the cache took."""
         chunks = self._chunks(tokens)
         assert len(chunks) == len(blocks), "insert whole blocks only"
-        node, _, i = self._walk(chunks, split=True)
+        node, matched, i = self._walk(chunks, split=True)
+        if matched != list(blocks[:i]):
+            raise ValueError("insert under a cached prefix held by other blocks (adopt the tree's blocks first)")
         if i == len(chunks):
             return []
         new = list(blocks[i:])
@@ -96,40 +109,44 @@ class RadixCache:
         return new
 
     def evict(self, num_blocks: int, unused: Callable[[int], bool]) -> list[int]:
-        """Remove least-recently-used leaves whose blocks are all unused until num_blocks are freed (or none is
-        left; the last leaf may lose only its tail); returns the freed blocks."""
-        heap = [(n.last_access, id(n), n) for n in self._leaves() if all(map(unused, n.blocks))]
+        """Remove up to num_blocks unused blocks from the tails of leaves, least recently used leaf first (a leaf
+        whose blocks all go is removed, and its parent may become a leaf); returns the freed blocks."""
+        heap = [(n.last_access, id(n), n) for n in self._leaves() if unused(n.blocks[-1])]
         heapq.heapify(heap)
         freed: list[int] = []
         while heap and len(freed) < num_blocks:
             _, _, node = heapq.heappop(heap)
-            take = num_blocks - len(freed)
-            if take < len(node.blocks):  # trim the leaf's tail: evict no more than asked
-                tail = node.blocks[-take:]
+            tail = 0  # unused blocks at the end of this leaf
+            while tail < len(node.blocks) and unused(node.blocks[-1 - tail]):
+                tail += 1
+            take = min(tail, num_blocks - len(freed))
+            if take < len(node.blocks):  # trim the leaf's tail: the rest stays cached
+                gone = node.blocks[-take:]
                 node.blocks, node.tokens = node.blocks[:-take], node.tokens[: -take * self.block_size]
-                for b in tail:
+                for b in gone:
                     del self.block_node[b]
-                freed.extend(tail)
-                break
+                freed.extend(gone)
+                continue
             parent = node.parent
             assert parent is not None
             del parent.children[node.tokens[: self.block_size]]
             for b in node.blocks:
                 del self.block_node[b]
             freed.extend(node.blocks)
-            if parent is not self.root and not parent.children and all(map(unused, parent.blocks)):
+            if parent is not self.root and not parent.children and unused(parent.blocks[-1]):
                 heapq.heappush(heap, (parent.last_access, id(parent), parent))
         return freed
 
-    def _leaves(self) -> list[Node]:
-        out, stack = [], list(self.root.children.values())
+    def nodes(self) -> Iterator[Node]:
+        """Every node below the root, parents before children."""
+        stack = list(self.root.children.values())
         while stack:
             node = stack.pop()
-            if node.children:
-                stack.extend(node.children.values())
-            else:
-                out.append(node)
-        return out
+            yield node
+            stack.extend(node.children.values())
+
+    def _leaves(self) -> list[Node]:
+        return [n for n in self.nodes() if not n.children]
 
     def clear(self) -> list[int]:
         """Forget everything; returns every block the cache held."""
@@ -137,3 +154,21 @@ class RadixCache:
         self.root.children.clear()
         self.block_node.clear()
         return blocks
+
+    def check(self, unused: Callable[[int], bool]) -> None:
+        """Raise AssertionError if the tree is malformed or an unused block cannot be reached by eviction."""
+        bs, seen = self.block_size, 0
+        for node in self.nodes():
+            parent = node.parent
+            assert parent is not None and node.blocks, "a node without blocks or parent"
+            assert len(node.tokens) == len(node.blocks) * bs, "tokens and blocks of a node disagree"
+            assert parent.children.get(node.tokens[:bs]) is node, "a child keyed by the wrong tokens"
+            for b in node.blocks:
+                assert self.block_node.get(b) is node, f"block {b} indexed under another node"
+            seen += len(node.blocks)
+            # in use => everything above it in use: blocks before it in the node, and the parent's last block
+            flags = [not unused(b) for b in node.blocks]
+            assert flags == sorted(flags, reverse=True), f"an unused block above a used one in node {node.blocks}"
+            if flags[0] and parent is not self.root:
+                assert not unused(parent.blocks[-1]), f"block {node.blocks[0]} in use under an unused parent"
+        assert seen == len(self.block_node), "blocks indexed but not in the tree (or twice in it)"

@@ -158,7 +158,7 @@ class Scheduler:
             budget -= n
         row = 0
         for i, (req, sample) in enumerate(zip(batch.requests, batch.sample)):
-            self._cache_full_blocks(req)
+            self._cache_full_blocks(req, batch.starts[i])
             if req.num_pending:  # it computes its pending token now: the input comes from the previous step
                 batch.feed[i] = req.pending_row
             if sample:  # its next token will exist on the device before the host sees it
@@ -170,12 +170,16 @@ class Scheduler:
                 self.stats.prompt_tokens += n
         return batch
 
-    def _cache_full_blocks(self, req: Request) -> None:
+    def _cache_full_blocks(self, req: Request, start: int) -> None:
         """Offer the request's newly filled blocks to the prefix cache (their K/V are written by this step,
-        before any later step can read them)."""
-        full = min(req.num_computed_tokens, req.num_tokens) // self.blocks.block_size
-        if full > req.num_cached_blocks:
-            self.blocks.cache_blocks(req.token_ids[: full * self.blocks.block_size], req.block_table[:full])
+        before any later step can read them). `start`: tokens written by earlier steps (the cache may swap only
+        those blocks for its own copies of the same prefix)."""
+        if self.blocks.cache is None:
+            return
+        bs = self.blocks.block_size
+        full = min(req.num_computed_tokens, req.num_tokens) // bs
+        if full > req.num_cached_blocks and self.blocks.cache_blocks(req.token_ids[: full * bs], req.block_table,
+                                                                       start // bs):
             req.num_cached_blocks = full
 
     def _at_length_limit(self, req: Request, pending: int = 0) -> bool:
@@ -253,3 +257,20 @@ class Scheduler:
             self.blocks.free(req.block_table)
             req.block_table = []
         self.requests.pop(req.request_id, None)
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the queues, the requests' block tables and the block manager disagree (tests)."""
+        self.blocks.check_invariants()
+        held = [0] * self.blocks.num_blocks
+        for req in self.running:
+            assert req.status is RequestStatus.RUNNING and req.request_id in self.requests
+            assert len(set(req.block_table)) == len(req.block_table), "a block twice in one table"
+            assert len(req.block_table) == self.blocks.blocks_for(req.num_computed_tokens), "table size != tokens"
+            assert req.num_computed_tokens <= req.num_scheduled_tokens
+            for b in req.block_table:
+                held[b] += 1
+        for req in self.waiting:
+            assert req.status is RequestStatus.WAITING and not req.block_table and req.request_id in self.requests
+        assert len(self.running) + len(self.waiting) == len(self.requests), "a request in no queue or in two"
+        refs = [self.blocks.ref_count(b) for b in range(self.blocks.num_blocks)]
+        assert held == refs, "reference counts differ from the running requests' block tables"

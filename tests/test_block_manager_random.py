@@ -1,0 +1,143 @@
+"""BlockManager + RadixCache under random operation sequences (hypothesis), invariants checked after each one.
+
+A model of what every block holds (`content[b]`: the token prefix whose last block's K/V it stores) checks that
+the cache only ever hands out blocks holding exactly the prefix asked for.
+"""
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from asyncllm.engine.kv_cache import BlockManager
+
+BS = 2
+
+
+class Model:
+    """Requests as (tokens, table, blocks written by earlier steps), over one BlockManager."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.bm = BlockManager(num_blocks, BS, enable_prefix_caching=True)
+        self.reqs: list[dict] = []
+        self.content: dict[int, tuple[int, ...]] = {}
+
+    def write(self, req: dict, upto: int) -> None:
+        """The request's blocks [written, upto) get their K/V (a step ran)."""
+        for j in range(req["written"], upto):
+            self.content[req["table"][j]] = tuple(req["tokens"][: (j + 1) * BS])
+        req["written"] = max(req["written"], upto)
+
+    def check(self) -> None:
+        self.bm.check_invariants()
+        refs = [0] * self.bm.num_blocks
+        for r in self.reqs:
+            for j, b in enumerate(r["table"]):
+                refs[b] += 1
+                if j < r["written"]:  # what a request reads is its own prefix
+                    assert self.content[b] == tuple(r["tokens"][: (j + 1) * BS])
+        assert refs == [self.bm.ref_count(b) for b in range(self.bm.num_blocks)]
+        cache = self.bm.cache
+        for b, node in cache.block_node.items():  # a cached block holds the path's tokens up to it
+            path: list[int] = []
+            n = node
+            while n is not cache.root:
+                path[:0] = n.tokens
+                n = n.parent
+            upto = len(path) - (len(node.blocks) - 1 - node.blocks.index(b)) * BS
+            assert self.content[b] == tuple(path[:upto])
+
+
+chunk = st.sampled_from([(1, 1), (1, 2), (2, 2), (3, 1)])  # few distinct blocks: prefixes collide a lot
+op = st.one_of(
+    st.tuples(st.just("admit"), st.lists(chunk, min_size=1, max_size=6)),
+    st.tuples(st.just("grow"), st.integers(0, 99), st.lists(chunk, min_size=1, max_size=3)),
+    st.tuples(st.just("step"), st.integers(0, 99), st.integers(0, 6)),
+    st.tuples(st.just("free"), st.integers(0, 99)),
+    st.tuples(st.just("pressure"), st.integers(1, 12)),
+    st.tuples(st.just("clear"),),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(num_blocks=st.integers(4, 16), ops=st.lists(op, max_size=40))
+def test_random_operations_keep_invariants(num_blocks, ops):
+    m = Model(num_blocks)
+    bm = m.bm
+    for o in ops:
+        kind = o[0]
+        r = m.reqs[o[1] % len(m.reqs)] if m.reqs and kind in ("grow", "step", "free") else None
+        if kind == "admit":
+            tokens = [t for c in o[1] for t in c]
+            cached = bm.match(tokens[: (len(tokens) - 1) // BS * BS])
+            need = len(o[1]) - len(cached)
+            if bm.can_allocate(need):
+                req = {"tokens": tokens, "table": cached + bm.allocate(need), "written": len(cached)}
+                m.reqs.append(req)
+            else:
+                bm.free(cached)
+        elif kind == "grow" and r is not None and bm.can_allocate(len(o[2])):
+            r["tokens"] += [t for c in o[2] for t in c]
+            r["table"] += bm.allocate(len(o[2]))
+        elif kind == "step" and r is not None:  # as the scheduler: offer the blocks this step fills, then run it
+            k = min(len(r["table"]), r["written"] + o[2])
+            table_before = list(r["table"])
+            ok = bm.cache_blocks(r["tokens"][: k * BS], r["table"], r["written"])
+            changed = [j for j in range(len(table_before)) if table_before[j] != r["table"][j]]
+            assert all(j < r["written"] for j in changed), "swapped a block still being written"
+            if ok:  # the offered blocks are a cached path now
+                assert bm.cache.peek(r["tokens"][: k * BS]) == r["table"][:k]
+            m.write(r, k)
+        elif kind == "free" and r is not None:
+            bm.free(r["table"])
+            m.reqs.remove(r)
+        elif kind == "pressure" and bm.can_allocate(o[1]):
+            got = bm.allocate(o[1])  # must succeed whenever can_allocate says so
+            assert len(set(got)) == o[1]
+            for b in got:
+                m.content.pop(b, None)
+            bm.free(got)
+        elif kind == "clear":
+            bm.clear_cache()
+        m.check()
+    for r in m.reqs:
+        bm.free(r["table"])
+    m.reqs.clear()
+    m.check()
+    assert bm.num_free_blocks == num_blocks and bm.can_allocate(num_blocks)
+    assert len(bm.allocate(num_blocks)) == num_blocks
+
+
+def test_issue_repro_second_insert_under_blocks_it_does_not_hold():
+    """Two requests with the same first blocks cached in one step; the first ends: allocation must not fail."""
+    bm = BlockManager(5, 4, True)
+    a, c = bm.allocate(2), bm.allocate(3)
+    bm.cache_blocks([1] * 4 + [2] * 4, a)
+    bm.cache_blocks([1] * 4 + [2] * 4 + [3] * 4, c)
+    bm.check_invariants()
+    assert c[:2] == a  # c adopted the cached copies of the shared prefix and freed its own
+    bm.free(a)
+    assert bm.allocate(1)
+    bm.check_invariants()
+
+
+def test_copies_still_being_written_are_not_swapped():
+    bm = BlockManager(6, 4, True)
+    a, c = bm.allocate(2), bm.allocate(3)
+    bm.cache_blocks([1] * 4 + [2] * 4, a)
+    table = list(c)
+    assert not bm.cache_blocks([1] * 4 + [2] * 4 + [3] * 4, c, num_written=1)  # c's 2nd block written this step
+    assert c == table and bm.num_cached_blocks == 2
+    bm.check_invariants()
+    bm.free(a)  # a's blocks stay cached but unused: they must be evictable
+    assert bm.num_free_blocks == 1 + 2 and len(bm.allocate(3)) == 3
+    bm.check_invariants()
+
+
+def test_check_invariants_catches_a_broken_count():
+    bm = BlockManager(4, 4, True)
+    a = bm.allocate(2)
+    bm.cache_blocks([1] * 8, a)
+    bm._num_evictable += 1
+    with pytest.raises(AssertionError):
+        bm.check_invariants()
