@@ -44,6 +44,10 @@ class EngineConfig:
             raise InvalidRequestError("gpu_memory_utilization must be in (0, 1]", "gpu_memory_utilization")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise InvalidRequestError("max_num_batched_tokens must be at least 1", "max_num_batched_tokens")
+        for name in ("max_model_len", "num_kv_blocks", "kv_cache_memory_bytes", "cuda_graph_max_bs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}", name)
         if self.tensor_parallel_size < 1:
             raise InvalidRequestError("tensor_parallel_size must be at least 1", "tensor_parallel_size")
 

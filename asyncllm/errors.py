@@ -21,5 +21,15 @@ class ModelNotFoundError(AsyncLLMError, ValueError):
     """The model path does not exist, or its architecture is not supported."""
 
 
+class ModelLoadError(AsyncLLMError, ValueError):
+    """The model's files cannot be read (invalid config.json, truncated or corrupt weights) or do not match its
+    config (a missing or misshapen weight)."""
+
+
 class EngineDeadError(AsyncLLMError, RuntimeError):
     """The engine loop failed; the engine serves no more requests."""
+
+
+class EngineShutdownError(EngineDeadError):
+    """The engine is shutting down: it admits no new request, and a request it had to cut short ends with this
+    error (never with a normal finish)."""

@@ -36,16 +36,27 @@ class LLM:
             if self.engine.is_follower:
                 self.engine.follow()  # returns when rank 0 calls shutdown() or exits
             else:
-                atexit.register(self.shutdown)
+                atexit.register(self.close)
 
     @property
     def is_follower(self) -> bool:
         """Under torchrun, ranks 1..N-1: the object returned once rank 0 shut down; it cannot generate."""
         return self.engine.is_follower
 
-    def shutdown(self) -> None:
-        """Release the followers (tensor parallelism; also done at interpreter exit)."""
+    def close(self) -> None:
+        """Free every device buffer now (KV cache, CUDA graphs, weights) and release tensor-parallel followers;
+        the LLM cannot generate afterwards. `with LLM(...) as llm:` calls it on exit. Without it, `del llm` frees
+        the same (no reference cycles hold them) and followers are released at interpreter exit."""
+        atexit.unregister(self.close)
         self.engine.shutdown()
+
+    shutdown = close  # the earlier name
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(
         self,
@@ -56,6 +67,8 @@ class LLM:
         """Generate for every prompt (a string, or a list of token ids); outputs come back in prompt order."""
         if self.is_follower:
             raise RuntimeError("this LLM is a tensor-parallel follower (rank > 0): generate on rank 0")
+        if self.engine.runner.closed:
+            raise RuntimeError("this LLM was closed")
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)
@@ -87,7 +100,9 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def encode(self, prompt: str) -> list[int]:
-        return list(self._require_tokenizer().encode(prompt))
+        tokenizer = self._require_tokenizer()
+        self.engine.check_prompt_chars(len(prompt))
+        return list(tokenizer.encode(prompt))
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:

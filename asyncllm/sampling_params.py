@@ -5,12 +5,17 @@ from dataclasses import dataclass, field
 
 from asyncllm.errors import InvalidRequestError
 
+# temperatures below this are greedy (dividing logits by less overflows float32 to inf/NaN)
+GREEDY_TEMPERATURE = 1e-5
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1024  # each stop string is matched against the tail of the text every token
+
 
 @dataclass
 class SamplingParams:
     """How to pick each next token and when to stop.
 
-    temperature 0 means greedy. top_k 0 (or -1) disables top-k; top_p 1 and min_p 0 disable those filters.
+    temperature 0 (or below 1e-5) means greedy. top_k 0 (or -1) disables top-k; top_p 1 and min_p 0 disable those filters.
     `max_tokens` None means "until the context (max_model_len) is full".
     """
 
@@ -36,6 +41,8 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
+        if self.temperature < GREEDY_TEMPERATURE:
+            self.temperature = 0.0
 
     @property
     def has_penalties(self) -> bool:
@@ -70,3 +77,7 @@ class SamplingParams:
             raise bad("stop_token_ids must be non-negative integers", "stop_token_ids")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop must be non-empty strings", "stop")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise bad(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}", "stop")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise bad(f"stop strings may have at most {MAX_STOP_STRING_CHARS} characters", "stop")

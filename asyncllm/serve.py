@@ -1,14 +1,17 @@
 """`python -m asyncllm.serve` / `asyncllm serve`: the OpenAI-compatible server, one asyncio process (uvloop).
 
-SIGINT / SIGTERM: stop accepting connections, end in-flight requests, exit 0.
+SIGINT / SIGTERM: new requests get 503; requests in flight may finish for up to --shutdown-timeout seconds, then the
+rest end with an error (an SSE error event, or a 503 body); exit 0. A second signal ends the grace period.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -31,33 +34,56 @@ ENGINE_FLAGS = ("dtype", "device", "max_num_seqs", "max_model_len", "max_num_bat
                 "tensor_parallel_size")
 
 
+def bounded(kind: type, lo: float, hi: float | None = None) -> Any:
+    """argparse type: a number of `kind` in [lo, hi]."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not value >= lo or (hi is not None and value > hi):  # `not >=` also rejects NaN
+            raise argparse.ArgumentTypeError(f"{text} is not in [{lo}, {'∞' if hi is None else hi}]")
+        return value
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="asyncllm serve", description="Serve a model over an OpenAI-compatible HTTP API.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help=f"local Hugging Face model directory (default: bundled {DEFAULT_MODEL_NAME})")
     p.add_argument("--served-model-name", default=None, help="model name clients send (default: the directory name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
-    p.add_argument("--api-key", default=os.environ.get("ASYNCLLM_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (env ASYNCLLM_API_KEY)")
-    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body accepted (413 above)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="logging level")
+    p.add_argument("--port", type=bounded(int, 0, 65535), default=8000, help="port to listen on (0 = any free port)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health, /metrics and /version "
+                        "(default: the environment variable ASYNCLLM_API_KEY, if set)")
+    p.add_argument("--max-body-bytes", type=bounded(int, 1), default=8 << 20, help="largest request body accepted (413 above)")
+    p.add_argument("--shutdown-timeout", type=bounded(float, 0), default=5.0,
+                   help="on SIGTERM/SIGINT, seconds requests in flight may take to finish (0 = end them at once)")
+    add_engine_flags(p)
+    return p
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """--model, --log-level and the engine options (shared by `asyncllm serve` and `asyncllm shell`)."""
+    p.add_argument("--model", default=None, help=f"local Hugging Face model directory (default: bundled {DEFAULT_MODEL_NAME})")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="logging level (debug: tracebacks of start-up errors too)")
     g = p.add_argument_group("engine")
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, the model's on CUDA)")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where the model runs")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one step")
-    g.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's context)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step (chunked prefill)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory the engine may use")
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV cache size in blocks")
-    g.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="KV cache budget in bytes (CPU default 1 GiB)")
+    g.add_argument("--max-num-seqs", type=bounded(int, 1), default=256, help="most requests in one step")
+    g.add_argument("--max-model-len", type=bounded(int, 1), default=None, help="prompt + output tokens (default: the model's context)")
+    g.add_argument("--max-num-batched-tokens", type=bounded(int, 1), default=None, help="token budget per step (chunked prefill)")
+    g.add_argument("--block-size", type=bounded(int, 1), default=16, help="tokens per KV cache block")
+    g.add_argument("--gpu-memory-utilization", type=bounded(float, 0.01, 1.0), default=0.9, help="share of GPU memory the engine may use")
+    g.add_argument("--num-kv-blocks", type=bounded(int, 1), default=None, help="exact KV cache size in blocks")
+    g.add_argument("--kv-cache-memory-bytes", type=bounded(int, 1), default=None, help="KV cache budget in bytes (CPU default 1 GiB)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    g.add_argument("--cuda-graph-max-bs", type=int, default=None,
+    g.add_argument("--cuda-graph-max-bs", type=bounded(int, 1), default=None,
                    help="largest decode batch replayed from a CUDA graph (default: min(256, max-num-seqs))")
     g.add_argument("--overlap-schedule", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule step N+1 while the GPU runs step N (default: on with CUDA, off on CPU)")
-    g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
+    g.add_argument("--tensor-parallel-size", "--tp", type=bounded(int, 1), default=1,
                    help="shards over torchrun's processes; must equal --nproc-per-node (1 = whatever torchrun started)")
     g.add_argument("--all-reduce", default="auto", choices=["auto", "nccl", "symm_mem"],
                    help="tensor parallelism on CUDA: symm_mem = small all-reduces by one-shot symmetric-memory kernels "
@@ -69,7 +95,6 @@ def parser() -> argparse.ArgumentParser:
                    default=True, help="reuse the KV cache of shared prompt prefixes (radix tree)")
     g.add_argument("--cache-type", choices=["radix", "naive"], default=None,
                    help="radix = --enable-prefix-caching, naive = --no-enable-prefix-caching")
-    return p
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,16 +112,39 @@ async def probe_loop_lag(engine: AsyncEngine, interval: float = 0.05) -> None:
         engine.loop_lag = max(0.0, time.perf_counter() - t - interval)
 
 
+class StartupError(AsyncLLMError):
+    """The server cannot start as configured (the message names the fix)."""
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, taken before the model loads so a busy port fails in a second, not after."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as e:
+        reason = "is already in use (pick another with --port)" if e.errno == errno.EADDRINUSE else f"cannot be used: {e}"
+        raise StartupError(f"address {host}:{port} {reason}") from e
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    key = args.api_key if args.api_key is not None else os.environ.get("ASYNCLLM_API_KEY")
+    if key is not None and not key.strip():
+        raise StartupError("the API key is empty (--api-key or ASYNCLLM_API_KEY): give a non-empty key, or leave both unset")
+    return key
+
+
 async def serve(args: argparse.Namespace) -> int:
-    engine = AsyncEngine(args.model, **engine_kwargs(args))
+    key = api_key(args)
+    engine = AsyncEngine(args.model, **engine_kwargs(args))  # validates the engine flags before anything loads
+    sock = bind(args.host, args.port)
     await engine.start()
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_MODEL_NAME)
-    app = build_app(engine, ServerSettings(name, args.api_key, args.max_body_bytes))
+    app = build_app(engine, ServerSettings(name, key, args.max_body_bytes))
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port)
+    site = web.SockSite(runner, sock)
     await site.start()
-    port = runner.addresses[0][1] if runner.addresses else args.port
+    port = sock.getsockname()[1]
     log.info("serving %s on http://%s:%d (pid %d, kv cache: %d blocks x %d tokens)", name, args.host, port,
              os.getpid(), engine.num_blocks, engine.config.block_size)
     print(f"asyncllm: ready on http://{args.host}:{port}", flush=True)
@@ -107,11 +155,12 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     lag = asyncio.create_task(probe_loop_lag(engine))
     await stop.wait()
-    log.info("shutting down: no new connections, ending in-flight requests")
+    log.info("shutting down: new requests refused, in-flight ones get up to %.1f s", args.shutdown_timeout)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, engine.stop_draining)
     lag.cancel()
-    await site.stop()
-    await engine.shutdown()
-    await runner.cleanup()
+    await engine.shutdown(args.shutdown_timeout)
+    await runner.cleanup()  # closes the listener; handlers finish writing their last event
     return 0
 
 
@@ -123,26 +172,38 @@ def follow(args: argparse.Namespace) -> int:
     return 0
 
 
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def failed(e: BaseException) -> int:
+    """One line naming the problem (the traceback only with --log-level debug); exit status 1."""
+    if isinstance(e, AsyncLLMError):
+        message = str(e)
+    else:
+        first = str(e).strip().splitlines()
+        message = f"{type(e).__name__}: {first[0] if first else ''} (--log-level debug shows the traceback)"
+    log.error("%s", message, exc_info=log.isEnabledFor(logging.DEBUG))
+    return 1
+
+
 def run(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if int(os.environ.get("RANK", "0")) > 0:
-        try:
+    setup_logging(args.log_level)
+    try:
+        if int(os.environ.get("RANK", "0")) > 0:
             return follow(args)
-        except AsyncLLMError as e:
-            log.error("%s", e)
-            return 1
-    try:
-        import uvloop
+        try:
+            import uvloop
 
-        runner = uvloop.run
-    except ImportError:  # uvloop is not available on every platform
-        runner = asyncio.run
-    try:
+            runner = uvloop.run
+        except ImportError:  # uvloop is not available on every platform
+            runner = asyncio.run
         return runner(serve(args))
-    except AsyncLLMError as e:
-        log.error("%s", e)
-        return 1
+    except KeyboardInterrupt:  # a signal before the handlers were installed (still loading)
+        return 130
+    except Exception as e:
+        return failed(e)
 
 
 def cli() -> None:

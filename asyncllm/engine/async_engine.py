@@ -24,7 +24,7 @@ from asyncllm.config import EngineConfig
 from asyncllm.engine.core import EngineCore
 from asyncllm.engine.detokenizer import IncrementalDetokenizer
 from asyncllm.engine.request import Request
-from asyncllm.errors import EngineDeadError, InvalidRequestError
+from asyncllm.errors import AsyncLLMError, EngineDeadError, EngineShutdownError, InvalidRequestError
 from asyncllm.metrics import EngineMetrics
 from asyncllm.outputs import GenerateOutput
 from asyncllm.sampling_params import SamplingParams
@@ -92,7 +92,10 @@ class AsyncEngine:
         self._deferred: dict[str, str] = {}  # request id -> finish reason, applied between steps
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._stopping = False  # the loop exits
+        self._accepting = True  # new requests are admitted (False from the start of shutdown)
+        self._drain_until = 0.0  # loop time until which shutdown lets requests in flight finish
+        self._shutdown: asyncio.Future[None] | None = None
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="asyncllm-tokenize")
         self._step_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncllm-step")
         self.metrics = EngineMetrics(self._gauges)
@@ -107,18 +110,43 @@ class AsyncEngine:
             self._task = asyncio.create_task(self._run(), name="asyncllm-engine-loop")
         return self
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, timeout: float = 0.0) -> None:
+        """Stop the engine. New requests are refused at once (`EngineShutdownError`); requests in flight may
+        finish for up to `timeout` seconds; every one still unfinished then ends with `EngineShutdownError` raised
+        from its stream (never a normal finish). `async with` exits with timeout 0. Idempotent."""
+        if self._shutdown is None:
+            self._shutdown = asyncio.ensure_future(self._stop(timeout))
+        await asyncio.shield(self._shutdown)
+
+    async def _stop(self, timeout: float) -> None:
+        self._accepting = False
+        loop = asyncio.get_running_loop()
+        self._drain_until = loop.time() + timeout
+        while self.healthy and any(not s.done for s in self._streams.values()) and loop.time() < self._drain_until:
+            await asyncio.sleep(0.01)
         self._stopping = True
         self._wake.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        cut = EngineShutdownError("the engine shut down before this request finished")
         for stream in list(self._streams.values()):
-            self._end(stream, "abort")
+            if not stream.done:
+                self._fail(stream, cut)
+                self.metrics.requests.labels("abort").inc()
         if self.core is not None:
-            await asyncio.get_running_loop().run_in_executor(self._step_pool, self.core.shutdown)
+            await loop.run_in_executor(self._step_pool, self.core.shutdown)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self._step_pool.shutdown(wait=True)
+
+    def stop_draining(self) -> None:
+        """Cut a shutdown's grace period short (e.g. a second SIGTERM): unfinished requests end now."""
+        self._drain_until = 0.0
+
+    @property
+    def accepting(self) -> bool:
+        """Running and not shutting down: new requests are admitted."""
+        return self._accepting and self.healthy
 
     async def __aenter__(self) -> "AsyncEngine":
         return await self.start()
@@ -152,6 +180,10 @@ class AsyncEngine:
         tok = self.tokenizer
         if tok is None:
             raise InvalidRequestError("this model has no tokenizer: send token ids", "prompt")
+        if isinstance(prompt, str):
+            self._core.check_prompt_chars(len(prompt))
+        else:
+            self._core.check_prompt_chars(sum(len(c) for m in prompt if isinstance(c := m.get("content"), str)))
         loop = asyncio.get_running_loop()
         if isinstance(prompt, str):
             return await loop.run_in_executor(
@@ -167,6 +199,13 @@ class AsyncEngine:
         return list(out["input_ids"])
 
     async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Token ids -> text, in the tokenizer thread pool. Raises InvalidRequestError for ids outside the
+        vocabulary."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer", "tokens")
+        vocab = self._core.hf_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError(f"token ids must be integers in [0, {vocab})", "tokens")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenize_pool, lambda: self.tokenizer.decode(
             token_ids, skip_special_tokens=skip_special_tokens))
@@ -179,9 +218,9 @@ class AsyncEngine:
         """Chunks of new text and token ids; the last one has finish_reason and usage. Leaving the loop early
         (break, cancellation, aclose, garbage collection) aborts the request and frees its KV blocks."""
         params = params or SamplingParams()
-        if not self.healthy:
-            raise EngineDeadError(f"the engine is not running{f': {self.error}' if self.error else ''}")
+        self._check_accepting()
         ids = await self.encode(prompt)
+        self._check_accepting()  # shutdown may have begun while the prompt was tokenized
         req = self._core.make_request(ids, params)
         detok = None
         if self.tokenizer is not None:
@@ -197,6 +236,8 @@ class AsyncEngine:
                 await stream.event.wait()
                 stream.event.clear()
                 if stream.error is not None:
+                    if isinstance(stream.error, AsyncLLMError):
+                        raise stream.error
                     raise EngineDeadError(f"the engine failed: {stream.error}") from stream.error
                 chunk = stream.take()
                 if chunk.text or chunk.token_ids or chunk.finish_reason:
@@ -208,6 +249,12 @@ class AsyncEngine:
                 self.metrics.disconnects.inc()
                 self.abort(req.request_id)
             self._streams.pop(req.request_id, None)
+
+    def _check_accepting(self) -> None:
+        if not self._accepting:
+            raise EngineShutdownError("the engine is shutting down: no new requests")
+        if not self.healthy:
+            raise EngineDeadError(f"the engine is not running{f': {self.error}' if self.error else ''}")
 
     async def generate(self, prompt: PromptInput, params: SamplingParams | None = None) -> GenerateOutput:
         """The whole output at once (same text and tokens as concatenating `stream`'s chunks)."""
@@ -251,8 +298,7 @@ class AsyncEngine:
             log.exception("engine loop failed; failing all requests")
             self.error = e
             for stream in list(self._streams.values()):
-                stream.error = e
-                stream.event.set()
+                self._fail(stream, e)
 
     def _apply_deferred(self) -> None:
         if not self._deferred:
@@ -296,6 +342,11 @@ class AsyncEngine:
         stream.event.set()
         self.metrics.requests.labels(reason).inc()
         self.metrics.e2e.observe(time.monotonic() - stream.t_arrival)
+
+    @staticmethod
+    def _fail(stream: _Stream, error: BaseException) -> None:
+        stream.error = error
+        stream.event.set()
 
     def _count(self) -> None:
         """Move the scheduler's counters into the Prometheus counters (once per step)."""

@@ -1,6 +1,7 @@
 """EngineCore: the synchronous heart shared by `LLM` and `AsyncEngine` — admission, one step at a time."""
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -14,7 +15,7 @@ from asyncllm.engine.kv_cache import BlockManager
 from asyncllm.engine.request import Request
 from asyncllm.engine.runner import ModelRunner, StepHandle
 from asyncllm.engine.scheduler import Batch, Scheduler, SchedulerConfig
-from asyncllm.errors import InvalidRequestError
+from asyncllm.errors import InvalidRequestError, ModelLoadError
 from asyncllm.model_files import resolve_model
 from asyncllm.sampling_params import SamplingParams
 
@@ -35,6 +36,14 @@ def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
             f"max_model_len={requested} exceeds the model's context length ({model_len})", "max_model_len"
         )
     return requested
+
+
+def read_config(model_dir: Path) -> Any:
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {first} (fix or replace the file)") from e
 
 
 def load_tokenizer(path: os.PathLike[str] | str) -> Any:
@@ -66,7 +75,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_dir = resolve_model(config.model)
-        self.hf_config = AutoConfig.from_pretrained(self.model_dir)
+        self.hf_config = read_config(self.model_dir)
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.hf_config)
         self.runner = ModelRunner(config, self.model_dir, self.hf_config, self.max_model_len)
@@ -85,15 +94,28 @@ class EngineCore:
         """Validate and build a request (not queued yet). Raises InvalidRequestError."""
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty", "prompt")
-        vocab = self.hf_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
         max_tokens = params.max_tokens
         if max_tokens is None:
             max_tokens = max(1, self.max_model_len - len(prompt_token_ids))
-        self.scheduler.check(len(prompt_token_ids), max_tokens)
+        self.scheduler.check(len(prompt_token_ids), max_tokens)  # the length first: it bounds the loop below
+        vocab = self.hf_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
         rid = f"{self._id_prefix}-{next(self._ids)}"
         return Request(rid, list(prompt_token_ids), params, max_tokens, self.eos_token_ids)
+
+    @functools.cached_property
+    def max_prompt_chars(self) -> int:
+        """No text longer than this can fit in max_model_len tokens: a token never covers more characters than
+        the longest vocabulary entry has. Checked before tokenizing, so a huge prompt costs nothing."""
+        longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1) if self.tokenizer is not None else 1
+        return self.max_model_len * max(longest, 1)
+
+    def check_prompt_chars(self, num_chars: int) -> None:
+        if num_chars > self.max_prompt_chars:
+            raise InvalidRequestError(
+                f"the prompt has {num_chars} characters: too long for this model's maximum context length of "
+                f"{self.max_model_len} tokens", "prompt")
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         req = self.make_request(prompt_token_ids, params)
@@ -117,10 +139,13 @@ class EngineCore:
         self.runner.follow()
 
     def shutdown(self) -> None:
-        """Rank 0 under tensor parallelism: tell the followers to exit (idempotent)."""
+        """Stop: release the followers (tensor parallelism, rank 0), then free every device buffer (KV cache,
+        CUDA graphs, weights). Idempotent; nothing can run afterwards."""
         if not self._stopped:
             self._stopped = True
+            self._inflight = None
             self.runner.stop_followers()
+            self.runner.close()
 
     @property
     def busy(self) -> bool:

@@ -133,6 +133,7 @@ class ModelRunner:
         # CUDA: every step runs on this side stream, in launch order (the loop thread never waits on it)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.graphs: CudaGraphs | None = None  # captured once the KV cache exists (after the profiling forward)
+        self.closed = False
 
         attn = self.attention_layers[0]
         self.kv_shape = (len(self.attention_layers), 2, self.block_size, attn.num_kv_heads, attn.head_dim)
@@ -322,6 +323,8 @@ class ModelRunner:
         """Queue one step on the runner's stream and return at once (CUDA); the handle yields the sampled
         tokens (one per row with batch.sample set, in row order). With tensor parallelism (rank 0) the step is
         first sent to the followers, and the sampled ids after it (they feed the next step on every rank)."""
+        if self.closed:
+            raise RuntimeError("this engine was closed")
         to_followers = broadcast and self.tp.size > 1
         with self._on_stream():
             header, packed = self.pack(batch)
@@ -378,12 +381,22 @@ class ModelRunner:
             self.close()
 
     def close(self) -> None:
-        """Release the CUDA graphs (their collectives pin the NCCL communicator) and leave the process group."""
+        """Release the CUDA graphs (their collectives pin the NCCL communicator), leave the process group, and
+        drop the KV cache and the weights: device memory goes back at once. Idempotent; no step runs after."""
+        if self.closed:
+            return
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
         if self.tp.size > 1:
             distributed.shutdown()
+        for layer in self.attention_layers:
+            layer.kv_cache = None
+        self.kv_cache = self.model = self.backend = self.last_sampled = None  # type: ignore[assignment]
+        self.attention_layers = []
+        self.closed = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def execute(self, batch: Batch) -> list[int]:
         """Run one step to completion on this rank alone (blocks on the GPU); every rank calls it alike at start-up."""
@@ -440,8 +453,10 @@ class CudaGraphs:
     """
 
     def __init__(self, runner: ModelRunner) -> None:
+        # no reference back to the runner: a runner <-> graphs cycle would keep the GPU memory until a gc pass
         cfg = runner.config
-        self.runner = runner
+        self.model, self.backend, self.device = runner.model, runner.backend, runner.device
+        self.block_size, self.max_model_len = runner.block_size, runner.max_model_len
         self.max_bs = min(cfg.cuda_graph_max_bs or 256, cfg.max_num_seqs)
         self.sizes = sorted({s for s in (1, 2, 4, 8, *range(16, self.max_bs + 1, 16)) if s <= self.max_bs} | {self.max_bs})
         dev, i64 = runner.device, torch.int64
@@ -459,31 +474,29 @@ class CudaGraphs:
         log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 
     def _meta(self, bs: int) -> AttentionMetadata:
-        r = self.runner
         return AttentionMetadata(
-            query_start_loc=torch.arange(bs + 1, device=r.device), seq_lens=self.seq_lens[:bs],
+            query_start_loc=torch.arange(bs + 1, device=self.device), seq_lens=self.seq_lens[:bs],
             block_tables=self.tables[:bs], slot_mapping=self.slots[:bs], query_lens_cpu=[1] * bs,
-            seq_lens_cpu=[r.max_model_len] * bs, block_size=r.block_size,
+            seq_lens_cpu=[self.max_model_len] * bs, block_size=self.block_size,
             block_tables_cpu=np.zeros(tuple(self.tables[:bs].shape), dtype=np.int64))
 
     def _capture(self, bs: int) -> None:
-        r = self.runner
-        r.backend.plan_graph(bs, self._meta(bs), capture=True)
+        self.backend.plan_graph(bs, self._meta(bs), capture=True)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up (compiles the Triton kernels) off the capture
-            r.model(self.ids[:bs], self.positions[:bs])
+            self.model(self.ids[:bs], self.positions[:bs])
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            hidden = r.model(self.ids[:bs], self.positions[:bs])
+            hidden = self.model(self.ids[:bs], self.positions[:bs])
         self.graphs[bs] = (graph, hidden)
 
     def release(self) -> None:
         for graph, _ in self.graphs.values():
             graph.reset()
         self.graphs.clear()
-        torch.cuda.synchronize(self.runner.device)
+        torch.cuda.synchronize(self.device)
 
     def fits(self, inputs: StepInputs) -> bool:
         meta = inputs.meta
@@ -501,7 +514,7 @@ class CudaGraphs:
         if bs > n:
             self.slots[n:bs].fill_(-1)
             self.seq_lens[n:bs].fill_(1)
-        self.runner.backend.plan_graph(bs, meta, capture=False)
+        self.backend.plan_graph(bs, meta, capture=False)
         graph, hidden = self.graphs[bs]
         graph.replay()
         return hidden[:n]

@@ -1,8 +1,9 @@
 """Linear layers for fused checkpoint tensors and tensor parallelism.
 
-Every parameter that needs more than a plain copy from the checkpoint carries a `weight_loader(tensor)`: it slices
-this rank's shard out of the full checkpoint tensor (one tensor in memory at a time, so no rank holds the model).
-With TP 1 the slices are the whole tensors and no collective runs.
+Weight loading protocol: a parameter that needs more than a plain copy carries `weight_loader(param, tensor,
+shard_id)`, which slices this rank's part out of the full checkpoint tensor (one tensor in memory at a time, so no
+rank holds the model); a merged parameter also lists its parts in `shard_ids`, each of which must be loaded once.
+Other parameters load with `default_weight_loader`. With TP 1 the slices are the whole tensors.
 """
 from __future__ import annotations
 
@@ -10,11 +11,22 @@ import torch
 from torch import nn
 
 from asyncllm import distributed
+from asyncllm.errors import ModelLoadError
+
+ShardId = str | int | None
 
 
 def _check(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     if dst.shape != src.shape:
-        raise ValueError(f"shape mismatch for {what}: checkpoint {tuple(src.shape)}, model {tuple(dst.shape)}")
+        raise ModelLoadError(f"shape mismatch for {what}: checkpoint {tuple(src.shape)}, model {tuple(dst.shape)}")
+
+
+def default_weight_loader(param: torch.Tensor, tensor: torch.Tensor, shard_id: ShardId = None) -> None:
+    """A plain copy of a whole, unsharded tensor."""
+    if shard_id is not None:
+        raise ModelLoadError(f"a part {shard_id!r} of a parameter that has no parts")
+    _check(param.data, tensor, "a replicated parameter")
+    param.data.copy_(tensor)
 
 
 class MergedLinear(nn.Module):
@@ -34,16 +46,19 @@ class MergedLinear(nn.Module):
             start += size
         self.weight = nn.Parameter(torch.empty(start, in_features))
         self.bias = nn.Parameter(torch.empty(start)) if bias else None
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.weight_loader = self._load_part  # type: ignore[attr-defined]
+                param.shard_ids = tuple(self.offsets)  # type: ignore[attr-defined]
 
-    def load_shard(self, shard: str | int, name: str, tensor: torch.Tensor) -> None:
-        """Copy this rank's rows of checkpoint tensor `tensor` (a weight or a bias, per `name`) into part `shard`."""
+    def _load_part(self, param: torch.Tensor, tensor: torch.Tensor, shard: ShardId) -> None:
+        """Copy this rank's rows of checkpoint tensor `tensor` into part `shard` of `param` (weight or bias)."""
+        if shard not in self.offsets:
+            raise ModelLoadError(f"no part {shard!r} in a merged layer of parts {list(self.offsets)}")
         start, size, index = self.offsets[shard]
-        param = self.bias if name == "bias" else self.weight
-        if param is None:
-            raise ValueError("checkpoint has a bias for a layer built without one")
         if tensor.shape[0] < (index + 1) * size:
-            raise ValueError(f"shape mismatch for part {shard!r}: checkpoint {tuple(tensor.shape)}, model needs "
-                             f"rows {index * size}..{(index + 1) * size}")
+            raise ModelLoadError(f"shape mismatch for part {shard!r}: checkpoint {tuple(tensor.shape)}, model needs "
+                                 f"rows {index * size}..{(index + 1) * size}")
         src = tensor.narrow(0, index * size, size)
         dst = param.data.narrow(0, start, size)
         _check(dst, src, f"part {shard!r}")
@@ -65,7 +80,10 @@ class RowParallelLinear(nn.Module):
         self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-    def _load_weight(self, tensor: torch.Tensor) -> None:
+    def _load_weight(self, param: torch.Tensor, tensor: torch.Tensor, shard_id: ShardId = None) -> None:
+        if tensor.dim() != 2 or tensor.shape[1] < self.in_start + self.weight.shape[1]:
+            raise ModelLoadError(f"shape mismatch for a row-parallel weight: checkpoint {tuple(tensor.shape)}, "
+                                 f"model {tuple(self.weight.shape)} (of {self.tp.size} ranks)")
         src = tensor.narrow(1, self.in_start, self.weight.shape[1])
         _check(self.weight.data, src, "row-parallel weight")
         self.weight.data.copy_(src)
@@ -88,9 +106,9 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.per_rank, hidden_size))
         self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]
 
-    def _load_weight(self, tensor: torch.Tensor) -> None:
+    def _load_weight(self, param: torch.Tensor, tensor: torch.Tensor, shard_id: ShardId = None) -> None:
         if tensor.shape != (self.vocab_size, self.weight.shape[1]):
-            raise ValueError(f"shape mismatch for the vocabulary matrix: checkpoint {tuple(tensor.shape)}, "
+            raise ModelLoadError(f"shape mismatch for the vocabulary matrix: checkpoint {tuple(tensor.shape)}, "
                              f"model {(self.vocab_size, self.weight.shape[1])}")
         rows = tensor[self.start : self.start + self.per_rank]
         self.weight.data.zero_()

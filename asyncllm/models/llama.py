@@ -12,10 +12,16 @@ import torch
 from torch import nn
 
 from asyncllm import distributed
-from asyncllm.errors import InvalidRequestError
+from asyncllm.errors import InvalidRequestError, ModelLoadError
 from asyncllm.layers.activation import SiluAndMul
 from asyncllm.layers.attention import Attention
-from asyncllm.layers.linear import MergedLinear, RowParallelLinear, VocabParallelEmbedding
+from asyncllm.layers.linear import (
+    MergedLinear,
+    RowParallelLinear,
+    ShardId,
+    VocabParallelEmbedding,
+    default_weight_loader,
+)
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.rotary import RotaryEmbedding
 
@@ -155,31 +161,35 @@ class CausalLM(nn.Module):
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
         return head.logits(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy checkpoint tensors into the parameters; returns the parameter names that were loaded."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> dict[str, set[ShardId]]:
+        """Copy checkpoint tensors into the parameters (each through its `weight_loader`); returns, per parameter
+        name, the parts loaded (None for a parameter without parts). A tensor loaded twice, or with no place in
+        the model, raises ModelLoadError; `check_loaded` then says what is missing."""
         params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        loaded: dict[str, set[ShardId]] = {}
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
                 continue
-            for fragment, (fused, shard) in self.stacked_params.items():
+            target, shard = name, None
+            for fragment, (fused, shard_id) in self.stacked_params.items():
                 if fragment in name:
-                    target = name.replace(fragment, fused)
-                    module_name, _, kind = target.rpartition(".")
-                    self.get_submodule(module_name).load_shard(shard, kind, tensor)
-                    loaded.add(target)
+                    target, shard = name.replace(fragment, fused), shard_id
                     break
-            else:
-                if name not in params:
-                    raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
-                param = params[name]
-                loader = getattr(param, "weight_loader", None)
-                if loader is not None:  # a sharded parameter slices its part
-                    loader(tensor)
-                    loaded.add(name)
-                    continue
-                if param.shape != tensor.shape:
-                    raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, model {tuple(param.shape)}")
-                param.data.copy_(tensor)
-                loaded.add(name)
+            param = params.get(target)
+            if param is None:
+                raise ModelLoadError(f"checkpoint tensor {name!r} has no place in the model")
+            parts = loaded.setdefault(target, set())
+            if shard in parts:
+                raise ModelLoadError(f"checkpoint tensor {name!r} is loaded twice")
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
+            parts.add(shard)
         return loaded
+
+    def check_loaded(self, loaded: dict[str, set[ShardId]]) -> list[str]:
+        """Parameters (or parts of merged ones) the checkpoint did not provide."""
+        missing = []
+        for name, param in self.named_parameters():
+            for shard in getattr(param, "shard_ids", (None,)):
+                if shard not in loaded.get(name, ()):
+                    missing.append(name if shard is None else f"{name} (part {shard!r})")
+        return missing

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from asyncllm.errors import ModelNotFoundError
+from asyncllm.errors import ModelLoadError, ModelNotFoundError
 from asyncllm.models.llama import CausalLM
 
 
@@ -26,16 +26,21 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs, one tensor in memory at a time."""
     for path in safetensors_files(model_dir):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                names = list(f.keys())
+                for name in names:
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"cannot read weights {path}: {e} (truncated or corrupt? copy or convert the "
+                                 "checkpoint again)") from e
 
 
 def load_safetensors(model: CausalLM, model_dir: Path) -> None:
-    loaded = model.load_weights(iter_safetensors(model_dir))
-    missing = {n for n, _ in model.named_parameters()} - loaded
+    missing = model.check_loaded(model.load_weights(iter_safetensors(model_dir)))
     if missing:
-        raise ModelNotFoundError(f"checkpoint in {model_dir} lacks weights for: {', '.join(sorted(missing)[:8])}")
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise ModelLoadError(f"checkpoint in {model_dir} lacks weights for: {', '.join(missing[:8])}{more}")
 
 
 @torch.no_grad()

@@ -52,6 +52,11 @@ class ApiError(Exception):
         return json_response(self.body(), self.status)
 
 
+def aborted() -> ApiError:
+    """A request ended by AsyncEngine.abort from elsewhere: an error, never a normal finish."""
+    return ApiError(503, "the request was aborted before it finished", "service_unavailable")
+
+
 def json_response(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
 
@@ -90,12 +95,18 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         return api_error(e).response()
 
 
+# routes that do no work on the caller's behalf stay open with --api-key (probes and scrapers)
+OPEN_ROUTES = frozenset({"/health", "/metrics", "/version"})
+
+
 def auth_middleware(api_key: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    if not api_key:
+        raise ValueError("an empty API key would let anyone in")
     expected = f"Bearer {api_key}".encode()
 
     @web.middleware
     async def check(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        if request.path.startswith("/v1/"):
+        if request.path not in OPEN_ROUTES:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
                 raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
@@ -106,7 +117,13 @@ def auth_middleware(api_key: str) -> Callable[..., Awaitable[web.StreamResponse]
 
 
 async def parse(request: web.Request, schema: type[M]) -> M:
-    raw = await request.read()  # raises 413 past client_max_size
+    try:
+        raw = await request.read()  # raises 413 past client_max_size
+    except web.HTTPException:
+        raise
+    except Exception as e:  # a body that does not decode as its Content-Encoding says
+        encoding = request.headers.get("Content-Encoding", "identity")
+        raise ApiError(400, f"cannot read the request body (Content-Encoding: {encoding}): {e}") from None
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -168,6 +185,12 @@ class OpenAIServer:
         if model is not None and model != self.settings.served_model_name:
             raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
+    def _check_accepting(self) -> None:
+        if not self.engine.healthy:
+            raise ApiError(503, f"the engine is not running: {self.engine.error}", "service_unavailable")
+        if not self.engine.accepting:
+            raise ApiError(503, "the server is shutting down", "service_unavailable")
+
     def _usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
@@ -176,8 +199,7 @@ class OpenAIServer:
     async def _prepare(self, prompts: list[Any], body: Any, default_max_tokens: int | None
                        ) -> tuple[list[list[int]], list[tuple[list[int], SamplingParams]]]:
         """Tokenize and validate everything; returns the prompts' ids and one (ids, params) per choice."""
-        if not self.engine.healthy:
-            raise EngineDeadError("the engine is not running")
+        self._check_accepting()
         if len(prompts) * body.n > MAX_CHOICES:
             raise ApiError(400, f"{len(prompts)} prompts x n={body.n} asks for more than {MAX_CHOICES} choices", param="n")
         encoded = [await self.engine.encode(p) for p in prompts]
@@ -222,6 +244,8 @@ class OpenAIServer:
             finish[i] = chunk.finish_reason or finish[i]
             if chunk.usage is not None and i % body.n == 0:  # a prompt's cache hit counts once, like its tokens
                 cached_tokens += chunk.usage.cached_tokens
+            if chunk.finish_reason == "abort":
+                raise aborted()
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": "".join(t)}, "logprobs": None,
                         "finish_reason": finish[i]} for i, t in enumerate(texts)]
@@ -265,9 +289,10 @@ class OpenAIServer:
                 completion_tokens += len(chunk.token_ids)
                 if chunk.usage is not None and i % body.n == 0:
                     cached_tokens += chunk.usage.cached_tokens
+                if chunk.finish_reason == "abort":
+                    raise aborted()
                 if chunk.text or chunk.finish_reason or (body.return_token_ids and chunk.token_ids):
-                    reason = "stop" if chunk.finish_reason == "abort" else chunk.finish_reason
-                    payload = choice(i, chunk.text, reason, token_ids=chunk.token_ids)
+                    payload = choice(i, chunk.text, chunk.finish_reason, token_ids=chunk.token_ids)
                     await send({**meta, "object": obj, "choices": [payload], **extra})
             if include_usage:
                 await send({**meta, "object": obj, "choices": [],
@@ -288,8 +313,7 @@ class OpenAIServer:
             "owned_by": "asyncllm", "max_model_len": self.engine.max_model_len}]})
 
     async def health(self, request: web.Request) -> web.Response:
-        if not self.engine.healthy:
-            raise ApiError(503, f"the engine is not healthy: {self.engine.error}", "service_unavailable")
+        self._check_accepting()
         return json_response({"status": "ok"})
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -42,8 +42,6 @@ class _Generation(_Model):
     def _check(self) -> "_Generation":
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
-        if isinstance(self.stop, list) and len(self.stop) > 16:
-            raise ValueError("at most 16 stop strings")
         return self
 
     def sampling_params(self, default_max_tokens: int | None, index: int = 0) -> SamplingParams:
