@@ -23,7 +23,7 @@ from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.engine.core import EngineCore
 from asyncllm.errors import AsyncLLMError
 from asyncllm.model_files import DEFAULT_MODEL_NAME
-from asyncllm.server.app import ServerSettings, build_app
+from asyncllm.server.app import ServerSettings, build_app, make_runner
 
 log = logging.getLogger("asyncllm.serve")
 
@@ -140,7 +140,7 @@ async def serve(args: argparse.Namespace) -> int:
     await engine.start()
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_MODEL_NAME)
     app = build_app(engine, ServerSettings(name, key, args.max_body_bytes))
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
+    runner = make_runner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()
     site = web.SockSite(runner, sock)
     await site.start()

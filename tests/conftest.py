@@ -142,13 +142,9 @@ def _free_gpu_memory(request):
         torch.cuda.empty_cache()
 
 
-# ---- tensor parallelism: the HTTP server under torchrun -----------------------------------------------------------
-def start_tp_server(model: Path, nproc: int, device: str, env: dict[str, str], *extra: str
-                    ) -> tuple[subprocess.Popen, str, list[str]]:
-    """`torchrun --nproc-per-node nproc -m asyncllm.serve` on a free port; returns once rank 0 says it is ready."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "asyncllm.serve", "--model", str(model), "--device", device, "--tp", str(nproc), "--port", "0",
-           "--max-model-len", "128", *extra]
+# ---- servers in a subprocess ----------------------------------------------------------------------------------------
+def start_server(cmd: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, list[str]]:
+    """Run a server command; returns (process, its URL, its output so far) once it says it is ready."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines: list[str] = []
@@ -157,6 +153,14 @@ def start_tp_server(model: Path, nproc: int, device: str, env: dict[str, str], *
         if m := re.search(r"ready on (http://\S+)", line):
             return proc, m.group(1), lines
     raise AssertionError("server did not start:\n" + "".join(lines[-40:]))
+
+
+def start_tp_server(model: Path, nproc: int, device: str, env: dict[str, str], *extra: str
+                    ) -> tuple[subprocess.Popen, str, list[str]]:
+    """`torchrun --nproc-per-node nproc -m asyncllm.serve` on a free port; returns once rank 0 says it is ready."""
+    return start_server([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                         "-m", "asyncllm.serve", "--model", str(model), "--device", device, "--tp", str(nproc),
+                         "--port", "0", "--max-model-len", "128", *extra], env)
 
 
 def stop_tp_server(proc: subprocess.Popen) -> None:

@@ -15,7 +15,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from asyncllm import AsyncEngine
-from asyncllm.server.app import ServerSettings, build_app
+from asyncllm.server.app import ServerSettings, build_app, make_runner
 
 MODEL = "SmolLM2-135M-Instruct"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -189,7 +189,7 @@ async def local(tiny_models):
     engine = AsyncEngine(str(tiny_models["llama"]), max_model_len=512)
     await engine.start()
     app = build_app(engine, ServerSettings("tiny", api_key="sekret"))
-    runner = web.AppRunner(app, handler_cancellation=True)
+    runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -33,7 +33,7 @@ def stand_in_server(port_q, model_dir: str) -> None:
 
     from asyncllm import AsyncEngine
     from asyncllm.engine.runner import StepHandle
-    from asyncllm.server.app import ServerSettings, build_app
+    from asyncllm.server.app import ServerSettings, build_app, make_runner
 
     async def main():
         engine = AsyncEngine(model_dir, load_format="dummy", max_model_len=2048, max_num_seqs=256, num_kv_blocks=20000)
@@ -61,7 +61,7 @@ def stand_in_server(port_q, model_dir: str) -> None:
 
         app = build_app(engine, ServerSettings("stand-in"))
         app.router.add_get("/bench/lag", lag)
-        web_runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        web_runner = make_runner(app, access_log=None)
         await web_runner.setup()
         await web.TCPSite(web_runner, "127.0.0.1", 0).start()
         asyncio.create_task(probe())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import zlib
 import logging
 import time
 import uuid
@@ -30,6 +31,7 @@ from asyncllm.server.protocol import ChatCompletionRequest, CompletionRequest, D
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 MAX_CHOICES = 1024  # prompts x n in one request
+MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)  # a request body's limit, also once decompressed
 
 
 @dataclass
@@ -62,7 +64,7 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
 
 
 _HTTP_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
-                     413: "invalid_request_error"}
+                     413: "invalid_request_error", 415: "invalid_request_error"}
 
 
 def api_error(e: Exception) -> ApiError:
@@ -116,14 +118,36 @@ def auth_middleware(api_key: str) -> Callable[..., Awaitable[web.StreamResponse]
     return check
 
 
-async def parse(request: web.Request, schema: type[M]) -> M:
+def decode_body(raw: bytes, encoding: str, limit: int) -> bytes:
+    """The body as sent with `Content-Encoding` (the runner leaves decompression to us, so a bad body is a 400
+    here rather than an error inside aiohttp's parser); at most `limit` bytes once decompressed."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise ApiError(415, f"Content-Encoding {encoding!r} is not supported (use gzip, deflate or none)",
+                       param="Content-Encoding")
+    decoder = zlib.decompressobj(16 + zlib.MAX_WBITS if "gzip" in encoding else zlib.MAX_WBITS)
     try:
-        raw = await request.read()  # raises 413 past client_max_size
-    except web.HTTPException:
-        raise
-    except Exception as e:  # a body that does not decode as its Content-Encoding says
-        encoding = request.headers.get("Content-Encoding", "identity")
-        raise ApiError(400, f"cannot read the request body (Content-Encoding: {encoding}): {e}") from None
+        body = decoder.decompress(raw, limit + 1)
+    except zlib.error as e:
+        raise ApiError(400, f"the request body is not valid {encoding} data ({e})", param="Content-Encoding") from None
+    if len(body) > limit:
+        raise ApiError(413, f"the request body is larger than {limit} bytes once decompressed")
+    if not decoder.eof:
+        raise ApiError(400, f"the request body is truncated {encoding} data", param="Content-Encoding")
+    return body
+
+
+def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
+    """The AppRunner the server needs: handlers cancelled when their client goes away (frees KV blocks), request
+    bodies left compressed for `parse` to decode."""
+    return web.AppRunner(app, handler_cancellation=True, auto_decompress=False, **kwargs)
+
+
+async def parse(request: web.Request, schema: type[M]) -> M:
+    raw = await request.read()  # raises 413 past client_max_size
+    raw = decode_body(raw, request.headers.get("Content-Encoding", ""), request.app[MAX_BODY_BYTES])
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -237,15 +261,16 @@ class OpenAIServer:
         ids: list[list[int]] = [[] for _ in jobs]
         finish: list[str | None] = [None] * len(jobs)
         completion_tokens = cached_tokens = 0
-        async for i, chunk in merged(streams):
-            texts[i].append(chunk.text)
-            ids[i].extend(chunk.token_ids)
-            completion_tokens += len(chunk.token_ids)
-            finish[i] = chunk.finish_reason or finish[i]
-            if chunk.usage is not None and i % body.n == 0:  # a prompt's cache hit counts once, like its tokens
-                cached_tokens += chunk.usage.cached_tokens
-            if chunk.finish_reason == "abort":
-                raise aborted()
+        async with aclosing(merged(streams)) as chunks:  # leaving early aborts every choice's request
+            async for i, chunk in chunks:
+                texts[i].append(chunk.text)
+                ids[i].extend(chunk.token_ids)
+                completion_tokens += len(chunk.token_ids)
+                finish[i] = chunk.finish_reason or finish[i]
+                if chunk.usage is not None and i % body.n == 0:  # a prompt's cache hit counts once, like its tokens
+                    cached_tokens += chunk.usage.cached_tokens
+                if chunk.finish_reason == "abort":
+                    raise aborted()
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": "".join(t)}, "logprobs": None,
                         "finish_reason": finish[i]} for i, t in enumerate(texts)]
@@ -282,28 +307,32 @@ class OpenAIServer:
 
         completion_tokens = cached_tokens = 0
         try:
-            if chat:  # the first chunk of each choice announces the role
-                for i in range(len(streams)):
-                    await send({**meta, "object": obj, "choices": [choice(i, "", None, first=True)], **extra})
-            async for i, chunk in merged(streams):
-                completion_tokens += len(chunk.token_ids)
-                if chunk.usage is not None and i % body.n == 0:
-                    cached_tokens += chunk.usage.cached_tokens
-                if chunk.finish_reason == "abort":
-                    raise aborted()
-                if chunk.text or chunk.finish_reason or (body.return_token_ids and chunk.token_ids):
-                    payload = choice(i, chunk.text, chunk.finish_reason, token_ids=chunk.token_ids)
-                    await send({**meta, "object": obj, "choices": [payload], **extra})
-            if include_usage:
-                await send({**meta, "object": obj, "choices": [],
-                            "usage": self._usage(prompt_tokens, completion_tokens, cached_tokens)})
-        except (ConnectionResetError, asyncio.CancelledError):
-            raise  # the client is gone: closing the streams frees their KV blocks
-        except Exception as e:  # headers are sent: the error goes into the stream
-            log.warning("stream %s ended with an error: %s", meta["id"], e)
-            await send(api_error(e).body())
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+            try:
+                async with aclosing(merged(streams)) as chunks:  # leaving early aborts every choice's request
+                    if chat:  # the first chunk of each choice announces the role
+                        for i in range(len(streams)):
+                            await send({**meta, "object": obj, "choices": [choice(i, "", None, first=True)], **extra})
+                    async for i, chunk in chunks:
+                        completion_tokens += len(chunk.token_ids)
+                        if chunk.usage is not None and i % body.n == 0:
+                            cached_tokens += chunk.usage.cached_tokens
+                        if chunk.finish_reason == "abort":
+                            raise aborted()
+                        if chunk.text or chunk.finish_reason or (body.return_token_ids and chunk.token_ids):
+                            payload = choice(i, chunk.text, chunk.finish_reason, token_ids=chunk.token_ids)
+                            await send({**meta, "object": obj, "choices": [payload], **extra})
+                if include_usage:
+                    await send({**meta, "object": obj, "choices": [],
+                                "usage": self._usage(prompt_tokens, completion_tokens, cached_tokens)})
+            except (ConnectionResetError, asyncio.CancelledError):
+                raise
+            except Exception as e:  # headers are sent: the error goes into the stream, never a normal finish
+                log.warning("stream %s ended with an error: %s", meta["id"], e)
+                await send(api_error(e).body())
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except ConnectionResetError:  # a write found the client gone (before aiohttp cancelled this handler)
+            log.info("stream %s: the client went away", meta["id"])
         return resp
 
     # ---- other routes ---------------------------------------------------------------------------------------
@@ -338,8 +367,9 @@ class OpenAIServer:
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> web.Application:
-    middlewares = [error_middleware] + ([auth_middleware(settings.api_key)] if settings.api_key else [])
+    middlewares = [error_middleware] + ([auth_middleware(settings.api_key)] if settings.api_key is not None else [])
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    app[MAX_BODY_BYTES] = settings.max_body_bytes
     s = OpenAIServer(engine, settings)
     app.router.add_post("/v1/chat/completions", s.chat_completions)
     app.router.add_post("/v1/completions", s.completions)
@@ -352,4 +382,4 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> web.Application:
     return app
 
 
-__all__ = ["ApiError", "ServerSettings", "build_app"]
+__all__ = ["ApiError", "ServerSettings", "build_app", "make_runner"]
