@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -42,6 +43,13 @@ class StepInputs:
     meta: AttentionMetadata
     sample_rows: torch.Tensor  # [S] rows of the packed tokens whose logits are sampled
     sampling: SamplingTensors
+
+
+@functools.cache
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream of this process on `device`, shared by every engine made in it: cuBLAS keeps a 32 MiB
+    workspace per stream it ever ran on, so a new stream per engine would leave that behind each time."""
+    return torch.cuda.Stream(device)
 
 
 def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtype:
@@ -131,7 +139,7 @@ class ModelRunner:
         self.sampler.fused = self.backend.name != "torch"
         self.last_sampled: torch.Tensor | None = None  # the previous step's sampled ids, on the device
         # CUDA: every step runs on this side stream, in launch order (the loop thread never waits on it)
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.stream = side_stream(self.device) if self.device.type == "cuda" else None
         self.graphs: CudaGraphs | None = None  # captured once the KV cache exists (after the profiling forward)
         self.closed = False
 
@@ -468,6 +476,7 @@ class CudaGraphs:
         self.tables = torch.zeros(self.max_bs, width, dtype=i64, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        self.warmup = runner.stream or torch.cuda.Stream(dev)
         with torch.inference_mode():
             for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its pool memory
                 self._capture(bs)
@@ -482,11 +491,12 @@ class CudaGraphs:
 
     def _capture(self, bs: int) -> None:
         self.backend.plan_graph(bs, self._meta(bs), capture=True)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up (compiles the Triton kernels) off the capture
+        # warm-up (compiles the Triton kernels) off the capture, on one stream for all sizes: cuBLAS keeps a
+        # workspace per stream it ever ran on (32 MiB on Hopper) for the life of the process
+        self.warmup.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.warmup):
             self.model(self.ids[:bs], self.positions[:bs])
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream().wait_stream(self.warmup)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             hidden = self.model(self.ids[:bs], self.positions[:bs])

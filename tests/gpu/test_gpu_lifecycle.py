@@ -1,5 +1,9 @@
 """An engine's device memory goes back when it is closed or dropped: a second engine in the same process gets the
-same KV cache capacity (the CUDA graphs hold no reference cycle to the runner)."""
+same KV cache capacity (the CUDA graphs hold no reference cycle to the runner).
+
+What may stay: cuBLAS keeps one workspace per stream it ran on for the life of the process (32 MiB each on
+Hopper): the engines' shared side stream and the graph-capture stream, hence LEFT, which must hold after every
+engine."""
 from __future__ import annotations
 
 import gc
@@ -11,6 +15,7 @@ import torch
 from asyncllm import LLM, SamplingParams
 from conftest import make_tiny_model
 
+LEFT = 96 << 20  # bytes an engine may leave allocated after it is gone (cuBLAS workspaces, see above)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
@@ -26,6 +31,11 @@ def test_second_engine_gets_the_same_kv_capacity(tmp_path):
     gc.collect()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
+
+    def left() -> int:
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated() - base
+
     first = build()
     capacity = first.engine.blocks.num_blocks
     assert first.engine.runner.graphs is not None  # the path that used to hold a cycle
@@ -37,14 +47,14 @@ def test_second_engine_gets_the_same_kv_capacity(tmp_path):
         assert runner() is None
     finally:
         gc.enable()
-    torch.cuda.empty_cache()
-    assert torch.cuda.memory_allocated() - base < 64 << 20
+    after_del = left()
+    assert after_del < LEFT
     second = build()
-    print(f"KV blocks: first {capacity}, second {second.engine.blocks.num_blocks}")
+    print(f"KV blocks: first {capacity}, second {second.engine.blocks.num_blocks}; left after del {after_del >> 20} MiB")
     assert second.engine.blocks.num_blocks >= 0.99 * capacity
     assert second.generate([[5, 6, 7]], params, use_tqdm=False)[0].token_ids == tokens
     second.close()
-    assert torch.cuda.memory_allocated() - base < 64 << 20
+    assert left() < LEFT
     with build() as third:
         assert third.engine.blocks.num_blocks >= 0.99 * capacity
-    assert torch.cuda.memory_allocated() - base < 64 << 20
+    assert left() < LEFT  # nothing accumulates engine after engine

@@ -48,9 +48,10 @@ def test_burst_sharing_a_prefix_under_pressure(tmp_path):
         outs = llm.generate(prompts, params, use_tqdm=False)
         llm.engine.scheduler.check_invariants()
     ref = hf_greedy_with_logits(model_dir, prompts, 48, torch.bfloat16, "cuda")
-    matched = [assert_same_until_near_tie(o.token_ids, r[0], r[1], TIE) for o, r in zip(outs, ref)]
+    # transformers stops at EOS; ours ignores it: compare what both produced
+    matched = [assert_same_until_near_tie(o.token_ids[: len(r[0])], r[0], r[1], TIE) for o, r in zip(outs, ref)]
     print(f"burst: tokens matched before a near-tie: {matched} of 48")
-    assert sum(matched) >= 0.5 * 48 * len(prompts)
+    assert sum(matched) >= 0.5 * sum(len(r[0]) for r in ref)
     assert llm.engine.scheduler.stats.cache_hits > 0
     blocks = llm.engine.blocks
     assert blocks.num_free_blocks == blocks.num_blocks
