@@ -33,3 +33,7 @@ class EngineDeadError(AsyncLLMError, RuntimeError):
 class EngineShutdownError(EngineDeadError):
     """The engine is shutting down: it admits no new request, and a request it had to cut short ends with this
     error (never with a normal finish)."""
+
+
+class EngineOverloadedError(AsyncLLMError, RuntimeError):
+    """Too much work is queued already (e.g. prompts waiting for the tokenizer): retry later."""

@@ -387,3 +387,18 @@ def test_shell_help_lists_its_own_flags():
     p = subprocess.run([sys.executable, "-m", "asyncllm.shell", "--help"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "--max-tokens" in p.stdout and "--system" in p.stdout
     assert "--port" not in p.stdout and "--api-key" not in p.stdout and "OpenAI" not in p.stdout
+
+
+async def test_tokenizer_queue_is_bounded(keyed, monkeypatch):
+    import asyncllm.engine.async_engine as ae
+
+    engine, url, s = keyed
+    monkeypatch.setattr(ae, "MAX_PENDING_TOKENIZATIONS", 2)
+    gate = __import__("threading").Event()
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda *a, **k: gate.wait(10) and [5])
+    waiting = [asyncio.create_task(s.post(url + "/tokenize", json={"prompt": "hi"})) for _ in range(2)]
+    await asyncio.sleep(0.2)
+    r = await s.post(url + "/tokenize", json={"prompt": "hi"})
+    assert r.status == 503 and (await r.json())["error"]["code"] == "overloaded"
+    gate.set()
+    assert [(await t).status for t in waiting] == [200, 200]

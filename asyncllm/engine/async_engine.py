@@ -24,12 +24,21 @@ from asyncllm.config import EngineConfig
 from asyncllm.engine.core import EngineCore
 from asyncllm.engine.detokenizer import IncrementalDetokenizer
 from asyncllm.engine.request import Request
-from asyncllm.errors import AsyncLLMError, EngineDeadError, EngineShutdownError, InvalidRequestError
+from asyncllm.errors import (
+    AsyncLLMError,
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineShutdownError,
+    InvalidRequestError,
+)
 from asyncllm.metrics import EngineMetrics
 from asyncllm.outputs import GenerateOutput
 from asyncllm.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+# prompts that may wait for the tokenizer pool at once; more are refused (EngineOverloadedError, HTTP 503)
+MAX_PENDING_TOKENIZATIONS = 1024
 
 Messages = Sequence[dict[str, Any]]
 PromptInput = str | list[int] | Messages
@@ -97,6 +106,7 @@ class AsyncEngine:
         self._drain_until = 0.0  # loop time until which shutdown lets requests in flight finish
         self._shutdown: asyncio.Future[None] | None = None
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="asyncllm-tokenize")
+        self._tokenizing = 0  # prompts queued in or running on the tokenizer pool
         self._step_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncllm-step")
         self.metrics = EngineMetrics(self._gauges)
         self.loop_lag = 0.0  # seconds; updated by whoever probes the loop (the server)
@@ -184,11 +194,17 @@ class AsyncEngine:
             self._core.check_prompt_chars(len(prompt))
         else:
             self._core.check_prompt_chars(sum(len(c) for m in prompt if isinstance(c := m.get("content"), str)))
+        if self._tokenizing >= MAX_PENDING_TOKENIZATIONS:
+            raise EngineOverloadedError(f"{self._tokenizing} prompts are waiting to be tokenized: retry later")
         loop = asyncio.get_running_loop()
-        if isinstance(prompt, str):
-            return await loop.run_in_executor(
-                self._tokenize_pool, lambda: list(tok.encode(prompt, add_special_tokens=add_special_tokens)))
-        return await loop.run_in_executor(self._tokenize_pool, self._apply_chat_template, prompt)
+        self._tokenizing += 1
+        try:
+            if isinstance(prompt, str):
+                return await loop.run_in_executor(
+                    self._tokenize_pool, lambda: list(tok.encode(prompt, add_special_tokens=add_special_tokens)))
+            return await loop.run_in_executor(self._tokenize_pool, self._apply_chat_template, prompt)
+        finally:
+            self._tokenizing -= 1
 
     def _apply_chat_template(self, messages: Messages) -> list[int]:
         try:

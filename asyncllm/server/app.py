@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from asyncllm import __version__
 from asyncllm.engine.async_engine import AsyncEngine, StreamChunk
-from asyncllm.errors import EngineDeadError, InvalidRequestError
+from asyncllm.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from asyncllm.sampling_params import SamplingParams
 from asyncllm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
@@ -75,6 +75,8 @@ def api_error(e: Exception) -> ApiError:
         return ApiError(400, str(e), param=e.param)
     if isinstance(e, EngineDeadError):
         return ApiError(503, str(e), "service_unavailable")
+    if isinstance(e, EngineOverloadedError):
+        return ApiError(503, str(e), "service_unavailable", code="overloaded")
     if isinstance(e, web.HTTPException):
         return ApiError(e.status, e.text or e.reason, _HTTP_ERROR_TYPES.get(e.status, "invalid_request_error"),
                         code=e.status)
@@ -92,7 +94,7 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     except asyncio.CancelledError:
         raise
     except Exception as e:
-        if not isinstance(e, (ApiError, InvalidRequestError, EngineDeadError)):
+        if not isinstance(e, (ApiError, InvalidRequestError, EngineDeadError, EngineOverloadedError)):
             log.exception("unhandled error in %s %s", request.method, request.path)
         return api_error(e).response()
 
