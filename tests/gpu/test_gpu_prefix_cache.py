@@ -13,12 +13,15 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 TIE = 0.15
 
 
+def model(tmp_path, arch: str):
+    return make_tiny_model(tmp_path / arch, arch, dtype_name="bfloat16", vocab_size=2048, hidden_size=256,
+                           intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=64, max_position_embeddings=1024, initializer_range=0.05)
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_cached_prefix_matches_transformers(tmp_path, arch):
-    model_dir = make_tiny_model(tmp_path / arch, arch, dtype_name="bfloat16", vocab_size=2048, hidden_size=256,
-                                intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                                num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
-                                initializer_range=0.05)
+    model_dir = model(tmp_path, arch)
     system = random_prompts(1, 2048, 200, 200, seed=8)[0]
     prompts = [system + q for q in random_prompts(8, 2048, 5, 40, seed=9)]
     llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", max_model_len=512, block_size=16, num_kv_blocks=512)
@@ -36,10 +39,7 @@ def test_cached_prefix_matches_transformers(tmp_path, arch):
 def test_burst_sharing_a_prefix_under_pressure(tmp_path):
     """All requests prefilled together (they adopt one copy of the shared prefix), in a cache too small for all of
     them at once (preemption, eviction): transformers' tokens until a near-tie, invariants hold, all blocks back."""
-    model_dir = make_tiny_model(tmp_path / "llama", "llama", dtype_name="bfloat16", vocab_size=2048, hidden_size=256,
-                                intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                                num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
-                                initializer_range=0.05)
+    model_dir = model(tmp_path, "llama")
     system = random_prompts(1, 2048, 200, 200, seed=10)[0]
     prompts = [system + q for q in random_prompts(12, 2048, 5, 40, seed=11)]
     llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", max_model_len=512, block_size=16, num_kv_blocks=120)
