@@ -139,10 +139,9 @@ class AsyncEngine:
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        cut = EngineShutdownError("the engine shut down before this request finished")
         for stream in list(self._streams.values()):
             if not stream.done:
-                self._fail(stream, cut)
+                self._fail(stream, EngineShutdownError("the engine shut down before this request finished"))
                 self.metrics.requests.labels("abort").inc()
         if self.core is not None:
             await loop.run_in_executor(self._step_pool, self.core.shutdown)
