@@ -1,0 +1,228 @@
+"""Online serving through `python -m asyncllm.serve` vs `LLM.generate` on the same requests (workload 3 of
+BENCHMARKS.md), GPU or CPU. One JSON line per concurrency level.
+
+The server runs in its own process; streaming `/v1/completions` clients run in --client-procs other processes
+(each with its share of the concurrency), prompts are random token ids (length uniform in --input-len), every
+request asks for --output-len tokens with `ignore_eos`, --requests-per-slot x concurrency requests per level.
+Reported per level (field names as `vllm bench serve`'s): output_throughput (tok/s), request_throughput, ttft_ms
+and itl_ms (mean / p50 / p99; an ITL is the gap between two streamed chunks), the server process's CPU time per
+streamed token and its CPU use in cores (from /proc), then `LLM.generate` on the same requests in a fresh process
+with max_num_seqs = the concurrency (timed as a whole, after a warm-up), and http_over_offline.
+
+--stand-in replaces the model's forward in both processes by a stand-in that costs nothing (the runner still
+builds every step's inputs; sampled ids are arbitrary vocabulary ids): what is left is the host path (HTTP,
+tokenization, scheduling, detokenization, SSE), measurable on any CPU.
+
+  python tools/bench_serving.py --stand-in --concurrency 16 64           # CPU, the default model's tokenizer
+  python tools/bench_serving.py --model DIR --load-format dummy --concurrency 1 16 64 256   # GPU
+Extra server flags after `--`, e.g. `-- --stream-interval 4`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import random
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_common import percentile, run_fields  # noqa: E402
+
+
+def install_stand_in() -> None:
+    """Every ModelRunner made after this runs no model: the step's inputs are built, the sampled ids invented."""
+    import torch
+
+    from asyncllm.engine.runner import ModelRunner, StepHandle
+
+    def launch(self, batch, broadcast=True):  # noqa: ANN001
+        inputs = self.prepare(batch)
+        n = inputs.sample_rows.numel()
+        return StepHandle(batch, (torch.arange(n) * 7919 + batch.starts[0]) % 1000 + 10 if n else None)
+
+    ModelRunner.launch = launch
+
+
+# ---- the server and the offline run, each in its own process ----------------------------------------------------
+def serve(stand_in: bool, argv: list[str]) -> int:
+    if stand_in:
+        install_stand_in()
+    from asyncllm.serve import run
+
+    return run(argv)
+
+
+def offline(args: argparse.Namespace) -> None:
+    """Prints one JSON object: output tokens and seconds of `LLM.generate` on the prompts in --prompts-file."""
+    if args.stand_in:
+        install_stand_in()
+    from asyncllm import LLM, SamplingParams
+
+    with open(args.prompts_file) as f:
+        prompts = json.load(f)
+    llm = LLM(args.model, load_format=args.load_format, max_num_seqs=args.max_num_seqs, **engine_options(args))
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompts[: min(len(prompts), 8)], params, use_tqdm=False)  # warm-up
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    secs = time.perf_counter() - t
+    print(json.dumps({"output_tokens": sum(len(o.token_ids) for o in outs), "seconds": secs}), flush=True)
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    return {"max_model_len": args.max_model_len} if args.max_model_len else {}
+
+
+# ---- clients ----------------------------------------------------------------------------------------------------
+async def _client(url: str, bodies: list[dict], concurrency: int, start_at: float) -> list[tuple]:
+    import aiohttp
+
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    sem = asyncio.Semaphore(concurrency)
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as s:
+        async def one(body: dict) -> tuple:
+            async with sem:
+                t0 = time.perf_counter()
+                stamps, tokens, error = [], 0, None
+                async with s.post(url, json=body) as r:
+                    async for line in r.content:
+                        if not line.startswith(b"data: {"):
+                            continue
+                        d = json.loads(line[6:])
+                        if "error" in d:
+                            error = d["error"]["message"]
+                        elif d.get("usage"):
+                            tokens = d["usage"]["completion_tokens"]
+                        if d.get("choices") and (d["choices"][0].get("text") or d["choices"][0].get("finish_reason")):
+                            stamps.append(time.perf_counter() - t0)
+                return tokens, stamps, error
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def client_proc(url: str, bodies: list[dict], concurrency: int, start_at: float, out: mp.Queue) -> None:
+    out.put(asyncio.run(_client(url, bodies, concurrency, start_at)))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_server(args: argparse.Namespace, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, __file__, "--serve", *(["--stand-in"] if args.stand_in else []), "--",
+           "--port", "0", "--log-level", "warning", "--load-format", args.load_format,
+           "--max-num-seqs", str(max(args.concurrency)), *(["--model", args.model] if args.model else []),
+           *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if "ready on" in line:
+            return proc, line.split("ready on ")[1].strip()
+    raise RuntimeError("the server did not start")
+
+
+def level(args: argparse.Namespace, url: str, pid: int, concurrency: int, prompts: list[list[int]]) -> dict:
+    bodies = [{"prompt": p, "max_tokens": args.output_len, "ignore_eos": True, "temperature": 0, "stream": True,
+               "stream_options": {"include_usage": True}} for p in prompts]
+    procs_n = max(1, min(args.client_procs, concurrency))
+    ctx = mp.get_context("spawn")
+    q: mp.Queue = ctx.Queue()
+    start_at = time.time() + 2.0  # every client process starts sending together
+    shares = [bodies[i::procs_n] for i in range(procs_n)]
+    slots = [concurrency // procs_n + (i < concurrency % procs_n) for i in range(procs_n)]
+    procs = [ctx.Process(target=client_proc, args=(f"{url}/v1/completions", share, slot, start_at, q))
+             for share, slot in zip(shares, slots)]
+    for p in procs:
+        p.start()
+    while time.time() < start_at:
+        time.sleep(0.001)
+    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+    results = [r for _ in procs for r in q.get()]
+    wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+    for p in procs:
+        p.join()
+    errors = [r[2] for r in results if r[2]]
+    tokens = sum(r[0] for r in results)
+    ttft = [r[1][0] * 1e3 for r in results if r[1]]
+    itl = [(b - a) * 1e3 for r in results for a, b in zip(r[1], r[1][1:])]
+
+    def stats(xs: list[float]) -> dict:
+        return {"mean": round(sum(xs) / max(1, len(xs)), 2), "p50": round(percentile(xs, 0.5), 2),
+                "p99": round(percentile(xs, 0.99), 2)}
+
+    return dict(concurrency=concurrency, requests=len(bodies), completed=len(results) - len(errors),
+                errors=errors[:3], output_tokens=tokens, duration_s=round(wall, 3),
+                request_throughput=round(len(results) / wall, 2), output_throughput=round(tokens / wall, 1),
+                ttft_ms=stats(ttft), itl_ms=stats(itl), server_cpu_s=round(cpu, 3),
+                server_cpu_cores=round(cpu / wall, 3), server_cpu_us_per_token=round(cpu / max(1, tokens) * 1e6, 2))
+
+
+def run_offline(args: argparse.Namespace, concurrency: int, prompts: list[list[int]]) -> dict:
+    path = f"/tmp/bench_serving_prompts_{os.getpid()}.json"
+    with open(path, "w") as f:
+        json.dump(prompts, f)
+    cmd = [sys.executable, __file__, "--offline", "--prompts-file", path, "--max-num-seqs", str(concurrency),
+           "--output-len", str(args.output_len), "--load-format", args.load_format,
+           *(["--stand-in"] if args.stand_in else []), *(["--model", args.model] if args.model else []),
+           *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else [])]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    return {"offline_output_throughput": round(r["output_tokens"] / r["seconds"], 1)}
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF directory (config + tokenizer; default: the bundled SmolLM2)")
+    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--stand-in", action="store_true", help="no model math in the server or the offline run")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--requests-per-slot", type=int, default=2)
+    ap.add_argument("--input-len", type=int, nargs=2, default=[100, 1000], metavar=("MIN", "MAX"))
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--client-procs", type=int, default=4)
+    ap.add_argument("--no-offline", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    # internal: the processes this script starts
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--prompts-file", help=argparse.SUPPRESS)
+    ap.add_argument("--max-num-seqs", type=int, default=256, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.serve:
+        sys.exit(serve(args.stand_in, extra))
+    if args.offline:
+        offline(args)
+        return
+    common = run_fields()
+    server, url = start_server(args, extra)
+    try:
+        rng = random.Random(args.seed)
+        for concurrency in args.concurrency:
+            prompts = [[rng.randrange(10, 10000) for _ in range(rng.randint(*args.input_len))]
+                       for _ in range(concurrency * args.requests_per_slot)]
+            level(args, url, server.pid, concurrency, prompts[: min(len(prompts), 4)])  # warm-up
+            line = dict(bench="serving", mode="stand-in" if args.stand_in else "model", model=args.model or "SmolLM2",
+                        load_format=args.load_format, output_len=args.output_len, input_len=args.input_len,
+                        server_args=extra, **level(args, url, server.pid, concurrency, prompts))
+            if not args.no_offline:
+                line.update(run_offline(args, concurrency, prompts))
+                line["http_over_offline"] = round(line["output_throughput"] / line["offline_output_throughput"], 3)
+            print(json.dumps({**line, **common}), flush=True)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+if __name__ == "__main__":
+    main()
