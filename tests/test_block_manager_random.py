@@ -60,10 +60,11 @@ op = st.one_of(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(num_blocks=st.integers(4, 16), ops=st.lists(op, max_size=40))
-def test_random_operations_keep_invariants(num_blocks, ops):
+@given(num_blocks=st.integers(4, 16), evict_batch=st.integers(1, 4), ops=st.lists(op, max_size=40))
+def test_random_operations_keep_invariants(num_blocks, evict_batch, ops):
     m = Model(num_blocks)
     bm = m.bm
+    bm.evict_batch = evict_batch  # eviction frees at least this many blocks per pass
     for o in ops:
         kind = o[0]
         r = m.reqs[o[1] % len(m.reqs)] if m.reqs and kind in ("grow", "step", "free") else None

@@ -24,6 +24,7 @@ class BlockManager:
         self._ref = [0] * num_blocks
         self.cache = RadixCache(block_size) if enable_prefix_caching else None
         self._num_evictable = 0
+        self.evict_batch = max(1, min(64, num_blocks // 64))  # blocks freed per eviction pass, at least
 
     @property
     def num_free_blocks(self) -> int:
@@ -52,7 +53,10 @@ class BlockManager:
             raise RuntimeError(f"asked for {num_blocks} KV blocks, {self.num_free_blocks} free")
         if num_blocks > len(self._free):
             assert self.cache is not None
-            evicted = self.cache.evict(num_blocks - len(self._free), lambda b: self._ref[b] == 0)
+            # one eviction pass walks the whole tree: free a batch at once so decode steps that need a block
+            # each do not each pay for a pass (the extra blocks are the least recently used anyway)
+            want = min(max(num_blocks - len(self._free), self.evict_batch), self._num_evictable)
+            evicted = self.cache.evict(want, lambda b: self._ref[b] == 0)
             self._num_evictable -= len(evicted)
             self._free.extend(evicted)
             if num_blocks > len(self._free):  # cannot happen while check_invariants holds
