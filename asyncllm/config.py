@@ -34,6 +34,7 @@ class EngineConfig:
     attention_backend: Literal["auto", "torch", "flashinfer", "triton"] = "auto"
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prompt prefixes (radix tree)
     overlap_schedule: bool | None = None  # schedule step N+1 while step N runs; None = on with CUDA, off on CPU
+    stream_interval: int = 1  # AsyncEngine.stream: tokens per chunk (the first token and the last chunk go at once)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -44,6 +45,8 @@ class EngineConfig:
             raise InvalidRequestError("gpu_memory_utilization must be in (0, 1]", "gpu_memory_utilization")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise InvalidRequestError("max_num_batched_tokens must be at least 1", "max_num_batched_tokens")
+        if not isinstance(self.stream_interval, int) or self.stream_interval < 1:
+            raise InvalidRequestError("stream_interval must be a positive integer", "stream_interval")
         for name in ("max_model_len", "num_kv_blocks", "kv_cache_memory_bytes", "cuda_graph_max_bs"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -31,7 +31,7 @@ log = logging.getLogger("asyncllm.serve")
 ENGINE_FLAGS = ("dtype", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size",
                 "gpu_memory_utilization", "num_kv_blocks", "kv_cache_memory_bytes", "enforce_eager", "load_format",
                 "attention_backend", "all_reduce", "seed", "enable_prefix_caching", "cuda_graph_max_bs", "overlap_schedule",
-                "tensor_parallel_size")
+                "tensor_parallel_size", "stream_interval")
 
 
 def bounded(kind: type, lo: float, hi: float | None = None) -> Any:
@@ -93,6 +93,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the shared sampling generator")
     g.add_argument("--enable-prefix-caching", "--enable-radix-cache", action=argparse.BooleanOptionalAction,
                    default=True, help="reuse the KV cache of shared prompt prefixes (radix tree)")
+    g.add_argument("--stream-interval", type=bounded(int, 1), default=1,
+                   help="tokens per streamed chunk (fewer writes per step at many streams; the first token and the "
+                        "last chunk are sent at once)")
     g.add_argument("--cache-type", choices=["radix", "naive"], default=None,
                    help="radix = --enable-prefix-caching, naive = --no-enable-prefix-caching")
 

@@ -157,3 +157,18 @@ async def test_generate_and_invalid_requests(tiny_models):
         with pytest.raises(ValueError, match="maximum context length is 64"):
             await engine.generate([5] * 60, SamplingParams(max_tokens=10))
         assert await all_blocks_free(engine)
+
+
+async def test_stream_interval_coalesces_tokens(tiny_models):
+    """--stream-interval 4: the first token alone, then chunks of at least 4 tokens (the last may be shorter);
+    same tokens and text as interval 1."""
+    prompts = random_prompts(4, 49152, 5, 30, seed=23)
+    params = SamplingParams(temperature=0.0, max_tokens=23, ignore_eos=True)
+    async with AsyncEngine(str(tiny_models["llama"]), max_model_len=256) as one:
+        ref = [await collect(one, p, params) for p in prompts]
+    async with AsyncEngine(str(tiny_models["llama"]), max_model_len=256, stream_interval=4) as four:
+        got = await asyncio.gather(*(collect(four, p, params) for p in prompts))
+    for (text, ids, chunks), (ref_text, ref_ids, ref_chunks) in zip(got, ref):
+        assert (text, ids) == (ref_text, ref_ids)
+        sizes = [len(c.token_ids) for c in chunks]
+        assert sizes[0] < 4 and all(n >= 4 for n in sizes[1:-1]) and sum(sizes) == 23 and len(sizes) <= 7

@@ -332,6 +332,7 @@ class AsyncEngine:
         """One pass over the requests that got a token: detokenize, stop strings, wake their consumers."""
         now = time.monotonic()
         m = self.metrics
+        interval = self.config.stream_interval
         for req in reqs:
             stream = self._streams.get(req.request_id)
             if stream is None or stream.done:
@@ -349,7 +350,7 @@ class AsyncEngine:
                 self._end(stream, "stop")
             elif req.finished:
                 self._end(stream, req.finish_reason or "stop")
-            else:
+            elif stream.num_tokens == 1 or len(stream.new_ids) >= interval:  # the first token goes out at once
                 stream.event.set()
 
     def _end(self, stream: _Stream, reason: str) -> None:
