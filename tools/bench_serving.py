@@ -7,7 +7,8 @@ request asks for --output-len tokens with `ignore_eos`, --requests-per-slot x co
 Reported per level (field names as `vllm bench serve`'s): output_throughput (tok/s), request_throughput, ttft_ms
 and itl_ms (mean / p50 / p99; an ITL is the gap between two streamed chunks), the server process's CPU time per
 streamed token and its CPU use in cores (from /proc), then `LLM.generate` on the same requests in a fresh process
-with max_num_seqs = the concurrency (timed as a whole, after a warm-up), and http_over_offline.
+with max_num_seqs = the concurrency once the server has exited (timed as a whole, after a warm-up), and
+http_over_offline.
 
 --stand-in replaces the model's forward in both processes by a stand-in that costs nothing (the runner still
 builds every step's inputs; sampled ids are arbitrary vocabulary ids): what is left is the host path (HTTP,
@@ -172,8 +173,10 @@ def run_offline(args: argparse.Namespace, concurrency: int, prompts: list[list[i
            "--output-len", str(args.output_len), "--load-format", args.load_format,
            *(["--stand-in"] if args.stand_in else []), *(["--model", args.model] if args.model else []),
            *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else [])]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    r = json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError("the offline run failed:\n" + proc.stderr[-3000:])
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"offline_output_throughput": round(r["output_tokens"] / r["seconds"], 1)}
 
 
@@ -205,24 +208,26 @@ def main() -> None:
         offline(args)
         return
     common = run_fields()
+    rng = random.Random(args.seed)
+    levels = [(c, [[rng.randrange(10, 10000) for _ in range(rng.randint(*args.input_len))]
+                   for _ in range(c * args.requests_per_slot)]) for c in args.concurrency]
+    lines = []
     server, url = start_server(args, extra)
     try:
-        rng = random.Random(args.seed)
-        for concurrency in args.concurrency:
-            prompts = [[rng.randrange(10, 10000) for _ in range(rng.randint(*args.input_len))]
-                       for _ in range(concurrency * args.requests_per_slot)]
+        for concurrency, prompts in levels:
             level(args, url, server.pid, concurrency, prompts[: min(len(prompts), 4)])  # warm-up
-            line = dict(bench="serving", mode="stand-in" if args.stand_in else "model", model=args.model or "SmolLM2",
-                        load_format=args.load_format, output_len=args.output_len, input_len=args.input_len,
-                        server_args=extra, **level(args, url, server.pid, concurrency, prompts))
-            if not args.no_offline:
-                line.update(run_offline(args, concurrency, prompts))
-                line["http_over_offline"] = round(line["output_throughput"] / line["offline_output_throughput"], 3)
-            print(json.dumps({**line, **common}), flush=True)
+            lines.append(dict(bench="serving", mode="stand-in" if args.stand_in else "model",
+                              model=args.model or "SmolLM2", load_format=args.load_format, output_len=args.output_len,
+                              input_len=args.input_len, server_args=extra,
+                              **level(args, url, server.pid, concurrency, prompts)))
     finally:
         server.terminate()
         server.wait()
-
+    for line, (concurrency, prompts) in zip(lines, levels):  # the server is gone: the GPU is the offline run's
+        if not args.no_offline:
+            line.update(run_offline(args, concurrency, prompts))
+            line["http_over_offline"] = round(line["output_throughput"] / line["offline_output_throughput"], 3)
+        print(json.dumps({**line, **common}), flush=True)
 
 if __name__ == "__main__":
     main()
