@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import signal
+import stat
 import sys
 
 from asyncllm.engine.async_engine import AsyncEngine
@@ -25,11 +26,15 @@ class StdinLines:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop, self.fd = loop, sys.stdin.fileno()
         self.buffer, self.eof = b"", False
+        self.regular_file = stat.S_ISREG(os.fstat(self.fd).st_mode)  # `< file`: never blocks, cannot be polled
         self.waiter: asyncio.Future[str | None] | None = None
 
     async def next(self) -> str | None:
         """The next line, or None at end of input or when `cancel` is called."""
         while b"\n" not in self.buffer and not self.eof:
+            if self.regular_file:
+                self._readable()
+                continue
             self.waiter = self.loop.create_future()
             self.loop.add_reader(self.fd, self._readable)
             try:
