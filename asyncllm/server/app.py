@@ -291,15 +291,10 @@ class OpenAIServer:
         await resp.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        # every chunk of one choice is the same object around its choice: its bytes are built once
-        head = b"data: " + orjson.dumps({**meta, "object": obj})[:-1] + b',"choices":['
-        tail = (b'],"usage":null}' if include_usage else b"]}") + b"\n\n"
+        extra = {"usage": None} if include_usage else {}
 
         async def send(payload: Any) -> None:
             await resp.write(b"data: " + orjson.dumps(payload) + b"\n\n")
-
-        async def send_choice(payload: dict[str, Any]) -> None:
-            await resp.write(head + orjson.dumps(payload) + tail)
 
         def choice(i: int, text: str, finish_reason: str | None, first: bool = False,
                    token_ids: list[int] | None = None) -> dict[str, Any]:
@@ -318,7 +313,7 @@ class OpenAIServer:
                 async with aclosing(merged(streams)) as chunks:  # leaving early aborts every choice's request
                     if chat:  # the first chunk of each choice announces the role
                         for i in range(len(streams)):
-                            await send_choice(choice(i, "", None, first=True))
+                            await send({**meta, "object": obj, "choices": [choice(i, "", None, first=True)], **extra})
                     async for i, chunk in chunks:
                         completion_tokens += len(chunk.token_ids)
                         if chunk.usage is not None and i % body.n == 0:
@@ -326,7 +321,8 @@ class OpenAIServer:
                         if chunk.finish_reason == "abort":
                             raise aborted()
                         if chunk.text or chunk.finish_reason or (body.return_token_ids and chunk.token_ids):
-                            await send_choice(choice(i, chunk.text, chunk.finish_reason, token_ids=chunk.token_ids))
+                            payload = choice(i, chunk.text, chunk.finish_reason, token_ids=chunk.token_ids)
+                            await send({**meta, "object": obj, "choices": [payload], **extra})
                 if include_usage:
                     await send({**meta, "object": obj, "choices": [],
                                 "usage": self._usage(prompt_tokens, completion_tokens, cached_tokens)})
