@@ -1,9 +1,11 @@
 """BlockManager + RadixCache under random operation sequences (hypothesis), invariants checked after each one.
 
 A model of what every block holds (`content[b]`: the token prefix whose last block's K/V it stores) checks that
-the cache only ever hands out blocks holding exactly the prefix asked for.
+the cache only ever hands out blocks holding exactly the prefix asked for. ASYNCLLM_RANDOM_EXAMPLES=3000 runs more.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -59,7 +61,7 @@ op = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("ASYNCLLM_RANDOM_EXAMPLES", 300)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(num_blocks=st.integers(4, 16), evict_batch=st.integers(1, 4), ops=st.lists(op, max_size=40))
 def test_random_operations_keep_invariants(num_blocks, evict_batch, ops):
     m = Model(num_blocks)

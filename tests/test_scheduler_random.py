@@ -8,6 +8,7 @@ and stop-string finishes from above.
 """
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -109,7 +110,10 @@ def run_workload(seed: int, prefix_caching: bool, overlap: bool) -> dict[str, tu
     return all_reqs, sched.stats.num_preemptions
 
 
-@pytest.mark.parametrize("seed", range(40))
+SEEDS = range(int(os.environ.get("ASYNCLLM_RANDOM_SEEDS", 40)))  # more: ASYNCLLM_RANDOM_SEEDS=400
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_random_workload_matches_reference(seed):
     for cache in (True, False):
         for overlap in (True, False):
