@@ -49,19 +49,20 @@ def sse_events(text: str) -> list[dict | str]:
 
 
 # ---- shutdown ---------------------------------------------------------------------------------------------------
-def test_sigterm_cuts_streams_with_an_error_never_a_normal_finish(tiny_models):
+def test_sigterm_cuts_streams_with_an_error_never_a_normal_finish(long_model):
     """SIGTERM with requests in flight that cannot finish within --shutdown-timeout: every stream ends with an
     error event (no finish_reason), every non-streamed request gets 503 with the error body; exit 0."""
-    proc, url, _ = start_server(serve_cmd(tiny_models["llama"], "--shutdown-timeout", "0.3"))
+    proc, url, _ = start_server(serve_cmd(long_model, "--shutdown-timeout", "0.3", "--max-model-len", "16384"))
+    endless = {**LONG, "max_tokens": 16000}
 
     async def run() -> tuple[list[str], list[tuple[int, dict]]]:
         async with aiohttp.ClientSession() as s:
             async def streamed() -> str:
-                async with s.post(f"{url}/v1/completions", json={"prompt": [5, 6, 7], "stream": True, **LONG}) as r:
+                async with s.post(f"{url}/v1/completions", json={"prompt": [5, 6, 7], "stream": True, **endless}) as r:
                     return await r.text()
 
             async def whole() -> tuple[int, dict]:
-                async with s.post(f"{url}/v1/completions", json={"prompt": [8, 9], **LONG}) as r:
+                async with s.post(f"{url}/v1/completions", json={"prompt": [8, 9], **endless}) as r:
                     return r.status, await r.json()
 
             tasks = [asyncio.create_task(streamed()) for _ in range(8)] + [asyncio.create_task(whole()) for _ in range(4)]
@@ -397,7 +398,10 @@ async def test_tokenizer_queue_is_bounded(keyed, monkeypatch):
     gate = __import__("threading").Event()
     monkeypatch.setattr(engine.tokenizer, "encode", lambda *a, **k: gate.wait(10) and [5])
     waiting = [asyncio.create_task(s.post(url + "/tokenize", json={"prompt": "hi"})) for _ in range(2)]
-    await asyncio.sleep(0.2)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while engine._tokenizing < 2 and loop.time() < deadline:  # both are inside the tokenizer
+        await asyncio.sleep(0.01)
     r = await s.post(url + "/tokenize", json={"prompt": "hi"})
     assert r.status == 503 and (await r.json())["error"]["code"] == "overloaded"
     gate.set()
