@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from asyncllm.engine.kv_cache import BlockManager
-from asyncllm.engine.radix_cache import RadixCache
+from asyncllm.engine.radix_cache import PrefixConflict, RadixCache
 
 BS = 4
 
@@ -29,7 +29,7 @@ def test_split_on_diverging_insert_and_on_partial_match():
     c = RadixCache(BS)
     c.insert(toks(1, 2, 3, 4), [10, 11, 12, 13])
     # same first two blocks, then a different third: the edge splits after block 2
-    with pytest.raises(ValueError, match="adopt"):  # never hang blocks under a prefix held by other blocks
+    with pytest.raises(PrefixConflict, match="adopt"):  # never hang blocks under a prefix held by other blocks
         c.insert(toks(1, 2, 7), [20, 21, 22])
     assert c.insert(toks(1, 2, 7), [10, 11, 22]) == [22]
     top = c.root.children[tuple(toks(1))]

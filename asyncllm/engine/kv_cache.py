@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
-from asyncllm.engine.radix_cache import RadixCache
+from asyncllm.engine.radix_cache import PrefixConflict, RadixCache
 
 
 class BlockManager:
@@ -103,15 +103,19 @@ class BlockManager:
         if self.cache is None:
             return False
         k = len(tokens) // self.block_size
-        path = self.cache.peek(tokens)
-        own = next((j for j, (a, b) in enumerate(zip(path, table)) if a != b), len(path))
-        if own < len(path):
-            if len(path) > (k if num_written is None else num_written):
-                return False
-            for j in range(own, len(path)):
-                self._hold(path[j])
-            self.free(table[own : len(path)])
-            table[own : len(path)] = path[own:]
+        try:  # the usual case: the cached prefix is the request's own blocks (one walk of the tree)
+            self.cache.insert(tokens[: k * self.block_size], table[:k])
+            return True
+        except PrefixConflict:  # nothing was inserted; the walk may have split nodes, which changes no content
+            pass
+        path = self.cache.peek(tokens)  # another request's copies start at `own`
+        own = next(j for j, (a, b) in enumerate(zip(path, table)) if a != b)
+        if len(path) > (k if num_written is None else num_written):
+            return False
+        for j in range(own, len(path)):
+            self._hold(path[j])
+        self.free(table[own : len(path)])
+        table[own : len(path)] = path[own:]
         self.cache.insert(tokens[: k * self.block_size], table[:k])
         return True
 

@@ -19,6 +19,10 @@ from collections.abc import Callable, Iterator, Sequence
 Key = tuple[int, ...]
 
 
+class PrefixConflict(ValueError):
+    """`insert` was asked to hang blocks under a cached prefix held by other blocks."""
+
+
 class Node:
     __slots__ = ("tokens", "blocks", "children", "parent", "last_access")
 
@@ -97,7 +101,7 @@ class RadixCache:
         assert len(chunks) == len(blocks), "insert whole blocks only"
         node, matched, i = self._walk(chunks, split=True)
         if matched != list(blocks[:i]):
-            raise ValueError("insert under a cached prefix held by other blocks (adopt the tree's blocks first)")
+            raise PrefixConflict("insert under a cached prefix held by other blocks (adopt the tree's blocks first)")
         if i == len(chunks):
             return []
         new = list(blocks[i:])
