@@ -146,7 +146,7 @@ class LLM:
     def _output(self, req: Request, detok: IncrementalDetokenizer | None) -> GenerateOutput:
         out = req.output_token_ids
         if detok is not None:
-            text = detok.text
+            text = detok.finish()
         elif self.tokenizer is not None:
             text = self.tokenizer.decode(out, skip_special_tokens=req.params.skip_special_tokens)
         else:

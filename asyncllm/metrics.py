@@ -1,11 +1,12 @@
 """Prometheus metrics of one engine (prometheus-client, with a registry of its own)."""
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -30,6 +31,28 @@ class _Gauges(Collector):
             yield GaugeMetricFamily(f"asyncllm:{name}", doc, value=values.get(name, 0.0))
 
 
+class LatencyHistogram(Collector):
+    """A Prometheus histogram observed once per token on the event-loop thread: a bucket index and two adds, no
+    lock (prometheus_client's Histogram takes a lock per observation). Read on the same thread when scraped."""
+
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...], registry: CollectorRegistry) -> None:
+        self.name, self.doc, self.bounds = name, doc, buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+        registry.register(self)
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1  # bucket i counts bounds[i-1] < v <= bounds[i]
+        self.sum += seconds
+
+    def collect(self) -> Iterator[Any]:
+        cumulative, total = [], 0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts):
+            total += count
+            cumulative.append((bound, total))
+        yield HistogramMetricFamily(self.name, self.doc, buckets=cumulative, sum_value=self.sum)
+
+
 class EngineMetrics:
     def __init__(self, read_gauges: Callable[[], dict[str, float]]) -> None:
         r = self.registry = CollectorRegistry()
@@ -40,7 +63,7 @@ class EngineMetrics:
         self.cache_queries = Counter("asyncllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r)
         self.cache_hits = Counter("asyncllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r)
         self.disconnects = Counter("asyncllm:client_disconnects", "Requests aborted by their client.", registry=r)
-        self.ttft = Histogram("asyncllm:time_to_first_token_seconds", "Time to first token.", buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("asyncllm:inter_token_latency_seconds", "Time between tokens.", buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("asyncllm:e2e_request_latency_seconds", "Request latency.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = LatencyHistogram("asyncllm:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS, r)
+        self.itl = LatencyHistogram("asyncllm:inter_token_latency_seconds", "Time between tokens.", _LATENCY_BUCKETS, r)
+        self.e2e = LatencyHistogram("asyncllm:e2e_request_latency_seconds", "Request latency.", _LATENCY_BUCKETS, r)
         r.register(_Gauges(read_gauges))

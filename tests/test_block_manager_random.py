@@ -17,7 +17,8 @@ BS = 2
 
 
 class Model:
-    """Requests as (tokens, table, blocks written by earlier steps), over one BlockManager."""
+    """Requests as (tokens, table, blocks written by earlier steps, leading blocks offered to the cache), over one
+    BlockManager."""
 
     def __init__(self, num_blocks: int) -> None:
         self.bm = BlockManager(num_blocks, BS, enable_prefix_caching=True)
@@ -54,7 +55,7 @@ chunk = st.sampled_from([(1, 1), (1, 2), (2, 2), (3, 1)])  # few distinct blocks
 op = st.one_of(
     st.tuples(st.just("admit"), st.lists(chunk, min_size=1, max_size=6)),
     st.tuples(st.just("grow"), st.integers(0, 99), st.lists(chunk, min_size=1, max_size=3)),
-    st.tuples(st.just("step"), st.integers(0, 99), st.integers(0, 6)),
+    st.tuples(st.just("step"), st.integers(0, 99), st.integers(0, 6), st.booleans()),
     st.tuples(st.just("free"), st.integers(0, 99)),
     st.tuples(st.just("pressure"), st.integers(1, 12)),
     st.tuples(st.just("clear"),),
@@ -75,7 +76,8 @@ def test_random_operations_keep_invariants(num_blocks, evict_batch, ops):
             cached = bm.match(tokens[: (len(tokens) - 1) // BS * BS])
             need = len(o[1]) - len(cached)
             if bm.can_allocate(need):
-                req = {"tokens": tokens, "table": cached + bm.allocate(need), "written": len(cached)}
+                req = {"tokens": tokens, "table": cached + bm.allocate(need), "written": len(cached),
+                       "cached": len(cached)}
                 m.reqs.append(req)
             else:
                 bm.free(cached)
@@ -85,11 +87,13 @@ def test_random_operations_keep_invariants(num_blocks, evict_batch, ops):
         elif kind == "step" and r is not None:  # as the scheduler: offer the blocks this step fills, then run it
             k = min(len(r["table"]), r["written"] + o[2])
             table_before = list(r["table"])
-            ok = bm.cache_blocks(r["tokens"][: k * BS], r["table"], r["written"])
+            # with the hint (as the scheduler passes it) the blocks offered since the last offer extend the tree
+            ok = bm.cache_blocks(r["tokens"][: k * BS], r["table"], r["written"], r["cached"] if o[3] else 0)
             changed = [j for j in range(len(table_before)) if table_before[j] != r["table"][j]]
             assert all(j < r["written"] for j in changed), "swapped a block still being written"
             if ok:  # the offered blocks are a cached path now
                 assert bm.cache.peek(r["tokens"][: k * BS]) == r["table"][:k]
+                r["cached"] = max(r["cached"], k)
             m.write(r, k)
         elif kind == "free" and r is not None:
             bm.free(r["table"])

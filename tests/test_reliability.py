@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import gzip
 import logging
@@ -181,28 +182,100 @@ async def test_huge_prompts_are_rejected_before_tokenization(keyed, monkeypatch)
     assert not calls
 
 
-async def test_cut_n_streams_free_their_blocks_without_an_error_log(keyed, caplog, monkeypatch):
-    """A client gone mid-stream (a write fails before the handler is cancelled): INFO, not an ERROR traceback."""
+async def wait_all_free(engine: AsyncEngine, seconds: float = 5) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while engine.num_free_blocks != engine.num_blocks and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert engine.num_free_blocks == engine.num_blocks
+
+
+async def test_client_gone_mid_stream_frees_every_choice_without_an_error_log(keyed, caplog):
+    """A client that closes its connection after a few events (tokens are written straight to the socket from
+    the engine loop): every choice's blocks are freed, nothing is logged as an error."""
+    engine, url, _ = keyed
+    caplog.set_level(logging.INFO)
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = orjson.dumps({"prompt": [5, 6], "n": 4, "stream": True, **LONG})
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekret\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+    seen = b""
+    while seen.count(b"data: {") < 8:
+        seen += await reader.read(4096)
+    assert engine.num_free_blocks < engine.num_blocks  # the choices are running
+    writer.close()
+    await wait_all_free(engine)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # aborted, not run to their end
+    assert engine.metrics.registry.get_sample_value("asyncllm:client_disconnects_total") == 4
+
+
+async def test_a_client_that_stops_reading_gets_everything_later_in_fewer_chunks(keyed):
+    """Back-pressure: while a client does not read, its tokens coalesce (the server's buffer stays bounded);
+    once it reads, every choice's tokens and text are complete, in order, and equal the non-streamed output."""
     engine, url, s = keyed
-    writes = 0
+    req = {"prompt": [5, 6], "n": 2, "return_token_ids": True, **LONG}
+    async with s.post(url + "/v1/completions", json=req) as r:
+        expected = (await r.json())["choices"]
+
+    def finished() -> float:
+        return engine.metrics.registry.get_sample_value("asyncllm:request_success_total", {"finished_reason": "length"})
+
+    finished_before = finished()
+
+    @web.middleware
+    async def small_socket_buffers(request, handler):  # so the kernel cannot absorb the whole output
+        request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return await handler(request)
+
+    app = build_app(engine, ServerSettings("tiny"))
+    app.middlewares.append(small_socket_buffers)
+    runner = make_runner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", runner.addresses[0][1]))
+    body = orjson.dumps({**req, "stream": True})
+    await loop.sock_sendall(sock, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+    for _ in range(1200):  # the choices run to their end while the client reads nothing
+        if finished() == finished_before + 2:
+            break
+        await asyncio.sleep(0.05)
+    raw = b""
+    while data := await loop.sock_recv(sock, 1 << 16):
+        raw += data
+    sock.close()
+    await runner.cleanup()
+    events = [e for e in sse_events(raw.decode(errors="replace")) if isinstance(e, dict)]
+    for i, want in enumerate(expected):
+        mine = [e["choices"][0] for e in events if e["choices"] and e["choices"][0]["index"] == i]
+        assert "".join(c["text"] for c in mine) == want["text"]
+        assert [t for c in mine for t in c["token_ids"]] == want["token_ids"]
+        assert mine[-1]["finish_reason"] == want["finish_reason"] == "length"
+    assert max(len(e["choices"][0]["token_ids"]) for e in events if e["choices"]) > 1  # tokens coalesced
+
+
+async def test_a_failed_write_is_an_info_line(keyed, caplog, monkeypatch):
+    """A write that finds the client gone before aiohttp cancels the handler: INFO, not an ERROR traceback."""
+    engine, url, s = keyed
     original = web.StreamResponse.write
 
     async def flaky(self, data):
-        nonlocal writes
-        writes += 1
-        if writes > 6:
+        if b"[DONE]" in data:
             raise ConnectionResetError("client gone")
         return await original(self, data)
 
     monkeypatch.setattr(web.StreamResponse, "write", flaky)
     caplog.set_level(logging.INFO)
     async with s.post(url + "/v1/completions", json={"prompt": [5, 6], "n": 4, "stream": True, **LONG}) as r:
-        await r.read()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while engine.num_free_blocks != engine.num_blocks and loop.time() < deadline:
-        await asyncio.sleep(0.01)
-    assert engine.num_free_blocks == engine.num_blocks
+        with contextlib.suppress(aiohttp.ClientPayloadError):
+            await r.read()
+    await wait_all_free(engine)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("went away" in r.getMessage() for r in caplog.records)
 

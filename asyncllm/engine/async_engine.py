@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -64,25 +64,42 @@ class StreamChunk:
     usage: Usage | None = None  # set on the last chunk
 
 
-class _Stream:
-    """Delivery state of one request, touched only on the event-loop thread."""
+Notify = Callable[["RequestStream"], None]
 
-    __slots__ = ("req", "detok", "new_ids", "finish_reason", "error", "event", "t_arrival", "t_last", "num_tokens")
 
-    def __init__(self, req: Request, detok: IncrementalDetokenizer | None) -> None:
-        self.req, self.detok = req, detok
+class RequestStream:
+    """Delivery state of one request, touched only on the event-loop thread. The engine calls `notify(stream)`
+    synchronously, inside its loop, whenever there is something to `take()`: new tokens (every
+    `stream_interval` tokens, the first at once), the finish, or an error. Tokens not taken yet accumulate here,
+    so a slow consumer gets them in one chunk and a request buffers at most its own output."""
+
+    __slots__ = ("req", "detok", "notify", "new_ids", "finish_reason", "error", "t_arrival", "t_last", "num_tokens")
+
+    def __init__(self, req: Request, detok: IncrementalDetokenizer | None, notify: Notify) -> None:
+        self.req, self.detok, self.notify = req, detok, notify
         self.new_ids: list[int] = []
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
-        self.event = asyncio.Event()
         self.t_arrival = self.t_last = time.monotonic()
         self.num_tokens = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.req.request_id
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None or self.error is not None
 
+    def raise_error(self) -> None:
+        """Raise the error that ended this request, if any (an AsyncLLMError, or EngineDeadError)."""
+        if self.error is not None:
+            if isinstance(self.error, AsyncLLMError):
+                raise self.error
+            raise EngineDeadError(f"the engine failed: {self.error}") from self.error
+
     def take(self) -> StreamChunk:
+        """Everything not taken yet; the last chunk (finish_reason set) once the request finished."""
         final = self.done
         text = self.detok.take(final) if self.detok is not None else ""
         ids, self.new_ids = self.new_ids, []
@@ -97,7 +114,7 @@ class AsyncEngine:
         self.config = EngineConfig.from_kwargs(model, **config)
         self.core: EngineCore | None = None
         self.error: BaseException | None = None  # set when the loop died
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, RequestStream] = {}  # requests not done yet
         self._deferred: dict[str, str] = {}  # request id -> finish reason, applied between steps
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -132,7 +149,7 @@ class AsyncEngine:
         self._accepting = False
         loop = asyncio.get_running_loop()
         self._drain_until = loop.time() + timeout
-        while self.healthy and any(not s.done for s in self._streams.values()) and loop.time() < self._drain_until:
+        while self.healthy and self._streams and loop.time() < self._drain_until:
             await asyncio.sleep(0.01)
         self._stopping = True
         self._wake.set()
@@ -140,9 +157,8 @@ class AsyncEngine:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         for stream in list(self._streams.values()):
-            if not stream.done:
-                self._fail(stream, EngineShutdownError("the engine shut down before this request finished"))
-                self.metrics.requests.labels("abort").inc()
+            self._fail(stream, EngineShutdownError("the engine shut down before this request finished"))
+            self.metrics.requests.labels("abort").inc()
         if self.core is not None:
             await loop.run_in_executor(self._step_pool, self.core.shutdown)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
@@ -229,31 +245,38 @@ class AsyncEngine:
         """Raise InvalidRequestError if this request can never be served (nothing is queued)."""
         self._core.make_request(prompt_token_ids, params)
 
+    def open(self, prompt_token_ids: list[int], params: SamplingParams, notify: Notify) -> RequestStream:
+        """Queue a tokenized request; push-style delivery for callers that consume many streams at once (the
+        HTTP server). `notify(stream)` runs on the loop thread inside the engine loop whenever the stream has
+        something to take (see RequestStream); it must return quickly and should not raise (an exception aborts
+        the request). The caller must `abort(stream.request_id)` if it stops consuming before the stream is done.
+        Raises InvalidRequestError / EngineShutdownError before anything is queued."""
+        self._check_accepting()
+        req = self._core.make_request(prompt_token_ids, params)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+        elif params.stop:
+            raise InvalidRequestError("stop strings need a tokenizer", "stop")
+        stream = RequestStream(req, detok, notify)
+        self._core.scheduler.add(req)
+        self._streams[req.request_id] = stream
+        self._wake.set()
+        return stream
+
     async def stream(self, prompt: PromptInput, params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
         """Chunks of new text and token ids; the last one has finish_reason and usage. Leaving the loop early
         (break, cancellation, aclose, garbage collection) aborts the request and frees its KV blocks."""
         params = params or SamplingParams()
         self._check_accepting()
         ids = await self.encode(prompt)
-        self._check_accepting()  # shutdown may have begun while the prompt was tokenized
-        req = self._core.make_request(ids, params)
-        detok = None
-        if self.tokenizer is not None:
-            detok = IncrementalDetokenizer(self.tokenizer, ids, params)
-        elif params.stop:
-            raise InvalidRequestError("stop strings need a tokenizer", "stop")
-        stream = _Stream(req, detok)
-        self._core.scheduler.add(req)
-        self._streams[req.request_id] = stream
-        self._wake.set()
+        ready = asyncio.Event()
+        stream = self.open(ids, params, lambda _: ready.set())  # checks again: shutdown may have begun meanwhile
         try:
             while True:
-                await stream.event.wait()
-                stream.event.clear()
-                if stream.error is not None:
-                    if isinstance(stream.error, AsyncLLMError):
-                        raise stream.error
-                    raise EngineDeadError(f"the engine failed: {stream.error}") from stream.error
+                await ready.wait()
+                ready.clear()
+                stream.raise_error()
                 chunk = stream.take()
                 if chunk.text or chunk.token_ids or chunk.finish_reason:
                     yield chunk
@@ -262,8 +285,7 @@ class AsyncEngine:
         finally:
             if not stream.done:  # the consumer left early
                 self.metrics.disconnects.inc()
-                self.abort(req.request_id)
-            self._streams.pop(req.request_id, None)
+                self.abort(stream.request_id)
 
     def _check_accepting(self) -> None:
         if not self._accepting:
@@ -329,40 +351,51 @@ class AsyncEngine:
         self._deferred.clear()
 
     def _deliver(self, reqs: list[Request]) -> None:
-        """One pass over the requests that got a token: detokenize, stop strings, wake their consumers."""
+        """One pass over the requests that got a token: detokenize, stop strings, notify their consumers."""
         now = time.monotonic()
-        m = self.metrics
+        streams, ttft, itl = self._streams, self.metrics.ttft, self.metrics.itl
         interval = self.config.stream_interval
         for req in reqs:
-            stream = self._streams.get(req.request_id)
-            if stream is None or stream.done:
+            stream = streams.get(req.request_id)
+            if stream is None:  # finished (or aborted) already
                 continue
             token = req.token_ids[-1]
             stream.new_ids.append(token)
-            if stream.num_tokens == 0:
-                m.ttft.observe(now - stream.t_arrival)
+            n = stream.num_tokens
+            if n == 0:
+                ttft.observe(now - stream.t_arrival)
             else:
-                m.itl.observe(now - stream.t_last)
-            stream.num_tokens += 1
+                itl.observe(now - stream.t_last)
+            stream.num_tokens = n + 1
             stream.t_last = now
             if stream.detok is not None and stream.detok.push(token):
                 self._deferred[req.request_id] = "stop"  # the scheduler may still be stepping it
                 self._end(stream, "stop")
             elif req.finished:
                 self._end(stream, req.finish_reason or "stop")
-            elif stream.num_tokens == 1 or len(stream.new_ids) >= interval:  # the first token goes out at once
-                stream.event.set()
+            elif n == 0 or len(stream.new_ids) >= interval:  # the first token goes out at once
+                self._notify(stream)
 
-    def _end(self, stream: _Stream, reason: str) -> None:
+    def _notify(self, stream: RequestStream) -> None:
+        try:
+            stream.notify(stream)
+        except Exception:  # a consumer's bug ends its own request, never the loop
+            log.exception("the consumer of request %s failed; aborting it", stream.request_id)
+            if not stream.done:
+                self.abort(stream.request_id)
+
+    def _end(self, stream: RequestStream, reason: str) -> None:
+        """The stream's last notification: it finished for `reason`. It leaves the engine's streams."""
         stream.finish_reason = reason
-        stream.event.set()
+        self._streams.pop(stream.request_id, None)
         self.metrics.requests.labels(reason).inc()
         self.metrics.e2e.observe(time.monotonic() - stream.t_arrival)
+        self._notify(stream)
 
-    @staticmethod
-    def _fail(stream: _Stream, error: BaseException) -> None:
+    def _fail(self, stream: RequestStream, error: BaseException) -> None:
         stream.error = error
-        stream.event.set()
+        self._streams.pop(stream.request_id, None)
+        self._notify(stream)
 
     def _count(self) -> None:
         """Move the scheduler's counters into the Prometheus counters (once per step)."""

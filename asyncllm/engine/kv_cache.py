@@ -90,7 +90,8 @@ class BlockManager:
             self._hold(b)
         return blocks
 
-    def cache_blocks(self, tokens: Sequence[int], table: list[int], num_written: int | None = None) -> bool:
+    def cache_blocks(self, tokens: Sequence[int], table: list[int], num_written: int | None = None,
+                     num_cached: int = 0) -> bool:
         """Offer a request's full blocks to the prefix cache: `table[:k]` holds `tokens` (k = len(tokens) //
         block_size) and the request holds a reference to each.
 
@@ -99,12 +100,17 @@ class BlockManager:
         changed in place), so the tree never hangs blocks under blocks the request does not hold. Only blocks whose
         K/V earlier steps wrote (`table[:num_written]`, default all) may be swapped: the switch then changes only
         what later steps read, and the copies freed are reused only by later steps on the same stream. If a copy
-        is still being written, nothing is cached now and False is returned (the next step tries again)."""
+        is still being written, nothing is cached now and False is returned (the next step tries again).
+        `num_cached`: leading blocks of `table` this request offered before (and the tree still holds)."""
         if self.cache is None:
             return False
-        k = len(tokens) // self.block_size
+        bs = self.block_size
+        k = len(tokens) // bs
+        if 0 < num_cached < k and self.cache.extend(table[num_cached - 1], tokens[num_cached * bs : k * bs],
+                                                    table[num_cached:k]):
+            return True  # the usual case during decode: one lookup, no walk
         try:  # the usual case: the cached prefix is the request's own blocks (one walk of the tree)
-            self.cache.insert(tokens[: k * self.block_size], table[:k])
+            self.cache.insert(tokens[: k * bs], table[:k])
             return True
         except PrefixConflict:  # nothing was inserted; the walk may have split nodes, which changes no content
             pass
@@ -116,7 +122,7 @@ class BlockManager:
             self._hold(path[j])
         self.free(table[own : len(path)])
         table[own : len(path)] = path[own:]
-        self.cache.insert(tokens[: k * self.block_size], table[:k])
+        self.cache.insert(tokens[: k * bs], table[:k])
         return True
 
     def _hold(self, block: int) -> None:

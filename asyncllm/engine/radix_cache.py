@@ -112,6 +112,30 @@ class RadixCache:
             self.block_node[b] = leaf
         return new
 
+    def extend(self, after: int, tokens: Sequence[int], blocks: Sequence[int]) -> bool:
+        """Cache `blocks` (holding `tokens`) right after the cached block `after`, without walking from the root:
+        the common case of a request offering the blocks it filled since its last offer. False (nothing done)
+        unless `after` ends its node and no child there starts with the same tokens; `insert` then decides."""
+        node = self.block_node.get(after)
+        if node is None or node.blocks[-1] != after:
+            return False
+        chunks = self._chunks(tokens)
+        assert len(chunks) == len(blocks) and chunks, "extend by whole blocks"
+        if chunks[0] in node.children:
+            return False
+        new = list(blocks)
+        if node.children:  # a branch point: the new blocks are a new leaf
+            leaf = Node(tuple(tokens[: len(new) * self.block_size]), new, node)
+            node.children[chunks[0]] = leaf
+            node = leaf
+        else:  # a leaf grows (appending keeps the tree's shape: no other path runs through it)
+            node.tokens += tuple(tokens[: len(new) * self.block_size])
+            node.blocks = node.blocks + new
+        node.last_access = next(self._clock)
+        for b in new:
+            self.block_node[b] = node
+        return True
+
     def evict(self, num_blocks: int, unused: Callable[[int], bool]) -> list[int]:
         """Remove up to num_blocks unused blocks from the tails of leaves, least recently used leaf first (a leaf
         whose blocks all go is removed, and its parent may become a leaf); returns the freed blocks."""

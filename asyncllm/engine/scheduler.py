@@ -179,7 +179,7 @@ class Scheduler:
         bs = self.blocks.block_size
         full = min(req.num_computed_tokens, req.num_tokens) // bs
         if full > req.num_cached_blocks and self.blocks.cache_blocks(req.token_ids[: full * bs], req.block_table,
-                                                                       start // bs):
+                                                                       start // bs, req.num_cached_blocks):
             req.num_cached_blocks = full
 
     def _at_length_limit(self, req: Request, pending: int = 0) -> bool:

@@ -12,8 +12,7 @@ import zlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,11 +25,13 @@ from asyncllm import __version__
 from asyncllm.engine.async_engine import AsyncEngine, StreamChunk
 from asyncllm.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from asyncllm.sampling_params import SamplingParams
+from asyncllm.server.choices import Choices, SSEChoices, sse_event
 from asyncllm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 MAX_CHOICES = 1024  # prompts x n in one request
+_MARK = "\x00asyncllm-text\x00"  # stands for a chunk's text in a pre-serialized SSE event (JSON escapes it)
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)  # a request body's limit, also once decompressed
 
 
@@ -54,17 +55,12 @@ class ApiError(Exception):
         return json_response(self.body(), self.status)
 
 
-def aborted() -> ApiError:
-    """A request ended by AsyncEngine.abort from elsewhere: an error, never a normal finish."""
-    return ApiError(503, "the request was aborted before it finished", "service_unavailable")
-
-
 def json_response(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
 
 
 _HTTP_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
-                     413: "invalid_request_error", 415: "invalid_request_error"}
+                     413: "invalid_request_error", 415: "invalid_request_error", 503: "service_unavailable"}
 
 
 def api_error(e: Exception) -> ApiError:
@@ -165,41 +161,6 @@ async def parse(request: web.Request, schema: type[M]) -> M:
         raise ApiError(400, f"{loc}: {msg}" if loc else msg, param=str(err["loc"][0]) if err["loc"] else None) from None
 
 
-async def merged(streams: list[AsyncIterator[StreamChunk]]) -> AsyncIterator[tuple[int, StreamChunk]]:
-    """(index, chunk) from several streams as they come; leaving early closes all of them."""
-    if len(streams) == 1:
-        async with aclosing(streams[0]) as only:
-            async for chunk in only:
-                yield 0, chunk
-        return
-    queue: asyncio.Queue[tuple[int, StreamChunk | None, BaseException | None]] = asyncio.Queue(maxsize=2 * len(streams))
-
-    async def pump(i: int, stream: AsyncIterator[StreamChunk]) -> None:
-        try:
-            async with aclosing(stream) as s:  # type: ignore[type-var]
-                async for chunk in s:
-                    await queue.put((i, chunk, None))
-            await queue.put((i, None, None))
-        except Exception as e:
-            await queue.put((i, None, e))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, chunk, error = await queue.get()
-            if error is not None:
-                raise error
-            if chunk is None:
-                remaining -= 1
-            else:
-                yield i, chunk
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 class OpenAIServer:
     """Route handlers. Knows the engine only through AsyncEngine's public methods."""
 
@@ -253,88 +214,93 @@ class OpenAIServer:
 
     async def _generate(self, request: web.Request, body: Any, encoded: list[list[int]],
                         jobs: list[tuple[list[int], SamplingParams]], chat: bool) -> web.StreamResponse:
-        streams = [self.engine.stream(ids, params) for ids, params in jobs]
         prompt_tokens = sum(len(ids) for ids in encoded)
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.settings.served_model_name}
         if body.stream:
-            return await self._sse(request, body, streams, meta, prompt_tokens, chat)
-        texts = [[] for _ in jobs]  # type: list[list[str]]
-        ids: list[list[int]] = [[] for _ in jobs]
-        finish: list[str | None] = [None] * len(jobs)
-        completion_tokens = cached_tokens = 0
-        async with aclosing(merged(streams)) as chunks:  # leaving early aborts every choice's request
-            async for i, chunk in chunks:
-                texts[i].append(chunk.text)
-                ids[i].extend(chunk.token_ids)
-                completion_tokens += len(chunk.token_ids)
-                finish[i] = chunk.finish_reason or finish[i]
-                if chunk.usage is not None and i % body.n == 0:  # a prompt's cache hit counts once, like its tokens
-                    cached_tokens += chunk.usage.cached_tokens
-                if chunk.finish_reason == "abort":
-                    raise aborted()
+            return await self._sse(request, body, jobs, meta, prompt_tokens, chat)
+        choices = Choices(self.engine, jobs)
+        try:
+            outs = await choices.collect()
+        finally:
+            choices.close()  # leaving early aborts every choice's request
+        completion_tokens = sum(len(o.token_ids) for o in outs)
+        cached_tokens = sum(o.usage.cached_tokens for o in outs[:: body.n] if o.usage)  # a prompt's hit counts once
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": "".join(t)}, "logprobs": None,
-                        "finish_reason": finish[i]} for i, t in enumerate(texts)]
+            out = [{"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": None,
+                    "finish_reason": o.finish_reason} for i, o in enumerate(outs)]
         else:
-            choices = [{"index": i, "text": "".join(t), "logprobs": None, "finish_reason": finish[i]}
-                       for i, t in enumerate(texts)]
+            out = [{"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
+                   for i, o in enumerate(outs)]
         if body.return_token_ids:
-            for c, token_ids in zip(choices, ids):
-                c["token_ids"] = token_ids
+            for c, o in zip(out, outs):
+                c["token_ids"] = o.token_ids
         return json_response({**meta, "object": "chat.completion" if chat else "text_completion",
-                              "choices": choices, "usage": self._usage(prompt_tokens, completion_tokens, cached_tokens)})
+                              "choices": out, "usage": self._usage(prompt_tokens, completion_tokens, cached_tokens)})
 
-    async def _sse(self, request: web.Request, body: Any, streams: list[AsyncIterator[StreamChunk]],
+    async def _sse(self, request: web.Request, body: Any, jobs: list[tuple[list[int], SamplingParams]],
                    meta: dict[str, Any], prompt_tokens: int, chat: bool) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
+        head = {**meta, "object": obj}
+        usage = [0, 0]  # completion tokens, cached prompt tokens
 
-        async def send(payload: Any) -> None:
-            await resp.write(b"data: " + orjson.dumps(payload) + b"\n\n")
-
-        def choice(i: int, text: str, finish_reason: str | None, first: bool = False,
-                   token_ids: list[int] | None = None) -> dict[str, Any]:
+        def choice(i: int, text: str, finish_reason: str | None, token_ids: list[int] | None = None) -> dict[str, Any]:
             if chat:
-                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+                delta = {"content": text} if text else {}
                 out = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             else:
                 out = {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            if body.return_token_ids and not first:
-                out["token_ids"] = token_ids or []
+            if token_ids is not None:
+                out["token_ids"] = token_ids
             return out
 
-        completion_tokens = cached_tokens = 0
+        text_frames: dict[int, tuple[bytes, bytes]] = {}  # choice -> the bytes around the text of a plain chunk
+
+        def frame(i: int, chunk: StreamChunk) -> bytes:  # runs once per chunk, inside the engine loop
+            usage[0] += len(chunk.token_ids)
+            if chunk.usage is not None and i % body.n == 0:
+                usage[1] += chunk.usage.cached_tokens
+            if chunk.finish_reason is None and not body.return_token_ids:
+                if not chunk.text:
+                    return b""
+                if i not in text_frames:  # serialize the event once with a marker in place of the text
+                    event = sse_event({**head, "choices": [choice(i, _MARK, None)], **extra})
+                    before, after = event.split(orjson.dumps(_MARK))
+                    text_frames[i] = before, after
+                before, after = text_frames[i]
+                return before + orjson.dumps(chunk.text) + after
+            if not (chunk.text or chunk.finish_reason or (body.return_token_ids and chunk.token_ids)):
+                return b""
+            ids = chunk.token_ids if body.return_token_ids else None
+            return sse_event({**head, "choices": [choice(i, chunk.text, chunk.finish_reason, ids)], **extra})
+
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        resp.enable_chunked_encoding()
+        choices = SSEChoices(self.engine, jobs, frame)
         try:
+            await resp.prepare(request)
             try:
-                async with aclosing(merged(streams)) as chunks:  # leaving early aborts every choice's request
-                    if chat:  # the first chunk of each choice announces the role
-                        for i in range(len(streams)):
-                            await send({**meta, "object": obj, "choices": [choice(i, "", None, first=True)], **extra})
-                    async for i, chunk in chunks:
-                        completion_tokens += len(chunk.token_ids)
-                        if chunk.usage is not None and i % body.n == 0:
-                            cached_tokens += chunk.usage.cached_tokens
-                        if chunk.finish_reason == "abort":
-                            raise aborted()
-                        if chunk.text or chunk.finish_reason or (body.return_token_ids and chunk.token_ids):
-                            payload = choice(i, chunk.text, chunk.finish_reason, token_ids=chunk.token_ids)
-                            await send({**meta, "object": obj, "choices": [payload], **extra})
+                first = b""
+                if chat:  # the first chunk of each choice announces the role
+                    first = b"".join(sse_event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                                      "logprobs": None, "finish_reason": None}], **extra})
+                                     for i in range(len(jobs)))
+                await choices.stream(request, resp, first)
                 if include_usage:
-                    await send({**meta, "object": obj, "choices": [],
-                                "usage": self._usage(prompt_tokens, completion_tokens, cached_tokens)})
+                    await resp.write(sse_event({**head, "choices": [], "usage": self._usage(prompt_tokens, *usage)}))
             except (ConnectionResetError, asyncio.CancelledError):
                 raise
             except Exception as e:  # headers are sent: the error goes into the stream, never a normal finish
                 log.warning("stream %s ended with an error: %s", meta["id"], e)
-                await send(api_error(e).body())
+                await resp.write(sse_event(api_error(e).body()))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except ConnectionResetError:  # a write found the client gone (before aiohttp cancelled this handler)
             log.info("stream %s: the client went away", meta["id"])
+        finally:
+            choices.close()  # leaving early aborts every choice's request
         return resp
 
     # ---- other routes ---------------------------------------------------------------------------------------

@@ -1,0 +1,137 @@
+"""The engine streams of one HTTP request (its prompts x n choices), fed by the engine's push notifications.
+
+A streamed response is written from the notification itself, straight to the connection: one HTTP chunk per
+notification and no task switch per token. The handler coroutine wakes only for what must be awaited: the first
+write (it sends the headers), a client that reads slowly (the handler waits for the socket to drain while the
+tokens that arrive meanwhile coalesce, one chunk per choice), errors, and the end.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from asyncllm.engine.async_engine import AsyncEngine, RequestStream, StreamChunk
+from asyncllm.sampling_params import SamplingParams
+
+# bytes a connection may hold unsent before its choices stop being written from notifications (the handler
+# then awaits the drain): a client that does not read costs at most this plus its requests' own outputs
+WRITE_HIGH_WATER = 64 << 10
+
+
+class Choices:
+    """Opens one engine stream per (prompt ids, params) job; `collect` or `SSEChoices.stream` consumes them.
+    Leaving the handler early must call `close`, which aborts every choice still running (frees its KV)."""
+
+    def __init__(self, engine: AsyncEngine, jobs: list[tuple[list[int], SamplingParams]]) -> None:
+        self.engine = engine
+        self.streams: list[RequestStream] = []
+        self.open = len(jobs)  # choices whose last chunk has not been consumed
+        self.ready: dict[int, None] = {}  # choices with output for the handler, in notification order
+        self.wake = asyncio.Event()
+        self.closed = False
+        try:
+            for i, (ids, params) in enumerate(jobs):
+                self.streams.append(engine.open(ids, params, partial(self._notify, i)))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.closed = True
+        for s in self.streams:
+            if not s.done:
+                self.engine.metrics.disconnects.inc()
+                self.engine.abort(s.request_id)
+
+    def _notify(self, i: int, stream: RequestStream) -> None:
+        """The engine has output for choice i (loop thread, inside the engine loop). Default: the handler takes
+        it when the choice is done."""
+        if not self.closed and stream.done:
+            self.ready[i] = None
+            self.wake.set()
+
+    async def _next_ready(self) -> list[int]:
+        await self.wake.wait()
+        self.wake.clear()
+        ready, self.ready = list(self.ready), {}
+        return ready
+
+    async def collect(self) -> list[StreamChunk]:
+        """Every choice's whole output as one chunk (text, token ids, finish reason, usage), in job order.
+        Raises the first error (or an abort) of any choice."""
+        out: list[StreamChunk | None] = [None] * len(self.streams)
+        while self.open:
+            for i in await self._next_ready():
+                out[i] = take(self.streams[i])
+                self.open -= 1
+        return out  # type: ignore[return-value]
+
+
+def take(stream: RequestStream) -> StreamChunk:
+    """The stream's next chunk; raises if it ended in an error or was aborted from elsewhere."""
+    stream.raise_error()
+    chunk = stream.take()
+    if chunk.finish_reason == "abort":
+        raise web.HTTPServiceUnavailable(text="the request was aborted before it finished")
+    return chunk
+
+
+class SSEChoices(Choices):
+    """Choices streamed as server-sent events; `frame(i, chunk)` gives the event bytes of a chunk (b"" for none).
+    Invariant for the direct writes: the response is prepared, chunked, uncompressed, and its headers are sent
+    (`direct` turns on only after the handler's first `resp.write`), so each transport write is one HTTP chunk."""
+
+    def __init__(self, engine: AsyncEngine, jobs: list[tuple[list[int], SamplingParams]],
+                 frame: Callable[[int, StreamChunk], bytes]) -> None:
+        self.frame = frame
+        self.direct = False  # notifications write to the connection themselves
+        self.transport: asyncio.Transport | None = None
+        super().__init__(engine, jobs)
+
+    def _notify(self, i: int, stream: RequestStream) -> None:
+        if self.closed:
+            return
+        transport = self.transport
+        if self.direct and transport is not None and not transport.is_closing() and stream.error is None \
+                and stream.finish_reason != "abort":
+            data = self.frame(i, stream.take())
+            if data:
+                transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            if stream.done:
+                self.open -= 1
+                if not self.open:
+                    self.wake.set()
+            if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                self.direct = False
+            return
+        self.direct = False  # errors, slow clients and first writes go through the handler
+        self.ready[i] = None
+        self.wake.set()
+
+    async def stream(self, request: web.Request, resp: web.StreamResponse, first: bytes = b"") -> None:
+        """Write `first`, then every choice's events until all are done (raises on a choice's error)."""
+        self.transport = request.transport
+        if first:
+            await resp.write(first)
+            self.direct = True
+        while self.open:
+            ready = await self._next_ready()
+            while ready:
+                data = []
+                for i in ready:
+                    chunk = take(self.streams[i])
+                    data.append(self.frame(i, chunk))
+                    self.open -= chunk.finish_reason is not None
+                await resp.write(b"".join(data))  # the first write sends the headers
+                await request.writer.drain()  # a slow client: wait until the socket takes more
+                ready, self.ready = list(self.ready), {}
+            self.direct = True
+
+
+def sse_event(payload: Any) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
