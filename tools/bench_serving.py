@@ -26,6 +26,8 @@ import json
 import multiprocessing as mp
 import os
 import random
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -165,6 +167,12 @@ def level(args: argparse.Namespace, url: str, pid: int, concurrency: int, prompt
                 server_cpu_cores=round(cpu / wall, 3), server_cpu_us_per_token=round(cpu / max(1, tokens) * 1e6, 2))
 
 
+def profiler(path: str, pid: int) -> subprocess.Popen:
+    exe = shutil.which("py-spy") or os.path.join(os.path.dirname(__file__), "..", ".scratch", "py-spy")
+    return subprocess.Popen([exe, "record", "-p", str(pid), "-r", "200", "-f", "raw", "-o", path, "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run_offline(args: argparse.Namespace, concurrency: int, prompts: list[list[int]]) -> dict:
     path = f"/tmp/bench_serving_prompts_{os.getpid()}.json"
     with open(path, "w") as f:
@@ -196,6 +204,8 @@ def main() -> None:
     ap.add_argument("--client-procs", type=int, default=4)
     ap.add_argument("--no-offline", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", metavar="FILE", help="py-spy (on PATH or in .scratch/) records the server during the "
+                    "last level into FILE (raw folded stacks)")
     # internal: the processes this script starts
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
@@ -216,10 +226,14 @@ def main() -> None:
     try:
         for concurrency, prompts in levels:
             level(args, url, server.pid, concurrency, prompts[: min(len(prompts), 4)])  # warm-up
+            spy = profiler(args.profile, server.pid) if args.profile and concurrency == levels[-1][0] else None
             lines.append(dict(bench="serving", mode="stand-in" if args.stand_in else "model",
                               model=args.model or "SmolLM2", load_format=args.load_format, output_len=args.output_len,
                               input_len=args.input_len, server_args=extra,
                               **level(args, url, server.pid, concurrency, prompts)))
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its samples and exits
+                spy.wait()
     finally:
         server.terminate()
         server.wait()
