@@ -156,31 +156,29 @@ class Scheduler:
             batch.add(req, n)
             req.num_computed_tokens += n
             budget -= n
-        row = 0
-        for i, (req, sample) in enumerate(zip(batch.requests, batch.sample)):
-            self._cache_full_blocks(req, batch.starts[i])
+        # One pass over the rows (per-row work is what a step costs on the host): offer newly filled blocks to the
+        # prefix cache, note where pending tokens come from and go, count prompt tokens.
+        row = prompt_tokens = 0
+        caching = self.blocks.cache is not None
+        for i, req in enumerate(batch.requests):
+            if caching:
+                # blocks this step fills: their K/V are written before any later step can read them; the cache
+                # may swap only blocks earlier steps wrote (starts[i] // bs) for its own copies of a prefix
+                full = min(req.num_computed_tokens, len(req.token_ids)) // bs
+                if full > req.num_cached_blocks and self.blocks.cache_blocks(
+                        req.token_ids[: full * bs], req.block_table, batch.starts[i] // bs, req.num_cached_blocks):
+                    req.num_cached_blocks = full
             if req.num_pending:  # it computes its pending token now: the input comes from the previous step
                 batch.feed[i] = req.pending_row
-            if sample:  # its next token will exist on the device before the host sees it
+            if batch.sample[i]:  # its next token will exist on the device before the host sees it
                 req.num_pending += 1
                 req.pending_row = row
                 row += 1
-        for req, n in zip(batch.requests, batch.num_new_tokens):
+            n = batch.num_new_tokens[i]
             if n > 1 or req.num_computed_tokens <= req.num_prompt_tokens:
-                self.stats.prompt_tokens += n
+                prompt_tokens += n
+        self.stats.prompt_tokens += prompt_tokens
         return batch
-
-    def _cache_full_blocks(self, req: Request, start: int) -> None:
-        """Offer the request's newly filled blocks to the prefix cache (their K/V are written by this step,
-        before any later step can read them). `start`: tokens written by earlier steps (the cache may swap only
-        those blocks for its own copies of the same prefix)."""
-        if self.blocks.cache is None:
-            return
-        bs = self.blocks.block_size
-        full = min(req.num_computed_tokens, req.num_tokens) // bs
-        if full > req.num_cached_blocks and self.blocks.cache_blocks(req.token_ids[: full * bs], req.block_table,
-                                                                       start // bs, req.num_cached_blocks):
-            req.num_cached_blocks = full
 
     def _at_length_limit(self, req: Request, pending: int = 0) -> bool:
         """With `pending` more tokens the request reaches max_tokens or max_model_len."""
