@@ -13,7 +13,6 @@ from asyncllm.config import EngineConfig
 from asyncllm.engine.core import EngineCore
 from asyncllm.engine.detokenizer import IncrementalDetokenizer
 from asyncllm.engine.request import Request
-from asyncllm.errors import InvalidRequestError
 from asyncllm.outputs import GenerateOutput
 from asyncllm.sampling_params import SamplingParams
 
@@ -81,10 +80,9 @@ class LLM:
         # validate everything before queueing anything, so a bad prompt leaves the engine untouched
         reqs = [self.engine.make_request(ids, p) for ids, p in zip(token_lists, params)]
         # stop strings need incremental text: those requests get a detokenizer; the rest decode once at the end
-        detoks = {r.request_id: IncrementalDetokenizer(self._require_tokenizer(), r.prompt_token_ids, r.params)
-                  for r in reqs if r.params.stop}
+        detoks = {r.request_id: d for r in reqs if (d := self.engine.detokenizer(r, always=False)) is not None}
         for req in reqs:
-            self.engine.scheduler.add(req)
+            self.engine.add(req)
         self._run(reqs, detoks, use_tqdm)
         return [self._output(r, detoks.get(r.request_id)) for r in reqs]
 
@@ -100,22 +98,14 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def encode(self, prompt: str) -> list[int]:
-        tokenizer = self._require_tokenizer()
-        self.engine.check_prompt_chars(len(prompt))
-        return list(tokenizer.encode(prompt))
-
-    def _require_tokenizer(self) -> Any:
-        if self.tokenizer is None:
-            raise InvalidRequestError("this model directory has no tokenizer: pass prompts as token ids", "prompt")
-        return self.tokenizer
+        return self.engine.encode(prompt)
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        out = self._require_tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-        return list(out["input_ids"])
+        return self.engine.encode(messages)
 
     def _run(self, reqs: list[Request], detoks: dict[str, IncrementalDetokenizer], use_tqdm: bool) -> None:
         bar = tqdm(total=len(reqs), desc="generate", disable=not use_tqdm, dynamic_ncols=True)
-        stats = self.engine.scheduler.stats
+        stats = self.engine.stats
         t0, p0, g0 = time.perf_counter(), stats.prompt_tokens, stats.generation_tokens
         try:
             while self.engine.busy:
@@ -123,7 +113,7 @@ class LLM:
                 for r in stepped:
                     detok = detoks.get(r.request_id)
                     if detok is not None and detok.push(r.token_ids[-1]):
-                        self.engine.scheduler.finish(r, "stop")
+                        self.engine.finish(r.request_id, "stop")
                 finished = sum(r.finished for r in stepped)
                 if use_tqdm:  # throughput since the call started
                     dt = max(time.perf_counter() - t0, 1e-9)
@@ -145,12 +135,7 @@ class LLM:
 
     def _output(self, req: Request, detok: IncrementalDetokenizer | None) -> GenerateOutput:
         out = req.output_token_ids
-        if detok is not None:
-            text = detok.finish()
-        elif self.tokenizer is not None:
-            text = self.tokenizer.decode(out, skip_special_tokens=req.params.skip_special_tokens)
-        else:
-            text = ""
+        text = detok.finish() if detok is not None else self.engine.decode(out, req.params.skip_special_tokens)
         return GenerateOutput(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,

@@ -202,32 +202,20 @@ class AsyncEngine:
         """Prompt (text, token ids, or chat messages) -> token ids, in the tokenizer thread pool."""
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return list(prompt)  # type: ignore[arg-type]
-        tok = self.tokenizer
-        if tok is None:
-            raise InvalidRequestError("this model has no tokenizer: send token ids", "prompt")
-        if isinstance(prompt, str):
-            self._core.check_prompt_chars(len(prompt))
-        else:
-            self._core.check_prompt_chars(sum(len(c) for m in prompt if isinstance(c := m.get("content"), str)))
         if self._tokenizing >= MAX_PENDING_TOKENIZATIONS:
             raise EngineOverloadedError(f"{self._tokenizing} prompts are waiting to be tokenized: retry later")
+        core = self._core
+        if core.tokenizer is not None:  # cheap refusals before queueing (encode checks again)
+            if isinstance(prompt, str):
+                core.check_prompt_chars(len(prompt))
+            else:
+                core.check_prompt_chars(sum(len(c) for m in prompt if isinstance(c := m.get("content"), str)))
         loop = asyncio.get_running_loop()
         self._tokenizing += 1
         try:
-            if isinstance(prompt, str):
-                return await loop.run_in_executor(
-                    self._tokenize_pool, lambda: list(tok.encode(prompt, add_special_tokens=add_special_tokens)))
-            return await loop.run_in_executor(self._tokenize_pool, self._apply_chat_template, prompt)
+            return await loop.run_in_executor(self._tokenize_pool, core.encode, prompt, add_special_tokens)
         finally:
             self._tokenizing -= 1
-
-    def _apply_chat_template(self, messages: Messages) -> list[int]:
-        try:
-            out = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)
-        except Exception as e:  # template errors are the caller's: bad roles, bad content
-            raise InvalidRequestError(f"cannot apply the chat template: {e}", "messages") from e
-        return list(out["input_ids"])
 
     async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         """Token ids -> text, in the tokenizer thread pool. Raises InvalidRequestError for ids outside the
@@ -238,8 +226,7 @@ class AsyncEngine:
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
             raise InvalidRequestError(f"token ids must be integers in [0, {vocab})", "tokens")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenize_pool, lambda: self.tokenizer.decode(
-            token_ids, skip_special_tokens=skip_special_tokens))
+        return await loop.run_in_executor(self._tokenize_pool, self._core.decode, token_ids, skip_special_tokens)
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError if this request can never be served (nothing is queued)."""
@@ -253,13 +240,8 @@ class AsyncEngine:
         Raises InvalidRequestError / EngineShutdownError before anything is queued."""
         self._check_accepting()
         req = self._core.make_request(prompt_token_ids, params)
-        detok = None
-        if self.tokenizer is not None:
-            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
-        elif params.stop:
-            raise InvalidRequestError("stop strings need a tokenizer", "stop")
-        stream = RequestStream(req, detok, notify)
-        self._core.scheduler.add(req)
+        stream = RequestStream(req, self._core.detokenizer(req), notify)
+        self._core.add(req)
         self._streams[req.request_id] = stream
         self._wake.set()
         return stream
@@ -324,12 +306,12 @@ class AsyncEngine:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                batch = core.scheduler.schedule()
+                batch = core.schedule()
                 done = await loop.run_in_executor(self._step_pool, core.advance, batch)
                 if done is None:
                     await asyncio.sleep(0.001)  # nothing fits this instant (all blocks busy): let aborts land
                     continue
-                self._deliver(core.scheduler.update(*done))  # while the GPU runs the step just launched
+                self._deliver(core.update(done))  # while the GPU runs the step just launched
                 self._count()
         except Exception as e:
             log.exception("engine loop failed; failing all requests")
@@ -338,17 +320,10 @@ class AsyncEngine:
                 self._fail(stream, e)
 
     def _apply_deferred(self) -> None:
-        if not self._deferred:
-            return
-        scheduler = self._core.scheduler
-        for request_id, reason in self._deferred.items():
-            req = scheduler.requests.get(request_id)
-            if req is not None:
-                if reason == "abort":
-                    scheduler.abort(request_id)
-                else:
-                    scheduler.finish(req, reason)
-        self._deferred.clear()
+        if self._deferred:
+            for request_id, reason in self._deferred.items():
+                self._core.finish(request_id, reason)
+            self._deferred.clear()
 
     def _deliver(self, reqs: list[Request]) -> None:
         """One pass over the requests that got a token: detokenize, stop strings, notify their consumers."""
@@ -399,7 +374,7 @@ class AsyncEngine:
 
     def _count(self) -> None:
         """Move the scheduler's counters into the Prometheus counters (once per step)."""
-        stats, last = self._core.scheduler.stats, self._last_counts
+        stats, last = self._core.stats, self._last_counts
         now = (stats.prompt_tokens, stats.generation_tokens, stats.num_preemptions, stats.cache_queries, stats.cache_hits)
         m = self.metrics
         for counter, new, old in zip((m.prompt_tokens, m.generation_tokens, m.preemptions, m.cache_queries,
@@ -412,20 +387,12 @@ class AsyncEngine:
     def _gauges(self) -> dict[str, float]:
         if self.core is None:
             return {}
-        s, b = self.core.scheduler, self.core.blocks
-        return {
-            "num_requests_running": len(s.running),
-            "num_requests_waiting": len(s.waiting),
-            "kv_cache_usage_perc": b.usage,
-            "kv_cache_free_blocks": b.num_free_blocks,
-            "prefix_cache_blocks": b.num_cached_blocks,
-            "event_loop_lag_seconds": self.loop_lag,
-        }
+        return {**self.core.gauges(), "event_loop_lag_seconds": self.loop_lag}
 
     @property
     def num_free_blocks(self) -> int:
-        return self._core.blocks.num_free_blocks
+        return self._core.num_free_blocks
 
     @property
     def num_blocks(self) -> int:
-        return self._core.blocks.num_blocks
+        return self._core.num_blocks

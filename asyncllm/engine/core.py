@@ -5,16 +5,18 @@ import functools
 import itertools
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from asyncllm.config import EngineConfig
+from asyncllm.engine.detokenizer import IncrementalDetokenizer
 from asyncllm.engine.kv_cache import BlockManager
 from asyncllm.engine.request import Request
 from asyncllm.engine.runner import ModelRunner, StepHandle, max_step_tokens
-from asyncllm.engine.scheduler import Batch, Scheduler, SchedulerConfig
+from asyncllm.engine.scheduler import Batch, Scheduler, SchedulerConfig, SchedulerStats
 from asyncllm.errors import InvalidRequestError, ModelLoadError
 from asyncllm.model_files import resolve_model
 from asyncllm.sampling_params import SamplingParams
@@ -117,6 +119,46 @@ class EngineCore:
                 f"the prompt has {num_chars} characters: too long for this model's maximum context length of "
                 f"{self.max_model_len} tokens", "prompt")
 
+    # ---- input processing (shared by LLM and AsyncEngine; AsyncEngine runs it in its tokenizer pool) ---------
+    def encode(self, prompt: str | Sequence[dict[str, Any]], add_special_tokens: bool = True) -> list[int]:
+        """Text, or chat messages (the model's chat template is applied), -> token ids. Raises
+        InvalidRequestError without a tokenizer, for text too long to fit, or for messages the template rejects."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer: send token ids", "prompt")
+        if isinstance(prompt, str):
+            self.check_prompt_chars(len(prompt))
+            return list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+        self.check_prompt_chars(sum(len(c) for m in prompt if isinstance(c := m.get("content"), str)))
+        try:
+            out = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)
+        except Exception as e:  # template errors are the caller's: bad roles, bad content
+            raise InvalidRequestError(f"cannot apply the chat template: {e}", "messages") from e
+        return list(out["input_ids"])
+
+    # ---- output processing -----------------------------------------------------------------------------------
+    def detokenizer(self, req: Request, always: bool = True) -> IncrementalDetokenizer | None:
+        """The request's incremental detokenizer (stop strings are matched in its text): None without a
+        tokenizer, or when not `always` and the request has no stop strings (its text is decoded once at the
+        end). Raises InvalidRequestError for stop strings without a tokenizer."""
+        if self.tokenizer is None:
+            if req.params.stop:
+                raise InvalidRequestError("stop strings need a tokenizer", "stop")
+            return None
+        if not always and not req.params.stop:
+            return None
+        return IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    # ---- the scheduler, through this door only ---------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        """Queue a request built by make_request."""
+        self.scheduler.add(req)
+
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         req = self.make_request(prompt_token_ids, params)
         self.scheduler.add(req)
@@ -124,6 +166,38 @@ class EngineCore:
 
     def abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
+
+    def finish(self, request_id: str, reason: str) -> None:
+        """End a request the scheduler may still be stepping (a stop string matched, or "abort"); its KV blocks
+        are freed now. Nothing happens for a request already finished."""
+        req = self.scheduler.requests.get(request_id)
+        if req is not None:
+            self.scheduler.finish(req, reason)
+
+    def schedule(self) -> Batch:
+        return self.scheduler.schedule()
+
+    def update(self, done: tuple[Batch, list[int]] | None) -> list[Request]:
+        """Apply a finished step (from `advance`): append its tokens; returns the requests that got one."""
+        return self.scheduler.update(*done) if done is not None else []
+
+    @property
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats
+
+    def gauges(self) -> dict[str, float]:
+        s, b = self.scheduler, self.blocks
+        return {"num_requests_running": len(s.running), "num_requests_waiting": len(s.waiting),
+                "kv_cache_usage_perc": b.usage, "kv_cache_free_blocks": b.num_free_blocks,
+                "prefix_cache_blocks": b.num_cached_blocks}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free_blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.num_blocks
 
     @property
     def has_unfinished(self) -> bool:
@@ -166,5 +240,4 @@ class EngineCore:
     def step(self) -> list[Request]:
         """Schedule, launch and apply one step (with overlap, apply the previous one); returns the requests that
         got a token."""
-        done = self.advance(self.scheduler.schedule())
-        return self.scheduler.update(*done) if done is not None else []
+        return self.update(self.advance(self.schedule()))
