@@ -16,7 +16,7 @@ class EngineConfig:
     tokenizer: str | None = None  # defaults to `model`
     max_num_seqs: int = 256  # most requests in one step
     max_model_len: int | None = None  # prompt + output tokens; default: the model's context length
-    max_num_batched_tokens: int | None = None  # token budget per step; default max(8192 on CUDA, 2048 on CPU, max_num_seqs)
+    max_num_batched_tokens: int | None = None  # token budget per step; default by model size (runner.max_step_tokens)
     block_size: int = 16  # tokens per KV block
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may use in total
     num_kv_blocks: int | None = None  # exact KV cache size; overrides the memory budgets

@@ -118,3 +118,16 @@ def test_eos_and_stop_tokens():
     batch = s.schedule()
     s.update(batch, [9])
     assert b.finish_reason == "stop" and b.output_token_ids == [7, 9]
+
+
+def test_default_step_budget_follows_the_model_size_on_gpus():
+    import torch
+
+    from asyncllm.config import EngineConfig
+    from asyncllm.engine.runner import max_step_tokens
+
+    config, cuda = EngineConfig.from_kwargs(None), torch.device("cuda")
+    assert [max_step_tokens(config, cuda, int(p)) for p in (135e6, 1e9, 1.5e9, 3e9, 8e9)] == [8192, 8192, 4096, 2048, 2048]
+    assert max_step_tokens(config, torch.device("cpu"), int(135e6)) == 2048
+    assert max_step_tokens(EngineConfig.from_kwargs(None, max_num_seqs=4096), cuda, int(8e9)) == 4096
+    assert max_step_tokens(EngineConfig.from_kwargs(None, max_num_batched_tokens=100), cuda, 1) == 100

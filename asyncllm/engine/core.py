@@ -15,7 +15,7 @@ from asyncllm.config import EngineConfig
 from asyncllm.engine.detokenizer import IncrementalDetokenizer
 from asyncllm.engine.kv_cache import BlockManager
 from asyncllm.engine.request import Request
-from asyncllm.engine.runner import ModelRunner, StepHandle, max_step_tokens
+from asyncllm.engine.runner import ModelRunner, StepHandle
 from asyncllm.engine.scheduler import Batch, Scheduler, SchedulerConfig, SchedulerStats
 from asyncllm.errors import InvalidRequestError, ModelLoadError
 from asyncllm.model_files import resolve_model
@@ -82,7 +82,7 @@ class EngineCore:
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.hf_config)
         self.runner = ModelRunner(config, self.model_dir, self.hf_config, self.max_model_len)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        max_tokens = max_step_tokens(config, self.runner.device)
+        max_tokens = self.runner.max_step_tokens
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, max_tokens, self.max_model_len), self.blocks)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
         # overlap scheduling: step N+1 is scheduled and launched before step N's tokens are read back

@@ -45,13 +45,19 @@ class StepInputs:
     sampling: SamplingTensors
 
 
-def max_step_tokens(config: EngineConfig, device: torch.device) -> int:
-    """Tokens one step may compute (`max_num_batched_tokens`). Default: 8192 on a GPU (a burst of new prompts
-    is prefilled in a quarter of the steps 2048 would take, and each step still stays within a few ms for
-    models that fit one GPU), 2048 on CPU; never fewer than max_num_seqs (one decode token each)."""
+def max_step_tokens(config: EngineConfig, device: torch.device, params_per_rank: int) -> int:
+    """Tokens one step may compute (`max_num_batched_tokens`). Default on a GPU: what keeps a step's prefill
+    work near 8192 tokens x 1B parameters (8192 tokens for models up to 1B parameters per GPU, down to 2048
+    from 4B): a burst of new prompts is prefilled in few steps, while a step that prefills still ends soon
+    for the running requests' next tokens (measured on an H200 at 256 streams: SmolLM2-135M 27.7k tok/s at
+    8192 vs 15.3k at 2048; Llama-3.1-8B equal throughput, inter-token p99 95 ms at 2048 vs 208 ms at 8192).
+    2048 on CPU. Never fewer than max_num_seqs (one decode token each)."""
     if config.max_num_batched_tokens is not None:
         return config.max_num_batched_tokens
-    return max(8192 if device.type == "cuda" else 2048, config.max_num_seqs)
+    if device.type != "cuda":
+        return max(2048, config.max_num_seqs)
+    scaled = 8192 * 10**9 // max(params_per_rank, 1)
+    return max(min(8192, 1 << max(scaled.bit_length() - 1, 0)), 2048, config.max_num_seqs)  # a power of two
 
 
 @functools.cache
@@ -199,7 +205,7 @@ class ModelRunner:
         """Run the largest step once with a throwaway cache, then give the rest of the memory budget to KV."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        num_tokens = min(self._max_step_tokens(), self.max_model_len * self.config.max_num_seqs)
+        num_tokens = min(self.max_step_tokens, self.max_model_len * self.config.max_num_seqs)
         seq_len = min(num_tokens, self.max_model_len)
         num_seqs = max(1, num_tokens // seq_len)
         blocks_per_seq = -(-seq_len // self.block_size)
@@ -222,8 +228,9 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return max(0, int(available) // self.block_bytes)
 
-    def _max_step_tokens(self) -> int:
-        return max_step_tokens(self.config, self.device)
+    @functools.cached_property
+    def max_step_tokens(self) -> int:
+        return max_step_tokens(self.config, self.device, sum(p.numel() for p in self.model.parameters()))
 
     # ---- one step -------------------------------------------------------------------------------------------
     def prepare(self, batch: Batch) -> StepInputs:
