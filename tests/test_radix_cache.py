@@ -87,3 +87,18 @@ def test_match_revives_evictable_blocks():
     assert bm.num_free_blocks == 4
     assert bm.match(toks(1, 2)) == a and bm.num_free_blocks == 2
     assert bm.allocate(2) and bm.num_free_blocks == 0  # the matched blocks were not evicted
+
+
+def test_extend_from_the_last_cached_block():
+    c = RadixCache(BS)
+    c.insert(toks(1, 2), [10, 11])
+    assert c.extend(11, toks(3), [12])  # a leaf grows in place
+    assert c.peek(toks(1, 2, 3)) == [10, 11, 12] and len(c.root.children) == 1
+    assert not c.extend(11, toks(4), [13])  # 11 no longer ends its node: insert decides
+    assert not c.extend(99, toks(4), [13])  # not cached
+    c.insert(toks(1, 2, 3, 5), [10, 11, 12, 14])
+    assert not c.extend(12, toks(5), [15])  # another request cached this continuation: insert adopts
+    assert c.extend(12, toks(6, 7), [16, 17])  # a branch point: a new leaf
+    assert c.peek(toks(1, 2, 3, 6, 7)) == [10, 11, 12, 16, 17] and c.peek(toks(1, 2, 3, 5)) == [10, 11, 12, 14]
+    assert c.match(toks(1, 2, 3, 6)) == [10, 11, 12, 16]  # matching inside the grown leaf splits it as usual
+    c.check(lambda b: True)

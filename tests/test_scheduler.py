@@ -131,3 +131,4 @@ def test_default_step_budget_follows_the_model_size_on_gpus():
     assert max_step_tokens(config, torch.device("cpu"), int(135e6)) == 2048
     assert max_step_tokens(EngineConfig.from_kwargs(None, max_num_seqs=4096), cuda, int(8e9)) == 4096
     assert max_step_tokens(EngineConfig.from_kwargs(None, max_num_batched_tokens=100), cuda, 1) == 100
+
