@@ -118,10 +118,12 @@ class SSEChoices(Choices):
         self.transport = request.transport
         if first:
             await resp.write(first)
+            await request.writer.drain()  # n x role events can fill the socket too
             self.direct = True
         while self.open:
             ready = await self._next_ready()
             while ready:
+                self.direct = False  # the handler writes (and may wait for the drain): notifications queue
                 data = []
                 for i in ready:
                     chunk = take(self.streams[i])

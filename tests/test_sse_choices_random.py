@@ -1,0 +1,173 @@
+"""SSEChoices (server/choices.py) under random interleavings: notifications from a stand-in engine at random stream
+intervals, a connection whose buffer randomly backs up (direct writes switch to the handler and back), random
+consumer delays, and random failures. Invariants: each choice's events carry its tokens exactly once and in order,
+its finish last and once; no notification writes to a backed-up connection; a failure reaches the handler as its
+error; every write is one well-formed HTTP chunk.
+ASYNCLLM_RANDOM_SEEDS=2000 runs more than CI's 150."""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from types import SimpleNamespace
+
+import orjson
+import pytest
+
+from asyncllm.engine.async_engine import RequestStream
+from asyncllm.errors import EngineDeadError
+from asyncllm.sampling_params import SamplingParams
+from asyncllm.server.choices import WRITE_HIGH_WATER, SSEChoices
+
+SEEDS = int(os.environ.get("ASYNCLLM_RANDOM_SEEDS", 150))
+
+
+class Engine:
+    """What SSEChoices needs of AsyncEngine: open, abort, metrics; `step` delivers like AsyncEngine._deliver."""
+
+    def __init__(self, rng: random.Random, interval: int) -> None:
+        self.rng, self.interval = rng, interval
+        self.live: list[RequestStream] = []
+        self.produced: dict[str, list[int]] = {}
+        self.aborted: list[str] = []
+        self.metrics = SimpleNamespace(disconnects=SimpleNamespace(inc=lambda: None))
+
+    def open(self, ids: list[int], params: SamplingParams, notify) -> RequestStream:
+        rid = f"r{len(self.produced)}"
+        req = SimpleNamespace(request_id=rid, num_prompt_tokens=len(ids), num_cached_tokens=0, max_tokens=params.max_tokens)
+        stream = RequestStream(req, None, notify)  # type: ignore[arg-type]
+        self.live.append(stream)
+        self.produced[rid] = []
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+        for s in self.live:
+            if s.request_id == request_id:
+                self._end(s, "abort")
+
+    def _end(self, s: RequestStream, reason: str) -> None:
+        s.finish_reason = reason
+        self.live.remove(s)
+        s.notify(s)
+
+    def step(self, fail: bool) -> None:
+        for s in [s for s in self.live if self.rng.random() < 0.8]:
+            token = self.rng.randrange(1000)
+            s.new_ids.append(token)
+            s.num_tokens += 1
+            self.produced[s.request_id].append(token)
+            if fail and self.rng.random() < 0.3:
+                s.error = EngineDeadError("boom")
+                self.live.remove(s)
+                s.notify(s)
+            elif s.num_tokens == s.req.max_tokens:
+                self._end(s, "length")
+            elif s.num_tokens == 1 or len(s.new_ids) >= self.interval:
+                s.notify(s)
+
+
+class Transport:
+    """A connection whose unsent bytes pass the high-water mark after a random write (until drained)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.out: list[bytes] = []
+        self.backed_up = False
+        self.closing = False
+        self.handler_writing = False
+
+    def write(self, data: bytes) -> None:
+        assert self.handler_writing or not self.backed_up, "a notification wrote to a backed-up connection"
+        self.out.append(bytes(data))
+        self.backed_up = self.backed_up or self.rng.random() < 0.15
+
+    def get_write_buffer_size(self) -> int:
+        return WRITE_HIGH_WATER + 1 if self.backed_up else 0
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+def chunked(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def events(out: list[bytes]) -> list[list]:
+    """Every write must be one HTTP chunk; its payload holds whole events, one JSON array per line."""
+    found = []
+    for w in out:
+        size, _, rest = w.partition(b"\r\n")
+        assert rest.endswith(b"\r\n") and len(rest) == int(size, 16) + 2, w
+        found += [orjson.loads(line) for line in rest[:-2].splitlines()]
+    return found
+
+
+async def run_case(seed: int) -> None:
+    rng = random.Random(seed)
+    engine = Engine(rng, interval=rng.choice([1, 1, 2, 4]))
+    transport = Transport(rng)
+
+    async def drain() -> None:
+        for _ in range(rng.randint(0, 3)):
+            await asyncio.sleep(0)
+        transport.backed_up = False
+
+    async def write(data: bytes) -> None:
+        transport.handler_writing = True
+        transport.write(chunked(data))
+        transport.handler_writing = False
+        for _ in range(rng.randint(0, 2)):
+            await asyncio.sleep(0)
+
+    request = SimpleNamespace(transport=transport, writer=SimpleNamespace(drain=drain))
+    resp = SimpleNamespace(write=write)
+
+    def frame(i: int, chunk) -> bytes:
+        if not chunk.token_ids and chunk.finish_reason is None:
+            return b""
+        return orjson.dumps([i, chunk.token_ids, chunk.finish_reason]) + b"\n"
+
+    jobs = [([1, 2, 3], SamplingParams(max_tokens=rng.randint(1, 12))) for _ in range(rng.randint(1, 5))]
+    choices = SSEChoices(engine, jobs, frame)  # type: ignore[arg-type]
+    first = orjson.dumps([-1, [], None]) + b"\n" if rng.random() < 0.5 else b""  # e.g. chat's role events
+    handler = asyncio.ensure_future(choices.stream(request, resp, first))
+    fail = rng.random() < 0.2
+    for _ in range(200):
+        if handler.done() or not engine.live:
+            break
+        engine.step(fail)
+        for _ in range(rng.randint(0, 3)):
+            await asyncio.sleep(0)
+    try:
+        await asyncio.wait_for(handler, 5)
+        failed = None
+    except EngineDeadError as e:
+        failed = e
+    finally:
+        choices.close()
+    got: dict[int, list[int]] = {i: [] for i in range(len(jobs))}
+    finish: dict[int, list[str]] = {i: [] for i in range(len(jobs))}
+    written = events(transport.out)
+    if first:
+        assert written[0] == [-1, [], None]
+        written = written[1:]
+    for i, ids, reason in written:
+        assert not finish[i], f"choice {i} got an event after its finish"
+        got[i] += ids
+        if reason is not None:
+            finish[i].append(reason)
+    errored = [s for s in choices.streams if s.error is not None]
+    if failed is None:
+        assert not errored
+        for i, s in enumerate(choices.streams):
+            assert finish[i] == ["length"] and got[i] == engine.produced[s.request_id]
+    else:
+        assert errored and not engine.live  # every other choice was ended (aborted) by close
+        for i, s in enumerate(choices.streams):  # what was written is a prefix of what was produced
+            assert got[i] == engine.produced[s.request_id][: len(got[i])]
+
+
+@pytest.mark.parametrize("seed", range(SEEDS))
+async def test_random_interleavings_keep_every_choice_whole(seed):
+    await run_case(seed)
