@@ -138,8 +138,8 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 
 def quiet_gc() -> None:
-    """This process is the server's: everything loaded so far (model, tokenizer, modules) lives until exit, so it
-    leaves the garbage collector's view (gc.freeze), and the youngest generation is collected after 20,000
+    """This process is the server's: everything loaded so far (model, tokenizer, modules) lives until shutdown, so
+    it leaves the garbage collector's view (gc.freeze, undone at shutdown), and the youngest generation is collected after 20,000
     allocations instead of 700 (a step allocates thousands of short-lived containers at 256 streams). Measured
     on the CPU stand-in: about 8% less CPU per streamed token."""
     gc.collect()
@@ -176,6 +176,7 @@ async def serve(args: argparse.Namespace) -> int:
     lag.cancel()
     await engine.shutdown(args.shutdown_timeout)
     await runner.cleanup()  # closes the listener; handlers finish writing their last event
+    gc.unfreeze()  # interpreter exit collects everything again (else native bindings report what stayed frozen)
     return 0
 
 
