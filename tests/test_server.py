@@ -264,3 +264,31 @@ def test_return_token_ids_stream_and_non_stream(server):
     assert len(whole["token_ids"]) == 8 and ids == whole["token_ids"]
     plain = httpx.post(f"{server}/v1/completions", json={**body, "return_token_ids": False}, timeout=60).json()
     assert "token_ids" not in plain["choices"][0] and plain["choices"][0]["text"] == whole["text"]
+
+
+async def test_metrics_count_every_streamed_token(local):
+    """Push delivery still counts every token: generation tokens, one TTFT per request, one inter-token gap per
+    later token, whatever the stream interval and n."""
+    engine, url = local
+    get = engine.metrics.registry.get_sample_value
+    before = {k: get(k) or 0.0 for k in ("asyncllm:generation_tokens_total", "asyncllm:time_to_first_token_seconds_count",
+                                        "asyncllm:inter_token_latency_seconds_count")}
+    bodies = [{"prompt": [5, 6, 7], "max_tokens": 9 + i, "ignore_eos": True, "stream": i % 2 == 0, "n": 1 + i % 3,
+               "temperature": 0} for i in range(6)]
+    async with aiohttp.ClientSession(headers=AUTH) as s:
+        async def call(body):
+            async with s.post(f"{url}/v1/completions", json={**body, "stream_options": {"include_usage": True}}
+                              if body["stream"] else body) as r:
+                text = await r.text()
+            if body["stream"]:
+                return orjson.loads([line for line in text.splitlines() if '"usage":{' in line][-1][6:])["usage"]
+            return orjson.loads(text)["usage"]
+
+        usages = await asyncio.gather(*(call(b) for b in bodies))
+    tokens = sum(u["completion_tokens"] for u in usages)
+    requests = sum(b["n"] for b in bodies)
+    assert tokens == sum(b["max_tokens"] * b["n"] for b in bodies)
+    assert get("asyncllm:generation_tokens_total") - before["asyncllm:generation_tokens_total"] == tokens
+    assert get("asyncllm:time_to_first_token_seconds_count") - before["asyncllm:time_to_first_token_seconds_count"] == requests
+    assert (get("asyncllm:inter_token_latency_seconds_count") - before["asyncllm:inter_token_latency_seconds_count"]
+            == tokens - requests)
