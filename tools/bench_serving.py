@@ -168,7 +168,9 @@ def level(args: argparse.Namespace, url: str, pid: int, concurrency: int, prompt
 
 
 def profiler(path: str, pid: int) -> subprocess.Popen:
-    exe = shutil.which("py-spy") or os.path.join(os.path.dirname(__file__), "..", ".scratch", "py-spy")
+    exe = shutil.which("py-spy")
+    if exe is None:
+        raise SystemExit("--profile needs py-spy on PATH (pip install py-spy)")
     return subprocess.Popen([exe, "record", "-p", str(pid), "-r", "200", "-f", "raw", "-o", path, "--nonblocking"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -204,8 +206,8 @@ def main() -> None:
     ap.add_argument("--client-procs", type=int, default=4)
     ap.add_argument("--no-offline", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--profile", metavar="FILE", help="py-spy (on PATH or in .scratch/) records the server during the "
-                    "last level into FILE (raw folded stacks)")
+    ap.add_argument("--profile", metavar="FILE", help="py-spy (on PATH) records the server during the last level into "
+                    "FILE (raw folded stacks)")
     # internal: the processes this script starts
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)

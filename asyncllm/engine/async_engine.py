@@ -205,11 +205,7 @@ class AsyncEngine:
         if self._tokenizing >= MAX_PENDING_TOKENIZATIONS:
             raise EngineOverloadedError(f"{self._tokenizing} prompts are waiting to be tokenized: retry later")
         core = self._core
-        if core.tokenizer is not None:  # cheap refusals before queueing (encode checks again)
-            if isinstance(prompt, str):
-                core.check_prompt_chars(len(prompt))
-            else:
-                core.check_prompt_chars(sum(len(c) for m in prompt if isinstance(c := m.get("content"), str)))
+        core.check_prompt(prompt)  # refused before queueing (encode checks again, cheaply)
         loop = asyncio.get_running_loop()
         self._tokenizing += 1
         try:

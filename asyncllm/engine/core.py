@@ -113,7 +113,12 @@ class EngineCore:
         longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1) if self.tokenizer is not None else 1
         return self.max_model_len * max(longest, 1)
 
-    def check_prompt_chars(self, num_chars: int) -> None:
+    def check_prompt(self, prompt: str | Sequence[dict[str, Any]]) -> None:
+        """Raise InvalidRequestError without a tokenizer, or for text (or messages' contents) too long to fit."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer: send token ids", "prompt")
+        num_chars = len(prompt) if isinstance(prompt, str) else sum(
+            len(c) for m in prompt if isinstance(c := m.get("content"), str))
         if num_chars > self.max_prompt_chars:
             raise InvalidRequestError(
                 f"the prompt has {num_chars} characters: too long for this model's maximum context length of "
@@ -123,12 +128,9 @@ class EngineCore:
     def encode(self, prompt: str | Sequence[dict[str, Any]], add_special_tokens: bool = True) -> list[int]:
         """Text, or chat messages (the model's chat template is applied), -> token ids. Raises
         InvalidRequestError without a tokenizer, for text too long to fit, or for messages the template rejects."""
-        if self.tokenizer is None:
-            raise InvalidRequestError("this model has no tokenizer: send token ids", "prompt")
+        self.check_prompt(prompt)
         if isinstance(prompt, str):
-            self.check_prompt_chars(len(prompt))
             return list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
-        self.check_prompt_chars(sum(len(c) for m in prompt if isinstance(c := m.get("content"), str)))
         try:
             out = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True,
                                                      return_dict=True)

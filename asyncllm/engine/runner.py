@@ -48,10 +48,9 @@ class StepInputs:
 def max_step_tokens(config: EngineConfig, device: torch.device, params_per_rank: int) -> int:
     """Tokens one step may compute (`max_num_batched_tokens`). Default on a GPU: what keeps a step's prefill
     work near 8192 tokens x 1B parameters (8192 tokens for models up to 1B parameters per GPU, down to 2048
-    from 4B): a burst of new prompts is prefilled in few steps, while a step that prefills still ends soon
-    for the running requests' next tokens (measured on an H200 at 256 streams: SmolLM2-135M 27.7k tok/s at
-    8192 vs 15.3k at 2048; Llama-3.1-8B equal throughput, inter-token p99 95 ms at 2048 vs 208 ms at 8192).
-    2048 on CPU. Never fewer than max_num_seqs (one decode token each)."""
+    from 4B): a burst of new prompts is prefilled in few steps (a step that prefills runs without CUDA graphs,
+    so small models gain most from fewer of them), while a step that prefills still ends soon for the running
+    requests' next tokens (larger models). 2048 on CPU. Never fewer than max_num_seqs (one decode token each)."""
     if config.max_num_batched_tokens is not None:
         return config.max_num_batched_tokens
     if device.type != "cuda":
