@@ -1,51 +1,134 @@
-"""Temperature sampling by the Gumbel-max trick in one pass over the logits: token = argmax(logit / T + G) with
-G = -log(-log(U)), U ~ Uniform(0, 1) from Philox keyed by (seed, row * vocab + column). That is an exact draw from
-softmax(logits / T), with no noise tensor in memory. Rows with T == 0 take the plain argmax."""
+"""Sampling of a step's rows in one kernel: greedy, temperature, min-p, top-k, top-p, per-request seeds.
+
+Rows are independent and the kernel has no data-dependent shapes, so it runs inside a CUDA graph. Row r samples
+token = argmax over kept v of (logit[v] / T + G[v]) with G = -log(-log(U)) (Gumbel-max: an exact draw from the
+kept tokens' softmax) and U a uniform number hashed from (the request's seed, the position of the token being
+sampled, v). The draws of a request therefore depend on its seed and its own positions only: not on the batch it
+shares, nor on how often the step ran (a preempted request redraws the same tokens). Rows with T == 0 take the
+plain argmax (the first index among equal maxima).
+
+Kept tokens (scaled logits s = logit / T, m = max s): s >= m + ln(min_p) when min_p > 0; the top_k largest when
+top_k > 0; the smallest set of largest tokens whose probability (among the min-p survivors) reaches top_p when
+top_p < 1. Top-k and top-p thresholds are found by bisection over s (each iteration one pass over the row), not by
+sorting; tokens within ~1e-5 of a threshold count as ties and may stay in. `asyncllm.layers.sampler.sample_ref`
+is the same computation in torch (the CPU path and the kernel's test), with a sort for top-k/top-p.
+"""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
+# A token more than this far below the row's maximum (in scaled-logit units) has probability < e^-80 relative
+# to it: the bisections search [m - SPAN, m].
+SPAN = 80.0
+BISECT_ITERS = 24  # SPAN / 2^24 ~ 5e-6: the width of a threshold's tie band
 
-@triton.jit(do_not_specialize=["seed"])
-def _gumbel_sample_kernel(logits_ptr, temp_ptr, best_ptr, idx_ptr, vocab, stride, seed, BLOCK: tl.constexpr):
-    """Program (row, chunk): the best score and its column within one BLOCK of the row's vocabulary."""
-    row, chunk = tl.program_id(0), tl.program_id(1)
+
+@triton.jit
+def _mix(x):
+    """lowbias32, a 32-bit integer hash (x is uint32); asyncllm.layers.sampler._mix is the same in torch."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _count_mass(x_ptr, vocab, inv_t, m, floor, tau, BLOCK: tl.constexpr):
+    """(tokens with s >= tau, their unnormalised probability) among tokens with s >= floor."""
+    count = tl.zeros([BLOCK], dtype=tl.float32)
+    mass = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        s = tl.load(x_ptr + cols, mask=cols < vocab, other=-float("inf")).to(tl.float32) * inv_t
+        keep = (s >= tau) & (s >= floor)
+        count += keep.to(tl.float32)
+        mass += tl.where(keep, tl.exp(s - m), 0.0)
+    return tl.sum(count, axis=0), tl.sum(mass, axis=0)
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, stride, vocab, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, pos_ptr, out_ptr,
+                   SPAN_: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    x_ptr = logits_ptr + row.to(tl.int64) * stride
     t = tl.load(temp_ptr + row)
-    greedy = t == 0.0
-    inv_t = 1.0 / tl.where(greedy, 1.0, t)
-    cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < vocab
-    x = tl.load(logits_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.rand(seed, row * vocab + cols)
-    gumbel = -tl.log(-tl.log(tl.maximum(u, 1e-30)))
-    score = tl.where(greedy, x, x * inv_t + gumbel)
-    score = tl.where(mask, score, -float("inf"))
-    out = row * tl.num_programs(1) + chunk
-    tl.store(best_ptr + out, tl.max(score, axis=0))
-    tl.store(idx_ptr + out, (tl.argmax(score, axis=0) + chunk * BLOCK).to(tl.int64))
+    # pass 1: the row's maximum and its first index
+    best = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
+    best_col = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + cols, mask=cols < vocab, other=-float("inf")).to(tl.float32)
+        better = x > best
+        best = tl.where(better, x, best)
+        best_col = tl.where(better, cols, best_col)
+    m_raw = tl.max(best, axis=0)
+    token = tl.min(tl.where(best == m_raw, best_col, vocab), axis=0)
+    if t > 0.0:
+        inv_t = 1.0 / t
+        m = m_raw * inv_t
+        min_p = tl.load(min_p_ptr + row)
+        floor = tl.where(min_p > 0.0, m + tl.log(tl.maximum(min_p, 1e-30)), -float("inf"))
+        top_k = tl.load(top_k_ptr + row).to(tl.float32)
+        top_p = tl.load(top_p_ptr + row)
+        tau = floor
+        if top_k > 0.0:  # largest tau with count(s >= tau) >= top_k
+            lo = m - SPAN_
+            hi = m + 1.0
+            for _ in range(ITERS):
+                mid = 0.5 * (lo + hi)
+                count, _mass = _count_mass(x_ptr, vocab, inv_t, m, floor, mid, BLOCK)
+                ok = count >= top_k
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid)
+            tau = tl.maximum(tau, lo)
+        if top_p < 1.0:  # largest tau whose tokens hold >= top_p of the min-p survivors' probability
+            _count, total = _count_mass(x_ptr, vocab, inv_t, m, floor, -float("inf"), BLOCK)
+            lo = m - SPAN_
+            hi = m + 1.0
+            for _ in range(ITERS):
+                mid = 0.5 * (lo + hi)
+                _count, mass = _count_mass(x_ptr, vocab, inv_t, m, floor, mid, BLOCK)
+                ok = mass >= top_p * total
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid)
+            tau = tl.maximum(tau, lo)
+        # the draw: Gumbel-max over the kept tokens, noise hashed from (seed, position, column)
+        seed = tl.load(seed_ptr + row)
+        pos = tl.load(pos_ptr + row)
+        key = _mix((seed & 0xFFFFFFFF).to(tl.uint32) ^ _mix(((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+                                                           ^ _mix((pos & 0xFFFFFFFF).to(tl.uint32))))
+        score_best = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
+        score_col = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(0, vocab, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            s = tl.load(x_ptr + cols, mask=cols < vocab, other=-float("inf")).to(tl.float32) * inv_t
+            h = _mix(key ^ (cols.to(tl.uint32) * 0x9E3779B9))
+            u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            score = tl.where(s >= tau, s - tl.log(-tl.log(u)), -float("inf"))
+            better = score > score_best
+            score_best = tl.where(better, score, score_best)
+            score_col = tl.where(better, cols, score_col)
+        top = tl.max(score_best, axis=0)
+        token = tl.min(tl.where(score_best == top, score_col, vocab), axis=0)
+    tl.store(out_ptr + row, token.to(tl.int64))
 
 
-def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int, block: int = 4096) -> torch.Tensor:
-    """logits [B, V] (any float dtype), temperature [B] float32 (0 = greedy) -> token ids [B] int64.
-    The vocabulary is split in blocks (one program each, so batch 1 fills the GPU too); a second pass picks
-    each row's best block."""
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           min_p: torch.Tensor, seed: torch.Tensor, position: torch.Tensor, out: torch.Tensor | None = None,
+           block: int = 1024) -> torch.Tensor:
+    """logits [B, V] (any float dtype, unit stride over V); per row: temperature float32 (0 = greedy), top_k int64
+    (0 = off), top_p float32 (1 = off), min_p float32 (0 = off), seed int64, position int64 (of the token being
+    sampled) -> token ids [B] int64 (written into `out` when given)."""
     assert logits.ndim == 2 and logits.stride(-1) == 1
     rows, vocab = logits.shape
-    block = min(block, triton.next_power_of_2(vocab))
-    chunks = triton.cdiv(vocab, block)
-    best = torch.empty(rows, chunks, dtype=torch.float32, device=logits.device)
-    idx = torch.empty(rows, chunks, dtype=torch.int64, device=logits.device)
+    if out is None:
+        out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows:
-        _gumbel_sample_kernel[(rows, chunks)](logits, temperature, best, idx, vocab, logits.stride(0), seed,
-                                              BLOCK=block, num_warps=8)
-    return idx.gather(1, best.argmax(1, keepdim=True)).squeeze(1)
-
-
-def gumbel_sample_ref(logits: torch.Tensor, temperature: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The same distribution in torch (not the same draws): softmax(logits / T) sampled, argmax where T == 0."""
-    greedy = temperature == 0
-    probs = (logits.float() / torch.where(greedy, 1.0, temperature)[:, None]).softmax(-1)
-    sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return torch.where(greedy, logits.argmax(-1), sampled)
+        _sample_kernel[(rows,)](logits, logits.stride(0), vocab, temperature, top_k, top_p, min_p, seed, position, out,
+                                SPAN_=SPAN, ITERS=BISECT_ITERS, BLOCK=min(block, triton.next_power_of_2(vocab)),
+                                num_warps=8)
+    return out

@@ -82,6 +82,7 @@ def our_logits(llm, token_ids: list[int]) -> torch.Tensor:
     runner = engine.runner
     req = Request("logits", list(token_ids), SamplingParams(temperature=0.0), 1, frozenset())
     req.block_table = engine.blocks.allocate(engine.blocks.blocks_for(len(token_ids)))
+    req.row = 0  # the engine is idle: its row 0 is free (a later request there resends its whole table)
     try:
         batch = Batch()
         batch.add(req, len(token_ids))

@@ -151,26 +151,48 @@ def test_triton_backend_matches_torch_backend(q_lens):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gumbel_sample_follows_softmax_and_greedy_rows(dtype):
-    """Frequencies of the fused sampler (one row per draw, each with its own Philox stream) match
-    softmax(logits / T), as the torch reference's do; T = 0 gives the argmax; a seed fixes the draws."""
-    torch.manual_seed(4)
-    vocab = 6
-    draws, tol = (600, 0.08) if DEVICE == "cpu" else (20000, 0.015)  # the interpreter runs ~80 rows/s
-    logits = (torch.randn(1, vocab, device=DEVICE) * 1.5).to(dtype)
-    temps = torch.tensor([0.7] * draws + [0.0] * 4, device=DEVICE)
-    batch = logits.expand(draws + 4, vocab).contiguous()
-    ids = K.gumbel_sample(batch, temps, seed=123).cpu()
-    expected = (logits[0].float().cpu() / 0.7).softmax(-1)
-    ref = K.gumbel_sample_ref(batch[:draws].cpu(), temps[:draws].cpu())
-    for got in (ids[:draws], ref):
-        freq = torch.bincount(got, minlength=vocab).float() / draws
-        assert (freq - expected).abs().max() < tol, (freq, expected)
-    assert (ids[draws:] == logits[0].float().argmax().cpu()).all()
-    small = batch[draws - 20:]  # sampled and greedy rows
-    # the noise is keyed by (seed, column): splitting the vocabulary into blocks must not change a single draw
-    assert torch.equal(K.gumbel_sample(small, temps[draws - 20:], seed=5, block=2),
-                       K.gumbel_sample(small, temps[draws - 20:], seed=5))
-    assert not torch.equal(K.gumbel_sample(small, temps[draws - 20:], seed=5),
-                           K.gumbel_sample(small, temps[draws - 20:], seed=6))
+def test_sample_matches_its_reference_on_every_path(dtype):
+    """The sampling kernel draws the same tokens as its torch reference (same hashed noise) for greedy,
+    temperature, min-p, top-k, top-p and their mixes, rows of a batch each with their own parameters."""
+    from asyncllm.layers.sampler import sample_ref
 
+    torch.manual_seed(5)
+    rows, vocab = (24, 300) if DEVICE == "cpu" else (512, 49152)
+    logits = (torch.randn(rows, vocab, device=DEVICE) * 3).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    pick = lambda *options: torch.tensor(options)[torch.randint(len(options), (rows,), generator=g)]  # noqa: E731
+    temp = pick(0.0, 0.5, 1.0, 1.7).float()
+    top_k = pick(0, 0, 1, 3, 40, vocab + 5)
+    top_p = pick(1.0, 1.0, 0.9, 0.5, 0.05).float()
+    min_p = pick(0.0, 0.0, 0.1, 0.3).float()
+    seed = torch.randint(-2**62, 2**62, (rows,), generator=g)
+    pos = torch.randint(0, 5000, (rows,), generator=g)
+    args = [t.to(DEVICE) for t in (temp, top_k, top_p, min_p, seed, pos)]
+    got = K.sample(logits, *args).cpu()
+    ref = sample_ref(logits.cpu(), temp, top_k, top_p, min_p, seed, pos)
+    assert torch.equal(got, ref), (got != ref).nonzero()
+    greedy = temp == 0
+    assert torch.equal(got[greedy], logits.float().argmax(-1).cpu()[greedy])
+    assert torch.equal(got[top_k == 1], logits.float().argmax(-1).cpu()[top_k == 1])
+
+
+def test_sample_follows_the_kept_softmax():
+    """Frequencies over many seeds: softmax(logits / T) restricted to the top-k / top-p / min-p survivors. On CPU
+    the torch reference draws (the interpreter is slow; the test above pins the kernel to it)."""
+    from asyncllm.layers.sampler import sample_ref
+
+    vocab = 6
+    draws, tol = 20000, 0.015
+    sample = K.sample if DEVICE == "cuda" else sample_ref
+    logits = torch.log(torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])).expand(draws, vocab).contiguous().to(DEVICE)
+    # at T = 0.8 the probabilities are 0.460, 0.256, 0.135, 0.081, 0.043, 0.026
+    for kw, keep in ((dict(), 6), (dict(top_k=3), 3), (dict(top_p=0.6), 2), (dict(min_p=0.25), 3)):
+        full = lambda v, dt: torch.full((draws,), v, dtype=dt, device=DEVICE)  # noqa: E731
+        ids = sample(logits, full(0.8, torch.float32), full(kw.get("top_k", 0), torch.int64),
+                       full(kw.get("top_p", 1.0), torch.float32), full(kw.get("min_p", 0.0), torch.float32),
+                       torch.arange(draws, device=DEVICE) * 1_000_003, full(7, torch.int64)).cpu()
+        p = (logits[0].float().cpu() / 0.8).softmax(-1)[:keep]
+        expected = torch.zeros(vocab)
+        expected[:keep] = p / p.sum()
+        freq = torch.bincount(ids, minlength=vocab).float() / draws
+        assert (freq - expected).abs().max() < tol, (kw, freq, expected)

@@ -6,29 +6,30 @@ import torch
 
 from asyncllm import LLM, SamplingParams
 from asyncllm.errors import InvalidRequestError
-from asyncllm.layers.sampler import Sampler, SamplingTensors
+from asyncllm.layers.sampler import Sampler
 from conftest import random_prompts
 
 
-def tensors(n, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeded=()):
-    return SamplingTensors(
-        temperature=torch.full((n,), float(temperature)),
-        top_k=torch.full((n,), top_k, dtype=torch.int64),
-        top_p=torch.full((n,), float(top_p)),
-        min_p=torch.full((n,), float(min_p)),
-        seeded=list(seeded),
-        all_greedy=temperature == 0,
-        need_sort=top_k > 0 or top_p < 1,
-        need_min_p=min_p > 0,
-    )
+def draw(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, positions=None):
+    """The CPU sampler (the kernel's torch reference) on rows of `logits`, parameters the same for every row."""
+    n = logits.shape[0]
+    sampler = Sampler(n, torch.device("cpu"), fused=False)
+    fields = torch.zeros(n, 6, dtype=torch.int64)
+    fields[:, 0] = torch.arange(n)
+    fields[:, [1, 3, 4]] = torch.tensor([[float(temperature), float(top_p), float(min_p)]] * n,
+                                        dtype=torch.float64).view(torch.int64)
+    fields[:, 2] = top_k
+    fields[:, 5] = torch.arange(n) * 7919 + 1 if seeds is None else seeds
+    sampler.set_rows(fields)
+    pos = torch.zeros(n, dtype=torch.int64) if positions is None else positions
+    return sampler(logits, torch.arange(n), pos)
 
 
 LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]))
 
 
 def frequencies(n=20000, **kw):
-    sampler = Sampler(torch.device("cpu"), seed=0)
-    tokens = sampler(LOGITS.repeat(n, 1), tensors(n, **kw))
+    tokens = draw(LOGITS.repeat(n, 1), **kw)
     return torch.bincount(tokens, minlength=5).float() / n
 
 
@@ -55,13 +56,16 @@ def test_top_k_top_p_min_p_cut_the_tail():
     assert (frequencies(top_k=1)[0] == 1.0).item()
 
 
-def test_per_row_seed_is_independent_of_batch():
-    sampler = Sampler(torch.device("cpu"), seed=0)
+def test_draws_depend_on_seed_and_position_only():
+    """A row's draw is keyed by (its seed, the position sampled): not by the rows beside it or their number."""
     logits = torch.randn(4, 1000)
-    g = lambda: torch.Generator().manual_seed(42)  # noqa: E731
-    alone = sampler(logits[2:3], tensors(1, seeded=[(0, g())]))
-    in_batch = sampler(logits, tensors(4, seeded=[(2, g())]))
+    seeds, pos = torch.tensor([5, 6, 42, 8]), torch.tensor([3, 9, 17, 4])
+    in_batch = draw(logits, seeds=seeds, positions=pos)
+    alone = draw(logits[2:3], seeds=seeds[2:3], positions=pos[2:3])
     assert alone.item() == in_batch[2].item()
+    many = [draw(logits[2:3], seeds=torch.tensor([42]), positions=torch.tensor([p])).item() for p in range(40)]
+    assert len(set(many)) > 10  # new positions, new draws
+    assert len({draw(logits[2:3], seeds=torch.tensor([s]), positions=pos[2:3]).item() for s in range(40)}) > 10
 
 
 @pytest.fixture(scope="module")
@@ -110,17 +114,14 @@ def test_penalties_shift_the_argmax():
     counts = torch.tensor([[2.0, 0.0, 0.0, 0.0]])
     pen = Penalties(rows=torch.tensor([1]), output_counts=counts, seen=counts > 0,
                     presence=torch.tensor([0.3]), frequency=torch.tensor([0.2]), repetition=torch.tensor([1.0]))
-    out = pen.apply(logits)
+    out = pen.apply(logits.clone())
     assert torch.allclose(out[1], torch.tensor([3.0 - 0.3 - 0.4, 2.5, -1.0, 0.0]))
     assert torch.equal(out[0], logits[0])  # rows without penalties are untouched
     pen.repetition = torch.tensor([2.0])
     pen.seen = torch.tensor([[True, False, True, False]])
     pen.presence, pen.frequency = torch.zeros(1), torch.zeros(1)
-    assert torch.allclose(pen.apply(logits)[1], torch.tensor([1.5, 2.5, -2.0, 0.0]))  # divide positive, multiply negative
-    sampler = Sampler(torch.device("cpu"), seed=0)
-    t = tensors(2, temperature=0.0)
-    t.penalties = pen
-    assert sampler(logits, t).tolist() == [0, 1]
+    assert torch.allclose(pen.apply(logits.clone())[1], torch.tensor([1.5, 2.5, -2.0, 0.0]))  # divide positive, multiply negative
+    assert draw(pen.apply(logits.clone()), temperature=0.0).tolist() == [0, 1]
 
 
 def test_repetition_penalty_matches_transformers(tiny_models):

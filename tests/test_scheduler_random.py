@@ -1,7 +1,8 @@
 """The scheduler under random workloads, with a model-free stand-in for the GPU, invariants checked every step.
 
-The stand-in keeps a fake KV cache (slot -> token id) written and read through the block tables exactly as the
-runner's are, and picks each next token as a hash of the tokens it *reads back* for the whole sequence: a block
+The stand-in keeps a fake KV cache (slot -> token id) written and read through its own copy of the block tables,
+kept up to date only by the updates the runner's device tables get (step_inputs.table_updates: rows reused,
+preemption, blocks swapped by the prefix cache), and picks each next token as a hash of the tokens it *reads back* for the whole sequence: a block
 handed out with the wrong contents changes the output. Every finished request must match the reference (the same
 hash over its true tokens), with the prefix cache on or off, overlap on or off, under preemption, bursts, aborts
 and stop-string finishes from above.
@@ -16,6 +17,7 @@ import pytest
 from asyncllm.engine.kv_cache import BlockManager
 from asyncllm.engine.request import Request
 from asyncllm.engine.scheduler import Batch, Scheduler, SchedulerConfig
+from asyncllm.engine.step_inputs import table_updates
 from asyncllm.sampling_params import SamplingParams
 
 VOCAB, EOS = 40, 0
@@ -28,15 +30,21 @@ def next_token(tokens: list[int]) -> int:
 class FakeRunner:
     """Runs a step at launch (steps run in launch order, as on one CUDA stream)."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, num_rows: int) -> None:
         self.kv = [-1] * (num_blocks * block_size)
         self.bs = block_size
         self.last_sampled: list[int] = []
+        self.tables = [[-1] * num_blocks for _ in range(num_rows)]  # the "device" tables, stale where not updated
 
-    def slot(self, table: list[int], pos: int) -> int:
-        return table[pos // self.bs] * self.bs + pos % self.bs
+    def slot(self, row: int, pos: int) -> int:
+        block = self.tables[row][pos // self.bs]
+        assert block >= 0, "a block the device tables were never sent"
+        return block * self.bs + pos % self.bs
 
     def launch(self, batch: Batch) -> tuple[Batch, list[int]]:
+        flat, _ = table_updates(batch.requests)
+        for row, col, block in zip(flat[0::3], flat[1::3], flat[2::3]):
+            self.tables[row][col] = block
         sampled = []
         for req, start, n, sample, feed in zip(batch.requests, batch.starts, batch.num_new_tokens, batch.sample,
                                                batch.feed):
@@ -45,9 +53,9 @@ class FakeRunner:
                 ids = ids[: n - 1] + [self.last_sampled[feed]]
             assert len(ids) == n
             for p, t in zip(range(start, start + n), ids):
-                self.kv[self.slot(req.block_table, p)] = t
+                self.kv[self.slot(req.row, p)] = t
             if sample:
-                seen = [self.kv[self.slot(req.block_table, p)] for p in range(start + n)]
+                seen = [self.kv[self.slot(req.row, p)] for p in range(start + n)]
                 sampled.append(next_token(seen))
         self.last_sampled = sampled
         return batch, sampled
@@ -73,7 +81,7 @@ def run_workload(seed: int, prefix_caching: bool, overlap: bool) -> dict[str, tu
                              max_model_len=max_len)
     blocks = BlockManager(num_blocks, bs, prefix_caching)
     sched = Scheduler(config, blocks)
-    runner = FakeRunner(num_blocks, bs)
+    runner = FakeRunner(num_blocks, bs, config.max_num_seqs)
     systems = [[rng.randrange(1, VOCAB) for _ in range(rng.randint(4, 40))] for _ in range(3)]
     pending_arrivals = []
     for i in range(rng.randint(10, 30)):

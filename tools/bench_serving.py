@@ -40,7 +40,8 @@ def install_stand_in() -> None:
     """Every ModelRunner made after this runs no model: the step's inputs are built, the sampled ids invented."""
     import torch
 
-    from asyncllm.engine.runner import ModelRunner, StepHandle
+    from asyncllm.engine.runner import ModelRunner
+    from asyncllm.engine.step_inputs import StepHandle
 
     def launch(self, batch, broadcast=True):  # noqa: ANN001
         inputs = self.prepare(batch)

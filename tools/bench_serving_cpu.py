@@ -32,7 +32,7 @@ def stand_in_server(port_q, model_dir: str) -> None:
     from aiohttp import web
 
     from asyncllm import AsyncEngine
-    from asyncllm.engine.runner import StepHandle
+    from asyncllm.engine.step_inputs import StepHandle
     from asyncllm.server.app import ServerSettings, build_app, make_runner
 
     async def main():

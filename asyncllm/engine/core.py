@@ -15,7 +15,8 @@ from asyncllm.config import EngineConfig
 from asyncllm.engine.detokenizer import IncrementalDetokenizer
 from asyncllm.engine.kv_cache import BlockManager
 from asyncllm.engine.request import Request
-from asyncllm.engine.runner import ModelRunner, StepHandle
+from asyncllm.engine.runner import ModelRunner
+from asyncllm.engine.step_inputs import StepHandle
 from asyncllm.engine.scheduler import Batch, Scheduler, SchedulerConfig, SchedulerStats
 from asyncllm.errors import InvalidRequestError, ModelLoadError
 from asyncllm.model_files import resolve_model

@@ -4,8 +4,6 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
 from asyncllm.sampling_params import SamplingParams
 
 
@@ -31,7 +29,11 @@ class Request:
     num_preemptions: int = 0
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first admission (-1: not admitted yet)
     num_cached_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
-    generator: Any = None  # the sampler's per-request RNG when params.seed is set (owned by the runner)
+    # Device-resident step state (step_inputs.py): the request's row of the block tables and sampling
+    # parameters while it runs (-1 otherwise), how many of its blocks the device tables hold, its draws' seed.
+    row: int = -1
+    num_synced_blocks: int = 0
+    sample_seed: int | None = None
     # Overlap scheduling: tokens already sampled on the device but not yet appended to token_ids (0, 1, or 2
     # for a moment), and the row of the newest of them in its step's sampled-ids tensor (the next step's input).
     num_pending: int = 0

@@ -1,23 +1,35 @@
-"""ModelRunner: turns a scheduler Batch into tensors, runs the model, samples. Owns the model and the KV cache."""
+"""ModelRunner: runs a scheduler Batch on this rank (model, KV cache, sampling). Step inputs: step_inputs.py;
+CUDA graphs: cuda_graphs.py."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import importlib.util
 import logging
-from dataclasses import dataclass
+import random
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from asyncllm import distributed
 from asyncllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from asyncllm.device import resolve_device, to_device
+from asyncllm.engine.cuda_graphs import CudaGraphs
 from asyncllm.engine.request import Request
 from asyncllm.engine.scheduler import Batch
+from asyncllm.engine.step_inputs import (
+    HostRing,
+    RowTables,
+    Step,
+    StepHandle,
+    StepHeader,
+    StepInputs,
+    eager_inputs,
+    pack,
+    unpack,
+)
 from asyncllm.errors import InvalidRequestError, OutOfMemoryError
 from asyncllm.layers.attention import (
     Attention,
@@ -28,21 +40,12 @@ from asyncllm.layers.attention import (
 )
 from asyncllm.layers.activation import SiluAndMul
 from asyncllm.layers.norm import RMSNorm
-from asyncllm.layers.sampler import Penalties, Sampler, SamplingTensors
+from asyncllm.layers.sampler import Penalties, Sampler
 from asyncllm.models import build_model
 from asyncllm.models.loader import init_dummy, load_safetensors
 from asyncllm.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepInputs:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    meta: AttentionMetadata
-    sample_rows: torch.Tensor  # [S] rows of the packed tokens whose logits are sampled
-    sampling: SamplingTensors
 
 
 def max_step_tokens(config: EngineConfig, device: torch.device, params_per_rank: int) -> int:
@@ -149,9 +152,13 @@ class ModelRunner:
             for m in self.model.modules():
                 if isinstance(m, (RMSNorm, SiluAndMul)):
                     m.fused = True
-        self.sampler = Sampler(self.device, config.seed)
-        self.sampler.fused = self.backend.name != "torch"
-        self.last_sampled: torch.Tensor | None = None  # the previous step's sampled ids, on the device
+        # per-row state on the device (rows: the scheduler's slots of running requests, + one dummy row)
+        self.tables = RowTables(config.max_num_seqs, -(-max_model_len // self.block_size), self.device)
+        self.sampler = Sampler(config.max_num_seqs, self.device, fused=self.backend.name != "torch")
+        self.seed_rng = random.Random(config.seed)  # seeds of requests that bring none
+        # the last step's sampled ids (rows [0, num_sampled)): the next step's pending inputs come from here
+        self.sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
+        self.host_ring = HostRing(config.max_num_seqs) if self.device.type == "cuda" else None
         # CUDA: every step runs on this side stream, in launch order (the loop thread never waits on it)
         self.stream = side_stream(self.device) if self.device.type == "cuda" else None
         self.graphs: CudaGraphs | None = None  # captured once the KV cache exists (after the profiling forward)
@@ -173,7 +180,7 @@ class ModelRunner:
                 "give the cache more memory (num_kv_blocks, kv_cache_memory_bytes or gpu_memory_utilization)"
             )
         self._allocate_kv_cache(self.num_blocks)
-        self.graphs = CudaGraphs(self) if self._use_graphs() else None
+        self.graphs = self._capture_graphs() if self._use_graphs() else None
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # weights, cache, graphs are ready
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)", self.num_blocks, self.block_size,
@@ -181,6 +188,12 @@ class ModelRunner:
 
     def _use_graphs(self) -> bool:
         return self.device.type == "cuda" and not self.config.enforce_eager and self.backend.name != "torch"
+
+    def _capture_graphs(self) -> CudaGraphs:
+        max_bs = min(self.config.cuda_graph_max_bs or 256, self.config.max_num_seqs)
+        assert self.stream is not None
+        return CudaGraphs(self.model, self.backend, self.sampler, self.tables, self.sampled, max_bs, self.block_size,
+                          self.max_model_len, self.stream)
 
     # ---- KV cache -------------------------------------------------------------------------------------------
     def _allocate_kv_cache(self, num_blocks: int) -> None:
@@ -213,6 +226,7 @@ class ModelRunner:
         for s in range(num_seqs):
             req = Request(f"profile-{s}", [0] * seq_len, SamplingParams(temperature=0.0), 1, frozenset())
             req.block_table = list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq))
+            req.row = s
             batch.add(req, seq_len)
         self.execute(batch)
         torch.cuda.synchronize(self.device)
@@ -233,93 +247,26 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------------------
     def prepare(self, batch: Batch) -> StepInputs:
-        """The step's device inputs (this rank only)."""
-        header, packed = self.pack(batch)
-        return self.unpack(header, packed, self._sampling_tensors(batch))
+        """An eager step's device inputs (this rank only; tests and the serving benchmark's stand-in)."""
+        header, packed = pack(batch, 0, self.tables.dummy, self.seed_rng)
+        step = unpack(header, packed, self.tables, self.device)
+        if header.num_new_rows:
+            self.sampler.set_rows(step.new_rows)
+        return eager_inputs(step, self.tables, self.sampled, self.block_size)
 
-    def pack(self, batch: Batch) -> tuple[StepHeader, np.ndarray]:
-        """The step's host arrays in one int64 array (what followers receive), and its sizes.
-
-        A row whose last input token is still on the device (overlap scheduling) gets it from the previous step's
-        sampled ids, on the device (`batch.feed`)."""
-        bs, num_seqs = self.block_size, len(batch)
-        n_new = np.asarray(batch.num_new_tokens, dtype=np.int64)
-        starts = np.asarray(batch.starts, dtype=np.int64)
-        qsl = np.zeros(num_seqs + 1, dtype=np.int64)
-        np.cumsum(n_new, out=qsl[1:])
-        num_tokens = int(qsl[-1])
-        seq_lens = starts + n_new
-        tables = np.zeros((num_seqs, max(len(r.block_table) for r in batch.requests)), dtype=np.int64)
-        ids = np.zeros(num_tokens, dtype=np.int64)
-        feed_rows: list[int] = []
-        feed_src: list[int] = []
+    def _penalties(self, batch: Batch) -> Penalties | None:
+        """Token counts of the sampling rows that use repetition penalties (work proportional to their lengths,
+        once per step), or None. A token still on the device (overlap scheduling) is counted on the device."""
+        penalized: list[tuple[int, Request, int]] = []
         row = 0
-        for i, (req, start, n, feed) in enumerate(zip(batch.requests, batch.starts, batch.num_new_tokens, batch.feed)):
-            tables[i, : len(req.block_table)] = req.block_table
-            if feed >= 0:  # the last input token was sampled by the previous step and is not on the host yet
-                feed_rows.append(row + n - 1)
-                feed_src.append(feed)
-                n -= 1
-            ids[row : row + n] = req.token_ids[start : start + n]
-            row += n + (feed >= 0)
-        positions = np.repeat(starts - qsl[:-1], n_new) + np.arange(num_tokens)
-        slots = tables[np.repeat(np.arange(num_seqs), n_new), positions // bs] * bs + positions % bs
-        sample_rows = qsl[1:][np.asarray(batch.sample, dtype=bool)] - 1
-        parts = (ids, positions, slots, qsl, seq_lens, sample_rows, np.asarray(feed_rows, np.int64),
-                 np.asarray(feed_src, np.int64), tables.reshape(-1))
-        header = StepHeader(num_seqs, num_tokens, len(sample_rows), len(feed_rows), tables.shape[1])
-        return header, np.concatenate(parts)
-
-    def unpack(self, header: StepHeader, packed: np.ndarray, sampling: SamplingTensors | None) -> StepInputs:
-        """The packed host array of a step (built here or received from rank 0) -> device tensors. Every rank
-        derives its inputs from the same array, so they cannot diverge."""
-        b, t, w = header.num_seqs, header.num_tokens, header.table_width
-        sizes = [t, t, t, b + 1, b, header.num_sampled, header.num_feed, header.num_feed, b * w]
-        (ids_d, pos_d, slots_d, qsl_d, lens_d, sample_d, feed_rows_d, feed_src_d, tables_d) = to_device(
-            packed, self.device).split(sizes)
-        host = np.split(packed, np.cumsum(sizes)[:-1])
-        qsl, lens, tables = host[3], host[4], host[8].reshape(b, w)
-        if header.num_feed:
-            assert self.last_sampled is not None, "a pending token without a previous step"
-            ids_d[feed_rows_d] = self.last_sampled[feed_src_d]
-        meta = AttentionMetadata(
-            query_start_loc=qsl_d, seq_lens=lens_d, block_tables=tables_d.view(b, w), slot_mapping=slots_d,
-            query_lens_cpu=np.diff(qsl).tolist(), seq_lens_cpu=lens.tolist(), block_size=self.block_size,
-            block_tables_cpu=tables)
-        return StepInputs(ids_d, pos_d, meta, sample_d, sampling)
-
-    def _sampling_tensors(self, batch: Batch) -> SamplingTensors:
-        """Sampling parameters of the rows that sample, in row order."""
-        rows = [(r, f) for r, s, f in zip(batch.requests, batch.sample, batch.feed) if s]
-        reqs = [r for r, _ in rows]
-        params = [r.params for r in reqs]
-        seeded: list[tuple[int, torch.Generator]] = []
-        for row, req in enumerate(reqs):
-            if req.params.seed is not None and not req.params.greedy:
-                if req.generator is None:
-                    req.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
-                seeded.append((row, req.generator))
-        temps = [0.0 if p.greedy else p.temperature for p in params]
-        all_greedy = all(t == 0.0 for t in temps)
-        penalized = [row for row, p in enumerate(params) if p.has_penalties]
-        if all_greedy:  # argmax only: no per-row parameters to copy
-            floats, top_k = torch.empty(3, 0, device=self.device), torch.empty(0, dtype=torch.int64, device=self.device)
-        else:
-            floats = to_device([temps, [p.top_p for p in params], [p.min_p for p in params]], self.device, torch.float32)
-            top_k = to_device([p.top_k for p in params], self.device)
-        return SamplingTensors(
-            temperature=floats[0], top_p=floats[1], min_p=floats[2], top_k=top_k,
-            seeded=seeded,
-            all_greedy=all_greedy,
-            need_sort=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
-            need_min_p=any(p.min_p > 0.0 for p in params),
-            penalties=self._penalties([rows[r] for r in penalized], penalized) if penalized else None,
-        )
-
-    def _penalties(self, penalized: list[tuple[Request, int]], rows: list[int]) -> Penalties:
-        """Token counts of the penalized requests (work proportional to their lengths, once per step). A token
-        still on the device (overlap scheduling) is counted on the device."""
-        reqs = [r for r, _ in penalized]
+        for req, sample, feed in zip(batch.requests, batch.sample, batch.feed):
+            if sample:
+                if req.params.has_penalties:
+                    penalized.append((row, req, feed))
+                row += 1
+        if not penalized:
+            return None
+        reqs = [r for _, r, _ in penalized]
         vocab = self.model.config.vocab_size
         counts = torch.zeros(len(reqs), vocab, dtype=torch.float32)
         seen = torch.zeros(len(reqs), vocab, dtype=torch.bool)
@@ -329,16 +276,15 @@ class ModelRunner:
             seen[i, torch.tensor(r.token_ids, dtype=torch.int64)] = True
         dev = self.device
         counts, seen = to_device(counts, dev, torch.float32), to_device(seen, dev, torch.bool)
-        pending = [(i, feed) for i, (_, feed) in enumerate(penalized) if feed >= 0]
+        pending = [(i, feed) for i, (_, _, feed) in enumerate(penalized) if feed >= 0]
         if pending:
-            assert self.last_sampled is not None
             idx = to_device(pending, dev)
-            token = self.last_sampled[idx[:, 1]]
+            token = self.sampled[idx[:, 1]]
             counts.index_put_((idx[:, 0], token), torch.ones(len(pending), device=dev), accumulate=True)
             seen[idx[:, 0], token] = True
         per_row = to_device([[r.params.presence_penalty for r in reqs], [r.params.frequency_penalty for r in reqs],
                              [r.params.repetition_penalty for r in reqs]], dev, torch.float32)
-        return Penalties(rows=to_device(rows, dev), output_counts=counts, seen=seen,
+        return Penalties(rows=to_device([row for row, _, _ in penalized], dev), output_counts=counts, seen=seen,
                          presence=per_row[0], frequency=per_row[1], repetition=per_row[2])
 
     @torch.inference_mode()
@@ -349,35 +295,56 @@ class ModelRunner:
         if self.closed:
             raise RuntimeError("this engine was closed")
         to_followers = broadcast and self.tp.size > 1
+        pad = 0
+        if self.graphs is not None and max(batch.num_new_tokens) == 1:
+            pad = self.graphs.padded_size(len(batch))
         with self._on_stream():
-            header, packed = self.pack(batch)
+            header, packed = pack(batch, pad, self.tables.dummy, self.seed_rng)
             if to_followers:
                 if self.tp.steps is None:
                     raise RuntimeError("this tensor-parallel engine was shut down")
                 self.tp.steps.send(header.encode(packed))
-            inputs = self.unpack(header, packed, self._sampling_tensors(batch))
-            hidden = self._forward(inputs)
-            if inputs.sample_rows.numel() == 0:
+            num_sampled = self._run(header, packed, self._penalties(batch), sample=True)
+            if to_followers and num_sampled:
+                dist.broadcast(self.sampled[:num_sampled], 0, group=self.tp.device_group)
+            if num_sampled == 0:
                 return StepHandle(batch, None, None)
-            logits = self.model.compute_logits(hidden[inputs.sample_rows])
-            assert inputs.sampling is not None
-            sampled = self.sampler(logits, inputs.sampling)
-            if to_followers:
-                dist.broadcast(sampled, 0, group=self.tp.device_group)
-            self.last_sampled = sampled
-            if self.stream is None:
-                return StepHandle(batch, sampled, None)
-            host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
-            host.copy_(sampled, non_blocking=True)
+            if self.host_ring is None:
+                return StepHandle(batch, self.sampled[:num_sampled].clone(), None)
+            host = self.host_ring.take(num_sampled)
+            host.copy_(self.sampled[:num_sampled], non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.stream)
             return StepHandle(batch, host, event)
 
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        if self.graphs is not None and self.graphs.fits(inputs):
-            return self.graphs.replay(inputs)
+    def _run(self, header: StepHeader, packed: Any, penalties: Penalties | None, sample: bool) -> int:
+        """Every rank: unpack the step, run the model, sample into `self.sampled` (rank 0; followers' sampled ids
+        come by broadcast, except inside a graph, which samples on every rank alike). Returns num_sampled."""
+        step = unpack(header, packed, self.tables, self.device)
+        if header.num_new_rows:
+            self.sampler.set_rows(step.new_rows)
+        if self.graphs is not None and header.decode_only and header.num_seqs in self.graphs.graphs:
+            logits = self.graphs.forward(step)
+            if penalties is not None:
+                penalties.apply(logits)
+            self.graphs.sample(header.num_seqs)
+            return header.num_sampled
+        return self._run_eager(step, penalties, sample)
+
+    def _run_eager(self, step: Step, penalties: Penalties | None, sample: bool) -> int:
+        inputs = eager_inputs(step, self.tables, self.sampled, self.block_size)
         self.backend.plan(inputs.meta)
-        return self.model(inputs.input_ids, inputs.positions)
+        hidden = self.model(inputs.input_ids, inputs.positions)
+        n = step.header.num_sampled
+        if n == 0:
+            return 0
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # all-gather: a collective on every rank
+        if sample:
+            if penalties is not None:
+                penalties.apply(logits)
+            positions = inputs.positions[inputs.sample_rows] + 1
+            self.sampler(logits, inputs.sample_table_rows, positions, out=self.sampled[:n])
+        return n
 
     @torch.inference_mode()
     def follow(self) -> None:
@@ -387,13 +354,9 @@ class ModelRunner:
         while (step := StepHeader.decode(self.tp.steps.recv())) is not None:
             header, packed = step
             with self._on_stream():
-                inputs = self.unpack(header, packed, None)
-                hidden = self._forward(inputs)
-                if header.num_sampled:
-                    self.model.compute_logits(hidden[inputs.sample_rows])  # its all-gather is a collective
-                    sampled = torch.empty(header.num_sampled, dtype=torch.int64, device=self.device)
-                    dist.broadcast(sampled, 0, group=self.tp.device_group)
-                    self.last_sampled = sampled
+                num_sampled = self._run(header, packed, None, sample=False)
+                if num_sampled:
+                    dist.broadcast(self.sampled[:num_sampled], 0, group=self.tp.device_group)
         log.info("rank %d: rank 0 ended the job", self.tp.rank)
         self.close()
 
@@ -415,7 +378,7 @@ class ModelRunner:
             distributed.shutdown()
         for layer in self.attention_layers:
             layer.kv_cache = None
-        self.kv_cache = self.model = self.backend = self.last_sampled = None  # type: ignore[assignment]
+        self.kv_cache = self.model = self.backend = self.sampled = None  # type: ignore[assignment]
         self.attention_layers = []
         self.closed = True
         if self.device.type == "cuda":
@@ -427,119 +390,3 @@ class ModelRunner:
 
     def _on_stream(self) -> Any:
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-
-
-@dataclass
-class StepHeader:
-    """Sizes of one step's packed host array; rank 0 sends [1, sizes..., packed...] to the followers, [0] to stop."""
-
-    num_seqs: int
-    num_tokens: int
-    num_sampled: int
-    num_feed: int
-    table_width: int
-
-    STOP: ClassVar[np.ndarray] = np.zeros(1, dtype=np.int64)
-
-    def encode(self, packed: np.ndarray) -> np.ndarray:
-        sizes = [1, self.num_seqs, self.num_tokens, self.num_sampled, self.num_feed, self.table_width]
-        return np.concatenate([np.asarray(sizes, dtype=np.int64), packed])
-
-    @staticmethod
-    def decode(msg: np.ndarray) -> tuple[StepHeader, np.ndarray] | None:
-        if msg[0] == 0:
-            return None
-        return StepHeader(*(int(x) for x in msg[1:6])), msg[6:]
-
-
-@dataclass
-class StepHandle:
-    """A launched step. `wait()` blocks the calling thread (not the event loop: call it from a worker thread)
-    until the step's sampled ids are on the host."""
-
-    batch: Batch
-    sampled: torch.Tensor | None  # CPU: the ids; CUDA: page-locked host buffer the device copies into
-    event: Any = None  # torch.cuda.Event recorded after that copy
-
-    def wait(self) -> list[int]:
-        if self.event is not None:
-            self.event.synchronize()
-        return [] if self.sampled is None else self.sampled.tolist()
-
-
-class CudaGraphs:
-    """Decode steps replayed from CUDA graphs, one per padded batch size, sharing one memory pool.
-
-    Inputs live in static buffers; a step copies its tensors in (device to device) and pads the rest: padded rows
-    have slot -1 (the KV-store kernel skips them) and seq_len 1. The paged decode kernel's grid is fixed by
-    max_model_len. Logits and sampling run outside the graph (their shapes and parameters vary per step).
-    """
-
-    def __init__(self, runner: ModelRunner) -> None:
-        # no reference back to the runner: a runner <-> graphs cycle would keep the GPU memory until a gc pass
-        cfg = runner.config
-        self.model, self.backend, self.device = runner.model, runner.backend, runner.device
-        self.block_size, self.max_model_len = runner.block_size, runner.max_model_len
-        self.max_bs = min(cfg.cuda_graph_max_bs or 256, cfg.max_num_seqs)
-        self.sizes = sorted({s for s in (1, 2, 4, 8, *range(16, self.max_bs + 1, 16)) if s <= self.max_bs} | {self.max_bs})
-        dev, i64 = runner.device, torch.int64
-        width = -(-runner.max_model_len // runner.block_size)
-        self.ids = torch.zeros(self.max_bs, dtype=i64, device=dev)
-        self.positions = torch.zeros(self.max_bs, dtype=i64, device=dev)
-        self.slots = torch.full((self.max_bs,), -1, dtype=i64, device=dev)
-        self.seq_lens = torch.ones(self.max_bs, dtype=i64, device=dev)
-        self.tables = torch.zeros(self.max_bs, width, dtype=i64, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = torch.cuda.graph_pool_handle()
-        self.warmup = runner.stream or torch.cuda.Stream(dev)
-        with torch.inference_mode():
-            for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its pool memory
-                self._capture(bs)
-        log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
-
-    def _meta(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            query_start_loc=torch.arange(bs + 1, device=self.device), seq_lens=self.seq_lens[:bs],
-            block_tables=self.tables[:bs], slot_mapping=self.slots[:bs], query_lens_cpu=[1] * bs,
-            seq_lens_cpu=[self.max_model_len] * bs, block_size=self.block_size,
-            block_tables_cpu=np.zeros(tuple(self.tables[:bs].shape), dtype=np.int64))
-
-    def _capture(self, bs: int) -> None:
-        self.backend.plan_graph(bs, self._meta(bs), capture=True)
-        # warm-up (compiles the Triton kernels) off the capture, on one stream for all sizes: cuBLAS keeps a
-        # workspace per stream it ever ran on (32 MiB on Hopper) for the life of the process
-        self.warmup.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.warmup):
-            self.model(self.ids[:bs], self.positions[:bs])
-        torch.cuda.current_stream().wait_stream(self.warmup)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            hidden = self.model(self.ids[:bs], self.positions[:bs])
-        self.graphs[bs] = (graph, hidden)
-
-    def release(self) -> None:
-        for graph, _ in self.graphs.values():
-            graph.reset()
-        self.graphs.clear()
-        torch.cuda.synchronize(self.device)
-
-    def fits(self, inputs: StepInputs) -> bool:
-        meta = inputs.meta
-        return max(meta.query_lens_cpu) == 1 and meta.num_seqs <= self.max_bs
-
-    def replay(self, inputs: StepInputs) -> torch.Tensor:
-        n = inputs.meta.num_seqs
-        bs = next(s for s in self.sizes if s >= n)
-        meta = inputs.meta
-        self.ids[:n].copy_(inputs.input_ids)
-        self.positions[:n].copy_(inputs.positions)
-        self.slots[:n].copy_(meta.slot_mapping)
-        self.seq_lens[:n].copy_(meta.seq_lens)
-        self.tables[:n, : meta.block_tables.shape[1]].copy_(meta.block_tables)
-        if bs > n:
-            self.slots[n:bs].fill_(-1)
-            self.seq_lens[n:bs].fill_(1)
-        self.backend.plan_graph(bs, meta, capture=False)
-        graph, hidden = self.graphs[bs]
-        graph.replay()
-        return hidden[:n]

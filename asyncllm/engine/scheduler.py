@@ -69,6 +69,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
+        # rows of the runner's device-resident tables: one per running request (Request.row)
+        self._free_rows = list(range(config.max_num_seqs - 1, -1, -1))
 
     # ---- admission -------------------------------------------------------------------------------------------
     def check(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -152,6 +154,7 @@ class Scheduler:
                 self.stats.cache_queries += req.num_tokens
                 self.stats.cache_hits += computed
             req.status = RequestStatus.RUNNING
+            req.row = self._free_rows.pop()
             self.running.append(req)
             batch.add(req, n)
             req.num_computed_tokens += n
@@ -167,6 +170,8 @@ class Scheduler:
                 full = min(req.num_computed_tokens, len(req.token_ids)) // bs
                 if full > req.num_cached_blocks and self.blocks.cache_blocks(
                         req.token_ids[: full * bs], req.block_table, batch.starts[i] // bs, req.num_cached_blocks):
+                    # the cache may have swapped blocks from here on for its own copies: the device resends them
+                    req.num_synced_blocks = min(req.num_synced_blocks, req.num_cached_blocks)
                     req.num_cached_blocks = full
             if req.num_pending:  # it computes its pending token now: the input comes from the previous step
                 batch.feed[i] = req.pending_row
@@ -199,8 +204,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.blocks.free(req.block_table)
-        req.block_table = []
+        self._release(req)
         req.num_computed_tokens = req.num_cached_blocks = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
@@ -251,10 +255,18 @@ class Scheduler:
     def _finish(self, req: Request, reason: str) -> None:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        self._release(req)
+        self.requests.pop(req.request_id, None)
+
+    def _release(self, req: Request) -> None:
+        """A request leaves the running set: its blocks and its row go back."""
         if req.block_table:
             self.blocks.free(req.block_table)
             req.block_table = []
-        self.requests.pop(req.request_id, None)
+        if req.row >= 0:
+            self._free_rows.append(req.row)
+            req.row = -1
+        req.num_synced_blocks = 0
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the queues, the requests' block tables and the block manager disagree (tests)."""
@@ -269,6 +281,10 @@ class Scheduler:
                 held[b] += 1
         for req in self.waiting:
             assert req.status is RequestStatus.WAITING and not req.block_table and req.request_id in self.requests
+            assert req.row == -1 and req.num_synced_blocks == 0
+        rows = [r.row for r in self.running]
+        assert sorted(rows + self._free_rows) == list(range(self.config.max_num_seqs)), "rows lost or shared"
+        assert all(r.num_synced_blocks <= len(r.block_table) for r in self.running)
         assert len(self.running) + len(self.waiting) == len(self.requests), "a request in no queue or in two"
         refs = [self.blocks.ref_count(b) for b in range(self.blocks.num_blocks)]
         assert held == refs, "reference counts differ from the running requests' block tables"

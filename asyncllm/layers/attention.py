@@ -154,23 +154,26 @@ class TritonAttentionBackend(TorchAttentionBackend):
             super().plan(meta)
             return
         device = meta.seq_lens.device
-        dec_seqs = to_device(dec, device)
-        self.dec_tables = meta.block_tables.index_select(0, dec_seqs) if self.mixed else meta.block_tables
-        self.dec_seq_lens = meta.seq_lens.index_select(0, dec_seqs) if self.mixed else meta.seq_lens
         self.dec_max_len = max(meta.seq_lens_cpu[i] for i in dec)
-        if self.mixed:  # rows of each part within the packed tokens, and a torch plan over the prefill sequences
-            starts = [0]
-            for n in q_lens:
-                starts.append(starts[-1] + n)
-            self.dec_rows = to_device([starts[i] for i in dec], device)
-            self.pre_rows = to_device([t for i in pre for t in range(starts[i], starts[i + 1])], device)
-            pre_seqs = to_device(pre, device)
-            pre_lens = [q_lens[i] for i in pre]
-            super().plan(AttentionMetadata(
-                query_start_loc=to_device([0, *itertools.accumulate(pre_lens)], device),
-                seq_lens=meta.seq_lens.index_select(0, pre_seqs), block_tables=meta.block_tables.index_select(0, pre_seqs),
-                slot_mapping=meta.slot_mapping, query_lens_cpu=pre_lens,
-                seq_lens_cpu=[meta.seq_lens_cpu[i] for i in pre], block_size=meta.block_size))
+        if not self.mixed:  # nothing to copy (CUDA-graph capture plans here)
+            self.dec_tables, self.dec_seq_lens = meta.block_tables, meta.seq_lens
+            return
+        dec_seqs = to_device(dec, device)
+        self.dec_tables = meta.block_tables.index_select(0, dec_seqs)
+        self.dec_seq_lens = meta.seq_lens.index_select(0, dec_seqs)
+        # rows of each part within the packed tokens, and a torch plan over the prefill sequences
+        starts = [0]
+        for n in q_lens:
+            starts.append(starts[-1] + n)
+        self.dec_rows = to_device([starts[i] for i in dec], device)
+        self.pre_rows = to_device([t for i in pre for t in range(starts[i], starts[i + 1])], device)
+        pre_seqs = to_device(pre, device)
+        pre_lens = [q_lens[i] for i in pre]
+        super().plan(AttentionMetadata(
+            query_start_loc=to_device([0, *itertools.accumulate(pre_lens)], device),
+            seq_lens=meta.seq_lens.index_select(0, pre_seqs), block_tables=meta.block_tables.index_select(0, pre_seqs),
+            slot_mapping=meta.slot_mapping, query_lens_cpu=pre_lens,
+            seq_lens_cpu=[meta.seq_lens_cpu[i] for i in pre], block_size=meta.block_size))
 
     def plan_graph(self, batch_size: int, meta: AttentionMetadata, capture: bool) -> None:
         """CUDA graphs: plan once at capture (the kernels read the graph's static buffers); nothing per replay."""

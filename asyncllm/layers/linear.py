@@ -122,7 +122,9 @@ class VocabParallelEmbedding(nn.Module):
         out = nn.functional.embedding(local.clamp(0, self.per_rank - 1), self.weight) * inside[:, None]
         return self.tp.all_reduce(out)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [T, H] -> logits [T, vocab] (every rank gets all of them)."""
-        local = nn.functional.linear(hidden, self.weight)
-        return self.tp.all_gather_last_dim(local)[:, : self.vocab_size]
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [T, H] -> logits [T, vocab] (every rank gets all of them), into `out` when given."""
+        if out is not None and self.tp.size == 1 and self.weight.shape[0] == self.vocab_size:
+            return torch.mm(hidden, self.weight.t(), out=out)
+        logits = self.tp.all_gather_last_dim(nn.functional.linear(hidden, self.weight))[:, : self.vocab_size]
+        return logits if out is None else out.copy_(logits)

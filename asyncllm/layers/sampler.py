@@ -1,28 +1,22 @@
-"""Batched sampling: greedy, temperature, top-k, top-p, min-p, with per-request seeds.
+"""Sampling: per-row parameters kept on the device, one kernel for every row (asyncllm_kernels.sample).
 
-All rows of a step are sampled together. A sampled token is argmax(probs / E) with E ~ Exponential(1) per vocab
-entry (the exponential race, equivalent to drawing from probs). A request with a seed draws E from its own
-generator, so its tokens do not depend on which other requests share the batch.
+A row of the sampler is a row of the block tables (`Request.row`): its temperature, top-k, top-p, min-p and
+seed are written once when a request takes the row (`set_rows`), and each step gathers them by its rows, so the
+sampling of a decode step has static shapes and runs inside its CUDA graph. Draws are keyed by (seed, position):
+a request's tokens do not depend on the batch it shares. Repetition penalties are applied to the logits before,
+on rank 0, from the requests' token counts (`Penalties`).
 """
 from __future__ import annotations
 
-import random
+import math
 from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class SamplingTensors:
-    temperature: torch.Tensor  # [B] float32; rows with 0 are greedy
-    top_k: torch.Tensor  # [B] int64; 0 = off
-    top_p: torch.Tensor  # [B] float32; 1 = off
-    min_p: torch.Tensor  # [B] float32; 0 = off
-    seeded: list[tuple[int, torch.Generator]]  # (row, that request's own generator); other rows share one
-    all_greedy: bool
-    need_sort: bool  # some row uses top-k or top-p
-    need_min_p: bool
-    penalties: Penalties | None = None
+# the kernel's constants (asyncllm_kernels.sampling): lowbias32 multipliers, the column stride, the search span
+M1, M2 = 0x7FEB352D, 0x846CA68B
+GOLDEN = 0x9E3779B9
+MASK32 = 0xFFFFFFFF
 
 
 @dataclass
@@ -37,56 +31,83 @@ class Penalties:
     repetition: torch.Tensor  # [P] float32
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """In place."""
         rows = logits[self.rows]
         rep = self.repetition[:, None]
         rows = torch.where(self.seen, torch.where(rows > 0, rows / rep, rows * rep), rows)
         rows = rows - self.frequency[:, None] * self.output_counts - self.presence[:, None] * (self.output_counts > 0)
-        return logits.index_copy(0, self.rows, rows)
+        return logits.index_copy_(0, self.rows, rows.to(logits.dtype))
 
 
 class Sampler:
-    """`fused` (CUDA fast path): steps whose rows use only temperature (no top-k/top-p/min-p, no per-request seed)
-    sample with one Triton Gumbel-max pass over the logits, keyed by a per-step seed drawn on the host."""
+    """`fused`: the Triton kernel (CUDA fast path); else its torch reference (CPU, the torch backend)."""
 
-    def __init__(self, device: torch.device, seed: int) -> None:
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
-        self.host_rng = random.Random(seed)
-        self.fused = False
+    def __init__(self, num_rows: int, device: torch.device, fused: bool) -> None:
+        rows = num_rows + 1  # + the dummy row of padded graph steps: greedy
+        self.temperature = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.top_k = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
+        self.min_p = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.seed = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.fused = fused
 
-    def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-        """logits [B, V] (float32) -> token ids [B] int64."""
-        if t.penalties is not None:
-            logits = t.penalties.apply(logits)
-        if t.all_greedy:
-            return logits.argmax(dim=-1)
-        if self.fused and not (t.need_sort or t.need_min_p or t.seeded):
-            from asyncllm_kernels import gumbel_sample
+    def set_rows(self, new: torch.Tensor) -> None:
+        """new [P, 6] int64 on the device: row, temperature, top_k, top_p, min_p (float64 bits), seed."""
+        rows = new[:, 0]
+        floats = new[:, 1:5].contiguous().view(torch.float64).float()  # temperature, (top_k), top_p, min_p
+        self.temperature[rows] = floats[:, 0]
+        self.top_k[rows] = new[:, 2]
+        self.top_p[rows] = floats[:, 2]
+        self.min_p[rows] = floats[:, 3]
+        self.seed[rows] = new[:, 5]
 
-            return gumbel_sample(logits, t.temperature, self.host_rng.getrandbits(62))
-        greedy = logits.argmax(dim=-1)
-        is_greedy = t.temperature == 0
-        logits = logits / torch.where(is_greedy, 1.0, t.temperature)[:, None]
-        if t.need_min_p:
-            probs = logits.softmax(dim=-1)
-            threshold = probs.amax(dim=-1, keepdim=True) * t.min_p[:, None]
-            logits = logits.masked_fill(probs < threshold, float("-inf"))
-        if t.need_sort:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-            drop = (rank >= t.top_k[:, None]) & (t.top_k[:, None] > 0)
-            sorted_probs = sorted_logits.softmax(dim=-1)
-            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-            drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= t.top_p[:, None]
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-        probs = logits.softmax(dim=-1)
-        noise = self._exponential(probs, t.seeded)
-        sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(is_greedy, greedy, sampled)
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [B, V] -> token ids [B] int64; rows [B]: each logit row's sampler row; positions [B]: of the
+        tokens being sampled (they key the draws)."""
+        args = (self.temperature[rows], self.top_k[rows], self.top_p[rows], self.min_p[rows], self.seed[rows], positions)
+        if self.fused:
+            from asyncllm_kernels import sample
 
-    def _exponential(self, probs: torch.Tensor, seeded: list[tuple[int, torch.Generator]]) -> torch.Tensor:
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for row, gen in seeded:
-            noise[row].exponential_(generator=gen)
-        return noise
+            return sample(logits, *args, out=out)
+        sampled = sample_ref(logits, *args)
+        return sampled if out is None else out.copy_(sampled)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int64 tensors holding uint32 values (products wrap; the low 32 bits are exact)."""
+    x = x ^ (x >> 16)
+    x = (x * M1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * M2) & MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_ref(seed: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, V] float32 in (0, 1): the kernel's noise."""
+    key = _mix((seed & MASK32) ^ _mix(((seed >> 32) & MASK32) ^ _mix(position & MASK32)))
+    cols = torch.arange(vocab, dtype=torch.int64, device=seed.device)
+    h = _mix(key[:, None] ^ ((cols * GOLDEN) & MASK32)[None, :])
+    return ((h >> 8).float() + 0.5) * (1.0 / 16777216.0)
+
+
+def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+               min_p: torch.Tensor, seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """`sample` in torch: the same noise and the same kept sets (ties at a threshold aside)."""
+    x = logits.float()
+    greedy = x.argmax(-1)
+    if not bool((temperature > 0).any()):
+        return greedy
+    s = x / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    m = s.amax(-1, keepdim=True)
+    floor = torch.where(min_p > 0, m.squeeze(-1) + torch.log(min_p.clamp_min(1e-30)), -math.inf)[:, None]
+    s = s.masked_fill(s < floor, -math.inf)
+    if bool(((top_k > 0) | (top_p < 1)).any()):
+        sorted_s, order = s.sort(-1, descending=True)
+        rank = torch.arange(s.shape[-1], device=s.device)[None, :]
+        drop = (rank >= top_k[:, None]) & (top_k[:, None] > 0)
+        probs = sorted_s.softmax(-1)
+        drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]  # keep the smallest prefix reaching top_p
+        s = torch.empty_like(s).scatter_(-1, order, sorted_s.masked_fill(drop, -math.inf))
+    score = s - torch.log(-torch.log(uniform_ref(seed, position, s.shape[-1])))
+    return torch.where(temperature > 0, score.argmax(-1), greedy)

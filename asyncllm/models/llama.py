@@ -157,9 +157,10 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [T, vocab] in the model's dtype (into `out` when given)."""
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return head.logits(hidden).float()
+        return head.logits(hidden, out)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> dict[str, set[ShardId]]:
         """Copy checkpoint tensors into the parameters (each through its `weight_loader`); returns, per parameter

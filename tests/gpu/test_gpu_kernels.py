@@ -12,10 +12,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 if torch.cuda.is_available():
     from test_kernels import (  # noqa: E402,F401  (collected again here, on the GPU)
         test_all_reduce_add_rms_norm_on_one_rank,
-        test_gumbel_sample_follows_softmax_and_greedy_rows,
         test_paged_decode_attention,
         test_rmsnorm_with_and_without_residual,
         test_rope_with_kv_store,
+        test_sample_follows_the_kept_softmax,
+        test_sample_matches_its_reference_on_every_path,
         test_silu_and_mul,
         test_store_kv_scatters_and_skips_padding,
     )

@@ -1,0 +1,240 @@
+"""A step's inputs: what rank 0 packs on the host, what every rank unpacks on the device.
+
+Per-row state stays on the device between steps (a row is the scheduler's slot of a running request,
+`Request.row`): the block tables ([rows + 1, max_blocks] int64, the last row a dummy of zeros for padded graph
+rows, with a host mirror for the attention plan) and the sampling parameters (the sampler's). A step sends only
+what changed: a request's whole table and its parameters when it takes a row, then each block it gains, and the
+blocks the prefix cache swaps (the scheduler lowers `num_synced_blocks` to resend them). Per token it sends its
+id and position, per sequence its row. So a decode step of B requests costs 3B integers, whatever the contexts.
+
+Packed int64 layout (sizes in StepHeader): ids [T] | positions [T] | rows [B] | query_start_loc [B+1] |
+sample_seqs [S] | table updates [U x (row, column, block)] | new rows [P x (row, temperature, top_k, top_p,
+min_p, seed)], the floats as float64 bit patterns. An id < 0 is -(k + 1): the k-th sampled id of the previous
+step, still on the device (overlap scheduling). A decode step padded for a CUDA graph of size bs has T = B = bs,
+its padding rows being the dummy row at position 0 (their K/V go nowhere: slot -1).
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from asyncllm.device import to_device
+from asyncllm.engine.request import Request
+from asyncllm.engine.scheduler import Batch
+from asyncllm.layers.attention import AttentionMetadata
+
+NEW_ROW_FIELDS = 6
+
+
+@dataclass
+class StepHeader:
+    """Sizes of one step's packed array; rank 0 sends [1, sizes..., packed...] to the followers, [0] to stop."""
+
+    num_seqs: int
+    num_tokens: int
+    num_sampled: int
+    num_updates: int
+    num_new_rows: int
+
+    STOP: ClassVar[np.ndarray] = np.zeros(1, dtype=np.int64)
+
+    def sizes(self) -> list[int]:
+        b, t = self.num_seqs, self.num_tokens
+        return [t, t, b, b + 1, self.num_sampled, 3 * self.num_updates, NEW_ROW_FIELDS * self.num_new_rows]
+
+    @property
+    def decode_only(self) -> bool:
+        return self.num_tokens == self.num_seqs
+
+    def encode(self, packed: np.ndarray) -> np.ndarray:
+        sizes = [1, self.num_seqs, self.num_tokens, self.num_sampled, self.num_updates, self.num_new_rows]
+        return np.concatenate([np.asarray(sizes, dtype=np.int64), packed])
+
+    @staticmethod
+    def decode(msg: np.ndarray) -> tuple[StepHeader, np.ndarray] | None:
+        if msg[0] == 0:
+            return None
+        return StepHeader(*(int(x) for x in msg[1:6])), msg[6:]
+
+
+def table_updates(requests: list[Request]) -> tuple[list[int], list[Request]]:
+    """Rank 0: the (row, column, block) triples (flat) that bring the device tables up to the requests' block
+    tables, and the requests that just took their row (their sampling parameters go out too). Marks them sent."""
+    flat: list[int] = []
+    new: list[Request] = []
+    for r in requests:
+        table, synced = r.block_table, r.num_synced_blocks
+        if len(table) > synced:
+            if synced == 0:
+                new.append(r)
+            for c in range(synced, len(table)):
+                flat += (r.row, c, table[c])
+            r.num_synced_blocks = len(table)
+    return flat, new
+
+
+def _signed64(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def new_row_fields(requests: list[Request], rng: random.Random) -> np.ndarray:
+    """[P, 6] int64: each request's row and sampling parameters. A request without a seed gets one from `rng`
+    once (its draws then depend on it and its positions only)."""
+    out = np.empty((len(requests), NEW_ROW_FIELDS), dtype=np.int64)
+    floats = np.empty((len(requests), 3), dtype=np.float64)
+    for i, r in enumerate(requests):
+        p = r.params
+        if r.sample_seed is None:
+            r.sample_seed = _signed64(p.seed) if p.seed is not None else rng.getrandbits(63)
+        out[i, 0], out[i, 2], out[i, 5] = r.row, p.top_k, r.sample_seed
+        floats[i] = (0.0 if p.greedy else p.temperature, p.top_p, p.min_p)
+    out[:, [1, 3, 4]] = floats.view(np.int64)
+    return out
+
+
+def pack(batch: Batch, pad_to: int, dummy_row: int, rng: random.Random) -> tuple[StepHeader, np.ndarray]:
+    """Rank 0: the step's packed host array. `pad_to` > 0: a decode-only step padded to that many rows."""
+    reqs, starts, feed = batch.requests, batch.starts, batch.feed
+    n_new = batch.num_new_tokens
+    b = len(reqs)
+    flat_updates, new = table_updates(reqs)
+    rows = [r.row for r in reqs]
+    if pad_to:  # decode only: one token per row
+        pad = pad_to - b
+        ids = [r.token_ids[s] if f < 0 else -f - 1 for r, s, f in zip(reqs, starts, feed)] + [0] * pad
+        positions = np.asarray(starts + [0] * pad, dtype=np.int64)
+        rows += [dummy_row] * pad
+        qsl = np.arange(pad_to + 1, dtype=np.int64)
+        b = pad_to
+    else:
+        ids = []
+        for r, s, n, f in zip(reqs, starts, n_new, feed):
+            if f < 0:
+                ids += r.token_ids[s : s + n]
+            else:  # the last input token is on the device
+                ids += r.token_ids[s : s + n - 1]
+                ids.append(-f - 1)
+        n_arr = np.asarray(n_new, dtype=np.int64)
+        qsl = np.zeros(b + 1, dtype=np.int64)
+        np.cumsum(n_arr, out=qsl[1:])
+        positions = np.repeat(np.asarray(starts, dtype=np.int64) - qsl[:-1], n_arr) + np.arange(qsl[-1])
+    sample_seqs = np.flatnonzero(batch.sample)
+    new_rows = new_row_fields(new, rng)
+    header = StepHeader(b, len(ids), len(sample_seqs), len(flat_updates) // 3, len(new))
+    packed = np.concatenate([np.asarray(ids, dtype=np.int64), positions, np.asarray(rows, dtype=np.int64), qsl,
+                             sample_seqs, np.asarray(flat_updates, dtype=np.int64), new_rows.reshape(-1)])
+    return header, packed
+
+
+class RowTables:
+    """The block tables of every row, on the device and mirrored on the host; row `dummy` stays zeros."""
+
+    def __init__(self, num_rows: int, max_blocks: int, device: torch.device) -> None:
+        self.dummy = num_rows
+        self.device = torch.zeros(num_rows + 1, max_blocks, dtype=torch.int64, device=device)
+        self.host = np.zeros((num_rows + 1, max_blocks), dtype=np.int64)
+
+    def apply(self, host: np.ndarray, dev: torch.Tensor) -> None:
+        """Table updates [U, 3] (row, column, block), the same ones on the host and on the device."""
+        self.host[host[:, 0], host[:, 1]] = host[:, 2]
+        self.device[dev[:, 0], dev[:, 1]] = dev[:, 2]
+
+
+@dataclass
+class Step:
+    """One step unpacked on the device (and the host arrays the attention plan needs)."""
+
+    header: StepHeader
+    packed: torch.Tensor  # the whole packed array on the device
+    ids: torch.Tensor  # [T] as packed: ids, or -(k + 1) for the previous step's k-th sampled id
+    positions: torch.Tensor  # [T]
+    rows: torch.Tensor  # [B]
+    query_start_loc: torch.Tensor  # [B + 1]
+    sample_seqs: torch.Tensor  # [S]
+    host_positions: np.ndarray
+    host_rows: np.ndarray
+    host_qsl: np.ndarray
+    new_rows: torch.Tensor  # [P, 6]
+
+
+def unpack(header: StepHeader, packed: np.ndarray, tables: RowTables, device: torch.device) -> Step:
+    """The packed array on the device in one copy; the table updates applied (host and device)."""
+    sizes = header.sizes()
+    dev = to_device(packed, device)
+    d = dev.split(sizes)
+    h = np.split(packed, np.cumsum(sizes)[:-1])
+    if header.num_updates:
+        tables.apply(h[5].reshape(-1, 3), d[5].view(-1, 3))
+    return Step(header, dev, d[0], d[1], d[2], d[3], d[4], h[1], h[2], h[3], d[6].view(-1, NEW_ROW_FIELDS))
+
+
+def token_inputs(ids: torch.Tensor, positions: torch.Tensor, token_rows: torch.Tensor, tables: RowTables,
+                 sampled: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device side, shape-static (CUDA-graph safe): the input ids (pending ones taken from the previous step's
+    sampled ids) and each token's KV slot (-1 for the dummy row's tokens)."""
+    fed = sampled[(-ids - 1).clamp(min=0)]
+    input_ids = torch.where(ids < 0, fed, ids)
+    blocks = tables.device[token_rows, torch.div(positions, block_size, rounding_mode="floor")]
+    slots = torch.where(token_rows == tables.dummy, -1, blocks * block_size + positions % block_size)
+    return input_ids, slots
+
+
+@dataclass
+class StepInputs:
+    """An eager step's model inputs."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor  # [S] rows of the packed tokens whose logits are sampled
+    sample_table_rows: torch.Tensor  # [S] their sequences' rows (sampling parameters)
+
+
+def eager_inputs(step: Step, tables: RowTables, sampled: torch.Tensor, block_size: int) -> StepInputs:
+    """A step of any shape (prefill, mixed, decode without a graph): tensors built with a few device ops."""
+    qsl_h, pos_h = step.host_qsl, step.host_positions
+    b, t = step.header.num_seqs, step.header.num_tokens
+    q_lens = np.diff(qsl_h)
+    seq_lens_h = pos_h[qsl_h[1:] - 1] + 1
+    token_rows = torch.repeat_interleave(step.rows, step.query_start_loc.diff(), output_size=t)
+    input_ids, slots = token_inputs(step.ids, step.positions, token_rows, tables, sampled, block_size)
+    width = int(-(-seq_lens_h.max() // block_size)) if b else 1
+    last = step.query_start_loc[1:] - 1
+    meta = AttentionMetadata(
+        query_start_loc=step.query_start_loc, seq_lens=step.positions[last] + 1,
+        block_tables=tables.device[:, :width].index_select(0, step.rows), slot_mapping=slots,
+        query_lens_cpu=q_lens.tolist(), seq_lens_cpu=seq_lens_h.tolist(), block_size=block_size,
+        block_tables_cpu=tables.host[step.host_rows, :width])
+    return StepInputs(input_ids, step.positions, meta, last[step.sample_seqs], step.rows[step.sample_seqs])
+
+
+@dataclass
+class StepHandle:
+    """A launched step. `wait()` blocks the calling thread (not the event loop: call it from a worker thread)
+    until the step's sampled ids are on the host."""
+
+    batch: Batch
+    sampled: torch.Tensor | None  # CPU: the ids; CUDA: page-locked host buffer the device copies into
+    event: torch.cuda.Event | None = None  # recorded after that copy
+
+    def wait(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return [] if self.sampled is None else self.sampled.tolist()
+
+
+class HostRing:
+    """Page-locked host buffers for the sampled ids, reused in turn (no allocation per step). A buffer comes
+    back after `size` steps; the step that used it was waited on long before (at most two are in flight)."""
+
+    def __init__(self, capacity: int, size: int = 4) -> None:
+        self.buffers = [torch.empty(capacity, dtype=torch.int64, pin_memory=True) for _ in range(size)]
+        self.turn = itertools.cycle(self.buffers)
+
+    def take(self, n: int) -> torch.Tensor:
+        return next(self.turn)[:n]
