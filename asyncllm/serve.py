@@ -32,7 +32,7 @@ log = logging.getLogger("asyncllm.serve")
 ENGINE_FLAGS = ("dtype", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size",
                 "gpu_memory_utilization", "num_kv_blocks", "kv_cache_memory_bytes", "enforce_eager", "load_format",
                 "attention_backend", "all_reduce", "seed", "enable_prefix_caching", "cuda_graph_max_bs", "overlap_schedule",
-                "tensor_parallel_size", "stream_interval")
+                "tensor_parallel_size", "stream_interval", "max_prefill_delay_steps")
 
 
 def bounded(kind: type, lo: float, hi: float | None = None) -> Any:
@@ -75,6 +75,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=bounded(int, 1), default=256, help="most requests in one step")
     g.add_argument("--max-model-len", type=bounded(int, 1), default=None, help="prompt + output tokens (default: the model's context)")
     g.add_argument("--max-num-batched-tokens", type=bounded(int, 1), default=None, help="token budget per step (chunked prefill)")
+    g.add_argument("--max-prefill-delay-steps", type=bounded(int, 0), default=None,
+                   help="steps new prompts may wait, while others decode, to prefill together (default: 4 with CUDA "
+                        "graphs, else 0)")
     g.add_argument("--block-size", type=bounded(int, 1), default=16, help="tokens per KV cache block")
     g.add_argument("--gpu-memory-utilization", type=bounded(float, 0.01, 1.0), default=0.9, help="share of GPU memory the engine may use")
     g.add_argument("--num-kv-blocks", type=bounded(int, 1), default=None, help="exact KV cache size in blocks")

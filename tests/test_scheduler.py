@@ -132,3 +132,25 @@ def test_default_step_budget_follows_the_model_size_on_gpus():
     assert max_step_tokens(EngineConfig.from_kwargs(None, max_num_seqs=4096), cuda, int(8e9)) == 4096
     assert max_step_tokens(EngineConfig.from_kwargs(None, max_num_batched_tokens=100), cuda, 1) == 100
 
+
+
+def test_prefill_delay_gathers_new_prompts_while_others_decode():
+    """With max_prefill_delay_steps = 3 and a budget of 32: a short prompt arriving while a request decodes waits
+    up to 3 steps (or until the waiting prompts fill half the budget); with nothing running it starts at once."""
+    s = Scheduler(SchedulerConfig(8, 32, 64, max_prefill_delay_steps=3), BlockManager(64, 4))
+    s.add(req("a", 5, max_tokens=30))
+    batch, _ = run_step(s)
+    assert [r.request_id for r in batch.requests] == ["a"]  # nothing running: admitted at once
+    s.add(req("b", 4, max_tokens=4))
+    admitted_at = None
+    for step in range(6):
+        batch, _ = run_step(s)
+        if "b" in [r.request_id for r in batch.requests]:
+            admitted_at = step
+            break
+    assert admitted_at == 3  # held back three steps, then admitted
+    s.add(req("c", 6))
+    s.add(req("d", 12))  # 6 + 12 >= (32 - 2 decode rows) // 2: they fill half of what is left
+    batch, _ = run_step(s)
+    assert {"c", "d"} <= {r.request_id for r in batch.requests}
+    s.check_invariants()

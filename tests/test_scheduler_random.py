@@ -78,7 +78,7 @@ def run_workload(seed: int, prefix_caching: bool, overlap: bool) -> dict[str, tu
     max_len = 96
     num_blocks = rng.randint(max_len // bs, 3 * max_len // bs)  # tight: preemption and eviction happen
     config = SchedulerConfig(max_num_seqs=rng.randint(2, 12), max_num_batched_tokens=rng.choice([8, 16, 64, 256]),
-                             max_model_len=max_len)
+                             max_model_len=max_len, max_prefill_delay_steps=rng.choice([0, 0, 2, 5]))
     blocks = BlockManager(num_blocks, bs, prefix_caching)
     sched = Scheduler(config, blocks)
     runner = FakeRunner(num_blocks, bs, config.max_num_seqs)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from asyncllm.engine.step_inputs import RowTables, Step, token_inputs
+from asyncllm.engine.step_inputs import RowTables, Step, even, token_inputs
 from asyncllm.layers.attention import AttentionMetadata
 from asyncllm.layers.sampler import Sampler
 
@@ -37,7 +37,7 @@ class CudaGraphs:
         self.max_bs = max_bs
         self.sizes = graph_sizes(max_bs)
         dev = sampled.device
-        self.inputs = torch.zeros(3 * max_bs, dtype=torch.int64, device=dev)  # ids | positions | rows of a step
+        self.inputs = torch.zeros(3 * even(max_bs), dtype=torch.int64, device=dev)  # ids | positions | rows
         self.arange = torch.arange(max_bs + 1, device=dev)
         vocab = model.config.vocab_size
         self.logits = torch.zeros(max_bs, vocab, dtype=next(model.parameters()).dtype, device=dev)
@@ -56,7 +56,9 @@ class CudaGraphs:
         return next(s for s in self.sizes if s >= num_seqs)
 
     def _views(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.inputs[:bs], self.inputs[bs : 2 * bs], self.inputs[2 * bs : 3 * bs]
+        """ids, positions, rows: laid out as the packed array's first three parts (each padded to even length)."""
+        e = even(bs)
+        return self.inputs[:bs], self.inputs[e : e + bs], self.inputs[2 * e : 2 * e + bs]
 
     def _forward(self, bs: int) -> None:
         ids, positions, rows = self._views(bs)
@@ -75,7 +77,7 @@ class CudaGraphs:
 
     def _capture(self, bs: int) -> None:
         self.inputs.zero_()
-        self.inputs[2 * bs : 3 * bs] = self.tables.dummy  # warm-up and capture store no K/V
+        self._views(bs)[2].fill_(self.tables.dummy)  # warm-up and capture store no K/V
         graphs = []
         for body in (self._forward, self._sample):
             # warm-up (compiles the Triton kernels) off the capture, on one stream for all sizes: cuBLAS keeps a
@@ -100,7 +102,8 @@ class CudaGraphs:
     def forward(self, step: Step) -> torch.Tensor:
         """Replay the forward graph of a padded decode step; returns its logits (a view of the static buffer)."""
         bs = step.header.num_seqs
-        self.inputs[: 3 * bs].copy_(step.packed[: 3 * bs])  # ids | positions | rows lead the packed array
+        n = 3 * even(bs)
+        self.inputs[:n].copy_(step.packed[:n])  # ids | positions | rows lead the packed array
         self.graphs[bs][0].replay()
         return self.logits[:bs]
 

@@ -2,6 +2,9 @@
 
 Each step: every running request advances (a decode token, or the next chunk of its prefill), then waiting
 requests are admitted first-come first-served while the token budget, `max_num_seqs` and free KV blocks allow.
+While requests decode, admission may wait up to `max_prefill_delay_steps` steps for the waiting prompts to fill
+half of what is left of the step's budget: a step that prefills runs eagerly (no CUDA graph), so gathering new
+prompts into fewer steps costs the running requests less, for a few steps more of time to first token.
 When a running request needs a block and none is free, the most recently admitted request is preempted by
 recompute: its blocks are freed and it goes back to the head of the waiting queue with all its tokens (prompt and
 output so far) to prefill again.
@@ -50,6 +53,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    max_prefill_delay_steps: int = 0  # 0: admit at once
 
 
 @dataclass
@@ -71,6 +75,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         # rows of the runner's device-resident tables: one per running request (Request.row)
         self._free_rows = list(range(config.max_num_seqs - 1, -1, -1))
+        self._held = 0  # consecutive steps that held the waiting requests back
 
     # ---- admission -------------------------------------------------------------------------------------------
     def check(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -133,7 +138,9 @@ class Scheduler:
         # Admit nothing in a step that had to preempt: the victims would only come straight back.
         preempted = self.stats.num_preemptions != preemptions
         bs = self.blocks.block_size
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+        hold = self._hold_admission(budget)
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted
+               and not hold):
             req = self.waiting[0]
             if req.num_pending:
                 break  # preempted with a token in flight: admit it once the token is known
@@ -184,6 +191,20 @@ class Scheduler:
                 prompt_tokens += n
         self.stats.prompt_tokens += prompt_tokens
         return batch
+
+    def _hold_admission(self, budget: int) -> bool:
+        """Hold the waiting requests back this step (see the module docstring)?"""
+        if not self.waiting or not self.running or self._held >= self.config.max_prefill_delay_steps:
+            self._held = 0
+            return False
+        want, waiting_tokens = budget // 2, 0
+        for req in self.waiting:
+            waiting_tokens += req.num_tokens
+            if waiting_tokens >= want:
+                self._held = 0
+                return False
+        self._held += 1
+        return True
 
     def _at_length_limit(self, req: Request, pending: int = 0) -> bool:
         """With `pending` more tokens the request reaches max_tokens or max_model_len."""

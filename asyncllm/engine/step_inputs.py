@@ -11,7 +11,9 @@ Packed int64 layout (sizes in StepHeader): ids [T] | positions [T] | rows [B] | 
 sample_seqs [S] | table updates [U x (row, column, block)] | new rows [P x (row, temperature, top_k, top_p,
 min_p, seed)], the floats as float64 bit patterns. An id < 0 is -(k + 1): the k-th sampled id of the previous
 step, still on the device (overlap scheduling). A decode step padded for a CUDA graph of size bs has T = B = bs,
-its padding rows being the dummy row at position 0 (their K/V go nowhere: slot -1).
+its padding rows being the dummy row at position 0 (their K/V go nowhere: slot -1). Each part starts on a
+16-byte boundary (parts are padded to an even length): Triton specializes kernels on pointer alignment, and a
+slice that is aligned in one step and not in the next would compile a new variant mid-run.
 """
 from __future__ import annotations
 
@@ -31,6 +33,11 @@ from asyncllm.layers.attention import AttentionMetadata
 NEW_ROW_FIELDS = 6
 
 
+def even(n: int) -> int:
+    """Parts of the packed array take an even number of int64s: every part starts 16-byte aligned."""
+    return n + (n & 1)
+
+
 @dataclass
 class StepHeader:
     """Sizes of one step's packed array; rank 0 sends [1, sizes..., packed...] to the followers, [0] to stop."""
@@ -44,6 +51,7 @@ class StepHeader:
     STOP: ClassVar[np.ndarray] = np.zeros(1, dtype=np.int64)
 
     def sizes(self) -> list[int]:
+        """Lengths of the parts (each stored padded to an even length)."""
         b, t = self.num_seqs, self.num_tokens
         return [t, t, b, b + 1, self.num_sampled, 3 * self.num_updates, NEW_ROW_FIELDS * self.num_new_rows]
 
@@ -126,8 +134,12 @@ def pack(batch: Batch, pad_to: int, dummy_row: int, rng: random.Random) -> tuple
     sample_seqs = np.flatnonzero(batch.sample)
     new_rows = new_row_fields(new, rng)
     header = StepHeader(b, len(ids), len(sample_seqs), len(flat_updates) // 3, len(new))
-    packed = np.concatenate([np.asarray(ids, dtype=np.int64), positions, np.asarray(rows, dtype=np.int64), qsl,
-                             sample_seqs, np.asarray(flat_updates, dtype=np.int64), new_rows.reshape(-1)])
+    parts = [ids, positions, rows, qsl, sample_seqs, flat_updates, new_rows.reshape(-1)]
+    packed = np.zeros(sum(even(n) for n in header.sizes()), dtype=np.int64)
+    at = 0
+    for part, n in zip(parts, header.sizes()):
+        packed[at : at + n] = part
+        at += even(n)
     return header, packed
 
 
@@ -166,8 +178,8 @@ def unpack(header: StepHeader, packed: np.ndarray, tables: RowTables, device: to
     """The packed array on the device in one copy; the table updates applied (host and device)."""
     sizes = header.sizes()
     dev = to_device(packed, device)
-    d = dev.split(sizes)
-    h = np.split(packed, np.cumsum(sizes)[:-1])
+    d = [part[:n] for part, n in zip(dev.split([even(n) for n in sizes]), sizes)]
+    h = [part[:n] for part, n in zip(np.split(packed, np.cumsum([even(n) for n in sizes])[:-1]), sizes)]
     if header.num_updates:
         tables.apply(h[5].reshape(-1, 3), d[5].view(-1, 3))
     return Step(header, dev, d[0], d[1], d[2], d[3], d[4], h[1], h[2], h[3], d[6].view(-1, NEW_ROW_FIELDS))
