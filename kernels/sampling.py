@@ -51,29 +51,24 @@ def _count_mass(x_ptr, vocab, inv_t, m, floor, tau, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, stride, vocab, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, pos_ptr, out_ptr,
-                   SPAN_: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+def _threshold_kernel(logits_ptr, stride, vocab, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, tau_ptr,
+                      SPAN_: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row): the smallest scaled logit a token may have to be kept (-inf: no cut)."""
     row = tl.program_id(0)
     x_ptr = logits_ptr + row.to(tl.int64) * stride
     t = tl.load(temp_ptr + row)
-    # pass 1: the row's maximum and its first index
-    best = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
-    best_col = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(0, vocab, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + cols, mask=cols < vocab, other=-float("inf")).to(tl.float32)
-        better = x > best
-        best = tl.where(better, x, best)
-        best_col = tl.where(better, cols, best_col)
-    m_raw = tl.max(best, axis=0)
-    token = tl.min(tl.where(best == m_raw, best_col, vocab), axis=0)
-    if t > 0.0:
+    min_p = tl.load(min_p_ptr + row)
+    top_k = tl.load(top_k_ptr + row).to(tl.float32)
+    top_p = tl.load(top_p_ptr + row)
+    tau = -float("inf")
+    if (t > 0.0) & ((min_p > 0.0) | (top_k > 0.0) | (top_p < 1.0)):
         inv_t = 1.0 / t
-        m = m_raw * inv_t
-        min_p = tl.load(min_p_ptr + row)
+        best = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
+        for start in range(0, vocab, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            best = tl.maximum(best, tl.load(x_ptr + cols, mask=cols < vocab, other=-float("inf")).to(tl.float32))
+        m = tl.max(best, axis=0) * inv_t
         floor = tl.where(min_p > 0.0, m + tl.log(tl.maximum(min_p, 1e-30)), -float("inf"))
-        top_k = tl.load(top_k_ptr + row).to(tl.float32)
-        top_p = tl.load(top_p_ptr + row)
         tau = floor
         if top_k > 0.0:  # largest tau with count(s >= tau) >= top_k
             lo = m - SPAN_
@@ -96,39 +91,67 @@ def _sample_kernel(logits_ptr, stride, vocab, temp_ptr, top_k_ptr, top_p_ptr, mi
                 lo = tl.where(ok, mid, lo)
                 hi = tl.where(ok, hi, mid)
             tau = tl.maximum(tau, lo)
-        # the draw: Gumbel-max over the kept tokens, noise hashed from (seed, position, column)
-        seed = tl.load(seed_ptr + row)
-        pos = tl.load(pos_ptr + row)
-        key = _mix((seed & 0xFFFFFFFF).to(tl.uint32) ^ _mix(((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-                                                           ^ _mix((pos & 0xFFFFFFFF).to(tl.uint32))))
-        score_best = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
-        score_col = tl.zeros([BLOCK], dtype=tl.int32)
-        for start in range(0, vocab, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            s = tl.load(x_ptr + cols, mask=cols < vocab, other=-float("inf")).to(tl.float32) * inv_t
+    tl.store(tau_ptr + row, tau)
+
+
+@triton.jit
+def _draw_kernel(logits_ptr, stride, vocab, temp_ptr, tau_ptr, seed_ptr, pos_ptr, best_ptr, idx_ptr,
+                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, chunk): the best score of CHUNK columns and its first column. Score: the logit (greedy
+    rows), else s + Gumbel noise hashed from (seed, position, column) for kept tokens (s >= tau), else -inf."""
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    x_ptr = logits_ptr + row.to(tl.int64) * stride
+    t = tl.load(temp_ptr + row)
+    greedy = t == 0.0
+    inv_t = 1.0 / tl.where(greedy, 1.0, t)
+    tau = tl.load(tau_ptr + row)
+    seed = tl.load(seed_ptr + row)
+    pos = tl.load(pos_ptr + row)
+    key = _mix((seed & 0xFFFFFFFF).to(tl.uint32) ^ _mix(((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+                                                       ^ _mix((pos & 0xFFFFFFFF).to(tl.uint32))))
+    best = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
+    best_col = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + cols, mask=cols < vocab, other=-float("inf")).to(tl.float32)
+        if greedy:
+            score = x
+        else:
+            s = x * inv_t
             h = _mix(key ^ (cols.to(tl.uint32) * 0x9E3779B9))
             u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            score = tl.where(s >= tau, s - tl.log(-tl.log(u)), -float("inf"))
-            better = score > score_best
-            score_best = tl.where(better, score, score_best)
-            score_col = tl.where(better, cols, score_col)
-        top = tl.max(score_best, axis=0)
-        token = tl.min(tl.where(score_best == top, score_col, vocab), axis=0)
-    tl.store(out_ptr + row, token.to(tl.int64))
+            score = tl.where((s >= tau) & (cols < vocab), s - tl.log(-tl.log(u)), -float("inf"))
+        better = score > best
+        best = tl.where(better, score, best)
+        best_col = tl.where(better, cols, best_col)
+    top = tl.max(best, axis=0)
+    out = row * tl.num_programs(1) + chunk
+    tl.store(best_ptr + out, top)
+    tl.store(idx_ptr + out, tl.min(tl.where(best == top, best_col, 2147483647), axis=0).to(tl.int64))
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            min_p: torch.Tensor, seed: torch.Tensor, position: torch.Tensor, out: torch.Tensor | None = None,
-           block: int = 1024) -> torch.Tensor:
+           chunk: int = 4096) -> torch.Tensor:
     """logits [B, V] (any float dtype, unit stride over V); per row: temperature float32 (0 = greedy), top_k int64
     (0 = off), top_p float32 (1 = off), min_p float32 (0 = off), seed int64, position int64 (of the token being
-    sampled) -> token ids [B] int64 (written into `out` when given)."""
+    sampled) -> token ids [B] int64 (written into `out` when given). Two kernels: each row's threshold (only rows
+    with a cut do work), then the draw over chunks of the vocabulary in parallel (batch 1 fills the GPU too); the
+    best chunk of each row wins (the first on equal scores)."""
     assert logits.ndim == 2 and logits.stride(-1) == 1
     rows, vocab = logits.shape
     if out is None:
         out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    if rows:
-        _sample_kernel[(rows,)](logits, logits.stride(0), vocab, temperature, top_k, top_p, min_p, seed, position, out,
-                                SPAN_=SPAN, ITERS=BISECT_ITERS, BLOCK=min(block, triton.next_power_of_2(vocab)),
-                                num_warps=8)
-    return out
+    if rows == 0:
+        return out
+    block = min(1024, triton.next_power_of_2(vocab), triton.next_power_of_2(chunk))
+    chunk = max(block, min(chunk, triton.next_power_of_2(vocab)))
+    chunks = triton.cdiv(vocab, chunk)
+    tau = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    best = torch.empty(rows, chunks, dtype=torch.float32, device=logits.device)
+    idx = torch.empty(rows, chunks, dtype=torch.int64, device=logits.device)
+    _threshold_kernel[(rows,)](logits, logits.stride(0), vocab, temperature, top_k, top_p, min_p, tau,
+                               SPAN_=SPAN, ITERS=BISECT_ITERS, BLOCK=block, num_warps=8)
+    _draw_kernel[(rows, chunks)](logits, logits.stride(0), vocab, temperature, tau, seed, position, best, idx,
+                                 CHUNK=chunk, BLOCK=block, num_warps=8)
+    return torch.gather(idx, 1, best.argmax(1, keepdim=True), out=out.view(rows, 1)).view(rows)

@@ -33,6 +33,19 @@ def test_rmsnorm_with_and_without_residual(rows, cols, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_normalizes_each_q_and_k_head_in_place(dtype):
+    torch.manual_seed(1)
+    tokens, hq, hk, d = 5, 4, 2, 64
+    qkv = rnd(tokens, (hq + 2 * hk) * d, dtype=dtype)
+    wq, wk = rnd(d, dtype=dtype), rnd(d, dtype=dtype)
+    expected = qkv.clone().view(tokens, hq + 2 * hk, d)
+    expected[:, :hq] = K.rms_norm_ref(expected[:, :hq], wq, 1e-6)
+    expected[:, hq : hq + hk] = K.rms_norm_ref(expected[:, hq : hq + hk], wk, 1e-6)
+    K.qk_norm_(qkv, wq, wk, hq, hk, 1e-6)
+    torch.testing.assert_close(qkv.view(tokens, -1, d), expected, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_all_reduce_add_rms_norm_on_one_rank(dtype):
     """The fused TP kernel with a world of one (its cross-rank behaviour: tests/gpu, 2 and 4 GPUs): stages x in the
     given slot of the exchange buffer, reads the sum back, adds, normalises; each call's barrier counts one up."""
@@ -174,6 +187,7 @@ def test_sample_matches_its_reference_on_every_path(dtype):
     got = K.sample(logits, *args).cpu()
     ref = sample_ref(logits.cpu(), temp, top_k, top_p, min_p, seed, pos)
     assert int((got != ref).sum()) <= (0 if DEVICE == "cpu" else rows // 200), (got != ref).nonzero()
+    assert torch.equal(K.sample(logits, *args, chunk=128).cpu(), got)  # the vocabulary in chunks: the same draws
     greedy = temp == 0
     assert torch.equal(got[greedy], logits.float().argmax(-1).cpu()[greedy])
     assert torch.equal(got[top_k == 1], logits.float().argmax(-1).cpu()[top_k == 1])

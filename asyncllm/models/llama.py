@@ -66,11 +66,18 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """-> this rank's partial sum of o_proj (see RowParallelLinear)."""
-        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
+        qkv = self.qkv_proj(x)
+        norm = self.q_norm is not None and self.k_norm is not None
+        if norm and self.q_norm.fused:  # one kernel for every head, in place
+            from asyncllm_kernels import qk_norm_
+
+            qk_norm_(qkv, self.q_norm.weight, self.k_norm.weight, self.num_heads, self.num_kv_heads, self.q_norm.eps)
+            norm = False
+        q, k, v = qkv.split(self.splits, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
+        if norm:
             q, k = self.q_norm(q), self.k_norm(k)
         out = self.attn(q, k, v, rotary=(positions, self.rotary.cos_sin_cache))  # the backend rotates q and k
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
