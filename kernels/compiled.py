@@ -1,27 +1,26 @@
-"""How many Triton kernel variants this process has compiled: the engine compiles every variant it can hit
-at start-up (warm-up, graph capture), so the count must not grow while serving (a compile mid-run stalls a step
-for a second or more)."""
+"""Counting Triton compilations: the engine compiles every kernel variant it can hit at start-up (warm-up, graph
+capture), so none may compile while it serves (a compile stalls a step for a second or more)."""
 from __future__ import annotations
 
-import importlib
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
-MODULES = ("activation", "allreduce_norm", "kv_store", "paged_attention", "rmsnorm", "rope", "sampling")
 
+@contextlib.contextmanager
+def count_compilations() -> Iterator[list[int]]:
+    """Yields [n]: the Triton kernels compiled in this process while the block runs (triton >= 3.4 knobs)."""
+    from triton import knobs
 
-def _variants(fn: Any) -> int:
-    fn = getattr(fn, "fn", fn)  # an autotuner wraps the JIT function
-    caches = getattr(fn, "device_caches", None)  # triton >= 3.2: device -> (kernel cache, ...)
-    return sum(len(c[0]) for c in caches.values()) if isinstance(caches, dict) else 0
+    count = [0]
+    previous = knobs.runtime.jit_post_compile_hook
 
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        return previous(*args, **kwargs) if previous is not None else None
 
-def compiled_variants() -> dict[str, int]:
-    """kernel name -> variants compiled so far (all devices), for the kernels that have any."""
-    out: dict[str, int] = {}
-    for name in MODULES:
-        module = importlib.import_module(f"asyncllm_kernels.{name}")
-        for attr, obj in vars(module).items():
-            n = _variants(obj)
-            if n:
-                out[f"{name}.{attr}"] = n
-    return out
+    knobs.runtime.jit_post_compile_hook = hook
+    try:
+        yield count
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous

@@ -69,7 +69,7 @@ def main() -> None:
             ms = wall / steps * 1e3
             ctx = a.prompt_len + a.new_tokens / 2  # mean context over the decode
             floor_ms = (weight_bytes + batch * ctx * kv_token_bytes) / (a.bandwidth_tbs * 1e12) * 1e3
-            outside = outside_ms(llm, prompts, a.new_tokens, a.outside_reps)
+            outside = outside_ms(llm, rng, batch, a.prompt_len, a.new_tokens, a.outside_reps)
             quoted = outside if outside is not None else ms
             print(json.dumps(dict(bench="decode_latency", variant=variant, batch=batch, ms_per_step=round(ms, 3),
                                   outside_ms_per_token=outside and round(outside, 3),
@@ -82,8 +82,9 @@ def main() -> None:
         torch.cuda.empty_cache()
 
 
-def outside_ms(llm: LLM, prompts: list[list[int]], new_tokens: int, reps: int) -> float | None:
-    """ms per decode step from outside the engine: generate(1 + N) - generate(1), over N, best of `reps`."""
+def outside_ms(llm: LLM, rng: random.Random, batch: int, prompt_len: int, new_tokens: int, reps: int) -> float | None:
+    """ms per decode step from outside the engine: generate(1 + N) - generate(1), over N, best of `reps`; new
+    random prompts each time (a repeated prompt would hit the prefix cache, and its repeated output too)."""
     if reps <= 0:
         return None
 
@@ -91,6 +92,7 @@ def outside_ms(llm: LLM, prompts: list[list[int]], new_tokens: int, reps: int) -
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         best = float("inf")
         for _ in range(reps):
+            prompts = [[rng.randrange(100, 20000) for _ in range(prompt_len)] for _ in range(batch)]
             t = time.perf_counter()
             llm.generate(prompts, params, use_tqdm=False)
             best = min(best, time.perf_counter() - t)

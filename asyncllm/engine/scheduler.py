@@ -121,23 +121,32 @@ class Scheduler:
         batch = Batch()
         budget = self.config.max_num_batched_tokens
         preemptions = self.stats.num_preemptions
+        max_len, bs = self.config.max_model_len, self.blocks.block_size
+        reqs, starts, n_new, sample, feed = batch.requests, batch.starts, batch.num_new_tokens, batch.sample, batch.feed
+        running = self.running
         i = 0
         # Running requests in admission order; a victim is always taken from the end, so never one already batched.
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            if req.num_pending and self._at_length_limit(req, req.num_pending):
+        # (Per-row work is what a step costs on the host: Batch.add and the length checks are inlined here.)
+        while i < len(running) and budget > 0:
+            req = running[i]
+            known, pending = len(req.token_ids), req.num_pending
+            if pending and (known - req.num_prompt_tokens + pending >= req.max_tokens or known + pending >= max_len):
                 i += 1  # its last token is on the device: nothing more to compute
                 continue
-            n = min(req.num_scheduled_tokens - req.num_computed_tokens, budget)
-            if not self._grow(req, n):
+            start = req.num_computed_tokens
+            n = min(known + pending - start, budget)
+            if (start + n + bs - 1) // bs > len(req.block_table) and not self._grow(req, n):
                 break  # req preempted itself: it was the last running request
-            batch.add(req, n)
-            req.num_computed_tokens += n
+            reqs.append(req)
+            starts.append(start)
+            n_new.append(n)
+            sample.append(start + n == known + pending)
+            feed.append(-1)
+            req.num_computed_tokens = start + n
             budget -= n
             i += 1
         # Admit nothing in a step that had to preempt: the victims would only come straight back.
         preempted = self.stats.num_preemptions != preemptions
-        bs = self.blocks.block_size
         hold = self._hold_admission(budget)
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted
                and not hold):
@@ -170,23 +179,23 @@ class Scheduler:
         # prefix cache, note where pending tokens come from and go, count prompt tokens.
         row = prompt_tokens = 0
         caching = self.blocks.cache is not None
-        for i, req in enumerate(batch.requests):
+        for i, req in enumerate(reqs):
             if caching:
                 # blocks this step fills: their K/V are written before any later step can read them; the cache
                 # may swap only blocks earlier steps wrote (starts[i] // bs) for its own copies of a prefix
                 full = min(req.num_computed_tokens, len(req.token_ids)) // bs
                 if full > req.num_cached_blocks and self.blocks.cache_blocks(
-                        req.token_ids[: full * bs], req.block_table, batch.starts[i] // bs, req.num_cached_blocks):
+                        req.token_ids[: full * bs], req.block_table, starts[i] // bs, req.num_cached_blocks):
                     # the cache may have swapped blocks from here on for its own copies: the device resends them
                     req.num_synced_blocks = min(req.num_synced_blocks, req.num_cached_blocks)
                     req.num_cached_blocks = full
             if req.num_pending:  # it computes its pending token now: the input comes from the previous step
-                batch.feed[i] = req.pending_row
-            if batch.sample[i]:  # its next token will exist on the device before the host sees it
+                feed[i] = req.pending_row
+            if sample[i]:  # its next token will exist on the device before the host sees it
                 req.num_pending += 1
                 req.pending_row = row
                 row += 1
-            n = batch.num_new_tokens[i]
+            n = n_new[i]
             if n > 1 or req.num_computed_tokens <= req.num_prompt_tokens:
                 prompt_tokens += n
         self.stats.prompt_tokens += prompt_tokens
@@ -205,10 +214,6 @@ class Scheduler:
                 return False
         self._held += 1
         return True
-
-    def _at_length_limit(self, req: Request, pending: int = 0) -> bool:
-        """With `pending` more tokens the request reaches max_tokens or max_model_len."""
-        return req.num_output_tokens + pending >= req.max_tokens or req.num_tokens + pending >= self.config.max_model_len
 
     def _grow(self, req: Request, n: int) -> bool:
         """Give `req` the blocks for n more tokens, preempting later requests if needed.
@@ -239,33 +244,32 @@ class Scheduler:
         out: list[Request] = []
         it = iter(sampled)
         any_finished = False
+        max_len, finished = self.config.max_model_len, RequestStatus.FINISHED
         for req, sample in zip(batch.requests, batch.sample):
             if not sample:
                 continue
             token = next(it)
             req.num_pending -= 1
-            if req.finished:  # aborted, stopped or ended by EOS while the step ran
+            if req.status is finished:  # aborted, stopped or ended by EOS while the step ran
                 continue
-            req.token_ids.append(token)
+            tokens = req.token_ids
+            tokens.append(token)
             out.append(req)
-            reason = self._stop_reason(req, token)
-            if reason is not None:
-                if req.status is RequestStatus.WAITING:  # preempted while its token was in flight
-                    self.waiting.remove(req)
-                self._finish(req, reason)
-                any_finished = True
+            p = req.params
+            if (token in req.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                reason = "stop"
+            elif len(tokens) - req.num_prompt_tokens >= req.max_tokens or len(tokens) >= max_len:
+                reason = "length"
+            else:
+                continue
+            if req.status is RequestStatus.WAITING:  # preempted while its token was in flight
+                self.waiting.remove(req)
+            self._finish(req, reason)
+            any_finished = True
         self.stats.generation_tokens += len(out)
         if any_finished:
             self.running = [r for r in self.running if not r.finished]
         return out
-
-    def _stop_reason(self, req: Request, token: int) -> str | None:
-        p = req.params
-        if (token in req.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            return "stop"
-        if self._at_length_limit(req):
-            return "length"
-        return None
 
     def finish(self, req: Request, reason: str) -> None:
         """End a running request early (a stop string matched above the scheduler)."""

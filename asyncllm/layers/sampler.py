@@ -93,7 +93,9 @@ def uniform_ref(seed: torch.Tensor, position: torch.Tensor, vocab: int) -> torch
 
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                min_p: torch.Tensor, seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """`sample` in torch: the same noise and the same kept sets (ties at a threshold aside)."""
+    """`asyncllm_kernels.sample` in torch: the same noise, the same thresholds (top-k and top-p keep every token
+    tied with the last one they keep); the kernel finds thresholds by bisection, so a token within ~1e-5 of one
+    may fall on the other side (and the GPU's exp and log round differently)."""
     x = logits.float()
     greedy = x.argmax(-1)
     if not bool((temperature > 0).any()):
@@ -102,12 +104,15 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
     m = s.amax(-1, keepdim=True)
     floor = torch.where(min_p > 0, m.squeeze(-1) + torch.log(min_p.clamp_min(1e-30)), -math.inf)[:, None]
     s = s.masked_fill(s < floor, -math.inf)
-    if bool(((top_k > 0) | (top_p < 1)).any()):
-        sorted_s, order = s.sort(-1, descending=True)
-        rank = torch.arange(s.shape[-1], device=s.device)[None, :]
-        drop = (rank >= top_k[:, None]) & (top_k[:, None] > 0)
+    if bool(((top_k > 0) | (top_p < 1)).any()):  # thresholds: every token tied with the last one kept stays
+        sorted_s = s.sort(-1, descending=True).values
+        vocab = s.shape[-1]
+        kth = sorted_s.gather(-1, (top_k.clamp(1, vocab) - 1)[:, None])
         probs = sorted_s.softmax(-1)
-        drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]  # keep the smallest prefix reaching top_p
-        s = torch.empty_like(s).scatter_(-1, order, sorted_s.masked_fill(drop, -math.inf))
+        # the first sorted token at which the cumulative probability reaches top_p
+        last = ((probs.cumsum(-1) - probs) < top_p[:, None]).sum(-1, keepdim=True).clamp(1, vocab) - 1
+        tau = torch.maximum(torch.where(top_k[:, None] > 0, kth, -math.inf),
+                            torch.where(top_p[:, None] < 1, sorted_s.gather(-1, last), -math.inf))
+        s = s.masked_fill(s < tau, -math.inf)
     score = s - torch.log(-torch.log(uniform_ref(seed, position, s.shape[-1])))
     return torch.where(temperature > 0, score.argmax(-1), greedy)

@@ -81,22 +81,34 @@ def test_large_shape_greedy_matches_transformers(large_model):
     ref = hf_greedy_with_logits(large_model, prompts, 32, torch.bfloat16, "cuda")
     llm = LLM(str(large_model), device="cuda", dtype="bfloat16", max_model_len=4600, num_kv_blocks=8192)
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True), use_tqdm=False)
-    matched = [assert_same_until_near_tie(o.token_ids, r[0], r[1], 0.15) for o, r in zip(outs, ref)]
-    print(f"large shape: tokens matched before a near-tie: {matched} of 32")
+    # a near-tie relative to the logits' scale: bf16 keeps ~3 significant digits, over 4k-token contexts
+    scale = max(float(step.abs().max()) for _, logits in ref for step in logits)
+    tie = max(0.15, 0.01 * scale)
+    matched = [assert_same_until_near_tie(o.token_ids, r[0], r[1], tie) for o, r in zip(outs, ref)]
+    print(f"large shape (max |logit| {scale:.1f}, tie {tie:.3f}): tokens matched before a near-tie: {matched} of 32")
     assert sum(matched) >= 0.5 * 32 * len(prompts)  # sanity: a broken kernel diverges at once
 
 
 def test_no_triton_compile_after_start_up(large_model):
     """Start-up compiles every Triton variant the engine hits: a varied workload (odd and even step sizes,
     prefix hits, mixed steps, batch sizes off the capture sizes, every sampling path) compiles nothing more."""
-    from asyncllm_kernels.compiled import compiled_variants
+    import triton
+    import triton.language as tl
 
+    from asyncllm_kernels.compiled import count_compilations
+
+    @triton.jit
+    def _probe(x_ptr):
+        tl.store(x_ptr, 1)
+
+    with count_compilations() as probe:  # the counter sees a compilation
+        _probe[(1,)](torch.zeros(1, device="cuda"))
+    assert probe[0] == 1
     llm = LLM(str(large_model), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=4096)
-    before = compiled_variants()
-    assert before, "nothing compiled at start-up"
     rng = random.Random(3)
     shared = random_prompts(1, VOCAB, 70, 70, seed=4)[0]
-    for n in (1, 3, 17, 40):
-        prompts = [p if rng.random() < 0.5 else shared + p for p in random_prompts(n, VOCAB, 1, 200, seed=n)]
-        llm.generate(prompts, [random_params(rng, rng.randint(1, 40)) for _ in prompts], use_tqdm=False)
-    assert compiled_variants() == before
+    with count_compilations() as compiled:
+        for n in (1, 3, 17, 40):
+            prompts = [p if rng.random() < 0.5 else shared + p for p in random_prompts(n, VOCAB, 1, 200, seed=n)]
+            llm.generate(prompts, [random_params(rng, rng.randint(1, 40)) for _ in prompts], use_tqdm=False)
+    assert compiled[0] == 0
