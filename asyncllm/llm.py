@@ -114,7 +114,6 @@ class LLM:
                     detok = detoks.get(r.request_id)
                     if detok is not None and detok.push(r.token_ids[-1]):
                         self.engine.finish(r.request_id, "stop")
-                finished = sum(r.finished for r in stepped)
                 if use_tqdm:  # throughput since the call started
                     dt = max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(
@@ -122,7 +121,7 @@ class LLM:
                         decode=f"{(stats.generation_tokens - g0) / dt:.0f}tok/s",
                         refresh=False,
                     )
-                    bar.update(finished)
+                    bar.update(sum(r.finished for r in stepped))
         except BaseException:
             try:
                 for r in reqs:

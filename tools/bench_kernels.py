@@ -84,18 +84,17 @@ def main() -> None:
         report("paged_decode_attention", f"b{batch} ctx{ctx} {hq}/{hk}x128",
                lambda: K.paged_decode_attention(q, cache, tables, lens, 128**-0.5, ctx),
                lambda: backend.forward(q, knew, knew, cache, 128**-0.5), 2 * batch * ctx * hk * 128 * 2)
-    # temperature sampling over the Qwen3 vocabulary: fused Gumbel-max vs our torch sampler (exponential race)
-    from asyncllm.layers.sampler import Sampler, SamplingTensors
+    # sampling over the Qwen3 vocabulary (temperature; and top-p, found by bisection): kernel vs its torch reference
+    from asyncllm.layers.sampler import sample_ref
 
-    sampler = Sampler(torch.device(dev), 0)
     for batch in (1, 256):
-        logits = torch.randn(batch, 151936, device=dev)
-        temps = torch.full((batch,), 0.6, device=dev)
-        t = SamplingTensors(temps, torch.zeros(batch, dtype=torch.int64, device=dev), torch.ones(batch, device=dev),
-                            torch.zeros(batch, device=dev), [], False, False, False)
-        report("temperature_sampling", f"{batch}x151936", lambda: K.gumbel_sample(logits, temps, 7),
-               lambda: sampler(logits, t), logits.numel() * 4)
-
+        logits = torch.randn(batch, 151936, device=dev, dtype=bf16)
+        full = lambda v, dt: torch.full((batch,), v, dtype=dt, device=dev)  # noqa: E731
+        for name, top_p in (("temperature_sampling", 1.0), ("top_p_sampling", 0.9)):
+            args = (full(0.6, torch.float32), full(0, torch.int64), full(top_p, torch.float32), full(0.0, torch.float32),
+                    torch.arange(batch, device=dev), full(7, torch.int64))
+            report(name, f"{batch}x151936", lambda: K.sample(logits, *args), lambda: sample_ref(logits, *args),
+                   logits.numel() * 2)
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from asyncllm import LLM, SamplingParams
-from conftest import assert_same_until_near_tie, hf_greedy_with_logits, make_tiny_model, random_prompts
+from conftest import hf_greedy_with_logits, make_tiny_model, random_prompts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -76,17 +76,22 @@ def test_sampling_inside_the_graph_matches_the_reference_on_every_path(large_mod
 
 def test_large_shape_greedy_matches_transformers(large_model):
     """head_dim 128, 32k vocabulary, hidden 2048, prompts over 4k tokens, 20 sequences (graph of 32, padded):
-    greedy tokens equal transformers' until a near-tie, and near-ties are rare at this weight scale."""
+    greedy tokens equal transformers' (float32) until a near-tie, and near-ties are rare at this weight scale."""
     prompts = random_prompts(4, VOCAB, 4100, 4200, seed=8) + random_prompts(16, VOCAB, 10, 300, seed=9)
-    ref = hf_greedy_with_logits(large_model, prompts, 32, torch.bfloat16, "cuda")
+    ref = hf_greedy_with_logits(large_model, prompts, 32, torch.float32, "cuda")
     llm = LLM(str(large_model), device="cuda", dtype="bfloat16", max_model_len=4600, num_kv_blocks=8192)
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True), use_tqdm=False)
-    # a near-tie relative to the logits' scale: bf16 keeps ~3 significant digits, over 4k-token contexts
+    # a near-tie relative to the logits' scale: bf16 keeps ~3 significant digits
     scale = max(float(step.abs().max()) for _, logits in ref for step in logits)
     tie = max(0.15, 0.01 * scale)
-    matched = [assert_same_until_near_tie(o.token_ids, r[0], r[1], tie) for o, r in zip(outs, ref)]
-    print(f"large shape (max |logit| {scale:.1f}, tie {tie:.3f}): tokens matched before a near-tie: {matched} of 32")
-    assert sum(matched) >= 0.5 * 32 * len(prompts)  # sanity: a broken kernel diverges at once
+    report = []  # (prompt, tokens matched, the reference's top-2 gap where ours diverged)
+    for i, (out, (tokens, logits)) in enumerate(zip(outs, ref)):
+        at = next((k for k, (a, b) in enumerate(zip(out.token_ids, tokens)) if a != b), len(tokens))
+        gap = float(logits[at].topk(2).values.diff().abs()) if at < len(tokens) else None
+        report.append((i, at, gap))
+    print(f"large shape (max |logit| {scale:.1f}, tie {tie:.3f}): (prompt, matched of 32, gap there): {report}")
+    assert all(gap is None or gap < tie for _, _, gap in report)
+    assert sum(at for _, at, _ in report) >= 0.5 * 32 * len(prompts)  # sanity: a broken kernel diverges at once
 
 
 def test_no_triton_compile_after_start_up(large_model):
