@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from asyncllm import LLM, SamplingParams
-from conftest import hf_greedy_with_logits, make_tiny_model, random_prompts
+from conftest import make_tiny_model, random_prompts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -74,24 +74,42 @@ def test_sampling_inside_the_graph_matches_the_reference_on_every_path(large_mod
     assert mismatched <= total // 200, f"{mismatched} of {total} sampled rows differ from the reference"
 
 
-def test_large_shape_greedy_matches_transformers(large_model):
-    """head_dim 128, 32k vocabulary, hidden 2048, prompts over 4k tokens, 20 sequences (graph of 32, padded):
-    greedy tokens equal transformers' (float32) until a near-tie, and near-ties are rare at this weight scale."""
+def test_large_shape_graph_logits_match_transformers(large_model):
+    """head_dim 128, 32k vocabulary, hidden 2048, prompts over 4k tokens, 20 sequences (graphs of 32, padded): the
+    logits every decode step computes inside its CUDA graph match transformers' (float32) on the same tokens.
+    (Greedy tokens are no criterion here: this random model's top-2 gaps are often below bf16's error.)"""
+    from transformers import AutoModelForCausalLM
+
     prompts = random_prompts(4, VOCAB, 4100, 4200, seed=8) + random_prompts(16, VOCAB, 10, 300, seed=9)
-    ref = hf_greedy_with_logits(large_model, prompts, 32, torch.float32, "cuda")
     llm = LLM(str(large_model), device="cuda", dtype="bfloat16", max_model_len=4600, num_kv_blocks=8192)
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True), use_tqdm=False)
-    # a near-tie relative to the logits' scale: bf16 keeps ~3 significant digits
-    scale = max(float(step.abs().max()) for _, logits in ref for step in logits)
-    tie = max(0.15, 0.01 * scale)
-    report = []  # (prompt, tokens matched, the reference's top-2 gap where ours diverged)
-    for i, (out, (tokens, logits)) in enumerate(zip(outs, ref)):
-        at = next((k for k, (a, b) in enumerate(zip(out.token_ids, tokens)) if a != b), len(tokens))
-        gap = float(logits[at].topk(2).values.diff().abs()) if at < len(tokens) else None
-        report.append((i, at, gap))
-    print(f"large shape (max |logit| {scale:.1f}, tie {tie:.3f}): (prompt, matched of 32, gap there): {report}")
-    assert all(gap is None or gap < tie for _, _, gap in report)
-    assert sum(at for _, at, _ in report) >= 0.5 * 32 * len(prompts)  # sanity: a broken kernel diverges at once
+    engine, graphs = llm.engine, llm.engine.runner.graphs
+    assert graphs is not None
+    recorded = []  # (prompt index, position of the input token, our logits there)
+    replay = graphs.forward
+
+    def recording_forward(step):
+        logits = replay(step)
+        by_row = {r.row: prompts.index(r.prompt_token_ids) for r in engine.scheduler.running}
+        _, positions, rows = graphs._views(step.header.num_seqs)
+        for k, (row, pos) in enumerate(zip(rows.tolist(), positions.tolist())):
+            if row in by_row:
+                recorded.append((by_row[row], pos, logits[k].float().cpu()))
+        return logits
+
+    graphs.forward = recording_forward
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    graphs.forward = replay
+    assert len(recorded) >= 20 * 8 and any(pos > 4000 for _, pos, _ in recorded)  # long contexts in graphs
+    hf = AutoModelForCausalLM.from_pretrained(large_model, dtype=torch.float32).to("cuda").eval()
+    worst = 0.0
+    with torch.inference_mode():
+        ref = [hf(torch.tensor([p + o.token_ids], device="cuda")).logits[0].float().cpu() for p, o in zip(prompts, outs)]
+    scale = max(float(r.abs().max()) for r in ref)
+    for i, pos, ours in recorded:
+        worst = max(worst, float((ours - ref[i][pos]).abs().max()))
+        assert int(ours.argmax()) == (prompts[i] + outs[i].token_ids)[pos + 1]  # greedy took these very logits
+    print(f"large shape: {len(recorded)} graph rows, max |logit diff| {worst:.3f}, max |logit| {scale:.1f}")
+    assert worst <= 0.03 * scale + 0.05
 
 
 def test_no_triton_compile_after_start_up(large_model):
