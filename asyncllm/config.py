@@ -37,8 +37,8 @@ class EngineConfig:
     stream_interval: int = 1  # AsyncEngine.stream: tokens per chunk (the first token and the last chunk go at once)
     # While requests decode, hold new prompts back for up to this many steps until they fill half a step's token
     # budget: a step that prefills runs without a CUDA graph, so fewer, fuller ones cost the running requests less.
-    # None = 4 with CUDA graphs, 0 (admit at once) without.
-    max_prefill_delay_steps: int | None = None
+    # 0 = admit at once (the default until its effect on serving is measured on its own).
+    max_prefill_delay_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -51,8 +51,7 @@ class EngineConfig:
             raise InvalidRequestError("max_num_batched_tokens must be at least 1", "max_num_batched_tokens")
         if not isinstance(self.stream_interval, int) or self.stream_interval < 1:
             raise InvalidRequestError("stream_interval must be a positive integer", "stream_interval")
-        if self.max_prefill_delay_steps is not None and (not isinstance(self.max_prefill_delay_steps, int)
-                                                         or self.max_prefill_delay_steps < 0):
+        if not isinstance(self.max_prefill_delay_steps, int) or self.max_prefill_delay_steps < 0:
             raise InvalidRequestError("max_prefill_delay_steps must be a non-negative integer", "max_prefill_delay_steps")
         for name in ("max_model_len", "num_kv_blocks", "kv_cache_memory_bytes", "cuda_graph_max_bs"):
             value = getattr(self, name)

@@ -75,9 +75,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=bounded(int, 1), default=256, help="most requests in one step")
     g.add_argument("--max-model-len", type=bounded(int, 1), default=None, help="prompt + output tokens (default: the model's context)")
     g.add_argument("--max-num-batched-tokens", type=bounded(int, 1), default=None, help="token budget per step (chunked prefill)")
-    g.add_argument("--max-prefill-delay-steps", type=bounded(int, 0), default=None,
-                   help="steps new prompts may wait, while others decode, to prefill together (default: 4 with CUDA "
-                        "graphs, else 0)")
+    g.add_argument("--max-prefill-delay-steps", type=bounded(int, 0), default=0,
+                   help="steps new prompts may wait, while others decode, to prefill together (0: at once)")
     g.add_argument("--block-size", type=bounded(int, 1), default=16, help="tokens per KV cache block")
     g.add_argument("--gpu-memory-utilization", type=bounded(float, 0.01, 1.0), default=0.9, help="share of GPU memory the engine may use")
     g.add_argument("--num-kv-blocks", type=bounded(int, 1), default=None, help="exact KV cache size in blocks")

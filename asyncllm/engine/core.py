@@ -74,9 +74,6 @@ def eos_token_ids(model_dir: os.PathLike[str], tokenizer: Any) -> frozenset[int]
     return frozenset(ids)
 
 
-DEFAULT_PREFILL_DELAY_STEPS = 4
-
-
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -87,11 +84,8 @@ class EngineCore:
         self.runner = ModelRunner(config, self.model_dir, self.hf_config, self.max_model_len)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         max_tokens = self.runner.max_step_tokens
-        delay = config.max_prefill_delay_steps
-        if delay is None:
-            delay = DEFAULT_PREFILL_DELAY_STEPS if self.runner.graphs is not None else 0
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, max_tokens, self.max_model_len, delay),
-                                   self.blocks)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, max_tokens, self.max_model_len,
+                                                   config.max_prefill_delay_steps), self.blocks)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
         # overlap scheduling: step N+1 is scheduled and launched before step N's tokens are read back
         self.overlap = config.overlap_schedule if config.overlap_schedule is not None else self.runner.stream is not None
