@@ -185,15 +185,18 @@ def unpack(header: StepHeader, packed: np.ndarray, tables: RowTables, device: to
     return Step(header, dev, d[0], d[1], d[2], d[3], d[4], h[1], h[2], h[3], d[6].view(-1, NEW_ROW_FIELDS))
 
 
-def token_inputs(ids: torch.Tensor, positions: torch.Tensor, token_rows: torch.Tensor, tables: RowTables,
+def feed_ids(ids: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
+    """The input ids, pending ones (-(k + 1)) taken from the previous step's sampled ids."""
+    return torch.where(ids < 0, sampled.index_select(0, (-ids - 1).clamp(min=0)), ids)
+
+
+def token_inputs(ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, tables: RowTables,
                  sampled: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Device side, shape-static (CUDA-graph safe): the input ids (pending ones taken from the previous step's
-    sampled ids) and each token's KV slot (-1 for the dummy row's tokens)."""
-    fed = sampled[(-ids - 1).clamp(min=0)]
-    input_ids = torch.where(ids < 0, fed, ids)
-    blocks = tables.device[token_rows, torch.div(positions, block_size, rounding_mode="floor")]
-    slots = torch.where(token_rows == tables.dummy, -1, blocks * block_size + positions % block_size)
-    return input_ids, slots
+    """A decode step on the device, shape-static (CUDA-graph safe): the input ids and each token's KV slot (-1
+    for the dummy row's tokens)."""
+    blocks = tables.device[rows, torch.div(positions, block_size, rounding_mode="floor")]
+    slots = torch.where(rows == tables.dummy, -1, blocks * block_size + positions % block_size)
+    return feed_ids(ids, sampled), slots
 
 
 @dataclass
@@ -208,21 +211,26 @@ class StepInputs:
 
 
 def eager_inputs(step: Step, tables: RowTables, sampled: torch.Tensor, block_size: int) -> StepInputs:
-    """A step of any shape (prefill, mixed, decode without a graph): tensors built with a few device ops."""
+    """A step of any shape (prefill, mixed, decode without a graph). Index arithmetic runs on the host with
+    numpy where it is cheaper there (on a CPU device, small torch index ops wake the intra-op thread pool)."""
     qsl_h, pos_h = step.host_qsl, step.host_positions
-    b, t = step.header.num_seqs, step.header.num_tokens
+    b = step.header.num_seqs
     q_lens = np.diff(qsl_h)
     seq_lens_h = pos_h[qsl_h[1:] - 1] + 1
-    token_rows = torch.repeat_interleave(step.rows, step.query_start_loc.diff(), output_size=t)
-    input_ids, slots = token_inputs(step.ids, step.positions, token_rows, tables, sampled, block_size)
     width = int(-(-seq_lens_h.max() // block_size)) if b else 1
+    max_blocks = tables.host.shape[1]
+    # flat index of each token's block in the device tables -> its KV slot
+    where = np.repeat(step.host_rows, q_lens) * max_blocks + pos_h // block_size
+    blocks = tables.device.view(-1).index_select(0, to_device(where, tables.device.device))
+    slots = blocks * block_size + step.positions % block_size
     last = step.query_start_loc[1:] - 1
     meta = AttentionMetadata(
-        query_start_loc=step.query_start_loc, seq_lens=step.positions[last] + 1,
+        query_start_loc=step.query_start_loc, seq_lens=to_device(seq_lens_h, tables.device.device),
         block_tables=tables.device[:, :width].index_select(0, step.rows), slot_mapping=slots,
         query_lens_cpu=q_lens.tolist(), seq_lens_cpu=seq_lens_h.tolist(), block_size=block_size,
         block_tables_cpu=tables.host[step.host_rows, :width])
-    return StepInputs(input_ids, step.positions, meta, last[step.sample_seqs], step.rows[step.sample_seqs])
+    return StepInputs(feed_ids(step.ids, sampled), step.positions, meta, last.index_select(0, step.sample_seqs),
+                      step.rows.index_select(0, step.sample_seqs))
 
 
 @dataclass

@@ -65,7 +65,8 @@ class Sampler:
                  out: torch.Tensor | None = None) -> torch.Tensor:
         """logits [B, V] -> token ids [B] int64; rows [B]: each logit row's sampler row; positions [B]: of the
         tokens being sampled (they key the draws)."""
-        args = (self.temperature[rows], self.top_k[rows], self.top_p[rows], self.min_p[rows], self.seed[rows], positions)
+        args = (*(t.index_select(0, rows) for t in (self.temperature, self.top_k, self.top_p, self.min_p, self.seed)),
+                positions)
         if self.fused:
             from asyncllm_kernels import sample
 
