@@ -154,3 +154,34 @@ def test_prefill_delay_gathers_new_prompts_while_others_decode():
     batch, _ = run_step(s)
     assert {"c", "d"} <= {r.request_id for r in batch.requests}
     s.check_invariants()
+
+
+def test_only_steps_where_every_row_decodes_and_samples_replay_a_graph():
+    """A CUDA graph samples every row: a step holding a one-token prompt chunk that does not sample stays eager."""
+    from asyncllm.engine.cuda_graphs import graph_size, graph_sizes
+    from asyncllm.engine.scheduler import Batch
+
+    sizes = graph_sizes(32)  # 1, 2, 4, 8, 16, 32
+
+    def batch(rows):  # (tokens, samples) per row
+        b = Batch()
+        for n, sample in rows:
+            b.requests.append(None)
+            b.starts.append(0)
+            b.num_new_tokens.append(n)
+            b.sample.append(sample)
+            b.feed.append(-1)
+        return b
+
+    assert graph_size(sizes, batch([(1, True)] * 3)) == 4
+    assert graph_size(sizes, batch([(1, True)] * 17)) == 32
+    assert graph_size(sizes, batch([(1, True)] * 33)) == 0  # above the largest graph
+    assert graph_size(sizes, batch([(1, True), (2, True)])) == 0  # a prompt chunk
+    assert graph_size([], batch([(1, True)])) == 0  # no graphs
+    s = make(max_tokens=2)  # such a step happens: one decode row leaves one token of budget for a new prompt
+    s.add(req("a", 1, max_tokens=20))
+    run_step(s)
+    s.add(req("b", 9))
+    step = s.schedule()
+    assert step.num_new_tokens == [1, 1] and step.sample == [True, False]
+    assert graph_size(sizes, step) == 0

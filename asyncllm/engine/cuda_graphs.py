@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from asyncllm.engine.scheduler import Batch
 from asyncllm.engine.step_inputs import RowTables, Step, even, token_inputs
 from asyncllm.layers.attention import AttentionMetadata
 from asyncllm.layers.sampler import Sampler
@@ -26,6 +27,14 @@ log = logging.getLogger(__name__)
 
 def graph_sizes(max_bs: int) -> list[int]:
     return sorted({s for s in (1, 2, 4, 8, *range(16, max_bs + 1, 16)) if s <= max_bs} | {max_bs})
+
+
+def graph_size(sizes: list[int], batch: Batch) -> int:
+    """The graph a step replays (its rows padded to that size), or 0: it runs eagerly. A graph computes one token
+    per row and samples every row, so a step with a prompt chunk, even of one token that does not sample, is eager."""
+    if not sizes or len(batch) > sizes[-1] or max(batch.num_new_tokens) != 1 or not all(batch.sample):
+        return 0
+    return next(s for s in sizes if s >= len(batch))
 
 
 class CudaGraphs:
@@ -48,12 +57,6 @@ class CudaGraphs:
             for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its pool memory
                 self._capture(bs)
         log.info("captured CUDA graphs (forward and sampling) for decode batch sizes %s", self.sizes)
-
-    def padded_size(self, num_seqs: int) -> int:
-        """The graph size a decode step of `num_seqs` rows replays; 0 when it has no graph."""
-        if num_seqs > self.max_bs:
-            return 0
-        return next(s for s in self.sizes if s >= num_seqs)
 
     def _views(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ids, positions, rows: laid out as the packed array's first three parts (each padded to even length)."""

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from asyncllm import distributed
 from asyncllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from asyncllm.device import resolve_device, to_device
-from asyncllm.engine.cuda_graphs import CudaGraphs
+from asyncllm.engine.cuda_graphs import CudaGraphs, graph_size
 from asyncllm.engine.request import Request
 from asyncllm.engine.scheduler import Batch
 from asyncllm.engine.step_inputs import (
@@ -295,9 +295,7 @@ class ModelRunner:
         if self.closed:
             raise RuntimeError("this engine was closed")
         to_followers = broadcast and self.tp.size > 1
-        pad = 0
-        if self.graphs is not None and max(batch.num_new_tokens) == 1:
-            pad = self.graphs.padded_size(len(batch))
+        pad = graph_size(self.graphs.sizes, batch) if self.graphs is not None else 0
         with self._on_stream():
             header, packed = pack(batch, pad, self.tables.dummy, self.seed_rng)
             if to_followers:
@@ -323,7 +321,8 @@ class ModelRunner:
         step = unpack(header, packed, self.tables, self.device)
         if header.num_new_rows:
             self.sampler.set_rows(step.new_rows)
-        if self.graphs is not None and header.decode_only and header.num_seqs in self.graphs.graphs:
+        if header.graph:
+            assert self.graphs is not None
             logits = self.graphs.forward(step)
             if penalties is not None:
                 penalties.apply(logits)

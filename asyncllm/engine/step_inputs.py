@@ -47,6 +47,7 @@ class StepHeader:
     num_sampled: int
     num_updates: int
     num_new_rows: int
+    graph: int = 0  # 1: a decode step padded to a CUDA graph's size, every real row sampling (rank 0 decides)
 
     STOP: ClassVar[np.ndarray] = np.zeros(1, dtype=np.int64)
 
@@ -55,19 +56,15 @@ class StepHeader:
         b, t = self.num_seqs, self.num_tokens
         return [t, t, b, b + 1, self.num_sampled, 3 * self.num_updates, NEW_ROW_FIELDS * self.num_new_rows]
 
-    @property
-    def decode_only(self) -> bool:
-        return self.num_tokens == self.num_seqs
-
     def encode(self, packed: np.ndarray) -> np.ndarray:
-        sizes = [1, self.num_seqs, self.num_tokens, self.num_sampled, self.num_updates, self.num_new_rows]
+        sizes = [1, self.num_seqs, self.num_tokens, self.num_sampled, self.num_updates, self.num_new_rows, self.graph]
         return np.concatenate([np.asarray(sizes, dtype=np.int64), packed])
 
     @staticmethod
     def decode(msg: np.ndarray) -> tuple[StepHeader, np.ndarray] | None:
         if msg[0] == 0:
             return None
-        return StepHeader(*(int(x) for x in msg[1:6])), msg[6:]
+        return StepHeader(*(int(x) for x in msg[1:7])), msg[7:]
 
 
 def table_updates(requests: list[Request]) -> tuple[list[int], list[Request]]:
@@ -106,7 +103,8 @@ def new_row_fields(requests: list[Request], rng: random.Random) -> np.ndarray:
 
 
 def pack(batch: Batch, pad_to: int, dummy_row: int, rng: random.Random) -> tuple[StepHeader, np.ndarray]:
-    """Rank 0: the step's packed host array. `pad_to` > 0: a decode-only step padded to that many rows."""
+    """Rank 0: the step's packed host array. `pad_to` > 0: a CUDA-graph step (one token per row, every row
+    sampling) padded to that many rows."""
     reqs, starts, feed = batch.requests, batch.starts, batch.feed
     n_new = batch.num_new_tokens
     b = len(reqs)
@@ -133,7 +131,7 @@ def pack(batch: Batch, pad_to: int, dummy_row: int, rng: random.Random) -> tuple
         positions = np.repeat(np.asarray(starts, dtype=np.int64) - qsl[:-1], n_arr) + np.arange(qsl[-1])
     sample_seqs = np.flatnonzero(batch.sample)
     new_rows = new_row_fields(new, rng)
-    header = StepHeader(b, len(ids), len(sample_seqs), len(flat_updates) // 3, len(new))
+    header = StepHeader(b, len(ids), len(sample_seqs), len(flat_updates) // 3, len(new), int(pad_to > 0))
     parts = [ids, positions, rows, qsl, sample_seqs, flat_updates, new_rows.reshape(-1)]
     packed = np.zeros(sum(even(n) for n in header.sizes()), dtype=np.int64)
     at = 0
