@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-# the kernel's constants (asyncllm_kernels.sampling): lowbias32 multipliers, the column stride, the search span
+# the kernel's constants (asyncllm_kernels.sampling): lowbias32 multipliers, the column stride
 M1, M2 = 0x7FEB352D, 0x846CA68B
 GOLDEN = 0x9E3779B9
 MASK32 = 0xFFFFFFFF
