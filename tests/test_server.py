@@ -160,6 +160,18 @@ BAD_REQUESTS = [
     (X, {"prompt": "hi " * 600}, 400, "prompt"),
     (X, {"prompt": [1, 2, 10**9]}, 400, "prompt"),
     (X, {"prompt": "hi", "echo": True}, 400, None),
+    # asked for and not implemented: refused, never ignored
+    (C, {**MSG, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
+    (C, {**MSG, "tool_choice": "required"}, 400, "tool_choice"),
+    (C, {**MSG, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (C, {**MSG, "logit_bias": {"42": 100}}, 400, "logit_bias"),
+    (C, {**MSG, "min_tokens": 5}, 400, "min_tokens"),
+    (C, {**MSG, "modalities": ["text", "audio"]}, 400, "modalities"),
+    (C, {**MSG, "chat_template_kwargs": {"enable_thinking": False}}, 400, "chat_template_kwargs"),
+    (C, {**MSG, "add_generation_prompt": False}, 400, "add_generation_prompt"),
+    (C, {"messages": [{"role": "assistant", "tool_calls": [{"id": "1"}]}]}, 400, "messages"),
+    (X, {"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    (X, {"prompt": "hi", "guided_json": {"type": "object"}}, 400, "guided_json"),
     (X, {"prompt": "x" * 200_000}, 413, None),
     ("/v1/embeddings", {"input": "x"}, 404, None),
     ("/tokenize", {}, 400, None),
@@ -177,6 +189,12 @@ def test_bad_requests_get_openai_errors(server, path, body, status, param):
         assert err["param"] == param
     if "max_tokens" in str(body) and status == 400 and body.get("max_tokens") == 600:
         assert "maximum context length is 512 tokens" in err["message"]
+
+
+def test_not_implemented_fields_are_accepted_when_they_ask_for_nothing(server):
+    body = {**MSG, "max_tokens": 2, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+            "logit_bias": {}, "modalities": ["text"], "add_generation_prompt": True, "store": False}
+    assert httpx.post(f"{server}{C}", json=body).status_code == 200
 
 
 def test_server_still_answers_after_bad_requests(client):

@@ -26,7 +26,13 @@ from asyncllm.engine.async_engine import AsyncEngine, StreamChunk
 from asyncllm.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from asyncllm.sampling_params import SamplingParams
 from asyncllm.server.choices import Choices, SSEChoices, sse_event
-from asyncllm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from asyncllm.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    unimplemented_field,
+)
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -152,6 +158,8 @@ async def parse(request: web.Request, schema: type[M]) -> M:
         raise ApiError(400, f"malformed JSON body: {e}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the JSON body must be an object")
+    if schema in (ChatCompletionRequest, CompletionRequest) and (field := unimplemented_field(data)) is not None:
+        raise ApiError(400, f"{field} is not supported by this server", param=field)
     try:
         return schema.model_validate(data)
     except ValidationError as e:

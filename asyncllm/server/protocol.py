@@ -1,4 +1,6 @@
-"""Request schemas of the OpenAI-compatible API (pydantic). Unknown fields are ignored, like OpenAI's own server."""
+"""Request schemas of the OpenAI-compatible API (pydantic). Unknown fields are ignored, like OpenAI's own server;
+fields OpenAI (or vLLM) defines that this server does not implement are refused with a 400 naming them, unless their
+value means "not used" (UNIMPLEMENTED): never silently ignored."""
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
@@ -10,6 +12,23 @@ from asyncllm.sampling_params import SamplingParams
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+# field -> the values that mean "not used" (accepted); any other value gets a 400 naming the field
+UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
+    "logit_bias": (None, {}), "min_tokens": (None, 0), "best_of": (None, 1),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]),
+    "prediction": (None,), "web_search_options": (None,), "reasoning_effort": (None,), "verbosity": (None,),
+    "chat_template_kwargs": (None, {}), "continue_final_message": (None, False), "add_generation_prompt": (None, True),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "structured_outputs": (None,),
+}
+
+
+def unimplemented_field(data: dict[str, Any]) -> str | None:
+    """The first field of a generation request body that asks for something not implemented, or None."""
+    return next((k for k, unused in UNIMPLEMENTED.items() if k in data and data[k] not in unused), None)
 
 
 class StreamOptions(_Model):
@@ -73,6 +92,13 @@ class TextPart(_Model):
 class ChatMessage(_Model):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _no_tool_calls(self) -> "ChatMessage":
+        if self.tool_calls:
+            raise ValueError("tool calls are not supported")
+        return self
 
     def as_template_message(self) -> dict[str, Any]:
         content = self.content
