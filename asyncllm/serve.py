@@ -65,7 +65,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    """--model, --log-level and the engine options (shared by `asyncllm serve` and `asyncllm shell`)."""
+    """MODEL / --model, --log-level and the engine options (shared by `asyncllm serve` and `asyncllm shell`)."""
+    p.add_argument("model_dir", nargs="?", default=None, metavar="MODEL",
+                   help="local Hugging Face model directory, as `vllm serve MODEL` (or --model)")
     p.add_argument("--model", default=None, help=f"local Hugging Face model directory (default: bundled {DEFAULT_MODEL_NAME})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="logging level (debug: tracebacks of start-up errors too)")
@@ -205,8 +207,18 @@ def failed(e: BaseException) -> int:
     return 1
 
 
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse; the positional MODEL and --model are the same option (giving two different ones is an error)."""
+    args = p.parse_args(argv)
+    if args.model_dir is not None:
+        if args.model is not None and args.model != args.model_dir:
+            p.error(f"two models given: {args.model_dir!r} and --model {args.model!r}")
+        args.model = args.model_dir
+    return args
+
+
 def run(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(parser(), argv)
     setup_logging(args.log_level)
     try:
         if int(os.environ.get("RANK", "0")) > 0:

@@ -127,9 +127,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None = None) -> int:
-    from asyncllm.serve import failed, setup_logging
+    from asyncllm.serve import failed, parse_args, setup_logging
 
-    args = parser().parse_args(argv)
+    args = parse_args(parser(), argv)
     setup_logging(args.log_level)
     try:
         return asyncio.run(repl(args))

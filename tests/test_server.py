@@ -109,6 +109,9 @@ def test_cached_tokens_and_hit_rate_reported(client, server):
 def test_other_routes(server):
     models = httpx.get(f"{server}/v1/models").json()
     assert models["data"][0]["id"] == MODEL and models["data"][0]["max_model_len"] == 512
+    assert httpx.get(f"{server}/v1/models/{MODEL}").json()["id"] == MODEL
+    missing = httpx.get(f"{server}/v1/models/gpt-4")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     assert httpx.get(f"{server}/health").status_code == 200
     assert httpx.get(f"{server}/version").json()["version"]
     metrics = httpx.get(f"{server}/metrics").text
@@ -310,3 +313,13 @@ async def test_metrics_count_every_streamed_token(local):
     assert get("asyncllm:time_to_first_token_seconds_count") - before["asyncllm:time_to_first_token_seconds_count"] == requests
     assert (get("asyncllm:inter_token_latency_seconds_count") - before["asyncllm:inter_token_latency_seconds_count"]
             == tokens - requests)
+
+
+def test_model_directory_may_be_positional():
+    from asyncllm.serve import parse_args, parser
+
+    assert parse_args(parser(), ["/models/qwen", "--port", "1"]).model == "/models/qwen"
+    assert parse_args(parser(), ["--model", "/models/qwen"]).model == "/models/qwen"
+    assert parse_args(parser(), ["/m", "--model", "/m"]).model == "/m"
+    with pytest.raises(SystemExit):
+        parse_args(parser(), ["/a", "--model", "/b"])

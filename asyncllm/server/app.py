@@ -312,10 +312,16 @@ class OpenAIServer:
         return resp
 
     # ---- other routes ---------------------------------------------------------------------------------------
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.settings.served_model_name, "object": "model", "created": int(time.time()),
+                "owned_by": "asyncllm", "max_model_len": self.engine.max_model_len}
+
     async def models(self, request: web.Request) -> web.Response:
-        return json_response({"object": "list", "data": [{
-            "id": self.settings.served_model_name, "object": "model", "created": int(time.time()),
-            "owned_by": "asyncllm", "max_model_len": self.engine.max_model_len}]})
+        return json_response({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        self._check_model(request.match_info["model"])
+        return json_response(self._model_card())
 
     async def health(self, request: web.Request) -> web.Response:
         self._check_accepting()
@@ -350,6 +356,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> web.Application:
     app.router.add_post("/v1/chat/completions", s.chat_completions)
     app.router.add_post("/v1/completions", s.completions)
     app.router.add_get("/v1/models", s.models)
+    app.router.add_get("/v1/models/{model}", s.model)
     app.router.add_get("/health", s.health)
     app.router.add_get("/metrics", s.metrics)
     app.router.add_get("/version", s.version)
