@@ -43,7 +43,6 @@ class CudaGraphs:
         # no reference back to the runner: a runner <-> graphs cycle would keep the GPU memory until a gc pass
         self.model, self.backend, self.sampler, self.tables, self.sampled = model, backend, sampler, tables, sampled
         self.block_size, self.max_model_len = block_size, max_model_len
-        self.max_bs = max_bs
         self.sizes = graph_sizes(max_bs)
         dev = sampled.device
         self.inputs = torch.zeros(3 * even(max_bs), dtype=torch.int64, device=dev)  # ids | positions | rows

@@ -54,11 +54,11 @@ class Sampler:
     def set_rows(self, new: torch.Tensor) -> None:
         """new [P, 6] int64 on the device: row, temperature, top_k, top_p, min_p (float64 bits), seed."""
         rows = new[:, 0]
-        floats = new[:, 1:5].contiguous().view(torch.float64).float()  # temperature, (top_k), top_p, min_p
+        floats = new[:, [1, 3, 4]].view(torch.float64).float()  # temperature, top_p, min_p
         self.temperature[rows] = floats[:, 0]
         self.top_k[rows] = new[:, 2]
-        self.top_p[rows] = floats[:, 2]
-        self.min_p[rows] = floats[:, 3]
+        self.top_p[rows] = floats[:, 1]
+        self.min_p[rows] = floats[:, 2]
         self.seed[rows] = new[:, 5]
 
     def __call__(self, logits: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
