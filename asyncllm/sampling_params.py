@@ -9,6 +9,8 @@ from asyncllm.errors import InvalidRequestError
 GREEDY_TEMPERATURE = 1e-5
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 1024  # each stop string is matched against the tail of the text every token
+MAX_LOGPROBS = 20  # most likely tokens reported per position (OpenAI's top_logprobs limit)
+MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
 
 
 @dataclass
@@ -16,7 +18,12 @@ class SamplingParams:
     """How to pick each next token and when to stop.
 
     temperature 0 (or below 1e-5) means greedy. top_k 0 (or -1) disables top-k; top_p 1 and min_p 0 disable those filters.
-    `max_tokens` None means "until the context (max_model_len) is full".
+    `max_tokens` None means "until the context (max_model_len) is full"; 0 computes the prompt only (with
+    `prompt_logprobs`, for scoring) and ends with finish reason "length".
+    `logprobs` / `prompt_logprobs` = k: each output / prompt token's log-probability and the k most likely tokens
+    at its position (0: the token's own only; None: off), of the model's raw distribution (outputs.Logprob).
+    `logit_bias` (token id -> value added to its logit, [-100, 100]) and `min_tokens` (EOS and stop_token_ids
+    are masked until that many tokens exist) change the logits the token is drawn from, like the penalties.
     """
 
     temperature: float = 1.0
@@ -34,6 +41,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -47,6 +58,11 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """The logits of this request's rows change before sampling (penalties, logit_bias, min_tokens)."""
+        return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0
 
     @property
     def greedy(self) -> bool:
@@ -69,8 +85,23 @@ class SamplingParams:
                 raise bad(f"{name} must be in [-2, 2], got {getattr(self, name)}", name)
         if not self.repetition_penalty > 0.0:
             raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise bad(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
+            raise bad(f"max_tokens must be a non-negative integer, got {self.max_tokens}", "max_tokens")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad(f"min_tokens must be a non-negative integer, got {self.min_tokens}", "min_tokens")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})", "min_tokens")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+                raise bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {k!r}", name)
+        if self.logit_bias:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise bad(f"logit_bias may have at most {MAX_LOGIT_BIAS} entries", "logit_bias")
+            for t, v in self.logit_bias.items():
+                if not isinstance(t, int) or t < 0 or not isinstance(v, (int, float)) or not -100.0 <= v <= 100.0:
+                    raise bad(f"logit_bias maps token ids (non-negative integers) to values in [-100, 100], "
+                              f"got {t!r}: {v!r}", "logit_bias")
         if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64):
             raise bad(f"seed must be an integer in [-2^63, 2^64), got {self.seed!r}", "seed")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

@@ -32,7 +32,7 @@ from asyncllm.errors import (
     InvalidRequestError,
 )
 from asyncllm.metrics import EngineMetrics
-from asyncllm.outputs import GenerateOutput
+from asyncllm.outputs import GenerateOutput, Logprob
 from asyncllm.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class StreamChunk:
     token_ids: list[int]  # new token ids since the previous chunk
     finish_reason: str | None = None  # set on the last chunk: "stop" | "length" | "abort"
     usage: Usage | None = None  # set on the last chunk
+    logprobs: list[Logprob] | None = None  # one per token id of this chunk (SamplingParams.logprobs)
+    prompt_logprobs: list[Logprob | None] | None = None  # on the first chunk (SamplingParams.prompt_logprobs)
 
 
 Notify = Callable[["RequestStream"], None]
@@ -73,7 +75,8 @@ class RequestStream:
     `stream_interval` tokens, the first at once), the finish, or an error. Tokens not taken yet accumulate here,
     so a slow consumer gets them in one chunk and a request buffers at most its own output."""
 
-    __slots__ = ("req", "detok", "notify", "new_ids", "finish_reason", "error", "t_arrival", "t_last", "num_tokens")
+    __slots__ = ("req", "detok", "notify", "new_ids", "finish_reason", "error", "t_arrival", "t_last", "num_tokens",
+                 "num_taken")
 
     def __init__(self, req: Request, detok: IncrementalDetokenizer | None, notify: Notify) -> None:
         self.req, self.detok, self.notify = req, detok, notify
@@ -81,7 +84,8 @@ class RequestStream:
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.t_arrival = self.t_last = time.monotonic()
-        self.num_tokens = 0
+        self.num_tokens = 0  # output tokens delivered to this stream
+        self.num_taken = -1  # output tokens taken (-1: nothing taken yet)
 
     @property
     def request_id(self) -> str:
@@ -101,10 +105,17 @@ class RequestStream:
     def take(self) -> StreamChunk:
         """Everything not taken yet; the last chunk (finish_reason set) once the request finished."""
         final = self.done
+        req = self.req
         text = self.detok.take(final) if self.detok is not None else ""
         ids, self.new_ids = self.new_ids, []
-        usage = Usage(self.req.num_prompt_tokens, self.num_tokens, max(0, self.req.num_cached_tokens)) if final else None
-        return StreamChunk(self.req.request_id, text, ids, self.finish_reason if final else None, usage)
+        usage = Usage(req.num_prompt_tokens, self.num_tokens, max(0, req.num_cached_tokens)) if final else None
+        chunk = StreamChunk(req.request_id, text, ids, self.finish_reason if final else None, usage)
+        taken, self.num_taken = self.num_taken, self.num_tokens
+        if req.output_logprobs is not None:
+            chunk.logprobs = req.output_logprobs[max(taken, 0) : self.num_tokens]
+        if taken < 0 and req.prompt_logprobs is not None:
+            chunk.prompt_logprobs = req.prompt_logprobs
+        return chunk
 
 
 class AsyncEngine:
@@ -276,12 +287,18 @@ class AsyncEngine:
         prompt_ids = await self.encode(prompt)
         text: list[str] = []
         ids: list[int] = []
+        logprobs: list[Logprob] = []
+        prompt_logprobs = None
         last: StreamChunk | None = None
         async for last in self.stream(prompt_ids, params):
             text.append(last.text)
             ids.extend(last.token_ids)
+            logprobs.extend(last.logprobs or ())
+            prompt_logprobs = last.prompt_logprobs or prompt_logprobs
         assert last is not None
-        return GenerateOutput(last.request_id, prompt_ids, ids, "".join(text), last.finish_reason)  # type: ignore[arg-type]
+        return GenerateOutput(last.request_id, prompt_ids, ids, "".join(text), last.finish_reason,  # type: ignore[arg-type]
+                              logprobs=logprobs if params is not None and params.logprobs is not None else None,
+                              prompt_logprobs=prompt_logprobs)
 
     def abort(self, request_id: str) -> None:
         """End a request; its KV blocks are freed before the next step."""
@@ -330,9 +347,12 @@ class AsyncEngine:
             stream = streams.get(req.request_id)
             if stream is None:  # finished (or aborted) already
                 continue
+            n = stream.num_tokens
+            if req.num_output_tokens == n:  # finished without a token (max_tokens=0)
+                self._end(stream, req.finish_reason or "length")
+                continue
             token = req.token_ids[-1]
             stream.new_ids.append(token)
-            n = stream.num_tokens
             if n == 0:
                 ttft.observe(now - stream.t_arrival)
             else:

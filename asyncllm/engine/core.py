@@ -17,7 +17,7 @@ from asyncllm.engine.kv_cache import BlockManager
 from asyncllm.engine.request import Request
 from asyncllm.engine.runner import ModelRunner
 from asyncllm.engine.step_inputs import StepHandle
-from asyncllm.engine.scheduler import Batch, Scheduler, SchedulerConfig, SchedulerStats
+from asyncllm.engine.scheduler import Batch, Scheduler, SchedulerConfig, SchedulerStats, StepLogprobs
 from asyncllm.errors import InvalidRequestError, ModelLoadError
 from asyncllm.model_files import resolve_model
 from asyncllm.sampling_params import SamplingParams
@@ -105,6 +105,8 @@ class EngineCore:
         vocab = self.hf_config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
         rid = f"{self._id_prefix}-{next(self._ids)}"
         return Request(rid, list(prompt_token_ids), params, max_tokens, self.eos_token_ids)
 
@@ -181,8 +183,9 @@ class EngineCore:
     def schedule(self) -> Batch:
         return self.scheduler.schedule()
 
-    def update(self, done: tuple[Batch, list[int]] | None) -> list[Request]:
-        """Apply a finished step (from `advance`): append its tokens; returns the requests that got one."""
+    def update(self, done: tuple[Batch, list[int], StepLogprobs | None] | None) -> list[Request]:
+        """Apply a finished step (from `advance`): append its tokens (and log-probabilities); returns the requests
+        that got one (or finished without one: max_tokens=0)."""
         return self.scheduler.update(*done) if done is not None else []
 
     @property
@@ -230,7 +233,7 @@ class EngineCore:
         """Requests to serve, or a step still in flight."""
         return self.scheduler.has_unfinished or self._inflight is not None
 
-    def advance(self, batch: Batch) -> tuple[Batch, list[int]] | None:
+    def advance(self, batch: Batch) -> tuple[Batch, list[int], StepLogprobs | None] | None:
         """Launch `batch` (if not empty), then wait for a step to finish and return it with its sampled tokens:
         with overlap, the step launched before (the new one keeps the GPU busy meanwhile); without, this one.
         Blocks its thread on the GPU: the async engine calls it in its step thread. None if nothing ran."""
@@ -239,7 +242,7 @@ class EngineCore:
             handle, self._inflight = self._inflight, handle
         if handle is None:
             return None
-        return handle.batch, handle.wait()
+        return handle.batch, *handle.wait()
 
     def step(self) -> list[Request]:
         """Schedule, launch and apply one step (with overlap, apply the previous one); returns the requests that

@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from asyncllm.outputs import Logprob
 from asyncllm.sampling_params import SamplingParams
 
 
@@ -38,10 +39,26 @@ class Request:
     # for a moment), and the row of the newest of them in its step's sampled-ids tensor (the next step's input).
     num_pending: int = 0
     pending_row: int = -1
+    # log-probabilities (params.logprobs / prompt_logprobs set, else None): one per output token appended, and
+    # one per prompt token (the first None) filled in as the prefill's chunks run
+    output_logprobs: list[Logprob] | None = None
+    prompt_logprobs: list[Logprob | None] | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
+        p = self.params
+        if p.logprobs is not None:
+            self.output_logprobs = []
+        if p.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+        # the runner looks at this row's parameters beyond the sampler's (one flag checked per row and step)
+        self.extras = p.adjusts_logits or p.logprobs is not None or p.prompt_logprobs is not None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt log-probabilities still to compute: the prefix cache must not skip those positions."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:

@@ -6,10 +6,12 @@ import contextlib
 import functools
 import importlib.util
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -17,12 +19,12 @@ from asyncllm import distributed
 from asyncllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from asyncllm.device import resolve_device, to_device
 from asyncllm.engine.cuda_graphs import CudaGraphs, graph_size
+from asyncllm.engine.logprobs import PROMPT_SLICE, LogprobPlan, LogprobsOnDevice, plan_logprobs
 from asyncllm.engine.request import Request
 from asyncllm.engine.scheduler import Batch
 from asyncllm.engine.step_inputs import (
     HostRing,
     RowTables,
-    Step,
     StepHandle,
     StepHeader,
     StepInputs,
@@ -40,7 +42,7 @@ from asyncllm.layers.attention import (
 )
 from asyncllm.layers.activation import SiluAndMul
 from asyncllm.layers.norm import RMSNorm
-from asyncllm.layers.sampler import Penalties, Sampler
+from asyncllm.layers.sampler import LogitBias, Penalties, Sampler
 from asyncllm.models import build_model
 from asyncllm.models.loader import init_dummy, load_safetensors
 from asyncllm.sampling_params import SamplingParams
@@ -248,22 +250,27 @@ class ModelRunner:
     # ---- one step -------------------------------------------------------------------------------------------
     def prepare(self, batch: Batch) -> StepInputs:
         """An eager step's device inputs (this rank only; tests and the serving benchmark's stand-in)."""
-        header, packed = pack(batch, 0, self.tables.dummy, self.seed_rng)
+        header, packed = pack(batch, 0, self.tables.dummy, self.seed_rng, ())
         step = unpack(header, packed, self.tables, self.device)
         if header.num_new_rows:
             self.sampler.set_rows(step.new_rows)
         return eager_inputs(step, self.tables, self.sampled, self.block_size)
 
-    def _penalties(self, batch: Batch) -> Penalties | None:
+    def _extras(self, batch: Batch) -> tuple[list[Penalties | LogitBias], LogprobPlan | None]:
+        """Rank 0: the step's logit adjustments (applied in place before sampling) and what it reports of
+        log-probabilities, from the rows whose request asks for more than the sampler's parameters."""
+        rows = [i for i, r in enumerate(batch.requests) if r.extras]
+        if not rows:
+            return [], None
+        sample_index = np.cumsum(batch.sample) - 1  # row -> its row among the step's sampled logits
+        adjust = [r for r in (self._penalties(batch, rows, sample_index), self._bias(batch, rows, sample_index)) if r]
+        return adjust, plan_logprobs(batch, rows)
+
+    def _penalties(self, batch: Batch, rows: list[int], sample_index: np.ndarray) -> Penalties | None:
         """Token counts of the sampling rows that use repetition penalties (work proportional to their lengths,
         once per step), or None. A token still on the device (overlap scheduling) is counted on the device."""
-        penalized: list[tuple[int, Request, int]] = []
-        row = 0
-        for req, sample, feed in zip(batch.requests, batch.sample, batch.feed):
-            if sample:
-                if req.params.has_penalties:
-                    penalized.append((row, req, feed))
-                row += 1
+        penalized = [(int(sample_index[i]), batch.requests[i], batch.feed[i]) for i in rows
+                     if batch.sample[i] and batch.requests[i].params.has_penalties]
         if not penalized:
             return None
         reqs = [r for _, r, _ in penalized]
@@ -287,63 +294,107 @@ class ModelRunner:
         return Penalties(rows=to_device([row for row, _, _ in penalized], dev), output_counts=counts, seen=seen,
                          presence=per_row[0], frequency=per_row[1], repetition=per_row[2])
 
+    def _bias(self, batch: Batch, rows: list[int], sample_index: np.ndarray) -> LogitBias | None:
+        """logit_bias entries, and -inf for EOS (unless ignore_eos) and stop_token_ids while a row samples an
+        output token before its min_tokens-th."""
+        index: list[tuple[int, int]] = []
+        value: list[float] = []
+        for i in rows:
+            req = batch.requests[i]
+            p = req.params
+            if not batch.sample[i]:
+                continue
+            row = int(sample_index[i])
+            if p.logit_bias:
+                index += [(row, t) for t in p.logit_bias]
+                value += p.logit_bias.values()
+            # the token sampled now is output token number num_output_tokens + num_pending - 1 (0-based)
+            if p.min_tokens and req.num_output_tokens + req.num_pending - 1 < p.min_tokens:
+                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else req.eos_token_ids)
+                index += [(row, t) for t in banned]
+                value += [-math.inf] * len(banned)
+        if not index:
+            return None
+        return LogitBias(to_device(index, self.device), to_device(value, self.device, torch.float32))
+
     @torch.inference_mode()
     def launch(self, batch: Batch, broadcast: bool = True) -> StepHandle:
         """Queue one step on the runner's stream and return at once (CUDA); the handle yields the sampled
-        tokens (one per row with batch.sample set, in row order). With tensor parallelism (rank 0) the step is
-        first sent to the followers, and the sampled ids after it (they feed the next step on every rank)."""
+        tokens (one per row with batch.sample set, in row order) and the log-probabilities asked for. With tensor
+        parallelism (rank 0) the step is first sent to the followers, and the sampled ids after it (they feed the
+        next step on every rank)."""
         if self.closed:
             raise RuntimeError("this engine was closed")
         to_followers = broadcast and self.tp.size > 1
-        pad = graph_size(self.graphs.sizes, batch) if self.graphs is not None else 0
+        adjust, plan = self._extras(batch)
+        # a graph step has no hidden states of prompt tokens to report
+        pad = graph_size(self.graphs.sizes, batch) if self.graphs is not None and not (plan and plan.prompt_tokens) else 0
         with self._on_stream():
-            header, packed = pack(batch, pad, self.tables.dummy, self.seed_rng)
+            header, packed = pack(batch, pad, self.tables.dummy, self.seed_rng, plan.prompt_tokens if plan else ())
             if to_followers:
                 if self.tp.steps is None:
                     raise RuntimeError("this tensor-parallel engine was shut down")
                 self.tp.steps.send(header.encode(packed))
-            num_sampled = self._run(header, packed, self._penalties(batch), sample=True)
+            logprobs = LogprobsOnDevice(plan, self.device) if plan else None
+            num_sampled = self._run(header, packed, adjust, logprobs, sample=True)
             if to_followers and num_sampled:
                 dist.broadcast(self.sampled[:num_sampled], 0, group=self.tp.device_group)
-            if num_sampled == 0:
-                return StepHandle(batch, None, None)
-            if self.host_ring is None:
-                return StepHandle(batch, self.sampled[:num_sampled].clone(), None)
-            host = self.host_ring.take(num_sampled)
-            host.copy_(self.sampled[:num_sampled], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-            return StepHandle(batch, host, event)
+            if logprobs is not None:
+                logprobs.to_host()
+            host = None
+            if num_sampled and self.host_ring is None:
+                host = self.sampled[:num_sampled].clone()
+            elif num_sampled:
+                host = self.host_ring.take(num_sampled)
+                host.copy_(self.sampled[:num_sampled], non_blocking=True)
+            event = None
+            if self.stream is not None and (num_sampled or logprobs is not None):
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            return StepHandle(batch, host, event, logprobs)
 
-    def _run(self, header: StepHeader, packed: Any, penalties: Penalties | None, sample: bool) -> int:
+    def _run(self, header: StepHeader, packed: Any, adjust: list[Penalties | LogitBias],
+             logprobs: LogprobsOnDevice | None, sample: bool) -> int:
         """Every rank: unpack the step, run the model, sample into `self.sampled` (rank 0; followers' sampled ids
-        come by broadcast, except inside a graph, which samples on every rank alike). Returns num_sampled."""
+        come by broadcast, except inside a graph, which samples on every rank alike). Returns num_sampled.
+        Rank 0 also applies the logit adjustments and computes the log-probabilities asked for."""
         step = unpack(header, packed, self.tables, self.device)
         if header.num_new_rows:
             self.sampler.set_rows(step.new_rows)
+        n = header.num_sampled
         if header.graph:
             assert self.graphs is not None
             logits = self.graphs.forward(step)
-            if penalties is not None:
-                penalties.apply(logits)
+        else:
+            inputs = eager_inputs(step, self.tables, self.sampled, self.block_size)
+            self.backend.plan(inputs.meta)
+            hidden = self.model(inputs.input_ids, inputs.positions)
+            self._prompt_logprobs(hidden, step.prompt_lp, logprobs)
+            if n == 0:
+                return 0
+            logits = self.model.compute_logits(hidden[inputs.sample_rows])  # all-gather: a collective on every rank
+        if not sample:
+            return n
+        if logprobs is not None:
+            logprobs.keep_raw(logits)
+        for a in adjust:
+            a.apply(logits)
+        if header.graph:
             self.graphs.sample(header.num_seqs)
-            return header.num_sampled
-        return self._run_eager(step, penalties, sample)
-
-    def _run_eager(self, step: Step, penalties: Penalties | None, sample: bool) -> int:
-        inputs = eager_inputs(step, self.tables, self.sampled, self.block_size)
-        self.backend.plan(inputs.meta)
-        hidden = self.model(inputs.input_ids, inputs.positions)
-        n = step.header.num_sampled
-        if n == 0:
-            return 0
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # all-gather: a collective on every rank
-        if sample:
-            if penalties is not None:
-                penalties.apply(logits)
+        else:
             positions = inputs.positions[inputs.sample_rows] + 1
             self.sampler(logits, inputs.sample_table_rows, positions, out=self.sampled[:n])
+        if logprobs is not None:
+            logprobs.sampled_ids(self.sampled[:n])
         return n
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, tokens: torch.Tensor, logprobs: LogprobsOnDevice | None) -> None:
+        """Every rank (the logits are a collective): the logits of the step's prompt-logprob tokens, in slices;
+        rank 0 keeps their log-probabilities."""
+        for start in range(0, len(tokens), PROMPT_SLICE):
+            logits = self.model.compute_logits(hidden[tokens[start : start + PROMPT_SLICE]])
+            if logprobs is not None:
+                logprobs.prompt_slice(start, logits)
 
     @torch.inference_mode()
     def follow(self) -> None:
@@ -353,7 +404,7 @@ class ModelRunner:
         while (step := StepHeader.decode(self.tp.steps.recv())) is not None:
             header, packed = step
             with self._on_stream():
-                num_sampled = self._run(header, packed, None, sample=False)
+                num_sampled = self._run(header, packed, [], None, sample=False)
                 if num_sampled:
                     dist.broadcast(self.sampled[:num_sampled], 0, group=self.tp.device_group)
         log.info("rank %d: rank 0 ended the job", self.tp.rank)
@@ -384,8 +435,9 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def execute(self, batch: Batch) -> list[int]:
-        """Run one step to completion on this rank alone (blocks on the GPU); every rank calls it alike at start-up."""
-        return self.launch(batch, broadcast=False).wait()
+        """Run one step to completion on this rank alone (blocks on the GPU); every rank calls it alike at start-up.
+        Returns the sampled ids."""
+        return self.launch(batch, broadcast=False).wait()[0]
 
     def _on_stream(self) -> Any:
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from asyncllm.engine.kv_cache import BlockManager
 from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.errors import InvalidRequestError
+from asyncllm.outputs import Logprob
 
 
 @dataclass
@@ -46,6 +47,15 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.requests)
+
+
+@dataclass
+class StepLogprobs:
+    """A step's log-probabilities, by batch row: of the token it sampled, and of the prompt tokens its chunk
+    predicts ((position of the predicted token, its Logprob), in position order)."""
+
+    sampled: dict[int, Logprob] = field(default_factory=dict)
+    prompt: dict[int, list[tuple[int, Logprob]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -153,8 +163,9 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_pending:
                 break  # preempted with a token in flight: admit it once the token is known
-            # reuse cached whole blocks of the prefix, but always compute at least the last token
-            cached = self.blocks.match(req.token_ids[: (req.num_tokens - 1) // bs * bs])
+            # reuse cached whole blocks of the prefix, but always compute at least the last token (and every
+            # position whose prompt log-probability is still to come)
+            cached = [] if req.wants_prompt_logprobs else self.blocks.match(req.token_ids[: (req.num_tokens - 1) // bs * bs])
             computed = len(cached) * bs
             n = min(req.num_tokens - computed, budget)
             need = self.blocks.blocks_for(computed + n) - len(cached)
@@ -238,35 +249,50 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     # ---- results ---------------------------------------------------------------------------------------------
-    def update(self, batch: Batch, sampled: list[int]) -> list[Request]:
+    def update(self, batch: Batch, sampled: list[int], logprobs: StepLogprobs | None = None) -> list[Request]:
         """Append each sampled token (one per row with batch.sample set, in row order) and apply stop rules.
-        Returns the requests that received a token; finished ones have released their blocks."""
+        Returns the requests that received a token, or finished without one (max_tokens=0: the token sampled
+        after the prompt is dropped); finished ones have released their blocks."""
+        if logprobs is not None and logprobs.prompt:
+            for i, entries in logprobs.prompt.items():
+                known = batch.requests[i].prompt_logprobs
+                assert known is not None
+                for position, lp in entries:  # a recomputed chunk (after preemption) repeats known positions
+                    if position == len(known):
+                        known.append(lp)
         out: list[Request] = []
         it = iter(sampled)
         any_finished = False
+        dropped = 0
         max_len, finished = self.config.max_model_len, RequestStatus.FINISHED
-        for req, sample in zip(batch.requests, batch.sample):
+        for i, (req, sample) in enumerate(zip(batch.requests, batch.sample)):
             if not sample:
                 continue
             token = next(it)
             req.num_pending -= 1
             if req.status is finished:  # aborted, stopped or ended by EOS while the step ran
                 continue
-            tokens = req.token_ids
-            tokens.append(token)
             out.append(req)
             p = req.params
-            if (token in req.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-                reason = "stop"
-            elif len(tokens) - req.num_prompt_tokens >= req.max_tokens or len(tokens) >= max_len:
+            if not req.max_tokens:  # prompt only
                 reason = "length"
+                dropped += 1
             else:
-                continue
+                tokens = req.token_ids
+                tokens.append(token)
+                if req.output_logprobs is not None and logprobs is not None:
+                    req.output_logprobs.append(logprobs.sampled[i])
+                if (token in req.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                    reason = "stop"
+                elif len(tokens) - req.num_prompt_tokens >= req.max_tokens or len(tokens) >= max_len:
+                    reason = "length"
+                else:
+                    continue
             if req.status is RequestStatus.WAITING:  # preempted while its token was in flight
                 self.waiting.remove(req)
             self._finish(req, reason)
             any_finished = True
-        self.stats.generation_tokens += len(out)
+        self.stats.generation_tokens += len(out) - dropped
         if any_finished:
             self.running = [r for r in self.running if not r.finished]
         return out

@@ -9,7 +9,8 @@ id and position, per sequence its row. So a decode step of B requests costs 3B i
 
 Packed int64 layout (sizes in StepHeader): ids [T] | positions [T] | rows [B] | query_start_loc [B+1] |
 sample_seqs [S] | table updates [U x (row, column, block)] | new rows [P x (row, temperature, top_k, top_p,
-min_p, seed)], the floats as float64 bit patterns. An id < 0 is -(k + 1): the k-th sampled id of the previous
+min_p, seed)], the floats as float64 bit patterns | prompt-logprob tokens [L] (indices into the step's tokens
+whose logits are reported: engine/logprobs.py). An id < 0 is -(k + 1): the k-th sampled id of the previous
 step, still on the device (overlap scheduling). A decode step padded for a CUDA graph of size bs has T = B = bs,
 its padding rows being the dummy row at position 0 (their K/V go nowhere: slot -1). Each part starts on a
 16-byte boundary (parts are padded to an even length): Triton specializes kernels on pointer alignment, and a
@@ -19,16 +20,20 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 
 from asyncllm.device import to_device
 from asyncllm.engine.request import Request
-from asyncllm.engine.scheduler import Batch
+from asyncllm.engine.scheduler import Batch, StepLogprobs
 from asyncllm.layers.attention import AttentionMetadata
+
+if TYPE_CHECKING:
+    from asyncllm.engine.logprobs import LogprobsOnDevice
 
 NEW_ROW_FIELDS = 6
 
@@ -48,23 +53,26 @@ class StepHeader:
     num_updates: int
     num_new_rows: int
     graph: int = 0  # 1: a decode step padded to a CUDA graph's size, every real row sampling (rank 0 decides)
+    num_prompt_lp: int = 0
 
     STOP: ClassVar[np.ndarray] = np.zeros(1, dtype=np.int64)
 
     def sizes(self) -> list[int]:
         """Lengths of the parts (each stored padded to an even length)."""
         b, t = self.num_seqs, self.num_tokens
-        return [t, t, b, b + 1, self.num_sampled, 3 * self.num_updates, NEW_ROW_FIELDS * self.num_new_rows]
+        return [t, t, b, b + 1, self.num_sampled, 3 * self.num_updates, NEW_ROW_FIELDS * self.num_new_rows,
+                self.num_prompt_lp]
 
     def encode(self, packed: np.ndarray) -> np.ndarray:
-        sizes = [1, self.num_seqs, self.num_tokens, self.num_sampled, self.num_updates, self.num_new_rows, self.graph]
+        sizes = [1, self.num_seqs, self.num_tokens, self.num_sampled, self.num_updates, self.num_new_rows, self.graph,
+                 self.num_prompt_lp]
         return np.concatenate([np.asarray(sizes, dtype=np.int64), packed])
 
     @staticmethod
     def decode(msg: np.ndarray) -> tuple[StepHeader, np.ndarray] | None:
         if msg[0] == 0:
             return None
-        return StepHeader(*(int(x) for x in msg[1:7])), msg[7:]
+        return StepHeader(*(int(x) for x in msg[1:8])), msg[8:]
 
 
 def table_updates(requests: list[Request]) -> tuple[list[int], list[Request]]:
@@ -102,9 +110,10 @@ def new_row_fields(requests: list[Request], rng: random.Random) -> np.ndarray:
     return out
 
 
-def pack(batch: Batch, pad_to: int, dummy_row: int, rng: random.Random) -> tuple[StepHeader, np.ndarray]:
+def pack(batch: Batch, pad_to: int, dummy_row: int, rng: random.Random,
+         prompt_lp: Sequence[int]) -> tuple[StepHeader, np.ndarray]:
     """Rank 0: the step's packed host array. `pad_to` > 0: a CUDA-graph step (one token per row, every row
-    sampling) padded to that many rows."""
+    sampling) padded to that many rows. `prompt_lp`: the tokens whose logits the step reports (eager only)."""
     reqs, starts, feed = batch.requests, batch.starts, batch.feed
     n_new = batch.num_new_tokens
     b = len(reqs)
@@ -131,8 +140,9 @@ def pack(batch: Batch, pad_to: int, dummy_row: int, rng: random.Random) -> tuple
         positions = np.repeat(np.asarray(starts, dtype=np.int64) - qsl[:-1], n_arr) + np.arange(qsl[-1])
     sample_seqs = np.flatnonzero(batch.sample)
     new_rows = new_row_fields(new, rng)
-    header = StepHeader(b, len(ids), len(sample_seqs), len(flat_updates) // 3, len(new), int(pad_to > 0))
-    parts = [ids, positions, rows, qsl, sample_seqs, flat_updates, new_rows.reshape(-1)]
+    header = StepHeader(b, len(ids), len(sample_seqs), len(flat_updates) // 3, len(new), int(pad_to > 0),
+                        len(prompt_lp))
+    parts = [ids, positions, rows, qsl, sample_seqs, flat_updates, new_rows.reshape(-1), prompt_lp]
     packed = np.zeros(sum(even(n) for n in header.sizes()), dtype=np.int64)
     at = 0
     for part, n in zip(parts, header.sizes()):
@@ -170,6 +180,7 @@ class Step:
     host_rows: np.ndarray
     host_qsl: np.ndarray
     new_rows: torch.Tensor  # [P, 6]
+    prompt_lp: torch.Tensor  # [L] tokens whose logits are reported
 
 
 def unpack(header: StepHeader, packed: np.ndarray, tables: RowTables, device: torch.device) -> Step:
@@ -180,7 +191,7 @@ def unpack(header: StepHeader, packed: np.ndarray, tables: RowTables, device: to
     h = [part[:n] for part, n in zip(np.split(packed, np.cumsum([even(n) for n in sizes])[:-1]), sizes)]
     if header.num_updates:
         tables.apply(h[5].reshape(-1, 3), d[5].view(-1, 3))
-    return Step(header, dev, d[0], d[1], d[2], d[3], d[4], h[1], h[2], h[3], d[6].view(-1, NEW_ROW_FIELDS))
+    return Step(header, dev, d[0], d[1], d[2], d[3], d[4], h[1], h[2], h[3], d[6].view(-1, NEW_ROW_FIELDS), d[7])
 
 
 def feed_ids(ids: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
@@ -238,12 +249,15 @@ class StepHandle:
 
     batch: Batch
     sampled: torch.Tensor | None  # CPU: the ids; CUDA: page-locked host buffer the device copies into
-    event: torch.cuda.Event | None = None  # recorded after that copy
+    event: torch.cuda.Event | None = None  # recorded after that copy (and the log-probabilities')
+    logprobs: LogprobsOnDevice | None = None
 
-    def wait(self) -> list[int]:
+    def wait(self) -> tuple[list[int], StepLogprobs | None]:
+        """The sampled ids, and the log-probabilities the step reports (None when it reports none)."""
         if self.event is not None:
             self.event.synchronize()
-        return [] if self.sampled is None else self.sampled.tolist()
+        tokens = [] if self.sampled is None else self.sampled.tolist()
+        return tokens, self.logprobs.read(tokens) if self.logprobs is not None else None
 
 
 class HostRing:

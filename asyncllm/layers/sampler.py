@@ -39,6 +39,19 @@ class Penalties:
         return logits.index_copy_(0, self.rows, rows.to(logits.dtype))
 
 
+@dataclass
+class LogitBias:
+    """Additions to single logits of the sampled rows: `logit_bias`, and -inf for the tokens `min_tokens` still
+    forbids (EOS, stop_token_ids)."""
+
+    index: torch.Tensor  # [N, 2] int64: (row, token)
+    value: torch.Tensor  # [N] float32
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """In place."""
+        return logits.index_put_((self.index[:, 0], self.index[:, 1]), self.value.to(logits.dtype), accumulate=True)
+
+
 class Sampler:
     """`fused`: the Triton kernel (CUDA fast path); else its torch reference (CPU, the torch backend)."""
 
