@@ -124,6 +124,88 @@ def test_other_routes(server):
     assert chat_ids[0] == 1  # <|im_start|> from the chat template
 
 
+def _hf_logprobs(smollm2_dir, ids: list[int]):
+    from conftest import hf_logits
+
+    return hf_logits(smollm2_dir, ids).log_softmax(-1)
+
+
+def test_chat_logprobs_match_transformers_streamed_and_not(client, server, smollm2_dir):
+    kw = dict(model=MODEL, messages=CHAT, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3,
+              extra_body={"return_token_ids": True})
+    full = client.chat.completions.create(**kw)
+    choice = full.choices[0]
+    content = choice.logprobs.content
+    out_ids = choice.model_extra["token_ids"]
+    assert len(content) == len(out_ids) == full.usage.completion_tokens
+    prompt_ids = httpx.post(f"{server}/tokenize", json={"messages": CHAT}).json()["tokens"]
+    ref = _hf_logprobs(smollm2_dir, prompt_ids + out_ids)
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(smollm2_dir)
+    for j, (entry, token) in enumerate(zip(content, out_ids)):
+        row = ref[len(prompt_ids) - 1 + j]
+        assert entry.logprob == pytest.approx(row[token].item(), abs=1e-3)
+        assert bytes(entry.bytes).decode() == entry.token == tok.decode([token])
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=1e-3)
+        assert entry.top_logprobs[0].token == entry.token  # greedy
+    assert "".join(e.token for e in content) == choice.message.content + (tok.decode([out_ids[-1]])
+                                                                           if choice.finish_reason == "stop" else "")
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    # the same tokens; values equal up to float32 rounding (the second request reads the prompt from the cache)
+    assert [(e.token, [t.token for t in e.top_logprobs]) for e in streamed] == \
+        [(e.token, [t.token for t in e.top_logprobs]) for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
+    plain = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=12)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_echo_logprobs_score_a_prompt(client, server, smollm2_dir):
+    """lm-eval's loglikelihood request: echo, logprobs, max_tokens=0."""
+    prompt = "The capital of France is Paris"
+    ids = httpx.post(f"{server}/tokenize", json={"prompt": prompt}).json()["tokens"]
+    ref = _hf_logprobs(smollm2_dir, ids)
+    for source in (prompt, ids):
+        r = client.completions.create(model=MODEL, prompt=source, echo=True, logprobs=2, max_tokens=0)
+        c = r.choices[0]
+        assert c.text == prompt and c.finish_reason == "length" and r.usage.completion_tokens == 0
+        lp = c.logprobs
+        assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        want = [ref[q - 1, ids[q]].item() for q in range(1, len(ids))]
+        assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-3)
+        assert all(len(t) in (2, 3) and lp.tokens[q] in t for q, t in enumerate(lp.top_logprobs) if t)
+        assert "".join(lp.tokens) == prompt and lp.text_offset[0] == 0
+        assert lp.text_offset == sorted(lp.text_offset)
+    # echo with generated tokens: the prompt's entries, then the completion's, offsets continuing
+    kw = dict(model=MODEL, prompt=prompt, echo=True, logprobs=1, max_tokens=5, temperature=0)
+    full = client.completions.create(**kw).choices[0]
+    assert full.text.startswith(prompt) and len(full.logprobs.tokens) == len(ids) + 5
+    assert full.logprobs.text_offset[len(ids)] == len(prompt)
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full.text
+    merged = [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    assert merged[0] is None and merged[1:] == pytest.approx(full.logprobs.token_logprobs[1:], abs=1e-4)
+    offsets = [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.text_offset]
+    assert offsets == full.logprobs.text_offset
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True).choices[0]
+    assert plain.text == prompt and plain.logprobs is None
+
+
+def test_logit_bias_and_min_tokens_over_http(client):
+    base = dict(model=MODEL, messages=CHAT, temperature=0, max_tokens=3, extra_body={"return_token_ids": True})
+    plain = client.chat.completions.create(**base).choices[0]
+    first = plain.model_extra["token_ids"][0]
+    banned = client.chat.completions.create(**base, logit_bias={str(first): -100}).choices[0]
+    assert banned.model_extra["token_ids"][0] != first
+    forced = client.chat.completions.create(**base, logit_bias={"42": 100}).choices[0]
+    assert forced.model_extra["token_ids"] == [42, 42, 42]
+    # min_tokens keeps EOS away: the greedy answer stops by itself after ~8 tokens, here it cannot before 20
+    short = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=40)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 20
+    held = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=40,
+                                          extra_body={"min_tokens": 20})
+    assert held.usage.completion_tokens >= 20
+
+
 C, X = "/v1/chat/completions", "/v1/completions"
 MSG = {"messages": CHAT}
 BAD_REQUESTS = [
@@ -150,7 +232,16 @@ BAD_REQUESTS = [
     (C, {**MSG, "n": 0}, 400, "n"),
     (C, {**MSG, "stream_options": {"include_usage": True}}, 400, None),
     (C, {**MSG, "max_tokens": 600}, 400, "max_tokens"),
-    (C, {**MSG, "logprobs": True}, 400, None),
+    (C, {**MSG, "top_logprobs": 2}, 400, None),  # without logprobs: true
+    (C, {**MSG, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    (X, {"prompt": "hi", "logprobs": -1}, 400, "logprobs"),
+    (C, {**MSG, "logit_bias": {"x": 1}}, 400, None),
+    (C, {**MSG, "logit_bias": {"42": 101}}, 400, "logit_bias"),
+    (C, {**MSG, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    (C, {**MSG, "min_tokens": -1}, 400, "min_tokens"),
+    (C, {**MSG, "min_tokens": 5, "max_tokens": 2}, 400, "min_tokens"),
+    (X, {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    (X, {"prompt": "hi", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
     (C, {**MSG, "stop": [""]}, 400, "stop"),
     (C, {**MSG, "stop_token_ids": [-1]}, 400, "stop_token_ids"),
     (C, {**MSG, "repetition_penalty": 0}, 400, "repetition_penalty"),
@@ -162,13 +253,10 @@ BAD_REQUESTS = [
     (X, {"prompt": []}, 400, None),
     (X, {"prompt": "hi " * 600}, 400, "prompt"),
     (X, {"prompt": [1, 2, 10**9]}, 400, "prompt"),
-    (X, {"prompt": "hi", "echo": True}, 400, None),
     # asked for and not implemented: refused, never ignored
     (C, {**MSG, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
     (C, {**MSG, "tool_choice": "required"}, 400, "tool_choice"),
     (C, {**MSG, "response_format": {"type": "json_object"}}, 400, "response_format"),
-    (C, {**MSG, "logit_bias": {"42": 100}}, 400, "logit_bias"),
-    (C, {**MSG, "min_tokens": 5}, 400, "min_tokens"),
     (C, {**MSG, "modalities": ["text", "audio"]}, 400, "modalities"),
     (C, {**MSG, "chat_template_kwargs": {"enable_thinking": False}}, 400, "chat_template_kwargs"),
     (C, {**MSG, "add_generation_prompt": False}, 400, "add_generation_prompt"),

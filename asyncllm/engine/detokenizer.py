@@ -65,6 +65,13 @@ class TokenDecoder:
             self._tables[skip_special_tokens] = (raw, [_whole_text(b) for b in raw])
         return self._tables[skip_special_tokens]
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's bytes on its own (special tokens included; b"" outside the vocabulary)."""
+        if self.byte_level:
+            raw = self.table(False)[0]
+            return raw[token_id] if 0 <= token_id < len(raw) else b""
+        return self.backend.decode([token_id], skip_special_tokens=False).encode()
+
     def stream(self, prompt_token_ids: list[int], skip_special_tokens: bool) -> "TextStream":
         if self.byte_level:
             return _ByteLevelStream(*self.table(skip_special_tokens))

@@ -7,6 +7,7 @@ handler (aiohttp handler_cancellation), which closes its engine streams and free
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import zlib
 import logging
@@ -26,6 +27,7 @@ from asyncllm.engine.async_engine import AsyncEngine, StreamChunk
 from asyncllm.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from asyncllm.sampling_params import SamplingParams
 from asyncllm.server.choices import Choices, SSEChoices, sse_event
+from asyncllm.server.logprobs import LogprobFormatter
 from asyncllm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -217,16 +219,40 @@ class OpenAIServer:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await parse(request, CompletionRequest)
         self._check_model(body.model)
-        encoded, jobs = await self._prepare(body.prompts(), body, 16)
-        return await self._generate(request, body, encoded, jobs, chat=False)
+        prompts = body.prompts()
+        encoded, jobs = await self._prepare(prompts, body, 16)
+        echo = None
+        if body.echo:  # each prompt's text as given (token-id prompts decoded), before each of its choices
+            echo = [p if isinstance(p, str) else await self.engine.decode(p) for p in prompts]
+        return await self._generate(request, body, encoded, jobs, chat=False, echo=echo)
+
+    def _logprobs(self, body: Any, chunk: StreamChunk, prompt_ids: list[int], offset: int, echo: str | None
+                  ) -> tuple[dict[str, Any] | None, int]:
+        """A choice's `logprobs` for one chunk (None when not asked for), and the completion's next text offset.
+        Echo: `offset` is where the chunk's text begins after the prompt's text (its first chunk only)."""
+        fmt = self.formatter
+        if chunk.logprobs is None:
+            return None, offset
+        if isinstance(body, ChatCompletionRequest):
+            return fmt.chat(chunk.logprobs), offset
+        if echo is not None and chunk.prompt_logprobs is not None:
+            head, _ = fmt.prompt_completion(prompt_ids, chunk.prompt_logprobs)
+            tail, offset = fmt.completion(chunk.logprobs, len(echo))
+            return {k: head[k] + tail[k] for k in head}, offset
+        return fmt.completion(chunk.logprobs, offset)
+
+    @functools.cached_property
+    def formatter(self) -> LogprobFormatter:
+        return LogprobFormatter(self.engine.tokenizer)
 
     async def _generate(self, request: web.Request, body: Any, encoded: list[list[int]],
-                        jobs: list[tuple[list[int], SamplingParams]], chat: bool) -> web.StreamResponse:
+                        jobs: list[tuple[list[int], SamplingParams]], chat: bool, echo: list[str] | None = None
+                        ) -> web.StreamResponse:
         prompt_tokens = sum(len(ids) for ids in encoded)
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.settings.served_model_name}
         if body.stream:
-            return await self._sse(request, body, jobs, meta, prompt_tokens, chat)
+            return await self._sse(request, body, jobs, meta, prompt_tokens, chat, echo)
         choices = Choices(self.engine, jobs)
         try:
             outs = await choices.collect()
@@ -234,12 +260,14 @@ class OpenAIServer:
             choices.close()  # leaving early aborts every choice's request
         completion_tokens = sum(len(o.token_ids) for o in outs)
         cached_tokens = sum(o.usage.cached_tokens for o in outs[:: body.n] if o.usage)  # a prompt's hit counts once
+        prefix = [echo[i // body.n] if echo is not None else None for i in range(len(outs))]
+        logprobs = [self._logprobs(body, o, ids, 0, p)[0] for o, (ids, _), p in zip(outs, jobs, prefix)]
         if chat:
-            out = [{"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": None,
-                    "finish_reason": o.finish_reason} for i, o in enumerate(outs)]
+            out = [{"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": lp,
+                    "finish_reason": o.finish_reason} for i, (o, lp) in enumerate(zip(outs, logprobs))]
         else:
-            out = [{"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
-                   for i, o in enumerate(outs)]
+            out = [{"index": i, "text": (p or "") + o.text, "logprobs": lp, "finish_reason": o.finish_reason}
+                   for i, (o, lp, p) in enumerate(zip(outs, logprobs, prefix))]
         if body.return_token_ids:
             for c, o in zip(out, outs):
                 c["token_ids"] = o.token_ids
@@ -247,19 +275,22 @@ class OpenAIServer:
                               "choices": out, "usage": self._usage(prompt_tokens, completion_tokens, cached_tokens)})
 
     async def _sse(self, request: web.Request, body: Any, jobs: list[tuple[list[int], SamplingParams]],
-                   meta: dict[str, Any], prompt_tokens: int, chat: bool) -> web.StreamResponse:
+                   meta: dict[str, Any], prompt_tokens: int, chat: bool, echo: list[str] | None) -> web.StreamResponse:
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
         head = {**meta, "object": obj}
         usage = [0, 0]  # completion tokens, cached prompt tokens
+        offsets = [0] * len(jobs)  # completions with logprobs: each choice's text offset so far
+        unechoed = set(range(len(jobs))) if echo is not None else set()  # choices whose prompt is still to send
 
-        def choice(i: int, text: str, finish_reason: str | None, token_ids: list[int] | None = None) -> dict[str, Any]:
+        def choice(i: int, text: str, finish_reason: str | None, token_ids: list[int] | None = None,
+                   logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
             if chat:
                 delta = {"content": text} if text else {}
-                out = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                out = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             else:
-                out = {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}
+                out = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
             if token_ids is not None:
                 out["token_ids"] = token_ids
             return out
@@ -270,6 +301,16 @@ class OpenAIServer:
             usage[0] += len(chunk.token_ids)
             if chunk.usage is not None and i % body.n == 0:
                 usage[1] += chunk.usage.cached_tokens
+            if chunk.logprobs is not None or i in unechoed:
+                text, prefix = chunk.text, None
+                if i in unechoed:
+                    unechoed.discard(i)
+                    prefix = echo[i // body.n]  # type: ignore[index]
+                    text = prefix + text
+                    offsets[i] = len(prefix)
+                lp, offsets[i] = self._logprobs(body, chunk, jobs[i][0], offsets[i], prefix)
+                ids = chunk.token_ids if body.return_token_ids else None
+                return sse_event({**head, "choices": [choice(i, text, chunk.finish_reason, ids, lp)], **extra})
             if chunk.finish_reason is None and not body.return_token_ids:
                 if not chunk.text:
                     return b""

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from asyncllm.sampling_params import SamplingParams
+from asyncllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 class _Model(BaseModel):
@@ -16,7 +16,7 @@ class _Model(BaseModel):
 
 # field -> the values that mean "not used" (accepted); any other value gets a 400 naming the field
 UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
-    "logit_bias": (None, {}), "min_tokens": (None, 0), "best_of": (None, 1),
+    "best_of": (None, 1), "prompt_logprobs": (None,),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]),
     "prediction": (None,), "web_search_options": (None,), "reasoning_effort": (None,), "verbosity": (None,),
@@ -55,13 +55,21 @@ class _Generation(_Model):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
+    logit_bias: dict[str, float] | None = None  # token id (as JSON keys are strings) -> bias in [-100, 100]
+    min_tokens: int = Field(default=0, ge=0)
     user: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "_Generation":
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
+        if self.logit_bias and not all(k.isdigit() for k in self.logit_bias):
+            raise ValueError("logit_bias keys must be token ids")
         return self
+
+    def _logprobs(self) -> tuple[int | None, int | None]:
+        """(logprobs, prompt_logprobs) of SamplingParams."""
+        return None, None
 
     def sampling_params(self, default_max_tokens: int | None, index: int = 0) -> SamplingParams:
         """SamplingParams for choice `index` (choices with a seed get seed + index, so they differ)."""
@@ -81,6 +89,9 @@ class _Generation(_Model):
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            min_tokens=self.min_tokens,
+            **dict(zip(("logprobs", "prompt_logprobs"), self._logprobs())),
         )
 
 
@@ -112,29 +123,32 @@ class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     @model_validator(mode="after")
-    def _unsupported(self) -> "ChatCompletionRequest":
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs are not supported yet")
+    def _chat(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         return self
 
+    def _logprobs(self) -> tuple[int | None, int | None]:
+        return (self.top_logprobs or 0) if self.logprobs else None, None
+
 
 class CompletionRequest(_Generation):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool = False
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: the prompt only (with echo and logprobs: scoring)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False  # the prompt comes back before the completion (with its log-probabilities)
     suffix: str | None = None
 
+    def _logprobs(self) -> tuple[int | None, int | None]:
+        return self.logprobs, self.logprobs if self.echo else None
+
     @model_validator(mode="after")
-    def _unsupported(self) -> "CompletionRequest":
-        if self.logprobs is not None:
-            raise ValueError("logprobs are not supported yet")
-        if self.echo:
-            raise ValueError("echo is not supported")
+    def _completion(self) -> "CompletionRequest":
         if self.suffix:
             raise ValueError("suffix is not supported")
         if isinstance(self.prompt, list) and not self.prompt:
