@@ -154,7 +154,8 @@ def test_logprobs_and_logit_bias_in_graph_steps(large_model):
             assert lp.token_id == (prompt + out.token_ids)[q + 1]
             diffs.append(abs(lp.logprob - ref[q, lp.token_id].item()))
             assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
-        assert all(lp.top[0][0] == lp.token_id for lp in out.logprobs)  # greedy
+        # greedy: the token is a most likely one (bf16 logits tie often; argmax takes the first of equals)
+        assert all(lp.top[0][1] == lp.logprob for lp in out.logprobs)
     worst, mean = max(diffs), sum(diffs) / len(diffs)
     print(f"graph-step logprobs: |logprob diff| vs float32 max {worst:.4f} mean {mean:.4f} over {len(diffs)}")
     # bf16 noise: this model's logits differ from float32 by up to 1.4 (mean 0.12) at a scale of 22; a wrong
