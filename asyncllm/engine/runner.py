@@ -326,10 +326,10 @@ class ModelRunner:
         if self.closed:
             raise RuntimeError("this engine was closed")
         to_followers = broadcast and self.tp.size > 1
-        adjust, plan = self._extras(batch)
-        # a graph step has no hidden states of prompt tokens to report
-        pad = graph_size(self.graphs.sizes, batch) if self.graphs is not None and not (plan and plan.prompt_tokens) else 0
-        with self._on_stream():
+        with self._on_stream():  # every copy to the device below is ordered before the step that reads it
+            adjust, plan = self._extras(batch)
+            # a graph step has no hidden states of prompt tokens to report
+            pad = graph_size(self.graphs.sizes, batch) if self.graphs is not None and not (plan and plan.prompt_tokens) else 0
             header, packed = pack(batch, pad, self.tables.dummy, self.seed_rng, plan.prompt_tokens if plan else ())
             if to_followers:
                 if self.tp.steps is None:
