@@ -13,6 +13,34 @@ MAX_LOGPROBS = 20  # most likely tokens reported per position (OpenAI's top_logp
 MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
 
 
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """Constrain the output to exactly one of: a JSON schema (`json`, a dict or its text), any JSON object
+    (`json_object`), a regular expression, one of the strings in `choice`, or an EBNF grammar (GBNF, the
+    `root` rule). Enforced by masking the logits with the grammar's allowed next tokens (engine/grammar.py)."""
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        import json as json_module
+
+        if isinstance(self.json, dict):
+            object.__setattr__(self, "json", json_module.dumps(self.json))
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [self.json is not None, self.json_object, self.regex is not None, self.choice is not None,
+                 self.grammar is not None]
+        if sum(given) != 1:
+            raise InvalidRequestError("structured outputs take exactly one of json, json_object, regex, choice and "
+                                      "grammar", "structured_outputs")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise InvalidRequestError("choice must be a non-empty list of non-empty strings", "structured_outputs")
+
+
 @dataclass
 class SamplingParams:
     """How to pick each next token and when to stop.
@@ -45,6 +73,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -61,8 +90,8 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """The logits of this request's rows change before sampling (penalties, logit_bias, min_tokens)."""
-        return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0
+        """The logits of this request's rows change before sampling (penalties, logit_bias, min_tokens, a grammar)."""
+        return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0 or self.structured_outputs is not None
 
     @property
     def greedy(self) -> bool:

@@ -119,7 +119,9 @@ def _draw_kernel(logits_ptr, stride, vocab, temp_ptr, tau_ptr, seed_ptr, pos_ptr
         else:
             s = x * inv_t
             h = _mix(key ^ (cols.to(tl.uint32) * 0x9E3779B9))
-            u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            # 23 bits: (k + 0.5) / 2^23 is exact in float32 and strictly inside (0, 1); with 24 bits the largest
+            # value rounds to 1.0, whose noise is +inf (that token wins whatever its logit)
+            u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
             score = tl.where((s >= tau) & (cols < vocab), s - tl.log(-tl.log(u)), -float("inf"))
         better = score > best
         best = tl.where(better, score, best)

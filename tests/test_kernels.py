@@ -213,3 +213,23 @@ def test_sample_follows_the_kept_softmax():
         expected[:keep] = p / p.sum()
         freq = torch.bincount(ids, minlength=vocab).float() / draws
         assert (freq - expected).abs().max() < tol, (kw, freq, expected)
+
+
+def test_sample_never_draws_a_masked_token():
+    """Tokens at -inf (grammar masks, min_tokens) are never drawn, whatever the noise: the uniform numbers stay
+    strictly inside (0, 1). (With 24-bit noise the largest value rounded to 1.0, whose Gumbel noise is +inf: that
+    token won whatever its logit, about once per 340 draws over a 49k vocabulary.) ~100M noise values, in slices."""
+    from asyncllm.layers.sampler import sample_ref
+
+    vocab = 49152
+    rows = 256 if DEVICE == "cpu" else 4096
+    slices = 8 if DEVICE == "cpu" else 32
+    sample = K.sample if DEVICE == "cuda" else sample_ref
+    allowed = torch.tensor([5, 777, 40000])
+    logits = torch.full((rows, vocab), float("-inf"), device=DEVICE)
+    logits[:, allowed] = torch.tensor([1.0, 0.5, 0.0], device=DEVICE)
+    full = lambda v, dt: torch.full((rows,), v, dtype=dt, device=DEVICE)  # noqa: E731
+    for k in range(slices):
+        ids = sample(logits, full(1.0, torch.float32), full(0, torch.int64), full(1.0, torch.float32),
+                     full(0.0, torch.float32), full(k, torch.int64), torch.arange(rows, device=DEVICE)).cpu()
+        assert bool(torch.isin(ids, allowed).all()), ids[~torch.isin(ids, allowed)]

@@ -235,6 +235,12 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenize_pool, self._core.decode, token_ids, skip_special_tokens)
 
+    async def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile the structured-output grammar of `params` in the tokenizer pool (open() then finds it cached
+        instead of compiling on the loop). Raises InvalidRequestError for one that does not compile."""
+        if params.structured_outputs is not None:
+            await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._core.compile_grammar, params)
+
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError if this request can never be served (nothing is queued)."""
         self._core.make_request(prompt_token_ids, params)
@@ -259,6 +265,7 @@ class AsyncEngine:
         params = params or SamplingParams()
         self._check_accepting()
         ids = await self.encode(prompt)
+        await self.compile_grammar(params)
         ready = asyncio.Event()
         stream = self.open(ids, params, lambda _: ready.set())  # checks again: shutdown may have begun meanwhile
         try:

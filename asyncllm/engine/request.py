@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from asyncllm.outputs import Logprob
 from asyncllm.sampling_params import SamplingParams
 
@@ -43,6 +44,8 @@ class Request:
     # one per prompt token (the first None) filled in as the prefill's chunks run
     output_logprobs: list[Logprob] | None = None
     prompt_logprobs: list[Logprob | None] | None = None
+    # structured outputs: the grammar matcher (engine/grammar.py), advanced by each token appended
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

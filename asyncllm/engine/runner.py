@@ -19,6 +19,7 @@ from asyncllm import distributed
 from asyncllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from asyncllm.device import resolve_device, to_device
 from asyncllm.engine.cuda_graphs import CudaGraphs, graph_size
+from asyncllm.engine.grammar import TokenMask
 from asyncllm.engine.logprobs import PROMPT_SLICE, LogprobPlan, LogprobsOnDevice, plan_logprobs
 from asyncllm.engine.request import Request
 from asyncllm.engine.scheduler import Batch
@@ -256,15 +257,28 @@ class ModelRunner:
             self.sampler.set_rows(step.new_rows)
         return eager_inputs(step, self.tables, self.sampled, self.block_size)
 
-    def _extras(self, batch: Batch) -> tuple[list[Penalties | LogitBias], LogprobPlan | None]:
+    def _extras(self, batch: Batch) -> tuple[list[Penalties | LogitBias | TokenMask], LogprobPlan | None]:
         """Rank 0: the step's logit adjustments (applied in place before sampling) and what it reports of
         log-probabilities, from the rows whose request asks for more than the sampler's parameters."""
         rows = [i for i, r in enumerate(batch.requests) if r.extras]
         if not rows:
             return [], None
         sample_index = np.cumsum(batch.sample) - 1  # row -> its row among the step's sampled logits
-        adjust = [r for r in (self._penalties(batch, rows, sample_index), self._bias(batch, rows, sample_index)) if r]
+        adjust = [r for r in (self._penalties(batch, rows, sample_index), self._bias(batch, rows, sample_index),
+                              self._mask(batch, rows, sample_index)) if r]
         return adjust, plan_logprobs(batch, rows)
+
+    def _mask(self, batch: Batch, rows: list[int], sample_index: np.ndarray) -> TokenMask | None:
+        """The grammar masks of the constrained rows that sample (their matchers hold every earlier token)."""
+        constrained = [i for i in rows if batch.sample[i] and batch.requests[i].grammar is not None]
+        if not constrained:
+            return None
+        words = -(-self.model.config.vocab_size // 32)
+        bitmask = torch.full((len(constrained), words), -1, dtype=torch.int32)
+        for k, i in enumerate(constrained):
+            batch.requests[i].grammar.fill_next_token_bitmask(bitmask, k)
+        return TokenMask(to_device([int(sample_index[i]) for i in constrained], self.device),
+                         to_device(bitmask, self.device, torch.int32))
 
     def _penalties(self, batch: Batch, rows: list[int], sample_index: np.ndarray) -> Penalties | None:
         """Token counts of the sampling rows that use repetition penalties (work proportional to their lengths,
@@ -353,7 +367,7 @@ class ModelRunner:
                 event.record(self.stream)
             return StepHandle(batch, host, event, logprobs)
 
-    def _run(self, header: StepHeader, packed: Any, adjust: list[Penalties | LogitBias],
+    def _run(self, header: StepHeader, packed: Any, adjust: list[Penalties | LogitBias | TokenMask],
              logprobs: LogprobsOnDevice | None, sample: bool) -> int:
         """Every rank: unpack the step, run the model, sample into `self.sampled` (rank 0; followers' sampled ids
         come by broadcast, except inside a graph, which samples on every rank alike). Returns num_sampled.

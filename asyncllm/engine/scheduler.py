@@ -140,8 +140,9 @@ class Scheduler:
         while i < len(running) and budget > 0:
             req = running[i]
             known, pending = len(req.token_ids), req.num_pending
-            if pending and (known - req.num_prompt_tokens + pending >= req.max_tokens or known + pending >= max_len):
-                i += 1  # its last token is on the device: nothing more to compute
+            if pending and (known - req.num_prompt_tokens + pending >= req.max_tokens or known + pending >= max_len
+                            or req.grammar is not None):
+                i += 1  # its last token is on the device, or its next mask needs the token on the host
                 continue
             start = req.num_computed_tokens
             n = min(known + pending - start, budget)
@@ -284,6 +285,8 @@ class Scheduler:
                     req.output_logprobs.append(logprobs.sampled[i])
                 if (token in req.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
                     reason = "stop"
+                elif req.grammar is not None and (not req.grammar.accept_token(token) or req.grammar.is_terminated()):
+                    reason = "stop"  # the grammar is complete (its stop token, EOS, was sampled)
                 elif len(tokens) - req.num_prompt_tokens >= req.max_tokens or len(tokens) >= max_len:
                     reason = "length"
                 else:

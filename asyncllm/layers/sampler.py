@@ -102,7 +102,7 @@ def uniform_ref(seed: torch.Tensor, position: torch.Tensor, vocab: int) -> torch
     key = _mix((seed & MASK32) ^ _mix(((seed >> 32) & MASK32) ^ _mix(position & MASK32)))
     cols = torch.arange(vocab, dtype=torch.int64, device=seed.device)
     h = _mix(key[:, None] ^ ((cols * GOLDEN) & MASK32)[None, :])
-    return ((h >> 8).float() + 0.5) * (1.0 / 16777216.0)
+    return ((h >> 9).float() + 0.5) * (1.0 / 8388608.0)  # 23 bits: exact, strictly inside (0, 1)
 
 
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

@@ -204,6 +204,7 @@ class OpenAIServer:
         for ids in encoded:
             for j in range(body.n):
                 params = body.sampling_params(default_max_tokens, j)
+                await self.engine.compile_grammar(params)
                 self.engine.check(ids, params)
                 jobs.append((ids, params))
         return encoded, jobs

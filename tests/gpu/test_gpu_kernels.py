@@ -18,6 +18,7 @@ if torch.cuda.is_available():
         test_rope_with_kv_store,
         test_sample_follows_the_kept_softmax,
         test_sample_matches_its_reference_on_every_path,
+        test_sample_never_draws_a_masked_token,
         test_silu_and_mul,
         test_store_kv_scatters_and_skips_padding,
     )
