@@ -206,6 +206,35 @@ def test_logit_bias_and_min_tokens_over_http(client):
     assert held.usage.completion_tokens >= 20
 
 
+def test_structured_outputs_over_http(client):
+    import json
+
+    import pydantic
+
+    class City(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=30)
+        country: str = pydantic.Field(max_length=30)
+        population: int
+
+    messages = [{"role": "user", "content": "Give me a city as JSON."}]
+    parsed = client.chat.completions.parse(model=MODEL, messages=messages, response_format=City, temperature=0,
+                                           max_tokens=100)
+    assert isinstance(parsed.choices[0].message.parsed, City)
+    schema = {"type": "json_schema", "json_schema": {"name": "city", "schema": City.model_json_schema(), "strict": True}}
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, response_format=schema,
+                                                 temperature=0, max_tokens=100, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == parsed.choices[0].message.content
+    obj = client.chat.completions.create(model=MODEL, messages=messages, response_format={"type": "json_object"},
+                                         temperature=0, max_tokens=100)
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    choice = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=5, temperature=1.0,
+                                       extra_body={"structured_outputs": {"choice": ["blue", "green"]}})
+    assert choice.choices[0].text in ("blue", "green")
+    regex = client.completions.create(model=MODEL, prompt="My phone number is", max_tokens=20, temperature=1.0,
+                                      extra_body={"guided_regex": "[0-9]{3}-[0-9]{4}"})
+    assert re.fullmatch("[0-9]{3}-[0-9]{4}", regex.choices[0].text)
+
+
 C, X = "/v1/chat/completions", "/v1/completions"
 MSG = {"messages": CHAT}
 BAD_REQUESTS = [
@@ -256,13 +285,17 @@ BAD_REQUESTS = [
     # asked for and not implemented: refused, never ignored
     (C, {**MSG, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
     (C, {**MSG, "tool_choice": "required"}, 400, "tool_choice"),
-    (C, {**MSG, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (C, {**MSG, "response_format": {"type": "xml"}}, 400, "response_format"),
+    (C, {**MSG, "response_format": {"type": "json_schema"}}, 400, "response_format"),
+    (C, {**MSG, "response_format": {"type": "json_object"}, "guided_regex": "a+"}, 400, "response_format"),
+    (C, {**MSG, "guided_regex": "(unclosed"}, 400, "structured_outputs"),
+    (C, {**MSG, "structured_outputs": {"regex": "a", "choice": ["b"]}}, 400, "structured_outputs"),
+    (X, {"prompt": "hi", "guided_choice": []}, 400, "structured_outputs"),
     (C, {**MSG, "modalities": ["text", "audio"]}, 400, "modalities"),
     (C, {**MSG, "chat_template_kwargs": {"enable_thinking": False}}, 400, "chat_template_kwargs"),
     (C, {**MSG, "add_generation_prompt": False}, 400, "add_generation_prompt"),
     (C, {"messages": [{"role": "assistant", "tool_calls": [{"id": "1"}]}]}, 400, "messages"),
     (X, {"prompt": "hi", "best_of": 3}, 400, "best_of"),
-    (X, {"prompt": "hi", "guided_json": {"type": "object"}}, 400, "guided_json"),
     (X, {"prompt": "x" * 200_000}, 413, None),
     ("/v1/embeddings", {"input": "x"}, 404, None),
     ("/tokenize", {}, 400, None),

@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from asyncllm.sampling_params import MAX_LOGPROBS, SamplingParams
+from asyncllm.errors import InvalidRequestError
+from asyncllm.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputs
 
 
 class _Model(BaseModel):
@@ -18,11 +19,9 @@ class _Model(BaseModel):
 UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1), "prompt_logprobs": (None,),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]),
+    "audio": (None,), "modalities": (None, ["text"]),
     "prediction": (None,), "web_search_options": (None,), "reasoning_effort": (None,), "verbosity": (None,),
     "chat_template_kwargs": (None, {}), "continue_final_message": (None, False), "add_generation_prompt": (None, True),
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
-    "structured_outputs": (None,),
 }
 
 
@@ -33,6 +32,34 @@ def unimplemented_field(data: dict[str, Any]) -> str | None:
 
 class StreamOptions(_Model):
     include_usage: bool = False
+
+
+class JsonSchema(_Model):
+    name: str = "response"
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema")
+        return self
+
+
+class StructuredOutputsField(_Model):
+    """vLLM's `structured_outputs` extension (one of)."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class _Generation(_Model):
@@ -57,6 +84,13 @@ class _Generation(_Model):
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     logit_bias: dict[str, float] | None = None  # token id (as JSON keys are strings) -> bias in [-100, 100]
     min_tokens: int = Field(default=0, ge=0)
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs, or its older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     user: str | None = None
 
     @model_validator(mode="after")
@@ -70,6 +104,29 @@ class _Generation(_Model):
     def _logprobs(self) -> tuple[int | None, int | None]:
         """(logprobs, prompt_logprobs) of SamplingParams."""
         return None, None
+
+    def structured(self) -> StructuredOutputs | None:
+        """The one structured-output constraint asked for, or None. Raises ValueError for several."""
+        found: list[StructuredOutputs] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(StructuredOutputs(json_object=True))
+        elif rf is not None and rf.type == "json_schema":
+            assert rf.json_schema is not None
+            found.append(StructuredOutputs(json=rf.json_schema.schema_))
+        so = self.structured_outputs
+        if so is not None:
+            found.append(StructuredOutputs(json=so.json_, json_object=so.json_object, regex=so.regex,
+                                           choice=tuple(so.choice) if so.choice is not None else None,
+                                           grammar=so.grammar))
+        for name in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{name}")
+            if value is not None:
+                found.append(StructuredOutputs(**{name: tuple(value) if name == "choice" else value}))
+        if len(found) > 1:
+            raise InvalidRequestError("give one of response_format, structured_outputs and guided_*",
+                                      "response_format")
+        return found[0] if found else None
 
     def sampling_params(self, default_max_tokens: int | None, index: int = 0) -> SamplingParams:
         """SamplingParams for choice `index` (choices with a seed get seed + index, so they differ)."""
@@ -91,6 +148,7 @@ class _Generation(_Model):
             skip_special_tokens=self.skip_special_tokens,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             min_tokens=self.min_tokens,
+            structured_outputs=self.structured(),
             **dict(zip(("logprobs", "prompt_logprobs"), self._logprobs())),
         )
 
