@@ -54,6 +54,26 @@ def make_tiny_model(path: Path, arch: str, tokenizer_from: Path | None = None, s
     return path
 
 
+TOKENIZER_IDS = dict(bos_token_id=0, eos_token_id=0)  # make_tiny_model's ids to match make_byte_level_tokenizer
+
+
+def make_byte_level_tokenizer(path: Path, vocab_size: int = 400) -> Path:
+    """A small byte-level BPE tokenizer (EOS "<|endoftext|>" = id 0), trained here: for models without the
+    SmolLM2 files (GPU machines) that still need text (structured outputs)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"])
+    corpus = ['{"n": 12, "tag": "a"}', "left right up down 123-ab 0123456789", "the quick brown fox jumps"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, smollm2_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")

@@ -10,6 +10,7 @@ import pytest
 from asyncllm import LLM, AsyncEngine, SamplingParams
 from asyncllm.errors import InvalidRequestError
 from asyncllm.sampling_params import StructuredOutputs
+from conftest import TOKENIZER_IDS, make_byte_level_tokenizer, make_tiny_model, random_prompts
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 150},
@@ -95,3 +96,34 @@ async def test_overlap_scheduling_with_constrained_requests(prompt):
             if i % 2:
                 assert out.finish_reason == "stop" and valid_person(json.loads(out.text)), out.text
         assert engine.num_free_blocks == engine.num_blocks
+
+
+BOUNDED = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                            "tag": {"enum": ["a", "b", "c"]}},
+           "required": ["n", "tag"], "additionalProperties": False}
+
+
+def check_bounded_grammars(llm: LLM, vocab: int) -> None:
+    """Grammars that end within a few tokens hold even for a random-weight model (it picks among the allowed
+    tokens only); greedy neighbours in the same batches keep the tokens they get alone."""
+    specs = [(StructuredOutputs(regex="[0-9]{3}-[a-z]{2}"), lambda t: re.fullmatch("[0-9]{3}-[a-z]{2}", t)),
+             (StructuredOutputs(choice=["left", "right", "up"]), lambda t: t in ("left", "right", "up")),
+             (StructuredOutputs(json=BOUNDED), lambda t: set(json.loads(t)) == {"n", "tag"})]
+    prompts = random_prompts(24, min(vocab, 300), 10, 100, seed=41)
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    alone = llm.generate(prompts[::2], greedy, use_tqdm=False)
+    params = [greedy if i % 2 == 0 else SamplingParams(temperature=1.0, seed=i, max_tokens=64,
+                                                       structured_outputs=specs[i // 2 % 3][0]) for i in range(24)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for i, out in enumerate(outs):
+        if i % 2 == 0:
+            assert out.token_ids == alone[i // 2].token_ids
+        else:
+            assert out.finish_reason == "stop" and specs[i // 2 % 3][1](out.text), out.text
+
+
+def test_bounded_grammars_on_a_random_model_with_overlap(tmp_path):
+    model = make_byte_level_tokenizer(make_tiny_model(tmp_path / "qwen3", "qwen3", **TOKENIZER_IDS))
+    llm = LLM(str(model), max_model_len=256, block_size=8, overlap_schedule=True)
+    assert llm.engine.overlap
+    check_bounded_grammars(llm, 512)

@@ -4,7 +4,7 @@
 # site-packages, so nothing it has is shadowed), and puts the repo on PYTHONPATH.
 # .device/extra.tar.xz = the unpacked wheels of prometheus-client pydantic pydantic-core annotated-types
 # typing-inspection typing-extensions httpx httpcore h11 anyio sniffio certifi idna gguf openai httpx2 httpcore2
-# truststore distro jiter
+# truststore distro jiter xgrammar apache-tvm-ffi
 # (pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 ...).
 set -e
 mkdir -p /tmp/site
@@ -12,7 +12,7 @@ mkdir -p /tmp/site
 # kernels/ is imported as asyncllm_kernels (the install maps it; here a link does)
 mkdir -p /tmp/alias && ln -sfn "$PWD/kernels" /tmp/alias/asyncllm_kernels
 export PYTHONPATH=/tmp/site:$PWD:/tmp/alias${PYTHONPATH:+:$PYTHONPATH} FLASHINFER_DISABLE_JIT=1 PYTHONUNBUFFERED=1
-if ! python -c "import pydantic, prometheus_client, httpx, gguf, openai" 2>/dev/null; then
+if ! python -c "import pydantic, prometheus_client, httpx, gguf, openai, xgrammar" 2>/dev/null; then
   mkdir -p /tmp/extra && tar xJf .device/extra.tar.xz -C /tmp/extra
   echo /tmp/extra > "$(python -c 'import site; print(site.getsitepackages()[0])')/zz-asyncllm-extra.pth"
 fi

@@ -189,3 +189,15 @@ def test_no_triton_compile_after_start_up(large_model):
             prompts = [p if rng.random() < 0.5 else shared + p for p in random_prompts(n, VOCAB, 1, 200, seed=n)]
             llm.generate(prompts, [random_params(rng, rng.randint(1, 40)) for _ in prompts], use_tqdm=False)
     assert compiled[0] == 0
+
+
+def test_structured_outputs_with_graphs_and_overlap(tmp_path):
+    """test_structured_outputs' bounded grammars on the GPU path: CUDA-graph steps, overlap scheduling on."""
+    from conftest import TOKENIZER_IDS, make_byte_level_tokenizer
+    from test_structured_outputs import check_bounded_grammars
+
+    model = make_byte_level_tokenizer(make_tiny_model(tmp_path / "llama", "llama", dtype_name="bfloat16",
+                                                      **{**LARGE, **TOKENIZER_IDS}))
+    llm = LLM(str(model), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=4096)
+    assert llm.engine.overlap and llm.engine.runner.graphs is not None
+    check_bounded_grammars(llm, VOCAB)
