@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from asyncllm.config import EngineConfig
 from asyncllm.engine.detokenizer import IncrementalDetokenizer
-from asyncllm.engine.grammar import Grammars
+from asyncllm.engine.grammar import Grammars, accept_tokens
 from asyncllm.engine.kv_cache import BlockManager
 from asyncllm.engine.request import Request
 from asyncllm.engine.runner import ModelRunner
@@ -253,13 +253,25 @@ class EngineCore:
     def advance(self, batch: Batch) -> tuple[Batch, list[int], StepLogprobs | None] | None:
         """Launch `batch` (if not empty), then wait for a step to finish and return it with its sampled tokens:
         with overlap, the step launched before (the new one keeps the GPU busy meanwhile); without, this one.
+        A constrained row fed from the step in flight needs that step's token in its matcher before its mask:
+        the new step's forward is queued first, its sampling once the tokens are in (ModelRunner.complete).
         Blocks its thread on the GPU: the async engine calls it in its step thread. None if nothing ran."""
-        handle = self.runner.launch(batch) if batch else None
+        defer = self.overlap and batch.constrained and any(
+            r.grammar is not None and f >= 0 for r, f in zip(batch.requests, batch.feed))
+        launched = self.runner.launch(batch, defer=defer) if batch else None
         if self.overlap:
-            handle, self._inflight = self._inflight, handle
-        if handle is None:
-            return None
-        return handle.batch, *handle.wait()
+            handle, self._inflight = self._inflight, launched  # type: ignore[assignment]
+        else:
+            handle = launched  # type: ignore[assignment]
+        done = None
+        if handle is not None:
+            tokens, logprobs = handle.wait()
+            if handle.batch.constrained:
+                accept_tokens(handle.batch, tokens)
+            done = handle.batch, tokens, logprobs
+        if defer:
+            self._inflight = self.runner.complete(launched)  # type: ignore[arg-type]
+        return done
 
     def step(self) -> list[Request]:
         """Schedule, launch and apply one step (with overlap, apply the previous one); returns the requests that

@@ -3,15 +3,19 @@
 A request with `SamplingParams.structured_outputs` holds a matcher (`Request.grammar`). Before a step, rank 0 fills
 one bitmask row per constrained row that samples (the tokens its grammar allows next; ~10 us for a JSON schema
 with a 49k vocabulary) and the step sets every other logit of that row to -inf before sampling (`TokenMask`);
-after the step the sampled token advances the matcher, and a grammar that is complete ends the request ("stop").
-A mask needs the request's previous token: under overlap scheduling a constrained request sits out the step that
-runs while its token is still on the device (it decodes every other step; other requests are not slowed).
+once the step's tokens are on the host the step thread advances the matchers (`accept_tokens`), and a grammar
+that is complete ends the request ("stop"). A mask needs the request's previous token: under overlap scheduling,
+a step with a constrained row whose previous token is still on the device queues its forward at once and its
+sampling only after the previous step's tokens advanced the matchers (`ModelRunner.complete`), so the GPU runs the
+forward while the host fills the masks (in parallel threads: `fill_masks`).
 
 Grammars are compiled once per distinct spec (xgrammar caches them too) in the tokenizer pool before the request
 is queued (`AsyncEngine` precompiles), so the event loop never waits on a compilation.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ import torch
 from asyncllm.errors import InvalidRequestError
 from asyncllm.sampling_params import StructuredOutputs
 
+log = logging.getLogger(__name__)
 MAX_CACHED = 256  # compiled grammars kept (LRU)
 
 
@@ -75,9 +80,33 @@ class Grammars:
     def matcher(self, spec: StructuredOutputs) -> Any:
         return self.xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=self.stop_tokens)
 
-    def bitmask(self, num_rows: int) -> torch.Tensor:
-        """[num_rows, ceil(vocab / 32)] int32 on the host, every token allowed."""
-        return self.xgr.allocate_token_bitmask(num_rows, self.vocab_size)
+
+@functools.cache
+def _batch_matcher() -> Any:
+    import xgrammar
+
+    return xgrammar.BatchGrammarMatcher("auto")  # half the machine's hardware threads
+
+
+def fill_masks(matchers: list[Any], vocab_size: int) -> torch.Tensor:
+    """[len(matchers), ceil(vocab / 32)] int32 host bitmask: each matcher's allowed next tokens, filled in
+    parallel threads; a terminated matcher's row (its request ended; the row is dropped) allows every token."""
+    bitmask = torch.full((len(matchers), -(-vocab_size // 32)), -1, dtype=torch.int32)
+    live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
+    if live:
+        _batch_matcher().batch_fill_next_token_bitmask([matchers[i] for i in live], bitmask, live)
+    return bitmask
+
+
+def accept_tokens(batch: Any, tokens: list[int]) -> None:
+    """Advance the matchers of a finished step's constrained rows by the tokens they sampled (the step thread,
+    before the next step's masks are filled). A refused token (never: the mask allowed it) ends the request."""
+    sampled = (r for r, s in zip(batch.requests, batch.sample) if s)
+    for req, token in zip(sampled, tokens):
+        m = req.grammar
+        if m is not None and not m.is_terminated() and not m.accept_token(token):
+            log.warning("request %s: its grammar refused token %d", req.request_id, token)
+            req.grammar_refused = True
 
 
 def _ebnf_string(s: str) -> str:

@@ -44,8 +44,10 @@ class Request:
     # one per prompt token (the first None) filled in as the prefill's chunks run
     output_logprobs: list[Logprob] | None = None
     prompt_logprobs: list[Logprob | None] | None = None
-    # structured outputs: the grammar matcher (engine/grammar.py), advanced by each token appended
+    # structured outputs: the grammar matcher (engine/grammar.py), advanced by each sampled token in the step
+    # thread (grammar_refused: it refused one, which the mask should make impossible)
     grammar: Any = None
+    grammar_refused: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

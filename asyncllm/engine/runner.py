@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
 import importlib.util
 import logging
 import math
@@ -19,7 +20,7 @@ from asyncllm import distributed
 from asyncllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from asyncllm.device import resolve_device, to_device
 from asyncllm.engine.cuda_graphs import CudaGraphs, graph_size
-from asyncllm.engine.grammar import TokenMask
+from asyncllm.engine.grammar import TokenMask, fill_masks
 from asyncllm.engine.logprobs import PROMPT_SLICE, LogprobPlan, LogprobsOnDevice, plan_logprobs
 from asyncllm.engine.request import Request
 from asyncllm.engine.scheduler import Batch
@@ -122,6 +123,28 @@ def _flashinfer(device: torch.device, dtype: torch.dtype, attn: Attention, block
     backend = FlashInferAttentionBackend(device, dtype, attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
     self_test(backend, block_size)
     return backend
+
+
+@dataclass
+class Forward:
+    """A step's forward, launched: the logits of the rows that sample (None: no row samples) and, eager, their
+    sampler rows and the positions of the tokens they sample."""
+
+    header: StepHeader
+    logits: torch.Tensor | None
+    table_rows: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+
+@dataclass
+class Deferred:
+    """Rank 0: a step whose forward is queued and whose sampling is not (yet)."""
+
+    batch: Batch
+    forward: Forward
+    adjust: list[Penalties | LogitBias | TokenMask]
+    logprobs: LogprobsOnDevice | None
+    to_followers: bool
 
 
 class ModelRunner:
@@ -257,15 +280,16 @@ class ModelRunner:
             self.sampler.set_rows(step.new_rows)
         return eager_inputs(step, self.tables, self.sampled, self.block_size)
 
-    def _extras(self, batch: Batch) -> tuple[list[Penalties | LogitBias | TokenMask], LogprobPlan | None]:
-        """Rank 0: the step's logit adjustments (applied in place before sampling) and what it reports of
-        log-probabilities, from the rows whose request asks for more than the sampler's parameters."""
+    def _extras(self, batch: Batch, masks: bool) -> tuple[list[Penalties | LogitBias | TokenMask], LogprobPlan | None]:
+        """Rank 0: the step's logit adjustments (applied in place before sampling; grammar masks only if `masks`)
+        and what it reports of log-probabilities, from the rows whose request asks for more than the sampler's
+        parameters."""
         rows = [i for i, r in enumerate(batch.requests) if r.extras]
         if not rows:
             return [], None
         sample_index = np.cumsum(batch.sample) - 1  # row -> its row among the step's sampled logits
         adjust = [r for r in (self._penalties(batch, rows, sample_index), self._bias(batch, rows, sample_index),
-                              self._mask(batch, rows, sample_index)) if r]
+                              self._mask(batch, rows, sample_index) if masks else None) if r]
         return adjust, plan_logprobs(batch, rows)
 
     def _mask(self, batch: Batch, rows: list[int], sample_index: np.ndarray) -> TokenMask | None:
@@ -273,10 +297,7 @@ class ModelRunner:
         constrained = [i for i in rows if batch.sample[i] and batch.requests[i].grammar is not None]
         if not constrained:
             return None
-        words = -(-self.model.config.vocab_size // 32)
-        bitmask = torch.full((len(constrained), words), -1, dtype=torch.int32)
-        for k, i in enumerate(constrained):
-            batch.requests[i].grammar.fill_next_token_bitmask(bitmask, k)
+        bitmask = fill_masks([batch.requests[i].grammar for i in constrained], self.model.config.vocab_size)
         return TokenMask(to_device([int(sample_index[i]) for i in constrained], self.device),
                          to_device(bitmask, self.device, torch.int32))
 
@@ -332,16 +353,17 @@ class ModelRunner:
         return LogitBias(to_device(index, self.device), to_device(value, self.device, torch.float32))
 
     @torch.inference_mode()
-    def launch(self, batch: Batch, broadcast: bool = True) -> StepHandle:
+    def launch(self, batch: Batch, broadcast: bool = True, defer: bool = False) -> StepHandle | Deferred:
         """Queue one step on the runner's stream and return at once (CUDA); the handle yields the sampled
         tokens (one per row with batch.sample set, in row order) and the log-probabilities asked for. With tensor
         parallelism (rank 0) the step is first sent to the followers, and the sampled ids after it (they feed the
-        next step on every rank)."""
+        next step on every rank). `defer`: queue the forward only; `complete` fills the grammar masks and queues
+        the sampling (once the constrained rows' previous tokens have advanced their matchers)."""
         if self.closed:
             raise RuntimeError("this engine was closed")
         to_followers = broadcast and self.tp.size > 1
         with self._on_stream():  # every copy to the device below is ordered before the step that reads it
-            adjust, plan = self._extras(batch)
+            adjust, plan = self._extras(batch, masks=not defer)
             # a graph step has no hidden states of prompt tokens to report
             pad = graph_size(self.graphs.sizes, batch) if self.graphs is not None and not (plan and plan.prompt_tokens) else 0
             header, packed = pack(batch, pad, self.tables.dummy, self.seed_rng, plan.prompt_tokens if plan else ())
@@ -350,54 +372,74 @@ class ModelRunner:
                     raise RuntimeError("this tensor-parallel engine was shut down")
                 self.tp.steps.send(header.encode(packed))
             logprobs = LogprobsOnDevice(plan, self.device) if plan else None
-            num_sampled = self._run(header, packed, adjust, logprobs, sample=True)
-            if to_followers and num_sampled:
-                dist.broadcast(self.sampled[:num_sampled], 0, group=self.tp.device_group)
-            if logprobs is not None:
-                logprobs.to_host()
-            host = None
-            if num_sampled and self.host_ring is None:
-                host = self.sampled[:num_sampled].clone()
-            elif num_sampled:
-                host = self.host_ring.take(num_sampled)
-                host.copy_(self.sampled[:num_sampled], non_blocking=True)
-            event = None
-            if self.stream is not None and (num_sampled or logprobs is not None):
-                event = torch.cuda.Event()
-                event.record(self.stream)
-            return StepHandle(batch, host, event, logprobs)
+            step = Deferred(batch, self._forward(header, packed, logprobs), adjust, logprobs, to_followers)
+            return step if defer else self._finish(step)
 
-    def _run(self, header: StepHeader, packed: Any, adjust: list[Penalties | LogitBias | TokenMask],
-             logprobs: LogprobsOnDevice | None, sample: bool) -> int:
-        """Every rank: unpack the step, run the model, sample into `self.sampled` (rank 0; followers' sampled ids
-        come by broadcast, except inside a graph, which samples on every rank alike). Returns num_sampled.
-        Rank 0 also applies the logit adjustments and computes the log-probabilities asked for."""
+    @torch.inference_mode()
+    def complete(self, step: Deferred) -> StepHandle:
+        """Queue the sampling of a deferred step: its grammar masks are filled now."""
+        with self._on_stream():
+            if step.forward.logits is not None:
+                rows = [i for i, r in enumerate(step.batch.requests) if r.extras]
+                mask = self._mask(step.batch, rows, np.cumsum(step.batch.sample) - 1)
+                if mask is not None:
+                    step.adjust.append(mask)
+            return self._finish(step)
+
+    def _finish(self, step: Deferred) -> StepHandle:
+        """Rank 0: sample a launched step, send the ids to the followers, start the read-back."""
+        n = self._sample(step.forward, step.adjust, step.logprobs)
+        if step.to_followers and n:
+            dist.broadcast(self.sampled[:n], 0, group=self.tp.device_group)
+        if step.logprobs is not None:
+            step.logprobs.to_host()
+        host = None
+        if n and self.host_ring is None:
+            host = self.sampled[:n].clone()
+        elif n:
+            host = self.host_ring.take(n)
+            host.copy_(self.sampled[:n], non_blocking=True)
+        event = None
+        if self.stream is not None and (n or step.logprobs is not None):
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return StepHandle(step.batch, host, event, step.logprobs)
+
+    def _forward(self, header: StepHeader, packed: Any, logprobs: LogprobsOnDevice | None) -> Forward:
+        """Every rank: unpack the step and run the model up to the logits of the rows that sample (rank 0 also
+        computes the prompt log-probabilities asked for)."""
         step = unpack(header, packed, self.tables, self.device)
         if header.num_new_rows:
             self.sampler.set_rows(step.new_rows)
-        n = header.num_sampled
         if header.graph:
             assert self.graphs is not None
-            logits = self.graphs.forward(step)
-        else:
-            inputs = eager_inputs(step, self.tables, self.sampled, self.block_size)
-            self.backend.plan(inputs.meta)
-            hidden = self.model(inputs.input_ids, inputs.positions)
-            self._prompt_logprobs(hidden, step.prompt_lp, logprobs)
-            if n == 0:
-                return 0
-            logits = self.model.compute_logits(hidden[inputs.sample_rows])  # all-gather: a collective on every rank
-        if not sample:
-            return n
+            return Forward(header, self.graphs.forward(step))
+        inputs = eager_inputs(step, self.tables, self.sampled, self.block_size)
+        self.backend.plan(inputs.meta)
+        hidden = self.model(inputs.input_ids, inputs.positions)
+        self._prompt_logprobs(hidden, step.prompt_lp, logprobs)
+        if header.num_sampled == 0:
+            return Forward(header, None)
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # all-gather: a collective on every rank
+        return Forward(header, logits, inputs.sample_table_rows, inputs.positions[inputs.sample_rows] + 1)
+
+    def _sample(self, fwd: Forward, adjust: list[Penalties | LogitBias | TokenMask],
+                logprobs: LogprobsOnDevice | None) -> int:
+        """Rank 0: apply the logit adjustments, sample into `self.sampled`, keep the log-probabilities asked for
+        (of the logits before the adjustments). Returns the number of sampled rows."""
+        logits, header = fwd.logits, fwd.header
+        if logits is None:
+            return 0
+        n = header.num_sampled
         if logprobs is not None:
             logprobs.keep_raw(logits)
         for a in adjust:
             a.apply(logits)
         if header.graph:
+            assert self.graphs is not None
             self.graphs.sample(header.num_seqs)
         else:
-            positions = inputs.positions[inputs.sample_rows] + 1
-            self.sampler(logits, inputs.sample_table_rows, positions, out=self.sampled[:n])
+            self.sampler(logits, fwd.table_rows, fwd.positions, out=self.sampled[:n])
         if logprobs is not None:
             logprobs.sampled_ids(self.sampled[:n])
         return n
@@ -418,7 +460,7 @@ class ModelRunner:
         while (step := StepHeader.decode(self.tp.steps.recv())) is not None:
             header, packed = step
             with self._on_stream():
-                num_sampled = self._run(header, packed, [], None, sample=False)
+                num_sampled = header.num_sampled if self._forward(header, packed, None).logits is not None else 0
                 if num_sampled:
                     dist.broadcast(self.sampled[:num_sampled], 0, group=self.tp.device_group)
         log.info("rank %d: rank 0 ended the job", self.tp.rank)

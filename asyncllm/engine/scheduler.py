@@ -36,6 +36,7 @@ class Batch:
     sample: list[bool] = field(default_factory=list)  # row ends at the request's last token: sample the next one
     # row's last input token is still on the device: its index in the previous step's sampled ids, else -1
     feed: list[int] = field(default_factory=list)
+    constrained: bool = False  # a row's request follows a grammar (structured outputs)
 
     def add(self, req: Request, n: int) -> None:
         start = req.num_computed_tokens
@@ -140,9 +141,8 @@ class Scheduler:
         while i < len(running) and budget > 0:
             req = running[i]
             known, pending = len(req.token_ids), req.num_pending
-            if pending and (known - req.num_prompt_tokens + pending >= req.max_tokens or known + pending >= max_len
-                            or req.grammar is not None):
-                i += 1  # its last token is on the device, or its next mask needs the token on the host
+            if pending and (known - req.num_prompt_tokens + pending >= req.max_tokens or known + pending >= max_len):
+                i += 1  # its last token is on the device: nothing more to compute
                 continue
             start = req.num_computed_tokens
             n = min(known + pending - start, budget)
@@ -203,6 +203,8 @@ class Scheduler:
                     req.num_cached_blocks = full
             if req.num_pending:  # it computes its pending token now: the input comes from the previous step
                 feed[i] = req.pending_row
+            if req.grammar is not None:
+                batch.constrained = True
             if sample[i]:  # its next token will exist on the device before the host sees it
                 req.num_pending += 1
                 req.pending_row = row
@@ -285,7 +287,7 @@ class Scheduler:
                     req.output_logprobs.append(logprobs.sampled[i])
                 if (token in req.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
                     reason = "stop"
-                elif req.grammar is not None and (not req.grammar.accept_token(token) or req.grammar.is_terminated()):
+                elif req.grammar is not None and (req.grammar.is_terminated() or req.grammar_refused):
                     reason = "stop"  # the grammar is complete (its stop token, EOS, was sampled)
                 elif len(tokens) - req.num_prompt_tokens >= req.max_tokens or len(tokens) >= max_len:
                     reason = "length"
