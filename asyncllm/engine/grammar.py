@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -85,7 +86,10 @@ class Grammars:
 def _batch_matcher() -> Any:
     import xgrammar
 
-    return xgrammar.BatchGrammarMatcher("auto")  # half the machine's hardware threads
+    # xgrammar's "auto" is half of std::thread::hardware_concurrency(), which in a container counts the host's
+    # cores, not the ones this process may use: count those instead
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return xgrammar.BatchGrammarMatcher(max(1, min(8, usable // 2)))
 
 
 def fill_masks(matchers: list[Any], vocab_size: int) -> torch.Tensor:
