@@ -235,6 +235,90 @@ def test_structured_outputs_over_http(client):
     assert re.fullmatch("[0-9]{3}-[0-9]{4}", regex.choices[0].text)
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                   "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {
+    "zone": {"type": "string", "maxLength": 20}}, "required": ["zone"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _calls(message) -> list[tuple[str, dict]]:
+    import json
+
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+
+
+def _streamed_calls(chunks) -> list[tuple[str, dict]]:
+    import json
+
+    calls: dict[int, list] = {}
+    for c in chunks:
+        for d in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            entry = calls.setdefault(d.index, [None, ""])
+            entry[0] = d.function.name or entry[0]
+            entry[1] += d.function.arguments or ""
+    return [(name, json.loads(args)) for name, args in (calls[k] for k in sorted(calls))]
+
+
+def test_tool_choice_required_and_named_give_valid_calls(client):
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        for temperature in (0.0, 1.0):
+            r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice=choice,
+                                               temperature=temperature, seed=1, max_tokens=120)
+            c = r.choices[0]
+            calls = _calls(c.message)
+            assert c.finish_reason == "tool_calls" and calls, c.message
+            for name, args in calls:
+                assert name in ("get_weather", "get_time")
+                if name == "get_weather":
+                    assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit")
+                else:
+                    assert set(args) == {"zone"}
+            if isinstance(choice, dict):
+                assert [n for n, _ in calls] == ["get_weather"]
+    kw = dict(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", temperature=0, max_tokens=120)
+    full = client.chat.completions.create(**kw).choices[0]
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert _streamed_calls(chunks) == _calls(full.message)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_tool_choice_auto_parses_the_models_calls(client):
+    """The model's answer in the Hermes format (forced here with a regex, as a model trained for tools would
+    answer) comes back as tool_calls; streamed deltas give the same calls; plain answers stay text."""
+    forced = {"guided_regex": r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "Paris", "unit": "celsius"\}\}\n</tool_call>'}
+    kw = dict(model=MODEL, messages=ASK, tools=[WEATHER], temperature=0, max_tokens=60, extra_body=forced)
+    full = client.chat.completions.create(**kw).choices[0]
+    assert _calls(full.message) == [("get_weather", {"city": "Paris", "unit": "celsius"})]
+    assert full.finish_reason == "tool_calls" and not full.message.content
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert _streamed_calls(chunks) == _calls(full.message)
+    plain = client.chat.completions.create(model=MODEL, messages=CHAT, tools=[WEATHER], temperature=0, max_tokens=24)
+    assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls
+    none = client.chat.completions.create(**{**kw, "tool_choice": "none"}).choices[0]
+    assert none.message.tool_calls is None and none.message.content.startswith("<tool_call>")
+
+
+def test_tool_history_and_template_options(client, server):
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'}]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], temperature=0, max_tokens=30)
+    assert r.choices[0].message.content
+    # the tools and the call reach the prompt (this template has no tool support: a system message, Hermes text)
+    ids = httpx.post(f"{server}/tokenize", json={"messages": history}).json()["tokens"]
+    assert len(ids) < r.usage.prompt_tokens
+    # continue_final_message: the answer continues the last assistant message
+    cont = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=8, messages=[
+        *CHAT, {"role": "assistant", "content": "The capital of France is"}],
+        extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert cont.choices[0].message.content.strip().startswith("Paris")
+
+
 C, X = "/v1/chat/completions", "/v1/completions"
 MSG = {"messages": CHAT}
 BAD_REQUESTS = [
@@ -283,8 +367,14 @@ BAD_REQUESTS = [
     (X, {"prompt": "hi " * 600}, 400, "prompt"),
     (X, {"prompt": [1, 2, 10**9]}, 400, "prompt"),
     # asked for and not implemented: refused, never ignored
-    (C, {**MSG, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
-    (C, {**MSG, "tool_choice": "required"}, 400, "tool_choice"),
+    (C, {**MSG, "tool_choice": "required"}, 400, "tool_choice"),  # without tools
+    (C, {**MSG, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, "tool_choice"),
+    (C, {**MSG, "tools": [WEATHER, WEATHER]}, 400, "tools"),
+    (C, {**MSG, "tools": [{"type": "function", "function": {"name": "bad name!"}}]}, 400, "tools"),
+    (C, {**MSG, "tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, 400,
+     "tool_choice"),
+    (C, {**MSG, "chat_template_kwargs": {"tokenize": False}}, 400, "chat_template_kwargs"),
+    (C, {**MSG, "continue_final_message": True}, 400, None),
     (C, {**MSG, "response_format": {"type": "xml"}}, 400, "response_format"),
     (C, {**MSG, "response_format": {"type": "json_schema"}}, 400, "response_format"),
     (C, {**MSG, "response_format": {"type": "json_object"}, "guided_regex": "a+"}, 400, "response_format"),
@@ -292,9 +382,9 @@ BAD_REQUESTS = [
     (C, {**MSG, "structured_outputs": {"regex": "a", "choice": ["b"]}}, 400, "structured_outputs"),
     (X, {"prompt": "hi", "guided_choice": []}, 400, "structured_outputs"),
     (C, {**MSG, "modalities": ["text", "audio"]}, 400, "modalities"),
-    (C, {**MSG, "chat_template_kwargs": {"enable_thinking": False}}, 400, "chat_template_kwargs"),
-    (C, {**MSG, "add_generation_prompt": False}, 400, "add_generation_prompt"),
     (C, {"messages": [{"role": "assistant", "tool_calls": [{"id": "1"}]}]}, 400, "messages"),
+    (C, {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}]}, 400,
+     "messages"),
     (X, {"prompt": "hi", "best_of": 3}, 400, "best_of"),
     (X, {"prompt": "x" * 200_000}, 413, None),
     ("/v1/embeddings", {"input": "x"}, 404, None),

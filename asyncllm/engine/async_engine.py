@@ -203,14 +203,20 @@ class AsyncEngine:
         return self._core.max_model_len
 
     @property
+    def template_has_tools(self) -> bool:
+        return self._core.template_has_tools
+
+    @property
     def _core(self) -> EngineCore:
         if self.core is None:
             raise RuntimeError("the engine is not started: `await engine.start()` or `async with engine`")
         return self.core
 
     # ---- requests -------------------------------------------------------------------------------------------
-    async def encode(self, prompt: PromptInput, add_special_tokens: bool = True) -> list[int]:
-        """Prompt (text, token ids, or chat messages) -> token ids, in the tokenizer thread pool."""
+    async def encode(self, prompt: PromptInput, add_special_tokens: bool = True,
+                     chat: dict[str, Any] | None = None) -> list[int]:
+        """Prompt (text, token ids, or chat messages) -> token ids, in the tokenizer thread pool. `chat`: keyword
+        arguments of the chat template (EngineCore.encode)."""
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return list(prompt)  # type: ignore[arg-type]
         if self._tokenizing >= MAX_PENDING_TOKENIZATIONS:
@@ -220,7 +226,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         self._tokenizing += 1
         try:
-            return await loop.run_in_executor(self._tokenize_pool, core.encode, prompt, add_special_tokens)
+            return await loop.run_in_executor(self._tokenize_pool, core.encode, prompt, add_special_tokens, chat)
         finally:
             self._tokenizing -= 1
 

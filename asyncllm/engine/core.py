@@ -146,18 +146,26 @@ class EngineCore:
                 f"{self.max_model_len} tokens", "prompt")
 
     # ---- input processing (shared by LLM and AsyncEngine; AsyncEngine runs it in its tokenizer pool) ---------
-    def encode(self, prompt: str | Sequence[dict[str, Any]], add_special_tokens: bool = True) -> list[int]:
-        """Text, or chat messages (the model's chat template is applied), -> token ids. Raises
+    def encode(self, prompt: str | Sequence[dict[str, Any]], add_special_tokens: bool = True,
+               chat: dict[str, Any] | None = None) -> list[int]:
+        """Text, or chat messages (the model's chat template is applied, with the keyword arguments `chat`:
+        tools, add_generation_prompt, continue_final_message, template variables), -> token ids. Raises
         InvalidRequestError without a tokenizer, for text too long to fit, or for messages the template rejects."""
         self.check_prompt(prompt)
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+        options = {"add_generation_prompt": True, **(chat or {})}
         try:
-            out = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)
+            out = self.tokenizer.apply_chat_template(list(prompt), tokenize=True, return_dict=True, **options)
         except Exception as e:  # template errors are the caller's: bad roles, bad content
             raise InvalidRequestError(f"cannot apply the chat template: {e}", "messages") from e
         return list(out["input_ids"])
+
+    @property
+    def template_has_tools(self) -> bool:
+        """The chat template renders `tools` itself (else the server puts them in a system message)."""
+        template = getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
+        return isinstance(template, str) and "tools" in template
 
     # ---- output processing -----------------------------------------------------------------------------------
     def detokenizer(self, req: Request, always: bool = True) -> IncrementalDetokenizer | None:

@@ -28,6 +28,7 @@ from asyncllm.errors import EngineDeadError, EngineOverloadedError, InvalidReque
 from asyncllm.sampling_params import SamplingParams
 from asyncllm.server.choices import Choices, SSEChoices, sse_event
 from asyncllm.server.logprobs import LogprobFormatter
+from asyncllm.server.tools import ToolCallParser, template_messages
 from asyncllm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -41,6 +42,9 @@ M = TypeVar("M", bound=BaseModel)
 MAX_CHOICES = 1024  # prompts x n in one request
 _MARK = "\x00asyncllm-text\x00"  # stands for a chunk's text in a pre-serialized SSE event (JSON escapes it)
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)  # a request body's limit, also once decompressed
+# apply_chat_template arguments the server sets itself
+RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tokenize", "return_dict", "return_tensors",
+                                      "add_generation_prompt", "continue_final_message", "tools", "tokenizer"})
 
 
 @dataclass
@@ -193,13 +197,13 @@ class OpenAIServer:
                 "total_tokens": prompt_tokens + completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
-    async def _prepare(self, prompts: list[Any], body: Any, default_max_tokens: int | None
-                       ) -> tuple[list[list[int]], list[tuple[list[int], SamplingParams]]]:
+    async def _prepare(self, prompts: list[Any], body: Any, default_max_tokens: int | None,
+                       chat: dict[str, Any] | None = None) -> tuple[list[list[int]], list[tuple[list[int], SamplingParams]]]:
         """Tokenize and validate everything; returns the prompts' ids and one (ids, params) per choice."""
         self._check_accepting()
         if len(prompts) * body.n > MAX_CHOICES:
             raise ApiError(400, f"{len(prompts)} prompts x n={body.n} asks for more than {MAX_CHOICES} choices", param="n")
-        encoded = [await self.engine.encode(p) for p in prompts]
+        encoded = [await self.engine.encode(p, chat=chat) for p in prompts]
         jobs = []
         for ids in encoded:
             for j in range(body.n):
@@ -213,9 +217,27 @@ class OpenAIServer:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await parse(request, ChatCompletionRequest)
         self._check_model(body.model)
-        messages = [m.as_template_message() for m in body.messages]
-        encoded, jobs = await self._prepare([messages], body, None)
+        tools = body.tool_dicts
+        has_tools = self.engine.template_has_tools
+        messages = template_messages([m.as_template_message() for m in body.messages], tools, has_tools)
+        kwargs = body.chat_template_kwargs or {}
+        if reserved := sorted(set(kwargs) & RESERVED_TEMPLATE_KWARGS):
+            raise ApiError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
+        chat = {**kwargs, "add_generation_prompt": body.add_generation_prompt,
+                "continue_final_message": body.continue_final_message, **({"tools": tools} if tools and has_tools else {})}
+        encoded, jobs = await self._prepare([messages], body, None, chat)
         return await self._generate(request, body, encoded, jobs, chat=True)
+
+    @staticmethod
+    def _tool_parser(body: Any) -> ToolCallParser | None:
+        """A parser of the model's tool calls for one choice, or None (no tools, or tool_choice "none")."""
+        if not isinstance(body, ChatCompletionRequest) or not body.tools or body.tool_choice_value == "none":
+            return None
+        choice = body.tool_choice_value
+        names = frozenset(t["function"]["name"] for t in body.tool_dicts)
+        if isinstance(choice, dict):
+            return ToolCallParser("named", names, choice["function"]["name"])
+        return ToolCallParser(choice, names)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await parse(request, CompletionRequest)
@@ -264,8 +286,17 @@ class OpenAIServer:
         prefix = [echo[i // body.n] if echo is not None else None for i in range(len(outs))]
         logprobs = [self._logprobs(body, o, ids, 0, p)[0] for o, (ids, _), p in zip(outs, jobs, prefix)]
         if chat:
-            out = [{"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": lp,
-                    "finish_reason": o.finish_reason} for i, (o, lp) in enumerate(zip(outs, logprobs))]
+            out = []
+            for i, (o, lp) in enumerate(zip(outs, logprobs)):
+                message: dict[str, Any] = {"role": "assistant", "content": o.text}
+                finish_reason = o.finish_reason
+                if (parser := self._tool_parser(body)) is not None:
+                    head, _ = parser.feed(o.text)
+                    tail, _ = parser.finish()
+                    if parser.calls:
+                        message = {"role": "assistant", "content": (head + tail) or None, "tool_calls": parser.calls}
+                        finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+                out.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish_reason})
         else:
             out = [{"index": i, "text": (p or "") + o.text, "logprobs": lp, "finish_reason": o.finish_reason}
                    for i, (o, lp, p) in enumerate(zip(outs, logprobs, prefix))]
@@ -297,11 +328,33 @@ class OpenAIServer:
             return out
 
         text_frames: dict[int, tuple[bytes, bytes]] = {}  # choice -> the bytes around the text of a plain chunk
+        parsers = [self._tool_parser(body) for _ in jobs]  # tool calls: each choice's text goes through its parser
+
+        def tool_frame(i: int, chunk: StreamChunk, parser: ToolCallParser) -> bytes:
+            before = len(parser.calls)
+            text, _ = parser.feed(chunk.text)
+            finish_reason = chunk.finish_reason
+            if finish_reason is not None:
+                text += parser.finish()[0]
+                if parser.calls and finish_reason == "stop":
+                    finish_reason = "tool_calls"
+            delta: dict[str, Any] = {"content": text} if text else {}
+            if len(parser.calls) > before:
+                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(parser.calls) if k >= before]
+            lp, offsets[i] = self._logprobs(body, chunk, jobs[i][0], offsets[i], None)
+            if not delta and finish_reason is None and lp is None:
+                return b""
+            out = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
+            if body.return_token_ids:
+                out["token_ids"] = chunk.token_ids
+            return sse_event({**head, "choices": [out], **extra})
 
         def frame(i: int, chunk: StreamChunk) -> bytes:  # runs once per chunk, inside the engine loop
             usage[0] += len(chunk.token_ids)
             if chunk.usage is not None and i % body.n == 0:
                 usage[1] += chunk.usage.cached_tokens
+            if (parser := parsers[i]) is not None:
+                return tool_frame(i, chunk, parser)
             if chunk.logprobs is not None or i in unechoed:
                 text, prefix = chunk.text, None
                 if i in unechoed:

@@ -18,10 +18,9 @@ class _Model(BaseModel):
 # field -> the values that mean "not used" (accepted); any other value gets a 400 naming the field
 UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1), "prompt_logprobs": (None,),
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"),
     "audio": (None,), "modalities": (None, ["text"]),
     "prediction": (None,), "web_search_options": (None,), "reasoning_effort": (None,), "verbosity": (None,),
-    "chat_template_kwargs": (None, {}), "continue_final_message": (None, False), "add_generation_prompt": (None, True),
 }
 
 
@@ -158,23 +157,57 @@ class TextPart(_Model):
     text: str
 
 
+class FunctionCall(_Model):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(_Model):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Model):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    tool_calls: list[Any] | None = None
-
-    @model_validator(mode="after")
-    def _no_tool_calls(self) -> "ChatMessage":
-        if self.tool_calls:
-            raise ValueError("tool calls are not supported")
-        return self
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     def as_template_message(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
             content = "".join(p.text for p in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        out: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+class FunctionDef(_Model):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Model):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedToolChoiceFunction(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: NamedToolChoiceFunction
 
 
 class ChatCompletionRequest(_Generation):
@@ -182,17 +215,51 @@ class ChatCompletionRequest(_Generation):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # the chat template's options (as vLLM's)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _chat(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt set to false")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs the last message to be the assistant's")
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         return self
 
     def _logprobs(self) -> tuple[int | None, int | None]:
         return (self.top_logprobs or 0) if self.logprobs else None, None
+
+    @property
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
+
+    @property
+    def tool_choice_value(self) -> Any:
+        """"none" | "auto" | "required" | {"type": "function", ...}; default "auto" with tools, else "none"."""
+        choice = self.tool_choice
+        if choice is None:
+            return "auto" if self.tools else "none"
+        return choice if isinstance(choice, str) else choice.model_dump()
+
+    def structured(self) -> StructuredOutputs | None:
+        from asyncllm.server.tools import check_tools, forced_calls
+
+        check_tools(self.tool_dicts, self.tool_choice_value)
+        forced = forced_calls(self.tool_dicts, self.tool_choice_value)
+        other = super().structured()
+        if forced is not None and other is not None:
+            raise InvalidRequestError("a required or named tool_choice cannot be combined with response_format",
+                                      "tool_choice")
+        return forced or other
 
 
 class CompletionRequest(_Generation):

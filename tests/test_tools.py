@@ -1,0 +1,64 @@
+"""Tool calling: the parser of the models' call formats, and tool_choice over HTTP with the official client."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from asyncllm.server.tools import ToolCallParser
+
+NAMES = frozenset({"get_weather", "add"})
+
+
+def run(parser: ToolCallParser, pieces: list[str]) -> tuple[str, list[dict]]:
+    content, calls = "", []
+    for p in pieces:
+        c, new = parser.feed(p)
+        content, calls = content + c, calls + new
+    c, new = parser.finish()
+    return content + c, calls + new
+
+
+def split_every(text: str, n: int) -> list[str]:
+    return [text[i : i + n] for i in range(0, len(text), n)]
+
+
+HERMES = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+          '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>')
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 1000])  # streamed in pieces of any size, tags split anywhere
+def test_hermes_calls_and_content(step):
+    content, calls = run(ToolCallParser("auto", NAMES), split_every(HERMES, step))
+    assert content.strip() == "Let me check."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": 2})]
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"name": "add", "parameters": {"a": 1, "b": 2}}', [("add", {"a": 1, "b": 2})]),  # Llama 3 JSON
+    ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}', [("get_weather", {"city": "Oslo"})]),
+    ('[{"name": "add", "arguments": {"a": 1}}, {"name": "add", "arguments": {"a": 2}}]', [("add", {"a": 1}), ("add", {"a": 2})]),
+])
+def test_llama_json_calls(text, expected):
+    for step in (2, 1000):
+        content, calls = run(ToolCallParser("auto", NAMES), split_every(text, step))
+        assert content == "" and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == expected
+
+
+@pytest.mark.parametrize("text", ["Just text, no call.", '{"not": "a call"}', '<tool_call>{"name": "unknown"}</tool_call>',
+                                  "a < b and <tool", '{"name": "add", "parameters": '])
+def test_text_that_is_not_a_call_stays_content(text):
+    for step in (1, 2, 1000):
+        content, calls = run(ToolCallParser("auto", NAMES), split_every(text, step))
+        assert calls == [] and content == text
+
+
+def test_required_and_named_forms():
+    content, calls = run(ToolCallParser("required", NAMES), ['[{"name": "add", "argu', 'ments": {"a": 5}}]'])
+    assert content == "" and calls[0]["function"]["name"] == "add" and json.loads(calls[0]["function"]["arguments"]) == {"a": 5}
+    content, calls = run(ToolCallParser("named", NAMES, "get_weather"), ['{"city": ', '"Rome"}'])
+    assert content == "" and calls[0]["function"]["name"] == "get_weather"
+    truncated = run(ToolCallParser("named", NAMES, "get_weather"), ['{"city": "Ro'])
+    assert truncated == ('{"city": "Ro', [])  # cut by max_tokens: text, no call
