@@ -1,6 +1,7 @@
 """Engine configuration. Field names follow vLLM / nano-vllm where they overlap."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 class EngineConfig:
     model: str | None = None  # local HF directory; None = the bundled SmolLM2-135M-Instruct
     tokenizer: str | None = None  # defaults to `model`
+    served_model_name: str | None = None  # the name clients send and metrics carry; default: the directory's name
     max_num_seqs: int = 256  # most requests in one step
     max_model_len: int | None = None  # prompt + output tokens; default: the model's context length
     max_num_batched_tokens: int | None = None  # token budget per step; default by model size (runner.max_step_tokens)
@@ -59,6 +61,14 @@ class EngineConfig:
                 raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}", name)
         if self.tensor_parallel_size < 1:
             raise InvalidRequestError("tensor_parallel_size must be at least 1", "tensor_parallel_size")
+
+    @property
+    def model_name(self) -> str:
+        from asyncllm.model_files import DEFAULT_MODEL_NAME
+
+        if self.served_model_name:
+            return self.served_model_name
+        return os.path.basename(os.path.normpath(self.model)) if self.model else DEFAULT_MODEL_NAME
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> "EngineConfig":

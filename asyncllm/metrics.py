@@ -15,8 +15,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0
 class _Gauges(Collector):
     """Gauges read from the engine when scraped, so the engine loop never updates them."""
 
-    def __init__(self, read: Callable[[], dict[str, float]]) -> None:
-        self._read = read
+    def __init__(self, read: Callable[[], dict[str, float]], model_name: str) -> None:
+        self._read, self._model = read, model_name
 
     def collect(self) -> Iterator[Any]:
         values = self._read()
@@ -28,15 +28,18 @@ class _Gauges(Collector):
             ("prefix_cache_blocks", "KV blocks held by the prefix cache (in use or evictable)."),
             ("event_loop_lag_seconds", "Delay of the last event-loop lag probe."),
         ):
-            yield GaugeMetricFamily(f"asyncllm:{name}", doc, value=values.get(name, 0.0))
+            gauge = GaugeMetricFamily(f"asyncllm:{name}", doc, labels=["model_name"])
+            gauge.add_metric([self._model], values.get(name, 0.0))
+            yield gauge
 
 
 class LatencyHistogram(Collector):
     """A Prometheus histogram observed once per token on the event-loop thread: a bucket index and two adds, no
     lock (prometheus_client's Histogram takes a lock per observation). Read on the same thread when scraped."""
 
-    def __init__(self, name: str, doc: str, buckets: tuple[float, ...], registry: CollectorRegistry) -> None:
-        self.name, self.doc, self.bounds = name, doc, buckets
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...], registry: CollectorRegistry,
+                 model_name: str) -> None:
+        self.name, self.doc, self.bounds, self.model = name, doc, buckets, model_name
         self.counts = [0] * (len(buckets) + 1)  # the last one: above every bound (+Inf)
         self.sum = 0.0
         registry.register(self)
@@ -50,20 +53,41 @@ class LatencyHistogram(Collector):
         for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts):
             total += count
             cumulative.append((bound, total))
-        yield HistogramMetricFamily(self.name, self.doc, buckets=cumulative, sum_value=self.sum)
+        family = HistogramMetricFamily(self.name, self.doc, labels=["model_name"])
+        family.add_metric([self.model], cumulative, sum_value=self.sum)
+        yield family
 
 
 class EngineMetrics:
-    def __init__(self, read_gauges: Callable[[], dict[str, float]]) -> None:
+    """Every metric carries the label model_name (the served model's name), as dashboards and gateways filter
+    on it. Counters are bound to it once (`.labels(...)` is not looked up per token)."""
+
+    def __init__(self, read_gauges: Callable[[], dict[str, float]], model_name: str) -> None:
         r = self.registry = CollectorRegistry()
-        self.prompt_tokens = Counter("asyncllm:prompt_tokens", "Prompt tokens prefilled.", registry=r)
-        self.generation_tokens = Counter("asyncllm:generation_tokens", "Tokens generated.", registry=r)
-        self.preemptions = Counter("asyncllm:num_preemptions", "Requests preempted (recomputed later).", registry=r)
-        self.requests = Counter("asyncllm:request_success", "Finished requests by reason.", ["finished_reason"], registry=r)
-        self.cache_queries = Counter("asyncllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r)
-        self.cache_hits = Counter("asyncllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r)
-        self.disconnects = Counter("asyncllm:client_disconnects", "Requests aborted by their client.", registry=r)
-        self.ttft = LatencyHistogram("asyncllm:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS, r)
-        self.itl = LatencyHistogram("asyncllm:inter_token_latency_seconds", "Time between tokens.", _LATENCY_BUCKETS, r)
-        self.e2e = LatencyHistogram("asyncllm:e2e_request_latency_seconds", "Request latency.", _LATENCY_BUCKETS, r)
-        r.register(_Gauges(read_gauges))
+        self.model_name = model_name
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(name, doc, ["model_name"], registry=r).labels(model_name)
+
+        self.prompt_tokens = counter("asyncllm:prompt_tokens", "Prompt tokens prefilled.")
+        self.generation_tokens = counter("asyncllm:generation_tokens", "Tokens generated.")
+        self.preemptions = counter("asyncllm:num_preemptions", "Requests preempted (recomputed later).")
+        self._requests = Counter("asyncllm:request_success", "Finished requests by reason.",
+                                 ["model_name", "finished_reason"], registry=r)
+        self.cache_queries = counter("asyncllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.cache_hits = counter("asyncllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.disconnects = counter("asyncllm:client_disconnects", "Requests aborted by their client.")
+        self.ttft = LatencyHistogram("asyncllm:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS, r,
+                                     model_name)
+        self.itl = LatencyHistogram("asyncllm:inter_token_latency_seconds", "Time between tokens.", _LATENCY_BUCKETS, r,
+                                    model_name)
+        self.e2e = LatencyHistogram("asyncllm:e2e_request_latency_seconds", "Request latency.", _LATENCY_BUCKETS, r,
+                                    model_name)
+        r.register(_Gauges(read_gauges, model_name))
+
+    def finished(self, reason: str) -> None:
+        self._requests.labels(self.model_name, reason).inc()
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """A sample's value (tests, tools): `name` with this engine's model_name and `labels`."""
+        return self.registry.get_sample_value(name, {"model_name": self.model_name, **labels})

@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+import prometheus_client
 from aiohttp import web
 
 from asyncllm.config import EngineConfig
@@ -32,7 +33,7 @@ log = logging.getLogger("asyncllm.serve")
 ENGINE_FLAGS = ("dtype", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size",
                 "gpu_memory_utilization", "num_kv_blocks", "kv_cache_memory_bytes", "enforce_eager", "load_format",
                 "attention_backend", "all_reduce", "seed", "enable_prefix_caching", "cuda_graph_max_bs", "overlap_schedule",
-                "tensor_parallel_size", "stream_interval", "max_prefill_delay_steps")
+                "tensor_parallel_size", "stream_interval", "max_prefill_delay_steps", "served_model_name")
 
 
 def bounded(kind: type, lo: float, hi: float | None = None) -> Any:
@@ -51,12 +52,13 @@ def bounded(kind: type, lo: float, hi: float | None = None) -> Any:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="asyncllm serve", description="Serve a model over an OpenAI-compatible HTTP API.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--served-model-name", default=None, help="model name clients send (default: the directory name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=bounded(int, 0, 65535), default=8000, help="port to listen on (0 = any free port)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health, /metrics and /version "
                         "(default: the environment variable ASYNCLLM_API_KEY, if set)")
+    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="answer browsers' cross-origin requests from these origins (CORS; * = any); default: none")
     p.add_argument("--max-body-bytes", type=bounded(int, 1), default=8 << 20, help="largest request body accepted (413 above)")
     p.add_argument("--shutdown-timeout", type=bounded(float, 0), default=5.0,
                    help="on SIGTERM/SIGINT, seconds requests in flight may take to finish (0 = end them at once)")
@@ -71,6 +73,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=f"local Hugging Face model directory (default: bundled {DEFAULT_MODEL_NAME})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="logging level (debug: tracebacks of start-up errors too)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model name clients send and metrics carry (default: the directory name)")
     g = p.add_argument_group("engine")
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, the model's on CUDA)")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where the model runs")
@@ -156,13 +160,14 @@ async def serve(args: argparse.Namespace) -> int:
     engine = AsyncEngine(args.model, **engine_kwargs(args))  # validates the engine flags before anything loads
     sock = bind(args.host, args.port)
     await engine.start()
-    name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_MODEL_NAME)
-    app = build_app(engine, ServerSettings(name, key, args.max_body_bytes))
+    name = engine.config.model_name
+    app = build_app(engine, ServerSettings(name, key, args.max_body_bytes, args.allowed_origins))
     runner = make_runner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()
     site = web.SockSite(runner, sock)
     await site.start()
     quiet_gc()
+    prometheus_client.disable_created_metrics()  # no *_created series: scrapers and dashboards do not use them
     port = sock.getsockname()[1]
     log.info("serving %s on http://%s:%d (pid %d, kv cache: %d blocks x %d tokens)", name, args.host, port,
              os.getpid(), engine.num_blocks, engine.config.block_size)

@@ -10,9 +10,11 @@ def test_latency_histogram_buckets_as_prometheus_reads_them():
     from asyncllm.metrics import LatencyHistogram
 
     r = CollectorRegistry()
-    h = LatencyHistogram("x_seconds", "doc", (0.1, 1.0), r)
+    h = LatencyHistogram("x_seconds", "doc", (0.1, 1.0), r, "m")
     for v in (0.05, 0.1, 0.5, 1.0, 3.0):
         h.observe(v)
-    get = r.get_sample_value
-    assert [get("x_seconds_bucket", {"le": le}) for le in ("0.1", "1.0", "+Inf")] == [2, 4, 5]  # le: v <= bound
+    def get(name: str, **labels: str) -> float | None:
+        return r.get_sample_value(name, {"model_name": "m", **labels})
+
+    assert [get("x_seconds_bucket", le=le) for le in ("0.1", "1.0", "+Inf")] == [2, 4, 5]  # le: v <= bound
     assert get("x_seconds_count") == 5 and get("x_seconds_sum") == pytest.approx(4.65)

@@ -209,7 +209,7 @@ async def test_client_gone_mid_stream_frees_every_choice_without_an_error_log(ke
     await wait_all_free(engine)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     # aborted, not run to their end
-    assert engine.metrics.registry.get_sample_value("asyncllm:client_disconnects_total") == 4
+    assert engine.metrics.value("asyncllm:client_disconnects_total") == 4
 
 
 async def test_a_client_that_stops_reading_gets_everything_later_in_fewer_chunks(keyed):
@@ -221,7 +221,7 @@ async def test_a_client_that_stops_reading_gets_everything_later_in_fewer_chunks
         expected = (await r.json())["choices"]
 
     def finished() -> float:
-        return engine.metrics.registry.get_sample_value("asyncllm:request_success_total", {"finished_reason": "length"})
+        return engine.metrics.value("asyncllm:request_success_total", finished_reason="length")
 
     finished_before = finished()
 

@@ -102,7 +102,8 @@ def test_cached_tokens_and_hit_rate_reported(client, server):
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached >= 100 and cached % 16 == 0 and cached < second.usage.prompt_tokens
     metrics = httpx.get(f"{server}/metrics").text
-    hits = float(re.search(r"^asyncllm:prefix_cache_hits_total (\S+)", metrics, re.M).group(1))
+    hits = float(re.search(r'^asyncllm:prefix_cache_hits_total\{model_name="SmolLM2-135M-Instruct"\} (\S+)', metrics,
+                           re.M).group(1))
     assert hits >= cached
 
 
@@ -120,6 +121,9 @@ def test_other_routes(server):
                  "asyncllm:time_to_first_token_seconds_bucket", "asyncllm:inter_token_latency_seconds_bucket",
                  "asyncllm:e2e_request_latency_seconds_bucket", "asyncllm:client_disconnects_total"):
         assert name in metrics
+    samples = [line for line in metrics.splitlines() if line.startswith("asyncllm:")]
+    assert samples and all(f'model_name="{MODEL}"' in line for line in samples)  # dashboards filter on it
+    assert "_created" not in metrics
     chat_ids = httpx.post(f"{server}/tokenize", json={"messages": CHAT}).json()["tokens"]
     assert chat_ids[0] == 1  # <|im_start|> from the chat template
 
@@ -459,7 +463,7 @@ async def test_dropped_connections_free_their_blocks(local):
     assert engine.num_free_blocks == engine.num_blocks and not engine.core.scheduler.requests
     async with aiohttp.ClientSession() as s:
         metrics = await (await s.get(f"{url}/metrics")).text()
-    assert "asyncllm:client_disconnects_total 20.0" in metrics
+    assert 'asyncllm:client_disconnects_total{model_name="llama"} 20.0' in metrics
 
 
 async def test_api_key_and_dead_engine(local):
@@ -502,7 +506,7 @@ async def test_metrics_count_every_streamed_token(local):
     """Push delivery still counts every token: generation tokens, one TTFT per request, one inter-token gap per
     later token, whatever the stream interval and n."""
     engine, url = local
-    get = engine.metrics.registry.get_sample_value
+    get = engine.metrics.value
     before = {k: get(k) or 0.0 for k in ("asyncllm:generation_tokens_total", "asyncllm:time_to_first_token_seconds_count",
                                         "asyncllm:inter_token_latency_seconds_count")}
     bodies = [{"prompt": [5, 6, 7], "max_tokens": 9 + i, "ignore_eos": True, "stream": i % 2 == 0, "n": 1 + i % 3,
@@ -534,3 +538,38 @@ def test_model_directory_may_be_positional():
     assert parse_args(parser(), ["/m", "--model", "/m"]).model == "/m"
     with pytest.raises(SystemExit):
         parse_args(parser(), ["/a", "--model", "/b"])
+
+
+async def test_cors_and_served_model_name(tiny_models):
+    """--allowed-origins: preflight and responses (streams too) to allowed origins carry the CORS headers, others
+    none; --served-model-name is the name clients send and metrics carry."""
+    engine = AsyncEngine(str(tiny_models["llama"]), max_model_len=128, served_model_name="my-model")
+    await engine.start()
+    runner = make_runner(build_app(engine, ServerSettings("my-model", api_key="k", allowed_origins=["http://app.example"])))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    ok, other = {"Origin": "http://app.example"}, {"Origin": "http://evil.example"}
+    try:
+        async with aiohttp.ClientSession() as s:
+            pre = await s.options(f"{url}/v1/completions", headers={
+                **ok, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+            assert pre.status == 204 and pre.headers["Access-Control-Allow-Origin"] == "http://app.example"
+            assert "authorization" in pre.headers["Access-Control-Allow-Headers"]
+            body = {"model": "my-model", "prompt": [5, 6], "max_tokens": 2}
+            for stream in (False, True):
+                r = await s.post(f"{url}/v1/completions", json={**body, "stream": stream},
+                                 headers={**ok, "Authorization": "Bearer k"})
+                await r.read()
+                assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "http://app.example"
+            r = await s.post(f"{url}/v1/completions", json=body, headers={**other, "Authorization": "Bearer k"})
+            await r.read()
+            assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
+            r = await s.post(f"{url}/v1/completions", json={**body, "model": "llama"}, headers={"Authorization": "Bearer k"})
+            assert r.status == 404
+            metrics = await (await s.get(f"{url}/metrics")).text()
+            assert 'asyncllm:generation_tokens_total{model_name="my-model"} 6.0' in metrics
+    finally:
+        await runner.cleanup()
+        await engine.shutdown()

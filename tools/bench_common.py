@@ -43,10 +43,10 @@ class StepTimer:
         self.blocked = 0.0
         launch = self.runner.launch
 
-        def timed_launch(batch):
+        def timed_launch(batch, **kwargs):
             start = torch.cuda.Event(enable_timing=True)
             start.record(self.runner.stream)
-            handle = launch(batch)
+            handle = launch(batch, **kwargs)
             end = torch.cuda.Event(enable_timing=True)
             end.record(self.runner.stream)
             self.events.append((start, end))
@@ -59,7 +59,8 @@ class StepTimer:
                 finally:
                     self.blocked += time.perf_counter() - t
 
-            handle.wait = timed_wait
+            if hasattr(handle, "wait"):  # not a deferred step (structured outputs under overlap)
+                handle.wait = timed_wait
             return handle
 
         self.runner.launch = timed_launch

@@ -136,7 +136,7 @@ class AsyncEngine:
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="asyncllm-tokenize")
         self._tokenizing = 0  # prompts queued in or running on the tokenizer pool
         self._step_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncllm-step")
-        self.metrics = EngineMetrics(self._gauges)
+        self.metrics = EngineMetrics(self._gauges, self.config.model_name)
         self.loop_lag = 0.0  # seconds; updated by whoever probes the loop (the server)
         self._last_counts = (0, 0, 0, 0, 0)
 
@@ -169,7 +169,7 @@ class AsyncEngine:
             self._task = None
         for stream in list(self._streams.values()):
             self._fail(stream, EngineShutdownError("the engine shut down before this request finished"))
-            self.metrics.requests.labels("abort").inc()
+            self.metrics.finished("abort")
         if self.core is not None:
             await loop.run_in_executor(self._step_pool, self.core.shutdown)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
@@ -392,7 +392,7 @@ class AsyncEngine:
         """The stream's last notification: it finished for `reason`. It leaves the engine's streams."""
         stream.finish_reason = reason
         self._streams.pop(stream.request_id, None)
-        self.metrics.requests.labels(reason).inc()
+        self.metrics.finished(reason)
         self.metrics.e2e.observe(time.monotonic() - stream.t_arrival)
         self._notify(stream)
 

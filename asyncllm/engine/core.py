@@ -266,7 +266,7 @@ class EngineCore:
         Blocks its thread on the GPU: the async engine calls it in its step thread. None if nothing ran."""
         defer = self.overlap and batch.constrained and any(
             r.grammar is not None and f >= 0 for r, f in zip(batch.requests, batch.feed))
-        launched = self.runner.launch(batch, defer=defer) if batch else None
+        launched = (self.runner.launch(batch, defer=True) if defer else self.runner.launch(batch)) if batch else None
         if self.overlap:
             handle, self._inflight = self._inflight, launched  # type: ignore[assignment]
         else:

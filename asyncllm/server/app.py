@@ -42,6 +42,7 @@ M = TypeVar("M", bound=BaseModel)
 MAX_CHOICES = 1024  # prompts x n in one request
 _MARK = "\x00asyncllm-text\x00"  # stands for a chunk's text in a pre-serialized SSE event (JSON escapes it)
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)  # a request body's limit, also once decompressed
+ALLOWED_ORIGINS = web.AppKey("allowed_origins", object)
 # apply_chat_template arguments the server sets itself
 RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tokenize", "return_dict", "return_tensors",
                                       "add_generation_prompt", "continue_final_message", "tools", "tokenizer"})
@@ -52,6 +53,7 @@ class ServerSettings:
     served_model_name: str
     api_key: str | None = None
     max_body_bytes: int = 8 << 20
+    allowed_origins: list[str] | None = None  # CORS: origins whose browsers may call the API ("*": any)
 
 
 class ApiError(Exception):
@@ -105,6 +107,39 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         if not isinstance(e, (ApiError, InvalidRequestError, EngineDeadError, EngineOverloadedError)):
             log.exception("unhandled error in %s %s", request.method, request.path)
         return api_error(e).response()
+
+
+def _cors_origin(origins: list[str] | None, request: web.Request) -> str | None:
+    """The Access-Control-Allow-Origin value for this request, or None (no CORS, or an origin not allowed)."""
+    origin = request.headers.get("Origin")
+    if not origins or origin is None or not ("*" in origins or origin in origins):
+        return None
+    return "*" if "*" in origins else origin
+
+
+def cors_middleware(origins: list[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Browsers' preflight OPTIONS from allowed origins, answered here (before auth: they carry no credentials)."""
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        allow = _cors_origin(origins, request)
+        if allow is not None and request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            return web.Response(status=204, headers={
+                "Access-Control-Allow-Origin": allow, "Vary": "Origin", "Access-Control-Max-Age": "600",
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", "*")})
+        return await handler(request)
+
+    return cors
+
+
+async def _cors_on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response to an allowed origin (streams included: their headers go out before a middleware could
+    touch them) says so."""
+    allow = _cors_origin(request.app[ALLOWED_ORIGINS], request)  # type: ignore[arg-type]
+    if allow is not None:
+        response.headers["Access-Control-Allow-Origin"] = allow
+        response.headers["Vary"] = "Origin"
 
 
 # routes that do no work on the caller's behalf stay open with --api-key (probes and scrapers)
@@ -445,8 +480,13 @@ class OpenAIServer:
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> web.Application:
     middlewares = [error_middleware] + ([auth_middleware(settings.api_key)] if settings.api_key is not None else [])
+    if settings.allowed_origins:
+        middlewares.insert(0, cors_middleware(settings.allowed_origins))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[MAX_BODY_BYTES] = settings.max_body_bytes
+    app[ALLOWED_ORIGINS] = settings.allowed_origins
+    if settings.allowed_origins:
+        app.on_response_prepare.append(_cors_on_prepare)
     s = OpenAIServer(engine, settings)
     app.router.add_post("/v1/chat/completions", s.chat_completions)
     app.router.add_post("/v1/completions", s.completions)
