@@ -16,6 +16,8 @@ class EngineConfig:
     model: str | None = None  # local HF directory; None = the bundled SmolLM2-135M-Instruct
     tokenizer: str | None = None  # defaults to `model`
     served_model_name: str | None = None  # the name clients send and metrics carry; default: the directory's name
+    # auto: the sampling parameters the model's generation_config.json sets are the server's defaults; none: not
+    generation_config: Literal["auto", "none"] = "auto"
     max_num_seqs: int = 256  # most requests in one step
     max_model_len: int | None = None  # prompt + output tokens; default: the model's context length
     max_num_batched_tokens: int | None = None  # token budget per step; default by model size (runner.max_step_tokens)

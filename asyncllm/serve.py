@@ -33,7 +33,8 @@ log = logging.getLogger("asyncllm.serve")
 ENGINE_FLAGS = ("dtype", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size",
                 "gpu_memory_utilization", "num_kv_blocks", "kv_cache_memory_bytes", "enforce_eager", "load_format",
                 "attention_backend", "all_reduce", "seed", "enable_prefix_caching", "cuda_graph_max_bs", "overlap_schedule",
-                "tensor_parallel_size", "stream_interval", "max_prefill_delay_steps", "served_model_name")
+                "tensor_parallel_size", "stream_interval", "max_prefill_delay_steps", "served_model_name",
+                "generation_config")
 
 
 def bounded(kind: type, lo: float, hi: float | None = None) -> Any:
@@ -76,6 +77,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="model name clients send and metrics carry (default: the directory name)")
     g = p.add_argument_group("engine")
+    g.add_argument("--generation-config", choices=["auto", "none"], default="auto",
+                   help="auto: sampling parameters the model's generation_config.json sets (temperature, top_p, top_k, "
+                        "min_p, repetition_penalty) are the defaults of requests that leave them out; none: ignore it")
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, the model's on CUDA)")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where the model runs")
     g.add_argument("--max-num-seqs", type=bounded(int, 1), default=256, help="most requests in one step")

@@ -573,3 +573,29 @@ async def test_cors_and_served_model_name(tiny_models):
     finally:
         await runner.cleanup()
         await engine.shutdown()
+
+
+async def test_generation_config_defaults(tmp_path):
+    """Sampling parameters the model's generation_config.json sets are the defaults of requests that leave them
+    out (here top_k 1: greedy), unless --generation-config none; a request's own values win."""
+    import dataclasses
+    import json
+
+    from asyncllm.server.protocol import CompletionRequest
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m", "qwen3")
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "top_k": 1, "temperature": 1.5,
+                                                              "repetition_penalty": 1.1}))
+    async with AsyncEngine(str(model), max_model_len=128) as engine:
+        assert engine.sampling_defaults == {"top_k": 1, "temperature": 1.5, "repetition_penalty": 1.1}
+        body = CompletionRequest(prompt=[5, 6], max_tokens=12, ignore_eos=True)
+        p = body.sampling_params(16, 0, engine.sampling_defaults)
+        assert (p.top_k, p.temperature, p.repetition_penalty) == (1, 1.5, 1.1)
+        own = CompletionRequest(prompt=[5, 6], top_k=0, temperature=0.7).sampling_params(16, 0, engine.sampling_defaults)
+        assert (own.top_k, own.temperature, own.repetition_penalty) == (0, 0.7, 1.1)
+        outs = {tuple((await engine.generate([5, 6], dataclasses.replace(p, seed=seed))).token_ids) for seed in (1, 2, 3)}
+        assert len(outs) == 1  # top_k 1 from the file: every seed gives the greedy tokens
+    async with AsyncEngine(str(model), max_model_len=128, generation_config="none") as engine:
+        assert engine.sampling_defaults == {}

@@ -207,6 +207,11 @@ class AsyncEngine:
         return self._core.template_has_tools
 
     @property
+    def sampling_defaults(self) -> dict[str, float]:
+        """Sampling parameters from the model's generation_config.json (requests that leave them out get these)."""
+        return self._core.sampling_defaults
+
+    @property
     def _core(self) -> EngineCore:
         if self.core is None:
             raise RuntimeError("the engine is not started: `await engine.start()` or `async with engine`")

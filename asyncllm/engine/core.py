@@ -63,6 +63,25 @@ def load_tokenizer(path: os.PathLike[str] | str) -> Any:
         return None
 
 
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(model_dir: os.PathLike[str]) -> dict[str, float]:
+    """The sampling parameters the model's generation_config.json sets (only those it sets, not transformers'
+    own defaults): the server applies them to requests that leave them out."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        import json
+
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("ignoring %s: %s", path, e)
+        return {}
+    return {k: data[k] for k in SAMPLING_DEFAULT_KEYS if isinstance(data.get(k), (int, float))}
+
+
 def eos_token_ids(model_dir: os.PathLike[str], tokenizer: Any) -> frozenset[int]:
     ids: set[int] = set()
     try:
@@ -88,6 +107,9 @@ class EngineCore:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, max_tokens, self.max_model_len,
                                                    config.max_prefill_delay_steps), self.blocks)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
+        self.sampling_defaults = sampling_defaults(self.model_dir) if config.generation_config == "auto" else {}
+        if self.sampling_defaults:
+            log.info("sampling defaults from generation_config.json: %s", self.sampling_defaults)
         # overlap scheduling: step N+1 is scheduled and launched before step N's tokens are read back
         self.overlap = config.overlap_schedule if config.overlap_schedule is not None else self.runner.stream is not None
         self._inflight: StepHandle | None = None

@@ -242,7 +242,7 @@ class OpenAIServer:
         jobs = []
         for ids in encoded:
             for j in range(body.n):
-                params = body.sampling_params(default_max_tokens, j)
+                params = body.sampling_params(default_max_tokens, j, self.engine.sampling_defaults)
                 await self.engine.compile_grammar(params)
                 self.engine.check(ids, params)
                 jobs.append((ids, params))

@@ -80,7 +80,7 @@ class _Generation(_Model):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
     logit_bias: dict[str, float] | None = None  # token id (as JSON keys are strings) -> bias in [-100, 100]
     min_tokens: int = Field(default=0, ge=0)
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs, or its older guided_* fields
@@ -127,18 +127,26 @@ class _Generation(_Model):
                                       "response_format")
         return found[0] if found else None
 
-    def sampling_params(self, default_max_tokens: int | None, index: int = 0) -> SamplingParams:
-        """SamplingParams for choice `index` (choices with a seed get seed + index, so they differ)."""
+    def sampling_params(self, default_max_tokens: int | None, index: int = 0,
+                        defaults: dict[str, float] | None = None) -> SamplingParams:
+        """SamplingParams for choice `index` (choices with a seed get seed + index, so they differ). `defaults`:
+        the model's generation_config values, for the fields the request leaves out."""
         max_tokens = self.max_tokens if self.max_tokens is not None else default_max_tokens
+        d = defaults or {}
+
+        def pick(name: str, fallback: float) -> Any:
+            value = getattr(self, name)
+            return value if value is not None else d.get(name, fallback)
+
         return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=int(pick("top_k", 0)),
+            min_p=pick("min_p", 0.0),
             seed=None if self.seed is None else (self.seed + index) % 2**64,  # stays a valid generator seed
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
+            repetition_penalty=pick("repetition_penalty", 1.0),
             max_tokens=max_tokens,
             ignore_eos=self.ignore_eos,
             stop_token_ids=list(self.stop_token_ids or []),
