@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from asyncllm.errors import InvalidRequestError
@@ -11,38 +11,59 @@ from asyncllm.errors import InvalidRequestError
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
 
+def option(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
+           flags: tuple[str, ...] = ()) -> Any:
+    """An EngineConfig field and its command-line flag (`--name-with-dashes`, plus `flags`): the help text, and
+    the range [lo, hi] numbers must be in. serve.py builds the CLI from these."""
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "flags": flags})
+
+
 @dataclass
 class EngineConfig:
-    model: str | None = None  # local HF directory; None = the bundled SmolLM2-135M-Instruct
-    tokenizer: str | None = None  # defaults to `model`
-    served_model_name: str | None = None  # the name clients send and metrics carry; default: the directory's name
-    # auto: the sampling parameters the model's generation_config.json sets are the server's defaults; none: not
-    generation_config: Literal["auto", "none"] = "auto"
-    max_num_seqs: int = 256  # most requests in one step
-    max_model_len: int | None = None  # prompt + output tokens; default: the model's context length
-    max_num_batched_tokens: int | None = None  # token budget per step; default by model size (runner.max_step_tokens)
-    block_size: int = 16  # tokens per KV block
-    gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may use in total
-    num_kv_blocks: int | None = None  # exact KV cache size; overrides the memory budgets
-    kv_cache_memory_bytes: int | None = None  # KV cache budget in bytes (CPU default 1 GiB)
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto = float32 on CPU, the model's dtype on CUDA
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    load_format: Literal["auto", "safetensors", "dummy"] = "auto"
-    seed: int = 0
-    enforce_eager: bool = False  # CUDA: no CUDA graphs
-    cuda_graph_max_bs: int | None = None  # largest decode batch replayed from a CUDA graph; default min(256, max_num_seqs)
-    tensor_parallel_size: int = 1  # > 1 needs torchrun with as many processes (1 = whatever torchrun started)
-    # TP on CUDA: symm_mem = small all-reduces by one-shot kernels over symmetric memory (the one before each RMSNorm
-    # fused with it), larger ones NCCL; auto = symm_mem where it can be set up, else NCCL
-    all_reduce: Literal["auto", "nccl", "symm_mem"] = "auto"
-    attention_backend: Literal["auto", "torch", "flashinfer", "triton"] = "auto"
-    enable_prefix_caching: bool = True  # reuse the KV blocks of shared prompt prefixes (radix tree)
-    overlap_schedule: bool | None = None  # schedule step N+1 while step N runs; None = on with CUDA, off on CPU
-    stream_interval: int = 1  # AsyncEngine.stream: tokens per chunk (the first token and the last chunk go at once)
+    model: str | None = option(None, "local HF directory; None = the bundled SmolLM2-135M-Instruct")
+    tokenizer: str | None = option(None, "tokenizer directory (default: the model's)")
+    served_model_name: str | None = option(None, "the model name clients send and metrics carry (default: the "
+                                                  "directory's name)")
+    max_num_seqs: int = option(256, "most requests in one step", lo=1)
+    max_model_len: int | None = option(None, "prompt + output tokens (default: the model's context length)", lo=1)
+    max_num_batched_tokens: int | None = option(
+        None, "token budget per step (chunked prefill); default by model size: 8192 up to 1B parameters per GPU, "
+              "down to 2048 from 4B; 2048 on CPU", lo=1)
     # While requests decode, hold new prompts back for up to this many steps until they fill half a step's token
     # budget: a step that prefills runs without a CUDA graph, so fewer, fuller ones cost the running requests less.
-    # 0 = admit at once (the default until its effect on serving is measured on its own).
-    max_prefill_delay_steps: int = 0
+    max_prefill_delay_steps: int = option(
+        0, "steps new prompts may wait, while others decode, to prefill together (0: at once; measured slower on "
+           "the H200 at 4, see docs/BENCHMARKS.md)", lo=0)
+    block_size: int = option(16, "tokens per KV cache block (a power of two)", lo=1)
+    gpu_memory_utilization: float = option(0.9, "share of the GPU's memory the engine may use in total", lo=0.01, hi=1.0)
+    num_kv_blocks: int | None = option(None, "exact KV cache size in blocks; overrides the memory budgets", lo=1)
+    kv_cache_memory_bytes: int | None = option(None, "KV cache budget in bytes (CPU default 1 GiB)", lo=1)
+    dtype: str = option("auto", "auto | float32 | bfloat16 | float16 (auto: float32 on CPU, the model's on CUDA)")
+    device: Literal["auto", "cuda", "cpu"] = option("auto", "where the model runs")
+    load_format: Literal["auto", "safetensors", "dummy"] = option("auto", "dummy = random weights from config.json")
+    seed: int = option(0, "seed of the requests that bring none")
+    enforce_eager: bool = option(False, "no CUDA graphs")
+    cuda_graph_max_bs: int | None = option(
+        None, "largest decode batch replayed from a CUDA graph (default: min(256, max-num-seqs))", lo=1)
+    tensor_parallel_size: int = option(
+        1, "shards over torchrun's processes; must equal --nproc-per-node (1 = whatever torchrun started)", lo=1,
+        flags=("--tp",))
+    # TP on CUDA: symm_mem = small all-reduces by one-shot kernels over symmetric memory (the one before each RMSNorm
+    # fused with it), larger ones NCCL; auto = symm_mem where it can be set up, else NCCL
+    all_reduce: Literal["auto", "nccl", "symm_mem"] = option(
+        "auto", "tensor parallelism on CUDA: symm_mem = small all-reduces by one-shot symmetric-memory kernels (fused "
+                "with the next RMSNorm), auto = symm_mem where it can be set up, else NCCL")
+    attention_backend: Literal["auto", "torch", "flashinfer", "triton"] = option("auto", "attention implementation")
+    enable_prefix_caching: bool = option(True, "reuse the KV blocks of shared prompt prefixes (radix tree)",
+                                         flags=("--enable-radix-cache",))
+    overlap_schedule: bool | None = option(
+        None, "schedule step N+1 while the GPU runs step N (default: on with CUDA, off on CPU)")
+    stream_interval: int = option(
+        1, "tokens per streamed chunk (fewer writes per step at many streams; the first token and the last chunk "
+           "are sent at once)", lo=1)
+    generation_config: Literal["auto", "none"] = option(
+        "auto", "auto: sampling parameters the model's generation_config.json sets (temperature, top_p, top_k, "
+                "min_p, repetition_penalty) are the defaults of requests that leave them out; none: ignore it")
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -15,7 +15,9 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+import typing
+from dataclasses import fields
+from typing import Any, Literal
 
 import prometheus_client
 from aiohttp import web
@@ -28,14 +30,6 @@ from asyncllm.model_files import DEFAULT_MODEL_NAME
 from asyncllm.server.app import ServerSettings, build_app, make_runner
 
 log = logging.getLogger("asyncllm.serve")
-
-# CLI flag -> EngineConfig field (flags mirror the engine config)
-ENGINE_FLAGS = ("dtype", "device", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size",
-                "gpu_memory_utilization", "num_kv_blocks", "kv_cache_memory_bytes", "enforce_eager", "load_format",
-                "attention_backend", "all_reduce", "seed", "enable_prefix_caching", "cuda_graph_max_bs", "overlap_schedule",
-                "tensor_parallel_size", "stream_interval", "max_prefill_delay_steps", "served_model_name",
-                "generation_config")
-
 
 def bounded(kind: type, lo: float, hi: float | None = None) -> Any:
     """argparse type: a number of `kind` in [lo, hi]."""
@@ -74,47 +68,28 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=f"local Hugging Face model directory (default: bundled {DEFAULT_MODEL_NAME})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="logging level (debug: tracebacks of start-up errors too)")
-    p.add_argument("--served-model-name", default=None,
-                   help="model name clients send and metrics carry (default: the directory name)")
     g = p.add_argument_group("engine")
-    g.add_argument("--generation-config", choices=["auto", "none"], default="auto",
-                   help="auto: sampling parameters the model's generation_config.json sets (temperature, top_p, top_k, "
-                        "min_p, repetition_penalty) are the defaults of requests that leave them out; none: ignore it")
-    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, the model's on CUDA)")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where the model runs")
-    g.add_argument("--max-num-seqs", type=bounded(int, 1), default=256, help="most requests in one step")
-    g.add_argument("--max-model-len", type=bounded(int, 1), default=None, help="prompt + output tokens (default: the model's context)")
-    g.add_argument("--max-num-batched-tokens", type=bounded(int, 1), default=None, help="token budget per step (chunked prefill)")
-    g.add_argument("--max-prefill-delay-steps", type=bounded(int, 0), default=0,
-                   help="steps new prompts may wait, while others decode, to prefill together (0: at once)")
-    g.add_argument("--block-size", type=bounded(int, 1), default=16, help="tokens per KV cache block")
-    g.add_argument("--gpu-memory-utilization", type=bounded(float, 0.01, 1.0), default=0.9, help="share of GPU memory the engine may use")
-    g.add_argument("--num-kv-blocks", type=bounded(int, 1), default=None, help="exact KV cache size in blocks")
-    g.add_argument("--kv-cache-memory-bytes", type=bounded(int, 1), default=None, help="KV cache budget in bytes (CPU default 1 GiB)")
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    g.add_argument("--cuda-graph-max-bs", type=bounded(int, 1), default=None,
-                   help="largest decode batch replayed from a CUDA graph (default: min(256, max-num-seqs))")
-    g.add_argument("--overlap-schedule", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule step N+1 while the GPU runs step N (default: on with CUDA, off on CPU)")
-    g.add_argument("--tensor-parallel-size", "--tp", type=bounded(int, 1), default=1,
-                   help="shards over torchrun's processes; must equal --nproc-per-node (1 = whatever torchrun started)")
-    g.add_argument("--all-reduce", default="auto", choices=["auto", "nccl", "symm_mem"],
-                   help="tensor parallelism on CUDA: symm_mem = small all-reduces by one-shot symmetric-memory kernels "
-                        "(fused with the next RMSNorm), auto = symm_mem where it can be set up, else NCCL")
-    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"], help="dummy = random weights")
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer", "triton"], help="attention implementation")
-    g.add_argument("--seed", type=int, default=0, help="seed of the shared sampling generator")
-    g.add_argument("--enable-prefix-caching", "--enable-radix-cache", action=argparse.BooleanOptionalAction,
-                   default=True, help="reuse the KV cache of shared prompt prefixes (radix tree)")
-    g.add_argument("--stream-interval", type=bounded(int, 1), default=1,
-                   help="tokens per streamed chunk (fewer writes per step at many streams; the first token and the "
-                        "last chunk are sent at once)")
+    hints = typing.get_type_hints(EngineConfig)
+    for f in fields(EngineConfig):  # one flag per EngineConfig field, from its type, default and metadata
+        if f.name == "model":
+            continue
+        kind, meta = hints[f.name], f.metadata
+        names = [f"--{f.name.replace('_', '-')}", *meta.get("flags", ())]
+        args: dict[str, Any] = {"default": f.default, "help": meta.get("help"), "dest": f.name}
+        base = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
+        if typing.get_origin(kind) is Literal:
+            args["choices"] = list(typing.get_args(kind))
+        elif base[0] is bool:
+            args["action"] = argparse.BooleanOptionalAction
+        elif base[0] in (int, float):
+            args["type"] = bounded(base[0], meta["lo"], meta["hi"]) if meta.get("lo") is not None else base[0]
+        g.add_argument(*names, **args)
     g.add_argument("--cache-type", choices=["radix", "naive"], default=None,
                    help="radix = --enable-prefix-caching, naive = --no-enable-prefix-caching")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = {name: getattr(args, name) for name in ENGINE_FLAGS}
+    kwargs = {f.name: getattr(args, f.name) for f in fields(EngineConfig) if f.name != "model"}
     if args.cache_type is not None:
         kwargs["enable_prefix_caching"] = args.cache_type == "radix"
     return kwargs

@@ -540,6 +540,27 @@ def test_model_directory_may_be_positional():
         parse_args(parser(), ["/a", "--model", "/b"])
 
 
+def test_the_cli_is_generated_from_engine_config():
+    """One flag per EngineConfig field with its default; ranges and choices enforced; the kwargs build a config."""
+    from dataclasses import fields
+
+    from asyncllm.config import EngineConfig
+    from asyncllm.serve import engine_kwargs, parse_args, parser
+
+    defaults = engine_kwargs(parse_args(parser(), []))
+    assert defaults == {f.name: f.default for f in fields(EngineConfig) if f.name != "model"}
+    args = parse_args(parser(), ["--max-num-seqs", "8", "--no-enable-prefix-caching", "--tp", "2", "--device", "cpu",
+                                 "--gpu-memory-utilization", "0.5", "--served-model-name", "x", "--enforce-eager"])
+    config = EngineConfig(**engine_kwargs(args))
+    assert (config.max_num_seqs, config.enable_prefix_caching, config.tensor_parallel_size, config.device,
+            config.gpu_memory_utilization, config.served_model_name, config.enforce_eager) == (8, False, 2, "cpu", 0.5,
+                                                                                             "x", True)
+    for bad in (["--max-num-seqs", "0"], ["--gpu-memory-utilization", "2"], ["--device", "tpu"],
+                ["--max-prefill-delay-steps", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_args(parser(), bad)
+
+
 async def test_cors_and_served_model_name(tiny_models):
     """--allowed-origins: preflight and responses (streams too) to allowed origins carry the CORS headers, others
     none; --served-model-name is the name clients send and metrics carry."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from asyncllm.device import to_device
 from asyncllm.engine.request import Request
 from asyncllm.engine.scheduler import Batch, StepLogprobs
 from asyncllm.outputs import Logprob
@@ -91,8 +92,7 @@ class LogprobsOnDevice:
         self.prompt_parts: list[list[torch.Tensor]] = []
         self.sampled: list[torch.Tensor] = []
         self.raw: torch.Tensor | None = None
-        self._targets = (torch.tensor(plan.prompt_targets, dtype=torch.int64).to(device, non_blocking=True)
-                         if plan.prompt_targets else None)
+        self._targets = to_device(plan.prompt_targets, device) if plan.prompt_targets else None
 
     def prompt_slice(self, start: int, logits: torch.Tensor) -> None:
         """Logits of the prompt tokens plan.prompt_tokens[start : start + len(logits)]."""
@@ -102,9 +102,8 @@ class LogprobsOnDevice:
     def keep_raw(self, logits: torch.Tensor) -> None:
         """Before the logits of the sampled rows are adjusted in place: a float32 copy of the reported rows."""
         if self.plan.sample_rows:
-            index = torch.tensor(self.plan.sample_index, dtype=torch.int64).to(self.device, non_blocking=True)
-            self.index = index
-            self.raw = logits.index_select(0, index).float()
+            self.index = to_device(self.plan.sample_index, self.device)  # page-locked: never waits on the GPU
+            self.raw = logits.index_select(0, self.index).float()
 
     def sampled_ids(self, sampled: torch.Tensor) -> None:
         """After sampling into `sampled` (rows of the step's sampled logits)."""

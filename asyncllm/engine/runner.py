@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
 import importlib.util
 import logging
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
