@@ -11,12 +11,19 @@ NAMES = frozenset({"get_weather", "add"})
 
 
 def run(parser: ToolCallParser, pieces: list[str]) -> tuple[str, list[dict]]:
-    content, calls = "", []
+    """Feed the pieces; the streamed deltas must add up to the parser's calls (ids, names, arguments)."""
+    content, deltas = "", []
     for p in pieces:
         c, new = parser.feed(p)
-        content, calls = content + c, calls + new
+        content, deltas = content + c, deltas + new
     c, new = parser.finish()
-    return content + c, calls + new
+    rebuilt: dict[int, dict] = {}
+    for d in deltas + new:
+        call = rebuilt.setdefault(d["index"], {"id": d.get("id"), "type": d.get("type"),
+                                               "function": {"name": d["function"].get("name"), "arguments": ""}})
+        call["function"]["arguments"] += d["function"].get("arguments", "")
+    assert [rebuilt[k] for k in sorted(rebuilt)] == parser.calls
+    return content + c, parser.calls
 
 
 def split_every(text: str, n: int) -> list[str]:
@@ -60,5 +67,18 @@ def test_required_and_named_forms():
     assert content == "" and calls[0]["function"]["name"] == "add" and json.loads(calls[0]["function"]["arguments"]) == {"a": 5}
     content, calls = run(ToolCallParser("named", NAMES, "get_weather"), ['{"city": ', '"Rome"}'])
     assert content == "" and calls[0]["function"]["name"] == "get_weather"
-    truncated = run(ToolCallParser("named", NAMES, "get_weather"), ['{"city": "Ro'])
-    assert truncated == ('{"city": "Ro', [])  # cut by max_tokens: text, no call
+    content, calls = run(ToolCallParser("named", NAMES, "get_weather"), ['{"city": "Ro'])
+    assert content == "" and calls[0]["function"]["arguments"] == '{"city": "Ro'  # cut by max_tokens: as streamed
+
+
+def test_hermes_arguments_stream_as_they_come():
+    parser = ToolCallParser("auto", NAMES)
+    pieces = ['<tool_call>\n{"name": "add", "arguments": ', '{"a": 1', ', "b": {"c": 2}', '}', '}\n</tool_call>']
+    seen = [parser.feed(p)[1] for p in pieces]
+    assert seen[0][0]["function"] == {"name": "add", "arguments": ""} and seen[0][0]["id"].startswith("call_")
+    assert [d["function"]["arguments"] for step in seen[1:] for d in step] == ['{"a": 1', ', "b": {"c": 2', '}', '}']
+    assert json.loads(parser.calls[0]["function"]["arguments"]) == {"a": 1, "b": {"c": 2}}
+    # a call cut off before its own closing brace keeps the arguments' last one
+    cut = ToolCallParser("auto", NAMES)
+    content, calls = run(cut, ['<tool_call>{"name": "add", "arguments": {"a": 1}'])
+    assert content == "" and json.loads(calls[0]["function"]["arguments"]) == {"a": 1}

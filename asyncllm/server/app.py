@@ -366,16 +366,16 @@ class OpenAIServer:
         parsers = [self._tool_parser(body) for _ in jobs]  # tool calls: each choice's text goes through its parser
 
         def tool_frame(i: int, chunk: StreamChunk, parser: ToolCallParser) -> bytes:
-            before = len(parser.calls)
-            text, _ = parser.feed(chunk.text)
+            text, calls = parser.feed(chunk.text)
             finish_reason = chunk.finish_reason
             if finish_reason is not None:
-                text += parser.finish()[0]
+                tail, more = parser.finish()
+                text, calls = text + tail, calls + more
                 if parser.calls and finish_reason == "stop":
                     finish_reason = "tool_calls"
             delta: dict[str, Any] = {"content": text} if text else {}
-            if len(parser.calls) > before:
-                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(parser.calls) if k >= before]
+            if calls:
+                delta["tool_calls"] = calls
             lp, offsets[i] = self._logprobs(body, chunk, jobs[i][0], offsets[i], None)
             if not delta and finish_reason is None and lp is None:
                 return b""

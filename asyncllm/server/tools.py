@@ -13,6 +13,7 @@ and its tool calls are parsed out of its text.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,15 +107,16 @@ def _arguments(arguments: Any) -> Any:
     return arguments if arguments is not None else {}
 
 
-def _call(name: str, arguments: Any) -> dict[str, Any]:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+# the head of a Hermes call, up to where its arguments begin
+_HERMES_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 
 
 @dataclass
 class ToolCallParser:
-    """One choice's text -> content and tool calls, fed with text deltas (streamed) or all at once. `mode`:
-    "auto", "required" (a JSON array of calls), "named" (the arguments of `name`)."""
+    """One choice's text -> content and tool calls, fed with text deltas (streamed) or all at once (the same
+    code: a call's arguments are exactly the concatenation of its streamed deltas). `mode`: "auto", "required" (a
+    JSON array of calls, given at the end), "named" (the whole text is the arguments of `name`, streamed).
+    `feed` / `finish` return (content, tool-call deltas in OpenAI's streaming shape); `calls` holds the calls."""
 
     mode: str
     names: frozenset[str]
@@ -123,9 +125,16 @@ class ToolCallParser:
     _buffer: str = ""  # text not given out yet (a possible call)
     _held: bool = False  # auto: the whole answer may be a Llama 3 JSON call (decided at the end)
     _started: bool = False
+    _args_at: int = -1  # auto: inside a Hermes call whose head was read, where its arguments begin in _buffer
+    _sent: int = 0  # characters of those arguments given out
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        """A text delta -> (content to stream now, calls completed by it)."""
+        """A text delta -> (content to stream now, tool-call deltas)."""
+        if self.mode == "named":
+            if not text:
+                return "", []
+            deltas = [] if self.calls else [self._start(self.name or "")]
+            return "", _merge(deltas + [self._args(text)])
         if self.mode != "auto":
             self._buffer += text
             return "", []
@@ -140,59 +149,108 @@ class ToolCallParser:
         if self._held:
             self._buffer = buf
             return "", []
-        content, calls = [], []
+        content: list[str] = []
+        deltas: list[dict[str, Any]] = []
         while True:
-            start = buf.find(HERMES_OPEN)
-            if start < 0:
-                keep = _partial_suffix(buf, HERMES_OPEN)
-                content.append(buf[: len(buf) - keep])
-                buf = buf[len(buf) - keep :]
-                break
-            content.append(buf[:start])
-            end = buf.find(HERMES_CLOSE, start)
-            if end < 0:
+            if not buf.startswith(HERMES_OPEN):
+                start = buf.find(HERMES_OPEN)
+                if start < 0:
+                    keep = _partial_suffix(buf, HERMES_OPEN)
+                    content.append(buf[: len(buf) - keep])
+                    buf = buf[len(buf) - keep :]
+                    break
+                content.append(buf[:start])
                 buf = buf[start:]
+            # inside a call: buf starts with <tool_call>
+            if self._args_at < 0:
+                head = _HERMES_HEAD.match(buf, len(HERMES_OPEN))
+                if head is not None and json.loads(f'"{head.group(1)}"') in self.names:
+                    deltas.append(self._start(json.loads(f'"{head.group(1)}"')))
+                    self._args_at, self._sent = head.end(), 0
+            end = buf.find(HERMES_CLOSE)
+            if end < 0:
+                if self._args_at >= 0:  # stream the arguments, holding back what may close the call
+                    deltas += self._send(_open_arguments(buf[self._args_at :]))
                 break
-            found = self._parse_hermes(buf[start + len(HERMES_OPEN) : end])
-            if not found:  # not a call of these tools: it stays text
-                content.append(buf[start : end + len(HERMES_CLOSE)])
-            calls += found
+            if self._args_at >= 0:
+                deltas += self._send(_final_arguments(buf[self._args_at : end]))
+            else:  # not a call of these tools: it stays text
+                content.append(buf[: end + len(HERMES_CLOSE)])
+            self._args_at = -1
             buf = buf[end + len(HERMES_CLOSE) :]
         self._buffer = buf
-        return "".join(content), calls
+        return "".join(content), _merge(deltas)
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """The end of the text -> (content still held, calls completed)."""
+        """The end of the text -> (content still held, tool-call deltas)."""
+        if self.mode == "auto" and not self._held and self._args_at >= 0:  # an unclosed call at the end
+            deltas = self._send(_final_arguments(self._buffer[self._args_at :]))
+            self._buffer, self._args_at = "", -1
+            return "", _merge(deltas)
         buf, self._buffer = self._buffer, ""
         if self.mode == "named":
-            return self._add([(self.name, _json(buf))]) if _json(buf) is not None else (buf, [])
+            return "", []
         if self.mode == "required":
             parsed = _json(buf)
             if isinstance(parsed, list) and all(isinstance(c, dict) and c.get("name") in self.names for c in parsed):
-                return self._add([(c["name"], c.get("arguments", {})) for c in parsed])
+                return "", self._whole([(c["name"], c.get("arguments", {})) for c in parsed])
             return buf, []
         if self._held:
             parsed = _json(buf.strip().removeprefix(PYTHON_TAG))
             items = parsed if isinstance(parsed, list) else [parsed]
             if items and all(isinstance(c, dict) and c.get("name") in self.names for c in items):
-                return self._add([(c["name"], c.get("parameters", c.get("arguments", {}))) for c in items])
-            return buf, []
-        if buf.startswith(HERMES_OPEN):  # an unclosed call at the end: parse what is there
-            calls = self._parse_hermes(buf[len(HERMES_OPEN) :])
-            if calls:
-                return "", calls
+                return "", self._whole([(c["name"], c.get("parameters", c.get("arguments", {}))) for c in items])
         return buf, []
 
-    def _parse_hermes(self, body: str) -> list[dict[str, Any]]:
-        parsed = _json(body)
-        if isinstance(parsed, dict) and parsed.get("name") in self.names:
-            return self._add([(parsed["name"], parsed.get("arguments", parsed.get("parameters", {})))])[1]
-        return []
+    def _start(self, name: str) -> dict[str, Any]:
+        call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": ""}}
+        self.calls.append(call)
+        return {"index": len(self.calls) - 1, **call, "function": dict(call["function"])}
 
-    def _add(self, found: list[tuple[Any, Any]]) -> tuple[str, list[dict[str, Any]]]:
-        new = [_call(name, args if args is not None else {}) for name, args in found]
-        self.calls += new
-        return "", new
+    def _args(self, text: str) -> dict[str, Any]:
+        self.calls[-1]["function"]["arguments"] += text
+        return {"index": len(self.calls) - 1, "function": {"arguments": text}}
+
+    def _send(self, arguments: str) -> list[dict[str, Any]]:
+        """Give out the part of the current call's arguments not given yet (`arguments` only grows)."""
+        new = arguments[self._sent :]
+        self._sent = max(self._sent, len(arguments))
+        return [self._args(new)] if new else []
+
+    def _whole(self, found: list[tuple[Any, Any]]) -> list[dict[str, Any]]:
+        deltas = []
+        for name, args in found:
+            deltas.append(self._start(name))
+            deltas.append(self._args(json.dumps(args if args is not None else {}, ensure_ascii=False)))
+        return _merge(deltas)
+
+
+def _open_arguments(text: str) -> str:
+    """The arguments of a call still open: all but what may close the call (the start of its end tag, trailing
+    whitespace and a last "}")."""
+    text = text[: len(text) - _partial_suffix(text, HERMES_CLOSE)].rstrip()
+    return text[:-1].rstrip() if text.endswith("}") else text
+
+
+def _final_arguments(text: str) -> str:
+    """The arguments of a call that ended (closed, or cut off): up to the "}" that closes the call, when dropping
+    it leaves valid JSON (a call cut off before its own "}" keeps its last one)."""
+    text = text.rstrip()
+    if text.endswith("}") and _json(text[:-1].rstrip()) is not None:
+        return text[:-1].rstrip()
+    return text
+
+
+def _merge(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive deltas of one call in one: its arguments concatenated."""
+    out: list[dict[str, Any]] = []
+    for d in deltas:
+        if out and out[-1]["index"] == d["index"] and "name" not in d["function"]:
+            last = out[-1]
+            last["function"] = {**last["function"], "arguments": last["function"].get("arguments", "") + d["function"]["arguments"]}
+        else:
+            out.append(d)
+    return out
 
 
 def _json(text: str) -> Any:
