@@ -127,3 +127,59 @@ def test_bounded_grammars_on_a_random_model_with_overlap(tmp_path):
     llm = LLM(str(model), max_model_len=256, block_size=8, overlap_schedule=True)
     assert llm.engine.overlap
     check_bounded_grammars(llm, 512)
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory):
+    return make_byte_level_tokenizer(make_tiny_model(tmp_path_factory.mktemp("bytes") / "qwen3", "qwen3",
+                                                     **TOKENIZER_IDS))
+
+
+@pytest.mark.parametrize("seed", range(int(__import__("os").environ.get("ASYNCLLM_RANDOM_SEEDS", 4)) // 4 or 1))
+async def test_random_workloads_with_grammars_under_overlap(byte_model, seed):
+    """Overlap bookkeeping with constrained rows (steps launched in two parts), at random: bounded grammars,
+    plain requests, log-probabilities, aborts, a KV cache small enough to preempt. Invariants: every constrained
+    output that ends by itself is valid, every greedy plain output equals the one without overlap, log-probability
+    ids follow the tokens, and every block comes back. ASYNCLLM_RANDOM_SEEDS=400 runs 100 workloads."""
+    import asyncio
+    import random
+
+    rng = random.Random(seed)
+    specs = [(StructuredOutputs(regex="[0-9]{2,4}-[a-z]{1,3}"), lambda t: re.fullmatch("[0-9]{2,4}-[a-z]{1,3}", t)),
+             (StructuredOutputs(choice=["alpha", "beta", "gamma delta"]), lambda t: t in ("alpha", "beta", "gamma delta")),
+             (StructuredOutputs(json=BOUNDED), lambda t: set(json.loads(t)) == {"n", "tag"})]
+    jobs = []
+    for i in range(rng.randint(6, 14)):
+        prompt = [rng.randrange(3, 300) for _ in range(rng.randint(1, 60))]
+        kind = rng.choice(["grammar", "grammar", "plain", "logprobs"])
+        spec = rng.choice(specs) if kind == "grammar" else None
+        params = SamplingParams(temperature=rng.choice([0.0, 1.0]) if kind == "grammar" else 0.0, seed=i,
+                                max_tokens=rng.randint(20, 48), ignore_eos=kind != "grammar",
+                                structured_outputs=spec[0] if spec else None,
+                                logprobs=rng.choice([0, 3]) if kind == "logprobs" else None)
+        jobs.append((prompt, params, spec, rng.random() < 0.15))
+    reference = LLM(str(byte_model), max_model_len=128, block_size=8, overlap_schedule=False).generate(
+        [p for p, *_ in jobs], [params for _, params, *_ in jobs], use_tqdm=False)
+    async with AsyncEngine(str(byte_model), max_model_len=128, block_size=8, num_kv_blocks=40,
+                           max_num_batched_tokens=rng.choice([16, 64]), overlap_schedule=True) as engine:
+        async def run(prompt, params, abort):
+            if not abort:
+                return await engine.generate(prompt, params)
+            async for _ in engine.stream(prompt, params):
+                return None  # leaves after the first chunk: the request is aborted
+
+        outs = await asyncio.gather(*(run(p, params, abort) for p, params, _, abort in jobs))
+        for (prompt, params, spec, abort), out, ref in zip(jobs, outs, reference):
+            if abort:
+                continue
+            if spec is not None and out.finish_reason == "stop":
+                assert spec[1](out.text), out.text
+            if spec is None:
+                assert out.token_ids == ref.token_ids  # greedy, with or without overlap, preempted or not
+            if params.logprobs is not None:
+                assert [lp.token_id for lp in out.logprobs] == out.token_ids
+        for _ in range(100):
+            if engine.num_free_blocks == engine.num_blocks:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.num_free_blocks == engine.num_blocks
