@@ -365,10 +365,10 @@ class AsyncEngine:
             stream = streams.get(req.request_id)
             if stream is None:  # finished (or aborted) already
                 continue
-            n = stream.num_tokens
-            if req.num_output_tokens == n:  # finished without a token (max_tokens=0)
+            if req.max_tokens == 0:  # it finished without a token (an attribute read: this loop runs per token)
                 self._end(stream, req.finish_reason or "length")
                 continue
+            n = stream.num_tokens
             token = req.token_ids[-1]
             stream.new_ids.append(token)
             if n == 0:
