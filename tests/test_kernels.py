@@ -99,6 +99,26 @@ def test_silu_and_mul(tokens, cols, dtype):
     torch.testing.assert_close(K.silu_and_mul(x), K.silu_and_mul_ref(x), atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab, width", [(37, 2), (2100, 66), (1025, 40)])  # width > ceil(V/32): padded words
+def test_token_bitmask_bans_exactly_the_zero_bits_of_the_chosen_rows(vocab, width, dtype):
+    from asyncllm.engine.grammar import apply_bitmask_ref
+
+    torch.manual_seed(4)
+    logits = rnd(5, vocab, dtype=dtype)
+    rows = torch.tensor([3, 0, 4], device=DEVICE)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, width), dtype=torch.int32, device=DEVICE)
+    bitmask[1] = -1  # a row that allows every token
+    out, ref = logits.clone(), logits.clone()
+    K.apply_token_bitmask_(out, rows, bitmask)
+    apply_bitmask_ref(ref, rows, bitmask)
+    assert torch.equal(out, ref)
+    bits = [(int(bitmask[i, v // 32]) >> (v % 32)) & 1 for i in range(3) for v in range(vocab)]
+    banned = torch.tensor(bits, device=DEVICE).view(3, vocab) == 0
+    assert torch.equal(torch.isinf(out[rows]), banned) and banned.any() and not banned[1].any()
+    assert torch.equal(out[[1, 2]], logits[[1, 2]])  # rows without a mask are untouched
+
+
 def test_store_kv_scatters_and_skips_padding():
     torch.manual_seed(2)
     cache, ref = torch.zeros(2, 6, 4, 2, 16, device=DEVICE), torch.zeros(2, 6, 4, 2, 16, device=DEVICE)

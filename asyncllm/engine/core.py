@@ -6,6 +6,7 @@ import itertools
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from asyncllm.engine.detokenizer import IncrementalDetokenizer
 from asyncllm.engine.grammar import Grammars, accept_tokens
 from asyncllm.engine.kv_cache import BlockManager
 from asyncllm.engine.request import Request
-from asyncllm.engine.runner import ModelRunner
+from asyncllm.engine.runner import Deferred, ModelRunner
 from asyncllm.engine.step_inputs import StepHandle
 from asyncllm.engine.scheduler import Batch, Scheduler, SchedulerConfig, SchedulerStats, StepLogprobs
 from asyncllm.errors import InvalidRequestError, ModelLoadError
@@ -113,6 +114,7 @@ class EngineCore:
         # overlap scheduling: step N+1 is scheduled and launched before step N's tokens are read back
         self.overlap = config.overlap_schedule if config.overlap_schedule is not None else self.runner.stream is not None
         self._inflight: StepHandle | None = None
+        self._deferred: tuple[Deferred, Future[Any]] | None = None  # forward queued, masks being filled (overlap)
         self._stopped = False
         self._ids = itertools.count()
         self._id_prefix = os.urandom(4).hex()
@@ -134,6 +136,7 @@ class EngineCore:
         req = Request(rid, list(prompt_token_ids), params, max_tokens, self.eos_token_ids)
         if params.structured_outputs is not None:
             req.grammar = self.grammars.matcher(params.structured_outputs)
+            req.grammar_stops = frozenset(req.grammar.stop_token_ids)
         return req
 
     @functools.cached_property
@@ -271,37 +274,57 @@ class EngineCore:
         CUDA graphs, weights). Idempotent; nothing can run afterwards."""
         if not self._stopped:
             self._stopped = True
-            self._inflight = None
+            self._inflight = self._deferred = None
+            if "_grammar_thread" in self.__dict__:
+                self._grammar_thread.shutdown(wait=True)
             self.runner.stop_followers()
             self.runner.close()
 
     @property
     def busy(self) -> bool:
         """Requests to serve, or a step still in flight."""
-        return self.scheduler.has_unfinished or self._inflight is not None
+        return self.scheduler.has_unfinished or self._inflight is not None or self._deferred is not None
 
     def advance(self, batch: Batch) -> tuple[Batch, list[int], StepLogprobs | None] | None:
         """Launch `batch` (if not empty), then wait for a step to finish and return it with its sampled tokens:
         with overlap, the step launched before (the new one keeps the GPU busy meanwhile); without, this one.
-        A constrained row fed from the step in flight needs that step's token in its matcher before its mask:
-        the new step's forward is queued first, its sampling once the tokens are in (ModelRunner.complete).
-        Blocks its thread on the GPU: the async engine calls it in its step thread. None if nothing ran."""
+        Blocks its thread on the GPU: the async engine calls it in its step thread. None if nothing ran.
+
+        Structured outputs under overlap: a constrained row fed from the step in flight needs that step's token in
+        its matcher before its mask. Such a step's forward is queued at once; a grammar thread then advances the
+        matchers by the finished step's tokens and fills the new masks while the caller applies the finished step
+        and schedules the next; the next call queues the step's sampling first (ModelRunner.complete)."""
+        if self._deferred is not None:
+            step, masks = self._deferred
+            self._deferred = None
+            self._inflight = self.runner.complete(step, masks.result())
         defer = self.overlap and batch.constrained and any(
             r.grammar is not None and f >= 0 for r, f in zip(batch.requests, batch.feed))
-        launched = (self.runner.launch(batch, defer=True) if defer else self.runner.launch(batch)) if batch else None
+        launched = self.runner.launch(batch, defer=defer) if batch else None
         if self.overlap:
-            handle, self._inflight = self._inflight, launched  # type: ignore[assignment]
+            handle, self._inflight = self._inflight, None if defer else launched  # type: ignore[assignment]
         else:
             handle = launched  # type: ignore[assignment]
         done = None
         if handle is not None:
             tokens, logprobs = handle.wait()
-            if handle.batch.constrained:
-                accept_tokens(handle.batch, tokens)
             done = handle.batch, tokens, logprobs
+        finished = done if done is not None and done[0].constrained else None
         if defer:
-            self._inflight = self.runner.complete(launched)  # type: ignore[arg-type]
+            self._deferred = launched, self._grammar_thread.submit(self._masks, finished, launched)
+        elif finished is not None:
+            accept_tokens(finished[0], finished[1])
         return done
+
+    def _masks(self, finished: tuple[Batch, list[int], Any] | None, step: Any) -> Any:
+        """The grammar thread: advance the matchers by a finished step's tokens, then fill `step`'s masks."""
+        if finished is not None:
+            accept_tokens(finished[0], finished[1])
+        return self.runner.fill_masks(step)
+
+    @functools.cached_property
+    def _grammar_thread(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(1, thread_name_prefix="asyncllm-grammar")
 
     def step(self) -> list[Request]:
         """Schedule, launch and apply one step (with overlap, apply the previous one); returns the requests that

@@ -92,10 +92,13 @@ def _batch_matcher() -> Any:
     return xgrammar.BatchGrammarMatcher(max(1, min(8, usable // 2)))
 
 
-def fill_masks(matchers: list[Any], vocab_size: int) -> torch.Tensor:
-    """[len(matchers), ceil(vocab / 32)] int32 host bitmask: each matcher's allowed next tokens, filled in
-    parallel threads; a terminated matcher's row (its request ended; the row is dropped) allows every token."""
-    bitmask = torch.full((len(matchers), -(-vocab_size // 32)), -1, dtype=torch.int32)
+def fill_masks(matchers: list[Any], vocab_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[len(matchers), ceil(vocab / 32)] int32 host bitmask (rows of `out` when given: a reused page-locked
+    buffer): each matcher's allowed next tokens, filled in parallel threads (xgrammar releases the GIL); a
+    terminated matcher's row (its request ended; the row is dropped) allows every token."""
+    width = -(-vocab_size // 32)
+    bitmask = torch.empty((len(matchers), width), dtype=torch.int32) if out is None else out[: len(matchers), :width]
+    bitmask.fill_(-1)
     live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
     if live:
         _batch_matcher().batch_fill_next_token_bitmask([matchers[i] for i in live], bitmask, live)
@@ -134,8 +137,20 @@ class TokenMask:
     bitmask: torch.Tensor  # [R, W] int32: bit j of word w allows token 32 w + j
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """In place."""
-        shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-        allowed = ((self.bitmask.unsqueeze(-1) >> shifts) & 1).view(len(self.rows), -1)[:, : logits.shape[1]]
-        rows = logits.index_select(0, self.rows).masked_fill_(allowed == 0, float("-inf"))
-        return logits.index_copy_(0, self.rows, rows)
+        """In place (CUDA: one kernel)."""
+        if logits.is_cuda:
+            from asyncllm_kernels import apply_token_bitmask_
+
+            apply_token_bitmask_(logits, self.rows, self.bitmask)
+        else:
+            apply_bitmask_ref(logits, self.rows, self.bitmask)
+        return logits
+
+
+def apply_bitmask_ref(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """logits[rows[i], v] = -inf wherever bit v of bitmask[i] is 0, in place, in torch (asyncllm_kernels'
+    apply_token_bitmask_ on CUDA)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, : logits.shape[1]]
+    picked = logits.index_select(0, rows).masked_fill_(allowed == 0, float("-inf"))
+    logits.index_copy_(0, rows, picked)

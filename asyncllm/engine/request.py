@@ -44,9 +44,11 @@ class Request:
     # one per prompt token (the first None) filled in as the prefill's chunks run
     output_logprobs: list[Logprob] | None = None
     prompt_logprobs: list[Logprob | None] | None = None
-    # structured outputs: the grammar matcher (engine/grammar.py), advanced by each sampled token in the step
-    # thread (grammar_refused: it refused one, which the mask should make impossible)
+    # structured outputs: the grammar matcher (engine/grammar.py), advanced by each sampled token in the step or
+    # grammar thread, never read elsewhere; its stop tokens (sampled only once the grammar is complete: they end
+    # it); grammar_refused: it refused a token, which the mask should make impossible
     grammar: Any = None
+    grammar_stops: frozenset[int] = frozenset()
     grammar_refused: bool = False
 
     def __post_init__(self) -> None:
@@ -57,8 +59,11 @@ class Request:
             self.output_logprobs = []
         if p.prompt_logprobs is not None:
             self.prompt_logprobs = [None]
-        # the runner looks at this row's parameters beyond the sampler's (one flag checked per row and step)
-        self.extras = p.adjusts_logits or p.logprobs is not None or p.prompt_logprobs is not None
+        # what the runner does for this row beyond the sampler's parameters (flags checked per row and step)
+        self.penalized = p.has_penalties
+        self.biased = bool(p.logit_bias) or p.min_tokens > 0
+        self.reports_logprobs = p.logprobs is not None or p.prompt_logprobs is not None
+        self.extras = p.adjusts_logits or self.reports_logprobs
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -8,7 +8,7 @@ import importlib.util
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,9 @@ class Deferred:
     adjust: list[Penalties | LogitBias | TokenMask]
     logprobs: LogprobsOnDevice | None
     to_followers: bool
+    # the grammar-constrained rows that sample: their rows among the step's sampled logits, and their matchers
+    mask_rows: list[int] = field(default_factory=list)
+    matchers: list[Any] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -185,6 +188,7 @@ class ModelRunner:
         # the last step's sampled ids (rows [0, num_sampled)): the next step's pending inputs come from here
         self.sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
         self.host_ring = HostRing(config.max_num_seqs) if self.device.type == "cuda" else None
+        self.mask_width = -(-hf_config.vocab_size // 32)  # int32 words of a grammar bitmask row
         # CUDA: every step runs on this side stream, in launch order (the loop thread never waits on it)
         self.stream = side_stream(self.device) if self.device.type == "cuda" else None
         self.graphs: CudaGraphs | None = None  # captured once the KV cache exists (after the profiling forward)
@@ -280,32 +284,38 @@ class ModelRunner:
             self.sampler.set_rows(step.new_rows)
         return eager_inputs(step, self.tables, self.sampled, self.block_size)
 
-    def _extras(self, batch: Batch, masks: bool) -> tuple[list[Penalties | LogitBias | TokenMask], LogprobPlan | None]:
-        """Rank 0: the step's logit adjustments (applied in place before sampling; grammar masks only if `masks`)
-        and what it reports of log-probabilities, from the rows whose request asks for more than the sampler's
-        parameters."""
+    def _extras(self, batch: Batch) -> tuple[list[Penalties | LogitBias], LogprobPlan | None, list[int], list[Any]]:
+        """Rank 0: the step's logit adjustments but grammar masks (applied in place before sampling), what it
+        reports of log-probabilities, and its rows that sample under a grammar (their rows among the sampled
+        logits, their matchers), from the rows whose request asks for more than the sampler's parameters."""
         rows = [i for i, r in enumerate(batch.requests) if r.extras]
         if not rows:
-            return [], None
-        sample_index = np.cumsum(batch.sample) - 1  # row -> its row among the step's sampled logits
-        adjust = [r for r in (self._penalties(batch, rows, sample_index), self._bias(batch, rows, sample_index),
-                              self._mask(batch, rows, sample_index) if masks else None) if r]
-        return adjust, plan_logprobs(batch, rows)
+            return [], None, [], []
+        reqs, sample = batch.requests, batch.sample
+        sample_index = np.cumsum(sample) - 1  # row -> its row among the step's sampled logits
+        penalized = [i for i in rows if reqs[i].penalized]
+        biased = [i for i in rows if reqs[i].biased]
+        adjust = [r for r in (self._penalties(batch, penalized, sample_index) if penalized else None,
+                              self._bias(batch, biased, sample_index) if biased else None) if r]
+        reporting = [i for i in rows if reqs[i].reports_logprobs]
+        constrained = [i for i in rows if sample[i] and reqs[i].grammar is not None]
+        return (adjust, plan_logprobs(batch, reporting) if reporting else None,
+                [int(sample_index[i]) for i in constrained], [reqs[i].grammar for i in constrained])
 
-    def _mask(self, batch: Batch, rows: list[int], sample_index: np.ndarray) -> TokenMask | None:
-        """The grammar masks of the constrained rows that sample (their matchers hold every earlier token)."""
-        constrained = [i for i in rows if batch.sample[i] and batch.requests[i].grammar is not None]
-        if not constrained:
-            return None
-        bitmask = fill_masks([batch.requests[i].grammar for i in constrained], self.model.config.vocab_size)
-        return TokenMask(to_device([int(sample_index[i]) for i in constrained], self.device),
-                         to_device(bitmask, self.device, torch.int32))
+    @functools.cached_property
+    def _mask_ring(self) -> HostRing | None:
+        return HostRing((self.config.max_num_seqs, self.mask_width), torch.int32) if self.device.type == "cuda" else None
+
+    def fill_masks(self, step: Deferred) -> torch.Tensor:
+        """The step's grammar bitmasks on the host (any thread; the matchers must hold every earlier token)."""
+        ring = self._mask_ring
+        return fill_masks(step.matchers, self.model.config.vocab_size, ring.take(len(step.matchers)) if ring else None)
 
     def _penalties(self, batch: Batch, rows: list[int], sample_index: np.ndarray) -> Penalties | None:
         """Token counts of the sampling rows that use repetition penalties (work proportional to their lengths,
         once per step), or None. A token still on the device (overlap scheduling) is counted on the device."""
         penalized = [(int(sample_index[i]), batch.requests[i], batch.feed[i]) for i in rows
-                     if batch.sample[i] and batch.requests[i].params.has_penalties]
+                     if batch.sample[i]]
         if not penalized:
             return None
         reqs = [r for _, r, _ in penalized]
@@ -357,13 +367,14 @@ class ModelRunner:
         """Queue one step on the runner's stream and return at once (CUDA); the handle yields the sampled
         tokens (one per row with batch.sample set, in row order) and the log-probabilities asked for. With tensor
         parallelism (rank 0) the step is first sent to the followers, and the sampled ids after it (they feed the
-        next step on every rank). `defer`: queue the forward only; `complete` fills the grammar masks and queues
-        the sampling (once the constrained rows' previous tokens have advanced their matchers)."""
+        next step on every rank). `defer`: queue the forward only and return the Deferred step; `complete` queues
+        its sampling once `fill_masks` made its grammar masks (after the constrained rows' previous tokens
+        advanced their matchers)."""
         if self.closed:
             raise RuntimeError("this engine was closed")
         to_followers = broadcast and self.tp.size > 1
         with self._on_stream():  # every copy to the device below is ordered before the step that reads it
-            adjust, plan = self._extras(batch, masks=not defer)
+            adjust, plan, mask_rows, matchers = self._extras(batch)
             # a graph step has no hidden states of prompt tokens to report
             pad = graph_size(self.graphs.sizes, batch) if self.graphs is not None and not (plan and plan.prompt_tokens) else 0
             header, packed = pack(batch, pad, self.tables.dummy, self.seed_rng, plan.prompt_tokens if plan else ())
@@ -372,22 +383,22 @@ class ModelRunner:
                     raise RuntimeError("this tensor-parallel engine was shut down")
                 self.tp.steps.send(header.encode(packed))
             logprobs = LogprobsOnDevice(plan, self.device) if plan else None
-            step = Deferred(batch, self._forward(header, packed, logprobs), adjust, logprobs, to_followers)
-            return step if defer else self._finish(step)
+            fwd = self._forward(header, packed, logprobs)
+            step = Deferred(batch, fwd, adjust, logprobs, to_followers, mask_rows, matchers)
+            if defer:
+                return step
+            return self._finish(step, self.fill_masks(step) if matchers else None)
 
     @torch.inference_mode()
-    def complete(self, step: Deferred) -> StepHandle:
-        """Queue the sampling of a deferred step: its grammar masks are filled now."""
+    def complete(self, step: Deferred, bitmask: torch.Tensor | None) -> StepHandle:
+        """Queue the sampling of a deferred step, under its grammar bitmasks (from `fill_masks`)."""
         with self._on_stream():
-            if step.forward.logits is not None:
-                rows = [i for i, r in enumerate(step.batch.requests) if r.extras]
-                mask = self._mask(step.batch, rows, np.cumsum(step.batch.sample) - 1)
-                if mask is not None:
-                    step.adjust.append(mask)
-            return self._finish(step)
+            return self._finish(step, bitmask)
 
-    def _finish(self, step: Deferred) -> StepHandle:
+    def _finish(self, step: Deferred, bitmask: torch.Tensor | None) -> StepHandle:
         """Rank 0: sample a launched step, send the ids to the followers, start the read-back."""
+        if bitmask is not None and step.forward.logits is not None:
+            step.adjust.append(TokenMask(to_device(step.mask_rows, self.device), to_device(bitmask, self.device, torch.int32)))
         n = self._sample(step.forward, step.adjust, step.logprobs)
         if step.to_followers and n:
             dist.broadcast(self.sampled[:n], 0, group=self.tp.device_group)

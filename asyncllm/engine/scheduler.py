@@ -287,7 +287,7 @@ class Scheduler:
                     req.output_logprobs.append(logprobs.sampled[i])
                 if (token in req.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
                     reason = "stop"
-                elif req.grammar is not None and (req.grammar.is_terminated() or req.grammar_refused):
+                elif req.grammar is not None and (token in req.grammar_stops or req.grammar_refused):
                     reason = "stop"  # the grammar is complete (its stop token, EOS, was sampled)
                 elif len(tokens) - req.num_prompt_tokens >= req.max_tokens or len(tokens) >= max_len:
                     reason = "length"

@@ -261,11 +261,12 @@ class StepHandle:
 
 
 class HostRing:
-    """Page-locked host buffers for the sampled ids, reused in turn (no allocation per step). A buffer comes
-    back after `size` steps; the step that used it was waited on long before (at most two are in flight)."""
+    """Page-locked host buffers (the sampled ids; the grammar masks), reused in turn (no allocation per step). A
+    buffer comes back after `size` steps; the step that used it was waited on long before (at most two are in
+    flight)."""
 
-    def __init__(self, capacity: int, size: int = 4) -> None:
-        self.buffers = [torch.empty(capacity, dtype=torch.int64, pin_memory=True) for _ in range(size)]
+    def __init__(self, shape: int | tuple[int, ...], dtype: torch.dtype = torch.int64, size: int = 4) -> None:
+        self.buffers = [torch.empty(shape, dtype=dtype, pin_memory=True) for _ in range(size)]
         self.turn = itertools.cycle(self.buffers)
 
     def take(self, n: int) -> torch.Tensor:

@@ -21,4 +21,5 @@ if torch.cuda.is_available():
         test_sample_never_draws_a_masked_token,
         test_silu_and_mul,
         test_store_kv_scatters_and_skips_padding,
+        test_token_bitmask_bans_exactly_the_zero_bits_of_the_chosen_rows,
     )
