@@ -306,6 +306,7 @@ class ModelRunner:
     def _mask_ring(self) -> HostRing | None:
         return HostRing((self.config.max_num_seqs, self.mask_width), torch.int32) if self.device.type == "cuda" else None
 
+    @torch.inference_mode()  # as when the ring was made: its buffers are inference tensors
     def fill_masks(self, step: Deferred) -> torch.Tensor:
         """The step's grammar bitmasks on the host (any thread; the matchers must hold every earlier token)."""
         ring = self._mask_ring
