@@ -92,28 +92,35 @@ def _batch_matcher() -> Any:
     return xgrammar.BatchGrammarMatcher(max(1, min(8, usable // 2)))
 
 
-def fill_masks(matchers: list[Any], vocab_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[len(matchers), ceil(vocab / 32)] int32 host bitmask (rows of `out` when given: a reused page-locked
-    buffer): each matcher's allowed next tokens, filled in parallel threads (xgrammar releases the GIL); a
-    terminated matcher's row (its request ended; the row is dropped) allows every token."""
+def fill_masks(requests: list[Any], vocab_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[len(requests), ceil(vocab / 32)] int32 host bitmask (rows of `out` when given: a reused page-locked
+    buffer): the allowed next tokens of each request's grammar, filled in parallel threads (xgrammar releases the
+    GIL); the row of an ended grammar (its request ends; the row is dropped) allows every token."""
     width = -(-vocab_size // 32)
-    bitmask = torch.empty((len(matchers), width), dtype=torch.int32) if out is None else out[: len(matchers), :width]
-    bitmask.fill_(-1)
-    live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
+    bitmask = torch.empty((len(requests), width), dtype=torch.int32) if out is None else out[: len(requests), :width]
+    live = [i for i, r in enumerate(requests) if not r.grammar_ended]
+    if len(live) < len(requests):
+        bitmask.fill_(-1)
     if live:
-        _batch_matcher().batch_fill_next_token_bitmask([matchers[i] for i in live], bitmask, live)
+        _batch_matcher().batch_fill_next_token_bitmask([requests[i].grammar for i in live], bitmask, live)
     return bitmask
 
 
 def accept_tokens(batch: Any, tokens: list[int]) -> None:
-    """Advance the matchers of a finished step's constrained rows by the tokens they sampled (the step thread,
-    before the next step's masks are filled). A refused token (never: the mask allowed it) ends the request."""
-    sampled = (r for r, s in zip(batch.requests, batch.sample) if s)
-    for req, token in zip(sampled, tokens):
-        m = req.grammar
-        if m is not None and not m.is_terminated() and not m.accept_token(token):
+    """Advance the grammars of a finished step's constrained rows by the tokens they sampled (in one call), before
+    the next masks are filled. A grammar ends with its stop token; a refused token (never: the mask allowed it)
+    ends the request."""
+    sampled = [r for r, s in zip(batch.requests, batch.sample) if s]
+    pairs = [(r, t) for r, t in zip(sampled, tokens) if r.grammar is not None and not r.grammar_ended]
+    if not pairs:
+        return
+    accepted = _batch_matcher().batch_accept_token([r.grammar for r, _ in pairs], [t for _, t in pairs])
+    for (req, token), ok in zip(pairs, accepted):
+        if not ok:
             log.warning("request %s: its grammar refused token %d", req.request_id, token)
             req.grammar_refused = True
+        elif token in req.grammar_stops:
+            req.grammar_ended = True
 
 
 def _ebnf_string(s: str) -> str:
@@ -130,11 +137,28 @@ def _ebnf_string(s: str) -> str:
 
 
 @dataclass
+class HostMasks:
+    """A step's grammar masks on the host (page-locked for CUDA), from the thread that filled them."""
+
+    rows: torch.Tensor  # [R] int64 rows of the step's sampled logits
+    bitmask: torch.Tensor  # [R, W] int32
+
+    def to(self, device: torch.device) -> TokenMask:
+        return TokenMask(self.rows.to(device, non_blocking=True), self.bitmask.to(device, non_blocking=True))
+
+
+@dataclass
 class TokenMask:
     """Rank 0: the allowed tokens of some sampled rows; every other logit of those rows becomes -inf."""
 
     rows: torch.Tensor  # [R] int64 rows of the step's sampled logits
     bitmask: torch.Tensor  # [R, W] int32: bit j of word w allows token 32 w + j
+
+    @staticmethod
+    def warm_up(logits: torch.Tensor) -> None:
+        """Compile the CUDA kernel for these logits' dtype and width at start-up (not at the first grammar)."""
+        rows = torch.zeros(1, dtype=torch.int64, device=logits.device)
+        TokenMask(rows, torch.full((1, -(-logits.shape[1] // 32)), -1, dtype=torch.int32, device=logits.device)).apply(logits[:1])
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """In place (CUDA: one kernel)."""

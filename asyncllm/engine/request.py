@@ -45,10 +45,11 @@ class Request:
     output_logprobs: list[Logprob] | None = None
     prompt_logprobs: list[Logprob | None] | None = None
     # structured outputs: the grammar matcher (engine/grammar.py), advanced by each sampled token in the step or
-    # grammar thread, never read elsewhere; its stop tokens (sampled only once the grammar is complete: they end
-    # it); grammar_refused: it refused a token, which the mask should make impossible
+    # grammar thread, never used elsewhere; its stop tokens (sampled only once the grammar is complete: one ends
+    # it, grammar_ended); grammar_refused: it refused a token, which the mask should make impossible
     grammar: Any = None
     grammar_stops: frozenset[int] = frozenset()
+    grammar_ended: bool = False
     grammar_refused: bool = False
 
     def __post_init__(self) -> None:

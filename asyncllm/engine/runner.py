@@ -18,9 +18,9 @@ import torch.distributed as dist
 
 from asyncllm import distributed
 from asyncllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
-from asyncllm.device import resolve_device, to_device
+from asyncllm.device import host_tensor, resolve_device, to_device
 from asyncllm.engine.cuda_graphs import CudaGraphs, graph_size
-from asyncllm.engine.grammar import TokenMask, fill_masks
+from asyncllm.engine.grammar import HostMasks, TokenMask, fill_masks
 from asyncllm.engine.logprobs import PROMPT_SLICE, LogprobPlan, LogprobsOnDevice, plan_logprobs
 from asyncllm.engine.request import Request
 from asyncllm.engine.scheduler import Batch
@@ -145,9 +145,9 @@ class Deferred:
     adjust: list[Penalties | LogitBias | TokenMask]
     logprobs: LogprobsOnDevice | None
     to_followers: bool
-    # the grammar-constrained rows that sample: their rows among the step's sampled logits, and their matchers
+    # the grammar-constrained rows that sample: their rows among the step's sampled logits, and their requests
     mask_rows: list[int] = field(default_factory=list)
-    matchers: list[Any] = field(default_factory=list)
+    constrained: list[Request] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -211,6 +211,8 @@ class ModelRunner:
             )
         self._allocate_kv_cache(self.num_blocks)
         self.graphs = self._capture_graphs() if self._use_graphs() else None
+        if self.device.type == "cuda" and self.tp.is_leader:  # compile the grammar-mask kernel now, not mid-serving
+            TokenMask.warm_up(torch.zeros(1, hf_config.vocab_size, dtype=self.dtype, device=self.device))
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # weights, cache, graphs are ready
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)", self.num_blocks, self.block_size,
@@ -284,10 +286,10 @@ class ModelRunner:
             self.sampler.set_rows(step.new_rows)
         return eager_inputs(step, self.tables, self.sampled, self.block_size)
 
-    def _extras(self, batch: Batch) -> tuple[list[Penalties | LogitBias], LogprobPlan | None, list[int], list[Any]]:
+    def _extras(self, batch: Batch) -> tuple[list[Penalties | LogitBias], LogprobPlan | None, list[int], list[Request]]:
         """Rank 0: the step's logit adjustments but grammar masks (applied in place before sampling), what it
         reports of log-probabilities, and its rows that sample under a grammar (their rows among the sampled
-        logits, their matchers), from the rows whose request asks for more than the sampler's parameters."""
+        logits, their requests), from the rows whose request asks for more than the sampler's parameters."""
         rows = [i for i, r in enumerate(batch.requests) if r.extras]
         if not rows:
             return [], None, [], []
@@ -300,17 +302,19 @@ class ModelRunner:
         reporting = [i for i in rows if reqs[i].reports_logprobs]
         constrained = [i for i in rows if sample[i] and reqs[i].grammar is not None]
         return (adjust, plan_logprobs(batch, reporting) if reporting else None,
-                [int(sample_index[i]) for i in constrained], [reqs[i].grammar for i in constrained])
+                [int(sample_index[i]) for i in constrained], [reqs[i] for i in constrained])
 
     @functools.cached_property
     def _mask_ring(self) -> HostRing | None:
         return HostRing((self.config.max_num_seqs, self.mask_width), torch.int32) if self.device.type == "cuda" else None
 
     @torch.inference_mode()  # as when the ring was made: its buffers are inference tensors
-    def fill_masks(self, step: Deferred) -> torch.Tensor:
-        """The step's grammar bitmasks on the host (any thread; the matchers must hold every earlier token)."""
+    def fill_masks(self, step: Deferred) -> HostMasks:
+        """The step's grammar masks on the host (any thread; the grammars must hold every earlier token)."""
         ring = self._mask_ring
-        return fill_masks(step.matchers, self.model.config.vocab_size, ring.take(len(step.matchers)) if ring else None)
+        n = len(step.constrained)
+        bitmask = fill_masks(step.constrained, self.model.config.vocab_size, ring.take(n) if ring else None)
+        return HostMasks(host_tensor(step.mask_rows, torch.int64, self.device), bitmask)
 
     def _penalties(self, batch: Batch, rows: list[int], sample_index: np.ndarray) -> Penalties | None:
         """Token counts of the sampling rows that use repetition penalties (work proportional to their lengths,
@@ -375,7 +379,7 @@ class ModelRunner:
             raise RuntimeError("this engine was closed")
         to_followers = broadcast and self.tp.size > 1
         with self._on_stream():  # every copy to the device below is ordered before the step that reads it
-            adjust, plan, mask_rows, matchers = self._extras(batch)
+            adjust, plan, mask_rows, constrained = self._extras(batch)
             # a graph step has no hidden states of prompt tokens to report
             pad = graph_size(self.graphs.sizes, batch) if self.graphs is not None and not (plan and plan.prompt_tokens) else 0
             header, packed = pack(batch, pad, self.tables.dummy, self.seed_rng, plan.prompt_tokens if plan else ())
@@ -385,21 +389,21 @@ class ModelRunner:
                 self.tp.steps.send(header.encode(packed))
             logprobs = LogprobsOnDevice(plan, self.device) if plan else None
             fwd = self._forward(header, packed, logprobs)
-            step = Deferred(batch, fwd, adjust, logprobs, to_followers, mask_rows, matchers)
+            step = Deferred(batch, fwd, adjust, logprobs, to_followers, mask_rows, constrained)
             if defer:
                 return step
-            return self._finish(step, self.fill_masks(step) if matchers else None)
+            return self._finish(step, self.fill_masks(step) if constrained else None)
 
     @torch.inference_mode()
-    def complete(self, step: Deferred, bitmask: torch.Tensor | None) -> StepHandle:
-        """Queue the sampling of a deferred step, under its grammar bitmasks (from `fill_masks`)."""
+    def complete(self, step: Deferred, masks: HostMasks | None) -> StepHandle:
+        """Queue the sampling of a deferred step, under its grammar masks (from `fill_masks`)."""
         with self._on_stream():
-            return self._finish(step, bitmask)
+            return self._finish(step, masks)
 
-    def _finish(self, step: Deferred, bitmask: torch.Tensor | None) -> StepHandle:
+    def _finish(self, step: Deferred, masks: HostMasks | None) -> StepHandle:
         """Rank 0: sample a launched step, send the ids to the followers, start the read-back."""
-        if bitmask is not None and step.forward.logits is not None:
-            step.adjust.append(TokenMask(to_device(step.mask_rows, self.device), to_device(bitmask, self.device, torch.int32)))
+        if masks is not None and step.forward.logits is not None:
+            step.adjust.append(masks.to(self.device))
         n = self._sample(step.forward, step.adjust, step.logprobs)
         if step.to_followers and n:
             dist.broadcast(self.sampled[:n], 0, group=self.tp.device_group)

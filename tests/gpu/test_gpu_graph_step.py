@@ -192,12 +192,17 @@ def test_no_triton_compile_after_start_up(large_model):
 
 
 def test_structured_outputs_with_graphs_and_overlap(tmp_path):
-    """test_structured_outputs' bounded grammars on the GPU path: CUDA-graph steps, overlap scheduling on."""
+    """test_structured_outputs' bounded grammars on the GPU path: CUDA-graph steps, overlap scheduling on (the
+    grammar thread), the mask kernel; no Triton compilation while serving."""
     from conftest import TOKENIZER_IDS, make_byte_level_tokenizer
     from test_structured_outputs import check_bounded_grammars
 
     model = make_byte_level_tokenizer(make_tiny_model(tmp_path / "llama", "llama", dtype_name="bfloat16",
                                                       **{**LARGE, **TOKENIZER_IDS}))
+    from asyncllm_kernels.compiled import count_compilations
+
     llm = LLM(str(model), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=4096)
     assert llm.engine.overlap and llm.engine.runner.graphs is not None
-    check_bounded_grammars(llm, VOCAB)
+    with count_compilations() as compiled:  # the mask kernel was compiled at start-up
+        check_bounded_grammars(llm, VOCAB)
+    assert compiled[0] == 0
