@@ -300,7 +300,7 @@ class EngineCore:
             self._inflight = self.runner.complete(step, masks.result())
         defer = self.overlap and batch.constrained and any(
             r.grammar is not None and f >= 0 for r, f in zip(batch.requests, batch.feed))
-        launched = self.runner.launch(batch, defer=defer) if batch else None
+        launched = (self.runner.launch(batch, defer=True) if defer else self.runner.launch(batch)) if batch else None
         if self.overlap:
             handle, self._inflight = self._inflight, None if defer else launched  # type: ignore[assignment]
         else:
