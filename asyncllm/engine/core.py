@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from asyncllm.config import EngineConfig
 from asyncllm.engine.detokenizer import IncrementalDetokenizer
-from asyncllm.engine.grammar import Grammars, accept_tokens
+from asyncllm.engine.grammar import Grammars, HostMasks, accept_tokens
 from asyncllm.engine.kv_cache import BlockManager
 from asyncllm.engine.request import Request
 from asyncllm.engine.runner import Deferred, ModelRunner
@@ -114,7 +114,7 @@ class EngineCore:
         # overlap scheduling: step N+1 is scheduled and launched before step N's tokens are read back
         self.overlap = config.overlap_schedule if config.overlap_schedule is not None else self.runner.stream is not None
         self._inflight: StepHandle | None = None
-        self._deferred: tuple[Deferred, Future[Any]] | None = None  # forward queued, masks being filled (overlap)
+        self._deferred: tuple[Deferred, Future[HostMasks]] | None = None  # forward queued, masks being filled (overlap)
         self._stopped = False
         self._ids = itertools.count()
         self._id_prefix = os.urandom(4).hex()
@@ -316,7 +316,7 @@ class EngineCore:
             accept_tokens(finished[0], finished[1])
         return done
 
-    def _masks(self, finished: tuple[Batch, list[int], Any] | None, step: Any) -> Any:
+    def _masks(self, finished: tuple[Batch, list[int], StepLogprobs | None] | None, step: Deferred) -> HostMasks:
         """The grammar thread: advance the matchers by a finished step's tokens, then fill `step`'s masks."""
         if finished is not None:
             accept_tokens(finished[0], finished[1])
