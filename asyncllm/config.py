@@ -53,6 +53,10 @@ class EngineConfig:
     all_reduce: Literal["auto", "nccl", "symm_mem"] = option(
         "auto", "tensor parallelism on CUDA: symm_mem = small all-reduces by one-shot symmetric-memory kernels (fused "
                 "with the next RMSNorm), auto = symm_mem where it can be set up, else NCCL")
+    step_transport: Literal["auto", "shm", "broadcast"] = option(
+        "auto", "tensor parallelism: how each step reaches the followers: shm = a shared-memory ring (one host), "
+                "broadcast = torch.distributed broadcasts (NCCL on CUDA, gloo on CPU; across hosts), auto = shm when "
+                "every rank is on rank 0's x86-64 host")
     attention_backend: Literal["auto", "torch", "flashinfer", "triton"] = option("auto", "attention implementation")
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of shared prompt prefixes (radix tree)",
                                          flags=("--enable-radix-cache",))

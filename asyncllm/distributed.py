@@ -2,15 +2,18 @@
 
 Rank 0 runs the engine (scheduler, sampling, HTTP); ranks 1..N-1 are followers that run the same forward on
 their shard. Collectives between shards (all-reduce, all-gather) use the device backend (NCCL on CUDA, gloo on
-CPU); each step's inputs go from rank 0 to the followers through a shared-memory ring on the host (followers need
-them on the host to plan attention; `step_channel`), so a step never waits on a device-to-host copy or a socket. A
-gloo group on the host carries the rare start-up and shutdown messages. One host only.
+CPU). Each step's inputs go from rank 0 to the followers (they need them on the host to plan attention) by one of
+two transports (`step_transport`): on one host a shared-memory ring (`step_channel`: a step never waits on a
+device-to-host copy or a socket), across hosts torch.distributed broadcasts in a group of their own
+(`step_broadcast`). A gloo group on the host carries the rare start-up and shutdown messages.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import platform
+import socket
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from asyncllm.errors import InvalidRequestError
+from asyncllm.step_broadcast import StepBroadcast
 from asyncllm.step_channel import StepChannel
 
 log = logging.getLogger(__name__)
@@ -26,6 +30,10 @@ log = logging.getLogger(__name__)
 # A dead peer must end the job within seconds, not hang it: every collective has this deadline (seconds), and so
 # has the shutdown of the process group.
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("ASYNCLLM_COLLECTIVE_TIMEOUT_S", "60"))
+# Broadcast steps (ranks maybe on several hosts): every rank bumps a counter in torchrun's store this often (s); a
+# peer whose counter stands still for PEER_DEAD_S seconds is dead, and this rank ends the job naming it.
+HEARTBEAT_S = 0.5
+PEER_DEAD_S = float(os.environ.get("ASYNCLLM_PEER_DEAD_S", "5"))
 # all_reduce="symm_mem": inputs up to this size (bytes) take the one-shot kernel (a decode step of up to 128 rows
 # of a 4096-wide bf16 model), larger ones NCCL
 SYMM_MEM_ALL_REDUCE_BYTES = 1 << 20
@@ -37,8 +45,9 @@ class TPGroup:
     size: int
     device_group: dist.ProcessGroup | None  # shards' collectives
     host_group: dist.ProcessGroup | None  # start-up and shutdown messages (gloo)
-    steps: StepChannel | None = None  # rank 0 -> followers, every step's inputs
+    steps: StepChannel | StepBroadcast | None = None  # rank 0 -> followers, every step's inputs
     small_all_reduce: SymmetricMemoryAllReduce | None = None  # opt-in (all_reduce="symm_mem") for small inputs
+    heartbeat: Heartbeat | None = None  # broadcast steps: peers watched through torchrun's store
 
     @property
     def is_leader(self) -> bool:
@@ -142,8 +151,9 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 
 
-def init_from_env(tensor_parallel_size: int | None, device: torch.device) -> TPGroup:
-    """Join torchrun's job (TP size = WORLD_SIZE; `tensor_parallel_size` must agree or be None/1 meaning 'auto')."""
+def init_from_env(tensor_parallel_size: int | None, device: torch.device, step_transport: str = "auto") -> TPGroup:
+    """Join torchrun's job (TP size = WORLD_SIZE; `tensor_parallel_size` must agree or be None/1 meaning 'auto').
+    `step_transport`: shm (one host), broadcast, or auto (shm when every rank is on rank 0's x86-64 host)."""
     global _current
     if not launched_by_torchrun():
         if tensor_parallel_size not in (None, 1):
@@ -156,22 +166,96 @@ def init_from_env(tensor_parallel_size: int | None, device: torch.device) -> TPG
     if tensor_parallel_size not in (None, 1, world):
         raise InvalidRequestError(
             f"tensor_parallel_size={tensor_parallel_size} but torchrun started {world} processes", "tensor_parallel_size")
+    if step_transport not in ("auto", "shm", "broadcast"):
+        raise InvalidRequestError(f"step_transport must be auto, shm or broadcast, got {step_transport!r}",
+                                  "step_transport")
     if _current.size == world:
         return _current  # already joined (a second engine in the same process)
-    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) != world:
-        raise InvalidRequestError("tensor parallelism runs on one host: start every rank with one torchrun "
-                                  f"(--nnodes 1 --nproc-per-node {world})", "tensor_parallel_size")
     timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     host = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
-    _current = TPGroup(rank, world, dist.group.WORLD, host, _open_step_channel(rank, world, host))
+    one_host = _on_one_host(host, world)
+    if step_transport == "shm" and not one_host:
+        raise InvalidRequestError("step_transport=shm needs every rank on one host; these ranks span several: use "
+                                  "broadcast (or auto)", "step_transport")
+    ring_safe = platform.machine().lower() in ("x86_64", "amd64")  # the ring relies on x86-64's store order
+    if step_transport == "auto":
+        step_transport = "shm" if one_host and ring_safe else "broadcast"
+    elif step_transport == "shm" and not ring_safe:
+        log.warning("step_transport=shm on %s: the ring relies on x86-64's store order", platform.machine())
+    if step_transport == "shm":
+        steps: StepChannel | StepBroadcast = _open_step_channel(rank, world, host)
+    else:  # a group of its own: followers post their next receive ahead of the shards' collectives
+        steps = StepBroadcast(dist.new_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout),
+                              device)
+    log.info("rank %d of %d: steps by %s", rank, world, step_transport)
+    # one host: torchrun's agent sees a dead worker and ends the job; across hosts no agent sees the others'
+    heartbeat = Heartbeat(rank, world) if step_transport == "broadcast" else None
+    _current = TPGroup(rank, world, dist.group.WORLD, host, steps, heartbeat=heartbeat)
     if device.type == "cuda":  # create the NCCL communicator now, eagerly, never during a CUDA-graph capture
         _current.all_reduce(torch.ones(1, device=device))
         torch.cuda.synchronize(device)
     return _current
+
+
+class Heartbeat:
+    """Liveness across hosts, where a pid means nothing: a daemon thread bumps this rank's counter in torchrun's
+    store every HEARTBEAT_S and reads its peers' (rank 0 watches every follower, followers watch rank 0). A peer
+    whose counter stands still for PEER_DEAD_S, or a store that stops answering (rank 0's host gone), ends this
+    process with an error naming the rank: the job exits instead of hanging or serving without a shard."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank = rank
+        self.peers = list(range(1, world)) if rank == 0 else [0]
+        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                   timeout=timedelta(seconds=max(PEER_DEAD_S, 5.0)))
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="asyncllm-heartbeat", daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _key(rank: int) -> str:
+        return f"asyncllm/heartbeat/{rank}"
+
+    def _run(self) -> None:
+        import time
+
+        seen = {p: (-1, time.monotonic()) for p in self.peers}
+        try:
+            while not self.stopped.wait(HEARTBEAT_S):
+                self.store.add(self._key(self.rank), 1)
+                now = time.monotonic()
+                for p in self.peers:
+                    count = self.store.add(self._key(p), 0)
+                    if count != seen[p][0]:
+                        seen[p] = (count, now)
+                    elif now - seen[p][1] > PEER_DEAD_S and not self.stopped.is_set():
+                        log.error("rank %d: tensor-parallel rank %d stopped answering (no heartbeat for %.0f s); "
+                                  "ending the job", self.rank, p, PEER_DEAD_S)
+                        os._exit(1)
+        except Exception as e:  # the store lives with torchrun on rank 0's host
+            if not self.stopped.is_set():
+                log.error("rank %d: lost torchrun's store (%s): rank 0's host is gone; ending the job", self.rank, e)
+                os._exit(1)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+
+def _on_one_host(host: dist.ProcessGroup, world: int) -> bool:
+    """Every rank runs on the machine rank 0 runs on (same host name and boot: shared memory reaches them all)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    machines: list[object] = [None] * world
+    dist.all_gather_object(machines, (socket.gethostname(), boot), group=host)
+    return all(m == machines[0] for m in machines)
 
 
 def _open_step_channel(rank: int, world: int, host: dist.ProcessGroup) -> StepChannel:
@@ -203,6 +287,9 @@ def shutdown() -> None:
         torch.cuda.synchronize()  # no NCCL work may still run when its communicator is destroyed
     group.small_all_reduce = None  # its buffer is mapped by every peer: freed before the group goes
     dist.barrier(group=group.host_group)
+    if group.heartbeat is not None:  # every rank has reached the barrier: none is dead
+        group.heartbeat.stop()
+        group.heartbeat = None
     dist.destroy_process_group()
     if group.steps is not None:
         group.steps.close()

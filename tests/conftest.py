@@ -184,6 +184,15 @@ def start_tp_server(model: Path, nproc: int, device: str, env: dict[str, str], *
                          "--port", "0", "--max-model-len", "128", *extra], env)
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a rendezvous the test starts next)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def stop_tp_server(proc: subprocess.Popen) -> None:
     """After a failed test: SIGTERM lets torchrun stop its workers (they free their GPUs); SIGKILL to the session
     if it has not exited within 30 s."""

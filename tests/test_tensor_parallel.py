@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from asyncllm import LLM, SamplingParams
-from conftest import follower_pid, leader_pid, make_tiny_model, random_prompts, start_tp_server, stop_tp_server
+from conftest import (follower_pid, free_port, leader_pid, make_tiny_model, random_prompts, start_server,
+                      start_tp_server, stop_tp_server)
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ASYNCLLM_COLLECTIVE_TIMEOUT_S": "20"}
@@ -32,14 +33,14 @@ def model(request, tmp_path_factory):
                            intermediate_size=96, vocab_size=511)  # a vocabulary that does not split evenly
 
 
-def tp_generate(model: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+def tp_generate(model: Path, out: Path, *args: str, prompts: list[list[int]] = PROMPTS) -> subprocess.CompletedProcess:
     """tests/tp_generate.py over 2 ranks (args: device dtype max_tokens config_json params_json)."""
     return subprocess.run([*TORCHRUN, str(Path(__file__).parent / "tp_generate.py"), str(model), str(out),
-                           json.dumps(PROMPTS), *args], env=ENV, capture_output=True, text=True, timeout=300)
+                           json.dumps(prompts), *args], env=ENV, capture_output=True, text=True, timeout=300)
 
 
-def tp1_tokens(model: Path) -> list[list[int]]:
-    return [o.token_ids for o in LLM(str(model), max_model_len=128).generate(PROMPTS, GREEDY, use_tqdm=False)]
+def tp1_tokens(model: Path, prompts: list[list[int]] = PROMPTS) -> list[list[int]]:
+    return [o.token_ids for o in LLM(str(model), max_model_len=512).generate(prompts, GREEDY, use_tqdm=False)]
 
 
 def test_llm_under_torchrun_equals_tp1(model, tmp_path):
@@ -63,6 +64,105 @@ def test_sampling_chunked_prefill_and_preemption_under_torchrun_equal_tp1(model,
     ref = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(**params), use_tqdm=False)]
     assert got["preemptions"] > 0 and got["preemptions"] == llm.engine.scheduler.stats.num_preemptions
     assert got["tokens"] == ref
+
+
+def test_broadcast_step_transport_equals_tp1(model, tmp_path):
+    """Steps by torch.distributed broadcasts (the multi-host transport) on one host: the tokens of TP 1, with
+    prefill steps longer than the broadcast's first part (its second broadcast) and decode steps within it."""
+    prompts = PROMPTS + random_prompts(4, 511, 450, 500, seed=32)  # ~1,900 prompt tokens: a step of > 4,096 words
+    out = tmp_path / "tokens.json"
+    proc = tp_generate(model, out, "cpu", "float32", "12", json.dumps({"step_transport": "broadcast"}), prompts=prompts)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "steps by broadcast" in proc.stdout + proc.stderr
+    assert json.loads(out.read_text())["tokens"] == tp1_tokens(model, prompts)
+
+
+def test_two_node_launch_on_one_machine(model, tmp_path):
+    """`torchrun --nnodes 2` twice (node ranks 0 and 1, one process each, rendezvous on 127.0.0.1) with broadcast
+    steps: the job a two-host user runs, on one machine."""
+    port = free_port()
+    out = tmp_path / "tokens.json"
+    args = [str(Path(__file__).parent / "tp_generate.py"), str(model), str(out), json.dumps(PROMPTS), "cpu", "float32",
+            "12", json.dumps({"step_transport": "broadcast"})]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(k),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), *args],
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in (0, 1)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    assert [p.returncode for p in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "steps by broadcast" in logs[0]
+    assert json.loads(out.read_text())["tokens"] == tp1_tokens(model)
+
+
+def start_two_nodes(model: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str, list[str], subprocess.Popen]:
+    """The HTTP server as two single-process torchrun "nodes" (broadcast steps); returns node 0 (rank 0: HTTP), its
+    URL and output so far, and node 1 (the follower), once rank 0 is ready."""
+    base = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    serve = ["-m", "asyncllm.serve", "--model", str(model), "--device", "cpu", "--tp", "2", "--port", "0",
+             "--max-model-len", "128", "--step-transport", "broadcast"]
+    node1 = subprocess.Popen([*base, "--node-rank", "1", *serve], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        node0, url, lines = start_server([*base, "--node-rank", "0", *serve], env)
+    except BaseException:
+        os.killpg(node1.pid, signal.SIGKILL)
+        raise
+    return node0, url, lines, node1
+
+
+TWO_NODE_ENV = {**ENV, "ASYNCLLM_PEER_DEAD_S": "3"}
+
+
+def test_two_nodes_serve_http_like_tp1_and_stop_on_sigterm(model):
+    node0, url, lines, node1 = start_two_nodes(model, TWO_NODE_ENV)
+    try:
+        got = []
+        for prompt in PROMPTS:
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0,
+                                                          "ignore_eos": True, "return_token_ids": True}, timeout=60)
+            assert r.status_code == 200, r.text
+            got.append(r.json()["choices"][0]["token_ids"])
+        os.kill(leader_pid(lines), signal.SIGTERM)  # rank 0 ends the job on both nodes
+        assert node0.wait(timeout=60) == 0 and node1.wait(timeout=60) == 0
+    finally:
+        for p in (node0, node1):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert got == tp1_tokens(model)
+
+
+def test_a_dead_node_ends_the_job_on_the_other_within_seconds(model):
+    """The follower's whole node goes (its torchrun and worker killed): no agent on node 0 sees it, the heartbeat
+    does, and rank 0 exits with an error naming rank 1."""
+    node0, url, lines, node1 = start_two_nodes(model, TWO_NODE_ENV)
+    try:
+        follower = follower_pid(node1, [])
+        os.killpg(node1.pid, signal.SIGKILL)
+        os.kill(follower, signal.SIGKILL)  # torchrun may run it in a process group of its own
+        start = time.monotonic()
+        code = node0.wait(timeout=60)
+        assert code != 0 and time.monotonic() - start < 20
+        report = "".join(lines) + node0.stdout.read()  # type: ignore[union-attr]
+        assert "tensor-parallel rank 1 stopped answering" in report, report[-3000:]
+    finally:
+        for p in (node0, node1):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_shm_step_transport_refuses_ranks_on_several_hosts(monkeypatch):
+    """auto picks the ring only when every rank shares rank 0's machine; shm insists on it."""
+    import asyncllm.distributed as d
+
+    monkeypatch.setattr(d.dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(
+        slice(None), [obj, ("another-host", "another-boot")]))
+    assert d._on_one_host(None, 2) is False
+    monkeypatch.setattr(d.dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(slice(None), [obj, obj]))
+    assert d._on_one_host(None, 2) is True
 
 
 def test_symm_mem_all_reduce_needs_cuda(model, tmp_path):

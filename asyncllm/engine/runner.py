@@ -157,7 +157,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
         self.block_size = config.block_size
         self.max_model_len = max_model_len
-        self.tp = distributed.init_from_env(config.tensor_parallel_size, self.device)
+        self.tp = distributed.init_from_env(config.tensor_parallel_size, self.device, config.step_transport)
         if config.all_reduce != "nccl":
             self.tp.use_symmetric_memory(self.device, self.dtype, required=config.all_reduce == "symm_mem")
         torch.manual_seed(config.seed)

@@ -31,6 +31,7 @@ from asyncllm.device import to_device
 from asyncllm.engine.request import Request
 from asyncllm.engine.scheduler import Batch, StepLogprobs
 from asyncllm.layers.attention import AttentionMetadata
+from asyncllm.step_broadcast import END
 
 if TYPE_CHECKING:
     from asyncllm.engine.logprobs import LogprobsOnDevice
@@ -55,7 +56,7 @@ class StepHeader:
     graph: int = 0  # 1: a decode step padded to a CUDA graph's size, every real row sampling (rank 0 decides)
     num_prompt_lp: int = 0
 
-    STOP: ClassVar[np.ndarray] = np.zeros(1, dtype=np.int64)
+    STOP: ClassVar[np.ndarray] = END  # the transports' last message
 
     def sizes(self) -> list[int]:
         """Lengths of the parts (each stored padded to an even length)."""
