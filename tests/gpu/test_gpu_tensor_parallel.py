@@ -39,21 +39,26 @@ def model(tmp_path_factory):
                            initializer_range=0.05)
 
 
-@pytest.mark.parametrize("tp,all_reduce", [(1, "nccl"), (2, "nccl"), (2, "symm_mem"), (4, "nccl"), (4, "symm_mem")])
-def test_tp_bf16_matches_transformers(model, tmp_path, tp, all_reduce):
+@pytest.mark.parametrize("tp,all_reduce,transport", [(1, "nccl", "auto"), (2, "nccl", "auto"), (2, "symm_mem", "auto"),
+                                                    (4, "nccl", "auto"), (4, "symm_mem", "auto"),
+                                                    (2, "symm_mem", "broadcast")])
+def test_tp_bf16_matches_transformers(model, tmp_path, tp, all_reduce, transport):
+    """Steps by the shared-memory ring (auto, one host) or by NCCL broadcasts (with two long prompts: a first
+    step longer than the broadcast's first part)."""
     if torch.cuda.device_count() < tp:
         pytest.skip(f"needs {tp} GPUs")
+    prompts = PROMPTS + (random_prompts(2, 2048, 800, 850, seed=4) if transport == "broadcast" else [])
     out = tmp_path / "tokens.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
-           str(Path(__file__).parents[1] / "tp_generate.py"), str(model), str(out), json.dumps(PROMPTS), "cuda",
-           "bfloat16", "64", json.dumps({"all_reduce": all_reduce})]
+           str(Path(__file__).parents[1] / "tp_generate.py"), str(model), str(out), json.dumps(prompts), "cuda",
+           "bfloat16", "64", json.dumps({"all_reduce": all_reduce, "step_transport": transport, "max_model_len": 1024})]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     ours = json.loads(out.read_text())["tokens"]
-    ref = hf_greedy_with_logits(model, PROMPTS, 64, torch.bfloat16, "cuda")
+    ref = hf_greedy_with_logits(model, prompts, 64, torch.bfloat16, "cuda")
     matched = [assert_same_until_near_tie(o, r[0], r[1], TIE) for o, r in zip(ours, ref)]
-    print(f"tp={tp} {all_reduce}: tokens matched before a near-tie: {matched} of 64")
-    assert sum(matched) >= 0.25 * 64 * len(PROMPTS)
+    print(f"tp={tp} {all_reduce} {transport}: tokens matched before a near-tie: {matched} of 64")
+    assert sum(matched) >= 0.25 * 64 * len(prompts)
 
 
 @pytest.mark.parametrize("tp", [2, 4])
