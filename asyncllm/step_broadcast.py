@@ -26,11 +26,12 @@ class StepBroadcast:
         self.group, self.device = group, device
         self.leader = dist.get_global_rank(group, 0)
         self.is_leader = dist.get_rank() == self.leader
-        self._pending: tuple[torch.Tensor, dist.Work] | None = None  # followers: the first part posted ahead
+        # followers: the first part posted ahead (from the first `recv` on: no collective of this group is pending
+        # while the engine starts, e.g. captures CUDA graphs), and whether the stop message came
+        self._pending: tuple[torch.Tensor, dist.Work] | None = None
+        self._ended = False
         # every rank: one broadcast now (NCCL sets its communicator up here, not at the first step)
         self._broadcast(torch.zeros(1, dtype=torch.int64, device=device)).wait()
-        if not self.is_leader:
-            self._post()
 
     def _broadcast(self, t: torch.Tensor) -> dist.Work:
         work = dist.broadcast(t, self.leader, group=self.group, async_op=True)
@@ -59,7 +60,10 @@ class StepBroadcast:
         self._pending = first, self._broadcast(first)
 
     def recv(self) -> np.ndarray:
-        assert self._pending is not None, "the stream ended"
+        assert not self._ended, "the stream ended"
+        if self._pending is None:
+            self._post()
+        assert self._pending is not None
         first, work = self._pending
         self._pending = None
         work.wait()
@@ -71,7 +75,8 @@ class StepBroadcast:
             rest = torch.empty(1 + n - FIRST_WORDS, dtype=torch.int64, device=self.device)
             self._broadcast(rest).wait()
             payload = np.concatenate([head[1:], rest.cpu().numpy()])
-        if not (n == len(END) and np.array_equal(payload, END)):
+        self._ended = n == len(END) and np.array_equal(payload, END)
+        if not self._ended:
             self._post()  # after the rest: every rank issues the group's broadcasts in the same order
         return payload
 
