@@ -10,6 +10,7 @@ device-to-host copy or a socket), across hosts torch.distributed broadcasts in a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import platform
@@ -247,15 +248,20 @@ class Heartbeat:
 
 
 def _on_one_host(host: dist.ProcessGroup, world: int) -> bool:
-    """Every rank runs on the machine rank 0 runs on (same host name and boot: shared memory reaches them all)."""
+    """Every rank runs on the machine rank 0 runs on (same host name and boot: shared memory reaches them all).
+    Collective over the gloo host group: rank 0's fingerprint goes out, each rank says whether it differs."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
     except OSError:
         boot = ""
-    machines: list[object] = [None] * world
-    dist.all_gather_object(machines, (socket.gethostname(), boot), group=host)
-    return all(m == machines[0] for m in machines)
+    digest = hashlib.sha256(f"{socket.gethostname()}|{boot}".encode()).digest()
+    mine = torch.tensor([int.from_bytes(digest[:8], "little", signed=True)], dtype=torch.int64)
+    leader = mine.clone()
+    dist.broadcast(leader, 0, group=host)
+    differs = (mine != leader).to(torch.int64)
+    dist.all_reduce(differs, dist.ReduceOp.MAX, group=host)
+    return not bool(differs.item())
 
 
 def _open_step_channel(rank: int, world: int, host: dist.ProcessGroup) -> StepChannel:

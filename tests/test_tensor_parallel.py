@@ -154,15 +154,15 @@ def test_a_dead_node_ends_the_job_on_the_other_within_seconds(model):
                 os.killpg(p.pid, signal.SIGKILL)
 
 
-def test_shm_step_transport_refuses_ranks_on_several_hosts(monkeypatch):
-    """auto picks the ring only when every rank shares rank 0's machine; shm insists on it."""
+def test_auto_step_transport_tells_one_host_from_several(monkeypatch):
+    """auto picks the ring only when every rank shares rank 0's machine (its fingerprint, as rank 0 broadcasts it)."""
     import asyncllm.distributed as d
 
-    monkeypatch.setattr(d.dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(
-        slice(None), [obj, ("another-host", "another-boot")]))
-    assert d._on_one_host(None, 2) is False
-    monkeypatch.setattr(d.dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(slice(None), [obj, obj]))
+    monkeypatch.setattr(d.dist, "all_reduce", lambda t, op=None, group=None: None)
+    monkeypatch.setattr(d.dist, "broadcast", lambda t, src, group=None: None)  # rank 0's fingerprint is this one's
     assert d._on_one_host(None, 2) is True
+    monkeypatch.setattr(d.dist, "broadcast", lambda t, src, group=None: t.add_(1))  # another machine's
+    assert d._on_one_host(None, 2) is False
 
 
 def test_symm_mem_all_reduce_needs_cuda(model, tmp_path):
