@@ -16,6 +16,7 @@ import os
 import platform
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -34,7 +35,7 @@ COLLECTIVE_TIMEOUT_S = float(os.environ.get("ASYNCLLM_COLLECTIVE_TIMEOUT_S", "60
 # Broadcast steps (ranks maybe on several hosts): every rank bumps a counter in torchrun's store this often (s); a
 # peer whose counter stands still for PEER_DEAD_S seconds is dead, and this rank ends the job naming it.
 HEARTBEAT_S = 0.5
-PEER_DEAD_S = float(os.environ.get("ASYNCLLM_PEER_DEAD_S", "5"))
+PEER_DEAD_S = float(os.environ.get("ASYNCLLM_PEER_DEAD_S", "10"))
 # all_reduce="symm_mem": inputs up to this size (bytes) take the one-shot kernel (a decode step of up to 128 rows
 # of a 4096-wide bf16 model), larger ones NCCL
 SYMM_MEM_ALL_REDUCE_BYTES = 1 << 20
@@ -222,8 +223,6 @@ class Heartbeat:
         return f"asyncllm/heartbeat/{rank}"
 
     def _run(self) -> None:
-        import time
-
         seen = {p: (-1, time.monotonic()) for p in self.peers}
         try:
             while not self.stopped.wait(HEARTBEAT_S):
