@@ -66,6 +66,7 @@ def test_sampling_chunked_prefill_and_preemption_under_torchrun_equal_tp1(model,
     assert got["tokens"] == ref
 
 
+@pytest.mark.parametrize("model", ["llama-kv2"], indirect=True)  # the transport, not the model, is under test
 def test_broadcast_step_transport_equals_tp1(model, tmp_path):
     """Steps by torch.distributed broadcasts (the multi-host transport) on one host: the tokens of TP 1, with
     prefill steps longer than the broadcast's first part (its second broadcast) and decode steps within it."""
@@ -77,6 +78,7 @@ def test_broadcast_step_transport_equals_tp1(model, tmp_path):
     assert json.loads(out.read_text())["tokens"] == tp1_tokens(model, prompts)
 
 
+@pytest.mark.parametrize("model", ["llama-kv2"], indirect=True)  # the transport, not the model, is under test
 def test_two_node_launch_on_one_machine(model, tmp_path):
     """`torchrun --nnodes 2` twice (node ranks 0 and 1, one process each, rendezvous on 127.0.0.1) with broadcast
     steps: the job a two-host user runs, on one machine."""
@@ -117,6 +119,7 @@ def start_two_nodes(model: Path, env: dict[str, str]) -> tuple[subprocess.Popen,
 TWO_NODE_ENV = {**ENV, "ASYNCLLM_PEER_DEAD_S": "3"}
 
 
+@pytest.mark.parametrize("model", ["llama-kv2"], indirect=True)  # the transport, not the model, is under test
 def test_two_nodes_serve_http_like_tp1_and_stop_on_sigterm(model):
     node0, url, lines, node1 = start_two_nodes(model, TWO_NODE_ENV)
     try:
@@ -135,6 +138,7 @@ def test_two_nodes_serve_http_like_tp1_and_stop_on_sigterm(model):
     assert got == tp1_tokens(model)
 
 
+@pytest.mark.parametrize("model", ["llama-kv2"], indirect=True)  # the transport, not the model, is under test
 def test_a_dead_node_ends_the_job_on_the_other_within_seconds(model):
     """The follower's whole node goes (its torchrun and worker killed): no agent on node 0 sees it, the heartbeat
     does, and rank 0 exits with an error naming rank 1."""
