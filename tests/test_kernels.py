@@ -100,6 +100,47 @@ def test_silu_and_mul(tokens, cols, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, n, k", [(1, 40, 1100), (5, 33, 300), (16, 70, 2100)])  # one and several K slices
+@pytest.mark.parametrize("bias, swiglu", [(False, False), (True, False), (False, True), (True, True)])
+def test_skinny_linear(rows, n, k, bias, swiglu, dtype):
+    torch.manual_seed(rows + n)
+    out_rows = 2 * n if swiglu else n
+    x, w = rnd(rows, k, dtype=dtype), rnd(out_rows, k, dtype=dtype) / k**0.5
+    b = rnd(out_rows, dtype=dtype) if bias else None
+    ref = K.skinny_linear_ref(x.float(), w.float(), b.float() if bias else None, swiglu)
+    first = K.skinny_linear(x, w, b, swiglu)
+    assert first.shape == (rows, n) and first.dtype == dtype
+    torch.testing.assert_close(first.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(K.skinny_linear(x, w, b, swiglu), first)  # counters reset, partials summed in a fixed order
+
+
+def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch):
+    """With `skinny` on, an MLP of up to SKINNY_MAX_ROWS rows runs gate|up + SwiGLU and down by the few-row kernel
+    (two calls) and gives the torch path's output; more rows go to torch."""
+    from transformers import LlamaConfig
+
+    from asyncllm.layers import linear
+    from asyncllm.models.llama import DecoderMLP
+
+    assert linear.SKINNY_MAX_ROWS == K.SKINNY_MAX_ROWS
+    torch.manual_seed(6)
+    mlp = DecoderMLP(LlamaConfig(hidden_size=64, intermediate_size=96, mlp_bias=True)).to(DEVICE)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0.0, 0.2)
+    calls = []
+    monkeypatch.setattr(K, "skinny_linear", lambda *a, **kw: calls.append(kw) or K.skinny_linear_ref(*a, **kw))
+    for rows, expected in ((3, [{"swiglu": True}, {}]), (K.SKINNY_MAX_ROWS + 1, [])):
+        x = rnd(rows, 64)
+        mlp.gate_up_proj.skinny = mlp.down_proj.skinny = False
+        ref = mlp(x)
+        mlp.gate_up_proj.skinny = mlp.down_proj.skinny = True
+        calls.clear()
+        torch.testing.assert_close(mlp(x), ref, atol=1e-5, rtol=1e-5)
+        assert [{k: v for k, v in c.items() if v} for c in calls] == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab, width", [(37, 2), (2100, 66), (1025, 40)])  # width > ceil(V/32): padded words
 def test_token_bitmask_bans_exactly_the_zero_bits_of_the_chosen_rows(vocab, width, dtype):
     from asyncllm.engine.grammar import apply_bitmask_ref

@@ -1,7 +1,7 @@
 """Kernels of one decode step on the GPU: torch.profiler over a few steady decode steps at batch B (dummy weights),
 summed per kernel name and divided by the steps. One JSON line per kernel (count per step, GPU µs per step), then
 a total line (kernels per step, GPU µs per step). GPU.
-    python tools/profile_step.py --model tools/model_configs/qwen3-0.6b --batch 1 256
+    python tools/profile_step.py --model tools/model_configs/qwen3-0.6b --batch 1 256 [--small-matmul cublas]
 """
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--small-matmul", choices=["triton", "cublas"], default="triton")
     a = ap.parse_args()
     llm = LLM(a.model, load_format="dummy", dtype="bfloat16", max_model_len=a.max_model_len,
-              max_num_seqs=max(a.batch))
+              max_num_seqs=max(a.batch), small_matmul=a.small_matmul)
     engine = llm.engine
-    common = dict(model=os.path.basename(a.model.rstrip("/")), **run_fields())
+    common = dict(model=os.path.basename(a.model.rstrip("/")), small_matmul=a.small_matmul, **run_fields())
     rng = random.Random(0)
     for batch in a.batch:
         params = SamplingParams(temperature=0.0, max_tokens=a.steps + 40, ignore_eos=True)

@@ -43,6 +43,7 @@ from asyncllm.layers.attention import (
     TritonAttentionBackend,
 )
 from asyncllm.layers.activation import SiluAndMul
+from asyncllm.layers.linear import MergedLinear, RowParallelLinear
 from asyncllm.layers.norm import RMSNorm
 from asyncllm.layers.sampler import LogitBias, Penalties, Sampler
 from asyncllm.models import build_model
@@ -177,10 +178,12 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = make_backend(config.attention_backend, self.device, self.dtype, self.attention_layers[0],
                                     self.block_size)
-        if self.backend.name != "torch":  # GPU fast path: Triton norm and SwiGLU kernels too
+        if self.backend.name != "torch":  # GPU fast path: Triton norm, SwiGLU and few-row matmul kernels too
             for m in self.model.modules():
                 if isinstance(m, (RMSNorm, SiluAndMul)):
                     m.fused = True
+                elif isinstance(m, (MergedLinear, RowParallelLinear)):
+                    m.skinny = config.small_matmul == "triton"
         # per-row state on the device (rows: the scheduler's slots of running requests, + one dummy row)
         self.tables = RowTables(config.max_num_seqs, -(-max_model_len // self.block_size), self.device)
         self.sampler = Sampler(config.max_num_seqs, self.device, fused=self.backend.name != "torch")

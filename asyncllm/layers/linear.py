@@ -13,7 +13,23 @@ from torch import nn
 from asyncllm import distributed
 from asyncllm.errors import ModelLoadError
 
+SKINNY_MAX_ROWS = 16  # asyncllm_kernels.skinny_linear's (not imported here: Triton is optional on CPU)
+
 ShardId = str | int | None
+
+
+def few_rows(x: torch.Tensor) -> bool:
+    """x [M, K] is small enough for asyncllm_kernels.skinny_linear (decode steps of small batches)."""
+    return x.ndim == 2 and x.shape[0] <= SKINNY_MAX_ROWS and x.stride(-1) == 1
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, skinny: bool) -> torch.Tensor:
+    """x W^T + b: by asyncllm_kernels.skinny_linear when `skinny` (CUDA) and x has few rows, else by torch."""
+    if skinny and few_rows(x):
+        from asyncllm_kernels import skinny_linear
+
+        return skinny_linear(x, weight, bias)
+    return nn.functional.linear(x, weight, bias)
 
 
 def _check(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
@@ -46,6 +62,7 @@ class MergedLinear(nn.Module):
             start += size
         self.weight = nn.Parameter(torch.empty(start, in_features))
         self.bias = nn.Parameter(torch.empty(start)) if bias else None
+        self.skinny = False  # the runner turns on the Triton matmul for few rows on CUDA
         for param in (self.weight, self.bias):
             if param is not None:
                 param.weight_loader = self._load_part  # type: ignore[attr-defined]
@@ -65,7 +82,16 @@ class MergedLinear(nn.Module):
         dst.copy_(src)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return matmul(x, self.weight, self.bias, self.skinny)
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of the two equal parts gate | up in the matmul's epilogue, when the Triton kernel takes
+        x (`skinny` and few_rows(x)); else None."""
+        if not (self.skinny and few_rows(x)):
+            return None
+        from asyncllm_kernels import skinny_linear
+
+        return skinny_linear(x, self.weight, self.bias, swiglu=True)
 
 
 class RowParallelLinear(nn.Module):
@@ -79,6 +105,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_end - self.in_start))
         self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.skinny = False  # the runner turns on the Triton matmul for few rows on CUDA
 
     def _load_weight(self, param: torch.Tensor, tensor: torch.Tensor, shard_id: ShardId = None) -> None:
         if tensor.dim() != 2 or tensor.shape[1] < self.in_start + self.weight.shape[1]:
@@ -90,7 +117,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum (the bias counted on rank 0 only)."""
-        return nn.functional.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
+        return matmul(x, self.weight, self.bias if self.tp.rank == 0 else None, self.skinny)
 
 
 class VocabParallelEmbedding(nn.Module):

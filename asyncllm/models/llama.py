@@ -98,7 +98,8 @@ class DecoderMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """-> this rank's partial sum (see RowParallelLinear)."""
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        h = self.gate_up_proj.swiglu(x)  # fused where the few-row kernel takes x
+        return self.down_proj(self.act(self.gate_up_proj(x)) if h is None else h)
 
 
 class DecoderLayer(nn.Module):
