@@ -58,25 +58,3 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
-
-
-@triton.jit
-def _qk_norm_kernel(x_ptr, wq_ptr, wk_ptr, stride_x, q_heads, k_heads, eps, DIM: tl.constexpr):
-    """Program (token, head): RMSNorm of one q or k head, in place."""
-    t, h = tl.program_id(0), tl.program_id(1)
-    row = x_ptr + t.to(tl.int64) * stride_x + h * DIM
-    cols = tl.arange(0, DIM)
-    mask = cols < DIM
-    w_ptr = wq_ptr if h < q_heads else wk_ptr
-    add_norm_store(tl.load(row + cols), row, w_ptr, row, cols, mask, DIM, eps, False)
-
-
-def qk_norm_(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_heads: int, k_heads: int,
-             eps: float) -> None:
-    """Qwen3's per-head RMSNorm of q and k in one kernel, in place: qkv [T, (q_heads + 2 k_heads) * D], q heads
-    then k heads then v heads along a row; weights [D]."""
-    tokens, dim = qkv.shape[0], q_weight.shape[0]
-    assert qkv.stride(-1) == 1 and triton.next_power_of_2(dim) == dim
-    if tokens:
-        _qk_norm_kernel[(tokens, q_heads + k_heads)](qkv, q_weight, k_weight, qkv.stride(0), q_heads, k_heads, eps,
-                                                     DIM=dim, num_warps=norm_warps(dim))

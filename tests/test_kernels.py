@@ -33,19 +33,6 @@ def test_rmsnorm_with_and_without_residual(rows, cols, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qk_norm_normalizes_each_q_and_k_head_in_place(dtype):
-    torch.manual_seed(1)
-    tokens, hq, hk, d = 5, 4, 2, 64
-    qkv = rnd(tokens, (hq + 2 * hk) * d, dtype=dtype)
-    wq, wk = rnd(d, dtype=dtype), rnd(d, dtype=dtype)
-    expected = qkv.clone().view(tokens, hq + 2 * hk, d)
-    expected[:, :hq] = K.rms_norm_ref(expected[:, :hq], wq, 1e-6)
-    expected[:, hq : hq + hk] = K.rms_norm_ref(expected[:, hq : hq + hk], wk, 1e-6)
-    K.qk_norm_(qkv, wq, wk, hq, hk, 1e-6)
-    torch.testing.assert_close(qkv.view(tokens, -1, d), expected, atol=TOL[dtype], rtol=TOL[dtype])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_all_reduce_add_rms_norm_on_one_rank(dtype):
     """The fused TP kernel with a world of one (its cross-rank behaviour: tests/gpu, 2 and 4 GPUs): stages x in the
     given slot of the exchange buffer, reads the sum back, adds, normalises; each call's barrier counts one up."""
@@ -67,7 +54,9 @@ def test_all_reduce_add_rms_norm_on_one_rank(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens, hq, hk, dim", [(3, 4, 2, 16), (9, 9, 3, 64)])
-def test_rope_with_kv_store(tokens, hq, hk, dim, dtype):
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_with_kv_store(tokens, hq, hk, dim, dtype, qk_norm):
+    """q (per-head RMS-normalized, Qwen3, and) rotated in place, k likewise into its cache slots with v."""
     torch.manual_seed(1)
     from asyncllm.layers.rotary import RotaryEmbedding
     from transformers import LlamaConfig
@@ -79,13 +68,17 @@ def test_rope_with_kv_store(tokens, hq, hk, dim, dtype):
     pos = torch.randint(0, 512, (tokens,), device=DEVICE)
     qkv = rnd(tokens, (hq + 2 * hk) * dim, dtype=dtype)  # the views the model passes: rows of the fused matmul
     q, k, v = (t.view(tokens, -1, dim) for t in qkv.split([hq * dim, hk * dim, hk * dim], dim=-1))
-    q_ref, k_ref = K.rope_ref(pos, q, k, cache)
+    norms = (rnd(dim, dtype=dtype), rnd(dim, dtype=dtype), 1e-6) if qk_norm else ()
+    if qk_norm:  # eager Qwen3: each head normalized, then rotated
+        q_ref, k_ref = K.rope_ref(pos, K.rms_norm_ref(q, norms[0], 1e-6), K.rms_norm_ref(k, norms[1], 1e-6), cache)
+    else:
+        q_ref, k_ref = K.rope_ref(pos, q, k, cache)
     # q rotated in place, rotated k and v into the cache (padding slot skipped), k unchanged
     kv_cache, kv_ref = (torch.zeros(2, 8, 4, hk, dim, dtype=dtype, device=DEVICE) for _ in range(2))
     slots = torch.randperm(32, device=DEVICE)[:tokens]
     slots[1] = -1
     k0 = k.clone()
-    K.rope_store_kv(pos, q, k, v, cache, kv_cache, slots)
+    K.rope_store_kv(pos, q, k, v, cache, kv_cache, slots, *norms)
     K.store_kv_ref(k_ref, v, kv_ref, slots)
     torch.testing.assert_close(q, q_ref, atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(kv_cache, kv_ref, atol=TOL[dtype], rtol=TOL[dtype])
@@ -198,10 +191,15 @@ def test_paged_decode_attention(block_size, hq, hk, dim, lens, dtype):
 
 
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [5, 1, 9, 1], [7, 12]])
-def test_triton_backend_matches_torch_backend(q_lens):
+@pytest.mark.parametrize("rotary", [None, "rope", "qk_norm+rope"])
+def test_triton_backend_matches_torch_backend(q_lens, rotary):
     """Decode-only, mixed and prefill-only steps: the triton backend (paged kernel for decode rows, torch path for
-    prefill rows) gives the torch backend's output and cache."""
-    from asyncllm.layers.attention import AttentionMetadata, TorchAttentionBackend, TritonAttentionBackend
+    prefill rows; rotary embedding and Qwen3's q/k norm fused with the KV store) gives the torch backend's output
+    and cache."""
+    from transformers import LlamaConfig
+
+    from asyncllm.layers.attention import AttentionMetadata, Rotary, TorchAttentionBackend, TritonAttentionBackend
+    from asyncllm.layers.rotary import RotaryEmbedding
 
     torch.manual_seed(4)
     bs, hq, hk, dim = 4, 4, 2, 16
@@ -214,14 +212,24 @@ def test_triton_backend_matches_torch_backend(q_lens):
         query_lens_cpu=q_lens, seq_lens_cpu=ctx, block_size=bs)
     cache = rnd(2, 8 * len(q_lens), bs, hk, dim)
     q, k, v = rnd(sum(q_lens), hq, dim), rnd(sum(q_lens), hk, dim), rnd(sum(q_lens), hk, dim)
+    rot = None
+    if rotary:
+        cos_sin = RotaryEmbedding(LlamaConfig(hidden_size=hq * dim, num_attention_heads=hq, head_dim=dim), dim,
+                                  64).cos_sin_cache.to(DEVICE)
+        positions = torch.tensor([p % bs + 8 * (p // bs) % 64 for p in slots], device=DEVICE)
+        norms = dict(q_norm=rnd(dim), k_norm=rnd(dim), eps=1e-6) if "qk_norm" in rotary else {}
+        rot = Rotary(positions, cos_sin, **norms)
     outs, caches = [], []
     for backend in (TorchAttentionBackend(), TritonAttentionBackend()):
         c = cache.clone()
         backend.plan(meta)
-        outs.append(backend.forward(q, k, v, c, dim**-0.5))
+        outs.append(backend.forward(q.clone(), k, v, c, dim**-0.5, rot))
         caches.append(c)
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
-    assert torch.equal(caches[0], caches[1])
+    if rot is not None and rot.q_norm is not None:  # the norm's sums run in another order: not bit-exact
+        torch.testing.assert_close(caches[1], caches[0], atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(caches[0], caches[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -20,8 +20,15 @@ from torch import nn
 from asyncllm.device import to_device
 from asyncllm.layers.rotary import apply_rotary
 
-# (positions [T], cos/sin cache [max_position, D]): a rotary embedding for the backend to apply to q and k
-Rotary = tuple[torch.Tensor, torch.Tensor]
+class Rotary(NamedTuple):
+    """What the backend applies to q and k before the store: with q_norm / k_norm weights [D] (Qwen3; the GPU
+    backends fuse it), each head's RMSNorm, then the rotary embedding."""
+
+    positions: torch.Tensor  # [T]
+    cos_sin_cache: torch.Tensor  # [max_position, D] float32
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    eps: float = 0.0
 
 
 @dataclass
@@ -103,7 +110,9 @@ class TorchAttentionBackend:
         rotary: Rotary | None = None,
     ) -> torch.Tensor:
         if rotary is not None:
-            q, k = apply_rotary(rotary[0], q, k, rotary[1])
+            if rotary.q_norm is not None and rotary.k_norm is not None:
+                q, k = _head_norm(q, rotary.q_norm, rotary.eps), _head_norm(k, rotary.k_norm, rotary.eps)
+            q, k = apply_rotary(rotary.positions, q, k, rotary.cos_sin_cache)
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
         kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, self.meta.slot_mapping, k)
         kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, self.meta.slot_mapping, v)
@@ -200,14 +209,21 @@ class TritonAttentionBackend(TorchAttentionBackend):
         return out
 
 
+def _head_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis, rounded like transformers' (and asyncllm.layers.norm.RMSNorm)."""
+    h = x.float()
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def store_new_kv(kernels: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
              slot_mapping: torch.Tensor, rotary: Rotary | None) -> None:
-    """The GPU backends' first step: K/V into the cache; with `rotary`, q rotated in place and k rotated on its way
-    into the cache, in the same kernel."""
+    """The GPU backends' first step: K/V into the cache; with `rotary`, q (normalized and) rotated in place and k
+    (normalized and) rotated on its way into the cache, in the same kernel."""
     if rotary is None:
         kernels.store_kv(k, v, kv_cache, slot_mapping)
     else:
-        kernels.rope_store_kv(rotary[0], q, k, v, rotary[1], kv_cache, slot_mapping)
+        kernels.rope_store_kv(rotary.positions, q, k, v, rotary.cos_sin_cache, kv_cache, slot_mapping, rotary.q_norm,
+                              rotary.k_norm, rotary.eps)
 
 
 class Attention(nn.Module):

@@ -14,7 +14,7 @@ from torch import nn
 from asyncllm import distributed
 from asyncllm.errors import InvalidRequestError, ModelLoadError
 from asyncllm.layers.activation import SiluAndMul
-from asyncllm.layers.attention import Attention
+from asyncllm.layers.attention import Attention, Rotary
 from asyncllm.layers.linear import (
     MergedLinear,
     RowParallelLinear,
@@ -66,20 +66,17 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """-> this rank's partial sum of o_proj (see RowParallelLinear)."""
-        qkv = self.qkv_proj(x)
-        norm = self.q_norm is not None and self.k_norm is not None
-        if norm and self.q_norm.fused:  # one kernel for every head, in place
-            from asyncllm_kernels import qk_norm_
-
-            qk_norm_(qkv, self.q_norm.weight, self.k_norm.weight, self.num_heads, self.num_kv_heads, self.q_norm.eps)
-            norm = False
-        q, k, v = qkv.split(self.splits, dim=-1)
+        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        out = self.attn(q, k, v, rotary=(positions, self.rotary.cos_sin_cache))  # the backend rotates q and k
+        rotary = Rotary(positions, self.rotary.cos_sin_cache)
+        if self.q_norm is not None and self.k_norm is not None:
+            if self.q_norm.fused:  # the backend normalizes q and k in its rotary + KV-store kernel
+                rotary = rotary._replace(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, eps=self.q_norm.eps)
+            else:
+                q, k = self.q_norm(q), self.k_norm(k)
+        out = self.attn(q, k, v, rotary=rotary)  # the backend rotates q and k
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
 

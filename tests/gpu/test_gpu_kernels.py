@@ -13,7 +13,6 @@ if torch.cuda.is_available():
     from test_kernels import (  # noqa: E402,F401  (collected again here, on the GPU)
         test_all_reduce_add_rms_norm_on_one_rank,
         test_paged_decode_attention,
-        test_qk_norm_normalizes_each_q_and_k_head_in_place,
         test_rmsnorm_with_and_without_residual,
         test_rope_with_kv_store,
         test_sample_follows_the_kept_softmax,
