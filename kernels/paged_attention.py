@@ -17,6 +17,8 @@ import triton.language as tl
 
 MIN_CHUNK = 64  # context tokens per program at least (one BLOCK_N: a short context's heads spread over SMs)
 MAX_COUNTERS = 1 << 16  # (sequence, KV head) pairs one call may have
+BLOCK_N = 64  # context tokens per loop iteration
+NUM_WARPS, NUM_STAGES = 4, 3
 
 
 def decode_counters(device: torch.device) -> torch.Tensor:
@@ -128,7 +130,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         q, kv_cache, block_tables, seq_lens, o, lse, out, counters, scale, kv_cache[0].numel(), q.stride(0),
         q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads, DIM=dim, BLOCK_SIZE=block_size,
-        BLOCK_N=64, SPLITS=splits, MIN_CHUNK=MIN_CHUNK, num_warps=4,
+        BLOCK_N=BLOCK_N, SPLITS=splits, MIN_CHUNK=MIN_CHUNK, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # no TF32 rounding for float32 inputs
         SPLIT_P=q.dtype != torch.float32)
     return out
