@@ -112,22 +112,25 @@ def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch):
     (two calls) and gives the torch path's output; more rows go to torch."""
     from transformers import LlamaConfig
 
-    from asyncllm.layers import linear
+    from asyncllm.layers import kernel_choice, linear
     from asyncllm.models.llama import DecoderMLP
 
     assert linear.SKINNY_MAX_ROWS == K.SKINNY_MAX_ROWS
     torch.manual_seed(6)
-    mlp = DecoderMLP(LlamaConfig(hidden_size=64, intermediate_size=96, mlp_bias=True)).to(DEVICE)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, mlp_bias=True)
+    with kernel_choice.choose(kernel_choice.KernelChoice(skinny_matmul=True)):  # chosen as the layers are built
+        mlp = DecoderMLP(cfg).to(DEVICE)
+    plain = DecoderMLP(cfg).to(DEVICE)
+    assert mlp.gate_up_proj.skinny and mlp.down_proj.skinny and not plain.gate_up_proj.skinny
     with torch.no_grad():
         for p in mlp.parameters():
             p.normal_(0.0, 0.2)
+    plain.load_state_dict(mlp.state_dict())
     calls = []
     monkeypatch.setattr(K, "skinny_linear", lambda *a, **kw: calls.append(kw) or K.skinny_linear_ref(*a, **kw))
     for rows, expected in ((3, [{"swiglu": True}, {}]), (K.SKINNY_MAX_ROWS + 1, [])):
         x = rnd(rows, 64)
-        mlp.gate_up_proj.skinny = mlp.down_proj.skinny = False
-        ref = mlp(x)
-        mlp.gate_up_proj.skinny = mlp.down_proj.skinny = True
+        ref = plain(x)
         calls.clear()
         torch.testing.assert_close(mlp(x), ref, atol=1e-5, rtol=1e-5)
         assert [{k: v for k, v in c.items() if v} for c in calls] == expected

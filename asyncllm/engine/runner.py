@@ -42,9 +42,8 @@ from asyncllm.layers.attention import (
     TorchAttentionBackend,
     TritonAttentionBackend,
 )
-from asyncllm.layers.activation import SiluAndMul
-from asyncllm.layers.linear import MergedLinear, RowParallelLinear
-from asyncllm.layers.norm import RMSNorm
+from asyncllm.layers import kernel_choice
+from asyncllm.layers.kernel_choice import KernelChoice
 from asyncllm.layers.sampler import LogitBias, Penalties, Sampler
 from asyncllm.models import build_model
 from asyncllm.models.loader import init_dummy, load_safetensors
@@ -89,6 +88,11 @@ def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtyp
     if isinstance(model_dtype, str):
         model_dtype = getattr(torch, model_dtype, None)
     return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def fast_path(name: str, device: torch.device) -> bool:
+    """make_backend(name, device, ...) will not be the torch backend: CUDA, Triton importable, not asked for torch."""
+    return device.type == "cuda" and name != "torch" and importlib.util.find_spec("triton") is not None
 
 
 def make_backend(name: str, device: torch.device, dtype: torch.dtype, attn: Attention, block_size: int) -> AttentionBackend:
@@ -163,10 +167,13 @@ class ModelRunner:
             self.tp.use_symmetric_memory(self.device, self.dtype, required=config.all_reduce == "symm_mem")
         torch.manual_seed(config.seed)
 
+        # GPU fast path (any attention backend but torch's): the layers' Triton kernels, chosen as they are built
+        fast = fast_path(config.attention_backend, self.device)
+        kernels = KernelChoice(fused=fast, skinny_matmul=fast and config.small_matmul == "triton")
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
-            with torch.device(self.device):
+            with torch.device(self.device), kernel_choice.choose(kernels):
                 self.model = build_model(hf_config, max_position=max_model_len)
         finally:
             torch.set_default_dtype(default_dtype)
@@ -178,15 +185,10 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = make_backend(config.attention_backend, self.device, self.dtype, self.attention_layers[0],
                                     self.block_size)
-        if self.backend.name != "torch":  # GPU fast path: Triton norm, SwiGLU and few-row matmul kernels too
-            for m in self.model.modules():
-                if isinstance(m, (RMSNorm, SiluAndMul)):
-                    m.fused = True
-                elif isinstance(m, (MergedLinear, RowParallelLinear)):
-                    m.skinny = config.small_matmul == "triton"
+        assert (self.backend.name != "torch") == fast, "fast_path disagrees with make_backend"
         # per-row state on the device (rows: the scheduler's slots of running requests, + one dummy row)
         self.tables = RowTables(config.max_num_seqs, -(-max_model_len // self.block_size), self.device)
-        self.sampler = Sampler(config.max_num_seqs, self.device, fused=self.backend.name != "torch")
+        self.sampler = Sampler(config.max_num_seqs, self.device, fused=fast)
         self.seed_rng = random.Random(config.seed)  # seeds of requests that bring none
         # the last step's sampled ids (rows [0, num_sampled)): the next step's pending inputs come from here
         self.sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)

@@ -12,6 +12,7 @@ from torch import nn
 
 from asyncllm import distributed
 from asyncllm.errors import ModelLoadError
+from asyncllm.layers import kernel_choice
 
 SKINNY_MAX_ROWS = 16  # asyncllm_kernels.skinny_linear's (not imported here: Triton is optional on CPU)
 
@@ -62,7 +63,7 @@ class MergedLinear(nn.Module):
             start += size
         self.weight = nn.Parameter(torch.empty(start, in_features))
         self.bias = nn.Parameter(torch.empty(start)) if bias else None
-        self.skinny = False  # the runner turns on the Triton matmul for few rows on CUDA
+        self.skinny = kernel_choice.current().skinny_matmul  # Triton matmul for few rows (CUDA fast path)
         for param in (self.weight, self.bias):
             if param is not None:
                 param.weight_loader = self._load_part  # type: ignore[attr-defined]
@@ -105,7 +106,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_end - self.in_start))
         self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.skinny = False  # the runner turns on the Triton matmul for few rows on CUDA
+        self.skinny = kernel_choice.current().skinny_matmul  # Triton matmul for few rows (CUDA fast path)
 
     def _load_weight(self, param: torch.Tensor, tensor: torch.Tensor, shard_id: ShardId = None) -> None:
         if tensor.dim() != 2 or tensor.shape[1] < self.in_start + self.weight.shape[1]:

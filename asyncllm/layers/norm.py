@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from asyncllm import distributed
+from asyncllm.layers import kernel_choice
 
 
 class RMSNorm(nn.Module):
@@ -16,7 +17,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.exchange_slot = exchange_slot
         self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.fused = False  # the runner turns on the Triton kernel on CUDA
+        self.fused = kernel_choice.current().fused  # Triton kernel (CUDA fast path)
         self.tp = distributed.current()
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
