@@ -22,6 +22,7 @@ BLOCK_N = 16
 BLOCK_K = 256
 PROGRAMS_PER_SM = 4  # SPLIT_K's aim (with BLOCK_N, BLOCK_K and the launch options: measured on the H200)
 NUM_WARPS, NUM_STAGES = 4, 4
+UPCAST_ON_GPU = False  # dot in float32 on the GPU too (tuning)
 MAX_COUNTERS = 1 << 16  # column blocks one call may have
 
 
@@ -42,7 +43,7 @@ def _round_out(acc, bias_ptr, n, n_mask, HAS_BIAS: tl.constexpr, dtype: tl.const
 @triton.jit(do_not_specialize=["M"])
 def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.arange(0, BLOCK_M)
@@ -57,15 +58,17 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, 
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < k_end
-        # fp32 operands: half-precision values are exact in TF32, and the interpreter's bf16 dot is wrong
-        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w_tile = w_ptr + n[:, None] * stride_wn + k[None, :]
         w_mask = n_mask[:, None] & k_mask[None, :]
-        w = tl.load(w_tile, mask=w_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_tile, mask=w_mask, other=0.0)
+        if UPCAST:  # float32 operands (exact for half-precision values in TF32): the interpreter's bf16 dot is wrong
+            x, w = x.to(tl.float32), w.to(tl.float32)
         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
         if SWIGLU:  # the matching rows of up, N rows further down
-            up = tl.load(w_tile + N * stride_wn, mask=w_mask, other=0.0).to(tl.float32)
+            up = tl.load(w_tile + N * stride_wn, mask=w_mask, other=0.0)
+            if UPCAST:
+                up = up.to(tl.float32)
             acc_up += tl.dot(x, tl.trans(up), input_precision=PRECISION)
     dtype = y_ptr.dtype.element_ty
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -123,6 +126,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x, weight, bias if bias is not None else y, y, part, _counters(x.device), rows, n, k, x.stride(0),
         weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, SWIGLU=swiglu, SPLIT_K=split, BLOCK_M=MAX_ROWS,
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        UPCAST=x.device.type == "cpu" or UPCAST_ON_GPU,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y
 

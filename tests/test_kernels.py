@@ -120,8 +120,9 @@ def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch):
     cfg = LlamaConfig(hidden_size=64, intermediate_size=96, mlp_bias=True)
     with kernel_choice.choose(kernel_choice.KernelChoice(skinny_matmul=True)):  # chosen as the layers are built
         mlp = DecoderMLP(cfg).to(DEVICE)
+        wide = linear.RowParallelLinear(64, linear.SKINNY_MAX_OUT + 1)  # cuBLAS is faster there (measured)
     plain = DecoderMLP(cfg).to(DEVICE)
-    assert mlp.gate_up_proj.skinny and mlp.down_proj.skinny and not plain.gate_up_proj.skinny
+    assert mlp.gate_up_proj.skinny and mlp.down_proj.skinny and not plain.gate_up_proj.skinny and not wide.skinny
     with torch.no_grad():
         for p in mlp.parameters():
             p.normal_(0.0, 0.2)

@@ -105,15 +105,17 @@ BOUNDED = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 
 
 def check_bounded_grammars(llm: LLM, vocab: int) -> None:
     """Grammars that end within a few tokens hold even for a random-weight model (it picks among the allowed
-    tokens only); greedy neighbours in the same batches keep the tokens they get alone."""
+    tokens only); greedy neighbours in the same batches keep the tokens they get alone. (16 rows at most: on the GPU
+    every decode step's narrow matmuls then take the few-row kernel, whose rows do not depend on each other; cuBLAS
+    picks kernels by batch size, which may flip a near-tie of a random model's greedy token.)"""
     specs = [(StructuredOutputs(regex="[0-9]{3}-[a-z]{2}"), lambda t: re.fullmatch("[0-9]{3}-[a-z]{2}", t)),
              (StructuredOutputs(choice=["left", "right", "up"]), lambda t: t in ("left", "right", "up")),
              (StructuredOutputs(json=BOUNDED), lambda t: set(json.loads(t)) == {"n", "tag"})]
-    prompts = random_prompts(24, min(vocab, 300), 10, 100, seed=41)
+    prompts = random_prompts(16, min(vocab, 300), 10, 100, seed=41)
     greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     alone = llm.generate(prompts[::2], greedy, use_tqdm=False)
     params = [greedy if i % 2 == 0 else SamplingParams(temperature=1.0, seed=i, max_tokens=64,
-                                                       structured_outputs=specs[i // 2 % 3][0]) for i in range(24)]
+                                                       structured_outputs=specs[i // 2 % 3][0]) for i in range(16)]
     outs = llm.generate(prompts, params, use_tqdm=False)
     for i, out in enumerate(outs):
         if i % 2 == 0:

@@ -15,6 +15,11 @@ from asyncllm.errors import ModelLoadError
 from asyncllm.layers import kernel_choice
 
 SKINNY_MAX_ROWS = 16  # asyncllm_kernels.skinny_linear's (not imported here: Triton is optional on CPU)
+# ... and the layers it takes: output features (per rank) up to this many. Measured on the H200 (CUDA graphs, weights
+# not in L2): it beats cuBLAS where cuBLAS has few output tiles (Qwen3-0.6B's o and down, 1024 x 2048 / 3072: 5.6 /
+# 6.5 us against 12.0 / 7.4 at one row) and loses on wider ones (its q|k|v, 4096 x 1024: 7.1 against 5.3 us; every
+# Llama-3.1-8B layer)
+SKINNY_MAX_OUT = 2048
 
 ShardId = str | int | None
 
@@ -63,7 +68,9 @@ class MergedLinear(nn.Module):
             start += size
         self.weight = nn.Parameter(torch.empty(start, in_features))
         self.bias = nn.Parameter(torch.empty(start)) if bias else None
-        self.skinny = kernel_choice.current().skinny_matmul  # Triton matmul for few rows (CUDA fast path)
+        # Triton matmul for few rows (CUDA fast path); SwiGLU in its epilogue where each half is narrow enough
+        self.skinny = kernel_choice.current().skinny_matmul and start <= SKINNY_MAX_OUT
+        self.skinny_swiglu = kernel_choice.current().skinny_matmul and start <= 2 * SKINNY_MAX_OUT
         for param in (self.weight, self.bias):
             if param is not None:
                 param.weight_loader = self._load_part  # type: ignore[attr-defined]
@@ -87,8 +94,8 @@ class MergedLinear(nn.Module):
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of the two equal parts gate | up in the matmul's epilogue, when the Triton kernel takes
-        x (`skinny` and few_rows(x)); else None."""
-        if not (self.skinny and few_rows(x)):
+        x (`skinny_swiglu` and few_rows(x)); else None."""
+        if not (self.skinny_swiglu and few_rows(x)):
             return None
         from asyncllm_kernels import skinny_linear
 
@@ -106,7 +113,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_end - self.in_start))
         self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.skinny = kernel_choice.current().skinny_matmul  # Triton matmul for few rows (CUDA fast path)
+        self.skinny = kernel_choice.current().skinny_matmul and out_features <= SKINNY_MAX_OUT  # (see MergedLinear)
 
     def _load_weight(self, param: torch.Tensor, tensor: torch.Tensor, shard_id: ShardId = None) -> None:
         if tensor.dim() != 2 or tensor.shape[1] < self.in_start + self.weight.shape[1]:
