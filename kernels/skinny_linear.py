@@ -20,9 +20,9 @@ import triton.language as tl
 MAX_ROWS = 16  # BLOCK_M: rows of x one call takes
 BLOCK_N = 16
 BLOCK_K = 256
-PROGRAMS_PER_SM = 4  # SPLIT_K's aim (with BLOCK_N, BLOCK_K and the launch options: measured on the H200)
+PROGRAMS_PER_SM = 4  # SPLIT_K's aim. Tile, split and launch options barely matter on the H200 (21 variants within
+# 1%, f0276d3); a float32 dot costs the same as the bf16 one (329aec4): see tools/bench_skinny_linear.py
 NUM_WARPS, NUM_STAGES = 4, 4
-UPCAST_ON_GPU = False  # dot in float32 on the GPU too (tuning)
 MAX_COUNTERS = 1 << 16  # column blocks one call may have
 
 
@@ -126,7 +126,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x, weight, bias if bias is not None else y, y, part, _counters(x.device), rows, n, k, x.stride(0),
         weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, SWIGLU=swiglu, SPLIT_K=split, BLOCK_M=MAX_ROWS,
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        UPCAST=x.device.type == "cpu" or UPCAST_ON_GPU,
+        UPCAST=x.device.type == "cpu",
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y
 

@@ -62,16 +62,6 @@ def main() -> None:
         x = torch.randn(tokens, 2 * inter, device=dev, dtype=bf16)
         report("silu_and_mul", f"{tokens}x{inter}", lambda: K.silu_and_mul(x), lambda: K.silu_and_mul_ref(x),
                3 * tokens * inter * 2)
-    # the matmuls of a decode step of a few rows (Qwen3-0.6B, Llama-3.1-8B): few-row kernel vs cuBLAS (+ SwiGLU)
-    for n, k, swiglu in ((4096, 1024, False), (1024, 2048, False), (3072, 1024, True), (1024, 3072, False),
-                         (6144, 4096, False), (4096, 4096, False), (14336, 4096, True), (4096, 14336, False)):
-        w = torch.randn(2 * n if swiglu else n, k, device=dev, dtype=bf16) / k**0.5
-        for tokens in (1, 8, 16):
-            x = torch.randn(tokens, k, device=dev, dtype=bf16)
-            ref = (lambda: K.silu_and_mul(torch.nn.functional.linear(x, w))) if swiglu else (
-                lambda: torch.nn.functional.linear(x, w))
-            report("skinny_linear" + ("[swiglu]" if swiglu else ""), f"{tokens}x{k}->{n}",
-                   lambda: K.skinny_linear(x, w, None, swiglu), ref, w.numel() * 2)
     for tokens in (1, 256, 16384):
         cache = torch.zeros(2, 8192, 16, 8, 128, device=dev, dtype=bf16)
         k, v = (torch.randn(tokens, 8, 128, device=dev, dtype=bf16) for _ in range(2))

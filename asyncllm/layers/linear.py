@@ -15,10 +15,11 @@ from asyncllm.errors import ModelLoadError
 from asyncllm.layers import kernel_choice
 
 SKINNY_MAX_ROWS = 16  # asyncllm_kernels.skinny_linear's (not imported here: Triton is optional on CPU)
-# ... and the layers it takes: output features (per rank) up to this many. Measured on the H200 (CUDA graphs, weights
-# not in L2): it beats cuBLAS where cuBLAS has few output tiles (Qwen3-0.6B's o and down, 1024 x 2048 / 3072: 5.6 /
-# 6.5 us against 12.0 / 7.4 at one row) and loses on wider ones (its q|k|v, 4096 x 1024: 7.1 against 5.3 us; every
-# Llama-3.1-8B layer)
+# ... and the layers it takes: output features (per rank) up to this many. On the H200 (tools/bench_skinny_linear.py
+# at 329aec4, one row) it beats cuBLAS where cuBLAS has few output tiles (Qwen3-0.6B's o and down, 1024 x 2048 / 3072:
+# 5.1 / 6.0 us against 12.2 / 7.5; SmolLM2's four layers) and loses on wider ones (Qwen3's q|k|v, 4096 x 1024: 6.7
+# against 5.4 us; every Llama-3.1-8B layer; and, though this rule gives it to the kernel, Llama's TP-4 q|k|v,
+# 1536 x 4096: 8.7 against 8.4 us)
 SKINNY_MAX_OUT = 2048
 
 ShardId = str | int | None
