@@ -59,8 +59,8 @@ class EngineConfig:
                 "every rank is on rank 0's x86-64 host")
     attention_backend: Literal["auto", "torch", "flashinfer", "triton"] = option("auto", "attention implementation")
     small_matmul: Literal["triton", "cublas"] = option(
-        "triton", "CUDA: the layers' matmuls of steps of up to 16 tokens (decode of small batches): triton = "
-                  "asyncllm_kernels.skinny_linear (SwiGLU fused), cublas = torch's")
+        "triton", "CUDA: matmuls of steps of up to 16 tokens (decode of small batches) in layers of up to 2048 output "
+                  "features: triton = asyncllm_kernels.skinny_linear (SwiGLU fused), cublas = torch's")
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of shared prompt prefixes (radix tree)",
                                          flags=("--enable-radix-cache",))
     overlap_schedule: bool | None = option(

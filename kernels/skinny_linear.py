@@ -1,9 +1,10 @@
 """Linear layers for a few rows (decode steps of small batches): y [M, N] = x [M, K] @ W[N, K]^T (+ bias), M <= 16.
 
-At such M a matmul is a read of W, and cuBLAS's kernels for it reach a third to half of the memory bandwidth on the
-H200 (Qwen3-0.6B's four matmuls of a layer: 27 us a layer at batch 1 against ~7 us of weights). Here each program
-reads a BLOCK_N x (K / SPLIT_K) tile of W once, in BLOCK_K slices pipelined into tensor-core dots against the rows
-of x (padded to BLOCK_M = 16 with masked loads; M is not specialized, so one compiled variant serves every M).
+At such M a matmul is a read of W. cuBLAS does it poorly where the layer has few output tiles (Qwen3-0.6B's o,
+1024 x 2048: 12.2 us at one row on the H200, 0.34 TB/s; this kernel 5.1), well on wide ones (where this kernel,
+at most ~2.5 TB/s, loses): the layers choose (asyncllm.layers.linear.SKINNY_MAX_OUT). Each program reads a BLOCK_N
+x (K / SPLIT_K) tile of W once, in BLOCK_K slices, into tensor-core dots against the rows of x (padded to
+BLOCK_M = 16 with masked loads; M is not specialized, so one compiled variant serves every M).
 SPLIT_K, fixed by the host from the shape (enough programs to fill the GPU), splits the reduction: each program
 writes an fp32 partial and the last of a column block to arrive, told by an atomic counter, adds them in a fixed
 order (deterministic) and writes the output: no second kernel. `swiglu=True` takes W = [gate | up] (2N rows) and

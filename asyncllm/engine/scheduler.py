@@ -139,8 +139,8 @@ class Scheduler:
         offers: list[int] = []  # batch rows that fill blocks the prefix cache may take (offered after admission)
         i = row = prompt_tokens = 0
         # Running requests in admission order; a victim is always taken from the end, so never one already batched.
-        # Per-row work is what a step costs on the host: Batch.add, the length checks, the row's pending-token
-        # bookkeeping (see `_book`) are inlined here, one pass per row.
+        # Per-row work is what a step costs on the host: Batch.add, the length checks and the row's pending-token
+        # bookkeeping (where its input comes from, which sampled row its next token will be) are inlined here.
         while i < len(running) and budget > 0:
             req = running[i]
             known, pending = len(req.token_ids), req.num_pending
