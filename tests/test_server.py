@@ -268,23 +268,27 @@ def _streamed_calls(chunks) -> list[tuple[str, dict]]:
 
 
 def test_tool_choice_required_and_named_give_valid_calls(client):
-    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        for temperature in (0.0, 1.0):
-            r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice=choice,
-                                               temperature=temperature, seed=1, max_tokens=120)
-            c = r.choices[0]
-            calls = _calls(c.message)
-            assert c.finish_reason == "tool_calls" and calls, c.message
-            for name, args in calls:
-                assert name in ("get_weather", "get_time")
-                if name == "get_weather":
-                    assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit")
-                else:
-                    assert set(args) == {"zone"}
-            if isinstance(choice, dict):
-                assert [n for n, _ in calls] == ["get_weather"]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+
+    def check(c, choice) -> None:  # noqa: ANN001
+        calls = _calls(c.message)
+        assert c.finish_reason == "tool_calls" and calls, c.message
+        for name, args in calls:
+            assert name in ("get_weather", "get_time")
+            if name == "get_weather":
+                assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit")
+            else:
+                assert set(args) == {"zone"}
+        if isinstance(choice, dict):
+            assert [n for n, _ in calls] == ["get_weather"]
+
+    for choice, temperature in (("required", 1.0), (named, 0.0), (named, 1.0)):
+        r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice=choice,
+                                           temperature=temperature, seed=1, max_tokens=120)
+        check(r.choices[0], choice)
     kw = dict(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", temperature=0, max_tokens=120)
     full = client.chat.completions.create(**kw).choices[0]
+    check(full, "required")
     chunks = list(client.chat.completions.create(**kw, stream=True))
     assert _streamed_calls(chunks) == _calls(full.message)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
