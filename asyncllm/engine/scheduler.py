@@ -135,12 +135,9 @@ class Scheduler:
         max_len, bs = self.config.max_model_len, self.blocks.block_size
         reqs, starts, n_new, sample, feed = batch.requests, batch.starts, batch.num_new_tokens, batch.sample, batch.feed
         running = self.running
-        caching = self.blocks.cache is not None
-        offers: list[int] = []  # batch rows that fill blocks the prefix cache may take (offered after admission)
-        i = row = prompt_tokens = 0
+        i = 0
         # Running requests in admission order; a victim is always taken from the end, so never one already batched.
-        # Per-row work is what a step costs on the host: Batch.add, the length checks and the row's pending-token
-        # bookkeeping (where its input comes from, which sampled row its next token will be) are inlined here.
+        # (Per-row work is what a step costs on the host: Batch.add and the length checks are inlined here.)
         while i < len(running) and budget > 0:
             req = running[i]
             known, pending = len(req.token_ids), req.num_pending
@@ -149,27 +146,14 @@ class Scheduler:
                 continue
             start = req.num_computed_tokens
             n = min(known + pending - start, budget)
-            end = start + n
-            if (end + bs - 1) // bs > len(req.block_table) and not self._grow(req, n):
+            if (start + n + bs - 1) // bs > len(req.block_table) and not self._grow(req, n):
                 break  # req preempted itself: it was the last running request
-            if caching and min(end, known) // bs > req.num_cached_blocks:
-                offers.append(len(reqs))
             reqs.append(req)
             starts.append(start)
             n_new.append(n)
-            feed.append(req.pending_row if pending else -1)  # its input comes from the previous step
-            req.num_computed_tokens = end
-            if end == known + pending:  # its next token will exist on the device before the host sees it
-                sample.append(True)
-                req.num_pending = pending + 1
-                req.pending_row = row
-                row += 1
-            else:
-                sample.append(False)
-            if n > 1 or end <= req.num_prompt_tokens:
-                prompt_tokens += n
-            if req.grammar is not None:
-                batch.constrained = True
+            sample.append(start + n == known + pending)
+            feed.append(-1)
+            req.num_computed_tokens = start + n
             budget -= n
             i += 1
         # Admit nothing in a step that had to preempt: the victims would only come straight back.
@@ -203,27 +187,31 @@ class Scheduler:
             batch.add(req, n)
             req.num_computed_tokens += n
             budget -= n
-            if n > 1 or req.num_computed_tokens <= req.num_prompt_tokens:
-                prompt_tokens += n
-            if caching and min(req.num_computed_tokens, len(req.token_ids)) // bs > req.num_cached_blocks:
-                offers.append(len(reqs) - 1)
+        # One pass over the rows (per-row work is what a step costs on the host): offer newly filled blocks to the
+        # prefix cache, note where pending tokens come from and go, count prompt tokens.
+        row = prompt_tokens = 0
+        caching = self.blocks.cache is not None
+        for i, req in enumerate(reqs):
+            if caching:
+                # blocks this step fills: their K/V are written before any later step can read them; the cache
+                # may swap only blocks earlier steps wrote (starts[i] // bs) for its own copies of a prefix
+                full = min(req.num_computed_tokens, len(req.token_ids)) // bs
+                if full > req.num_cached_blocks and self.blocks.cache_blocks(
+                        req.token_ids[: full * bs], req.block_table, starts[i] // bs, req.num_cached_blocks):
+                    # the cache may have swapped blocks from here on for its own copies: the device resends them
+                    req.num_synced_blocks = min(req.num_synced_blocks, req.num_cached_blocks)
+                    req.num_cached_blocks = full
+            if req.num_pending:  # it computes its pending token now: the input comes from the previous step
+                feed[i] = req.pending_row
             if req.grammar is not None:
                 batch.constrained = True
-            if sample[-1]:  # (an admitted request has no pending token)
-                req.num_pending = 1
+            if sample[i]:  # its next token will exist on the device before the host sees it
+                req.num_pending += 1
                 req.pending_row = row
                 row += 1
-        # Offer newly filled blocks to the prefix cache now, after admission: their K/V are written by this step,
-        # before any later step can read them (a request admitted in this step must not match them).
-        for i in offers:
-            req = reqs[i]
-            # the cache may swap only blocks earlier steps wrote (starts[i] // bs) for its own copies of a prefix
-            full = min(req.num_computed_tokens, len(req.token_ids)) // bs
-            if self.blocks.cache_blocks(req.token_ids[: full * bs], req.block_table, starts[i] // bs,
-                                        req.num_cached_blocks):
-                # the cache may have swapped blocks from here on for its own copies: the device resends them
-                req.num_synced_blocks = min(req.num_synced_blocks, req.num_cached_blocks)
-                req.num_cached_blocks = full
+            n = n_new[i]
+            if n > 1 or req.num_computed_tokens <= req.num_prompt_tokens:
+                prompt_tokens += n
         self.stats.prompt_tokens += prompt_tokens
         return batch
 

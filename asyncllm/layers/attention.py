@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asyncllm.device import to_device
+from asyncllm.layers.norm import rms_norm_torch
 from asyncllm.layers.rotary import apply_rotary
 
 class Rotary(NamedTuple):
@@ -111,7 +112,7 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         if rotary is not None:
             if rotary.q_norm is not None and rotary.k_norm is not None:
-                q, k = _head_norm(q, rotary.q_norm, rotary.eps), _head_norm(k, rotary.k_norm, rotary.eps)
+                q, k = rms_norm_torch(q, rotary.q_norm, rotary.eps), rms_norm_torch(k, rotary.k_norm, rotary.eps)
             q, k = apply_rotary(rotary.positions, q, k, rotary.cos_sin_cache)
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
         kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, self.meta.slot_mapping, k)
@@ -207,12 +208,6 @@ class TritonAttentionBackend(TorchAttentionBackend):
                                                          self.dec_seq_lens, scale, self.dec_max_len, self.counters)
         out[self.pre_rows] = self._attend(q[self.pre_rows], kv_cache, scale)
         return out
-
-
-def _head_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last axis, rounded like transformers' (and asyncllm.layers.norm.RMSNorm)."""
-    h = x.float()
-    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def store_new_kv(kernels: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,

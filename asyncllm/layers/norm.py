@@ -9,6 +9,13 @@ from asyncllm import distributed
 from asyncllm.layers import kernel_choice
 
 
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis in torch, rounded like transformers' LlamaRMSNorm."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float, exchange_slot: int = 0) -> None:
         """exchange_slot (0 or 1): the fused all-reduce's buffer; norms that reduce one after the other on a step's
@@ -21,9 +28,7 @@ class RMSNorm(nn.Module):
         self.tp = distributed.current()
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm_torch(x, self.weight, self.eps)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, reduce: bool = False
