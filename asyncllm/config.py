@@ -45,6 +45,9 @@ class EngineConfig:
     enforce_eager: bool = option(False, "no CUDA graphs")
     cuda_graph_max_bs: int | None = option(
         None, "largest decode batch replayed from a CUDA graph (default: min(256, max-num-seqs))", lo=1)
+    cuda_graph_max_tokens: int | None = option(
+        None, "largest step with prompt tokens replayed from piecewise CUDA graphs (attention eager between layers); "
+              "default: while tokens x parameters per GPU stay under 2^41, at most the step budget; 0 = none", lo=0)
     tensor_parallel_size: int = option(
         1, "shards over torchrun's processes; must equal --nproc-per-node (1 = whatever torchrun started)", lo=1,
         flags=("--tp",))
@@ -89,6 +92,10 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}", name)
+        if self.cuda_graph_max_tokens is not None and (
+                not isinstance(self.cuda_graph_max_tokens, int) or self.cuda_graph_max_tokens < 0):
+            raise InvalidRequestError(f"cuda_graph_max_tokens must be a non-negative integer, got "
+                                      f"{self.cuda_graph_max_tokens!r}", "cuda_graph_max_tokens")
         if self.tensor_parallel_size < 1:
             raise InvalidRequestError("tensor_parallel_size must be at least 1", "tensor_parallel_size")
 

@@ -133,6 +133,21 @@ def test_default_step_budget_follows_the_model_size_on_gpus():
     assert max_step_tokens(EngineConfig.from_kwargs(None, max_num_batched_tokens=100), cuda, 1) == 100
 
 
+def test_piecewise_graph_sizes_pad_at_most_a_quarter():
+    """Steps with prompt tokens pad to a captured size: multiples of 16, at most 25% (or 15 tokens) more; by
+    default only where tokens x parameters stay under 2^41 (larger steps' GPU work hides their eager launches)."""
+    from asyncllm.engine.piecewise_graphs import default_max_tokens, piece_sizes
+
+    sizes = piece_sizes(8192)
+    assert sizes[:9] == [16, 32, 48, 64, 80, 96, 112, 128, 160] and sizes[-1] == 8192
+    assert all(s % 16 == 0 for s in sizes) and sizes == sorted(set(sizes))
+    for n in range(1, 8193):
+        padded = next(s for s in sizes if s >= n)
+        assert padded - n < 16 or padded <= 1.25 * n
+    assert piece_sizes(200)[-1] == 208 and piece_sizes(1) == [16]
+    assert [default_max_tokens(8192, int(p)) for p in (135e6, 751e6, 8e9)] == [8192, 2928, 274]
+    assert default_max_tokens(2048, int(135e6)) == 2048
+
 
 def test_prefill_delay_gathers_new_prompts_while_others_decode():
     """With max_prefill_delay_steps = 3 and a budget of 32: a short prompt arriving while a request decodes waits

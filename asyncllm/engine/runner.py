@@ -21,6 +21,7 @@ from asyncllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from asyncllm.device import host_tensor, resolve_device, to_device
 from asyncllm.engine.cuda_graphs import CudaGraphs, graph_size
 from asyncllm.engine.grammar import HostMasks, TokenMask, fill_masks
+from asyncllm.engine.piecewise_graphs import PiecewiseGraphs, default_max_tokens
 from asyncllm.engine.logprobs import PROMPT_SLICE, LogprobPlan, LogprobsOnDevice, plan_logprobs
 from asyncllm.engine.request import Request
 from asyncllm.engine.scheduler import Batch
@@ -196,7 +197,9 @@ class ModelRunner:
         self.mask_width = -(-hf_config.vocab_size // 32)  # int32 words of a grammar bitmask row
         # CUDA: every step runs on this side stream, in launch order (the loop thread never waits on it)
         self.stream = side_stream(self.device) if self.device.type == "cuda" else None
-        self.graphs: CudaGraphs | None = None  # captured once the KV cache exists (after the profiling forward)
+        # captured once the KV cache exists (after the profiling forward): decode steps, steps with prompt tokens
+        self.graphs: CudaGraphs | None = None
+        self.pieces: PiecewiseGraphs | None = None
         self.closed = False
 
         attn = self.attention_layers[0]
@@ -215,7 +218,9 @@ class ModelRunner:
                 "give the cache more memory (num_kv_blocks, kv_cache_memory_bytes or gpu_memory_utilization)"
             )
         self._allocate_kv_cache(self.num_blocks)
-        self.graphs = self._capture_graphs() if self._use_graphs() else None
+        if self._use_graphs():
+            self.graphs = self._capture_graphs()
+            self.pieces = self._capture_pieces()
         if self.device.type == "cuda" and self.tp.is_leader:  # compile the grammar-mask kernel now, not mid-serving
             TokenMask.warm_up(torch.zeros(1, hf_config.vocab_size, dtype=self.dtype, device=self.device))
         if self.stream is not None:
@@ -231,6 +236,15 @@ class ModelRunner:
         assert self.stream is not None
         return CudaGraphs(self.model, self.backend, self.sampler, self.tables, self.sampled, max_bs, self.block_size,
                           self.max_model_len, self.stream)
+
+    def _capture_pieces(self) -> PiecewiseGraphs | None:
+        limit = self.config.cuda_graph_max_tokens
+        if limit is None:
+            limit = default_max_tokens(self.max_step_tokens, self.params_per_rank)
+        if limit == 0:
+            return None
+        assert self.stream is not None
+        return PiecewiseGraphs(self.model, self.backend, self.attention_layers, limit, self.stream)  # type: ignore[arg-type]
 
     # ---- KV cache -------------------------------------------------------------------------------------------
     def _allocate_kv_cache(self, num_blocks: int) -> None:
@@ -279,8 +293,12 @@ class ModelRunner:
         return max(0, int(available) // self.block_bytes)
 
     @functools.cached_property
+    def params_per_rank(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @functools.cached_property
     def max_step_tokens(self) -> int:
-        return max_step_tokens(self.config, self.device, sum(p.numel() for p in self.model.parameters()))
+        return max_step_tokens(self.config, self.device, self.params_per_rank)
 
     # ---- one step -------------------------------------------------------------------------------------------
     def prepare(self, batch: Batch) -> StepInputs:
@@ -437,7 +455,10 @@ class ModelRunner:
             return Forward(header, self.graphs.forward(step))
         inputs = eager_inputs(step, self.tables, self.sampled, self.block_size)
         self.backend.plan(inputs.meta)
-        hidden = self.model(inputs.input_ids, inputs.positions)
+        if self.pieces is not None and self.pieces.fits(header.num_tokens):
+            hidden = self.pieces.forward(inputs)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions)
         self._prompt_logprobs(hidden, step.prompt_lp, logprobs)
         if header.num_sampled == 0:
             return Forward(header, None)
@@ -498,9 +519,10 @@ class ModelRunner:
         drop the KV cache and the weights: device memory goes back at once. Idempotent; no step runs after."""
         if self.closed:
             return
-        if self.graphs is not None:
-            self.graphs.release()
-            self.graphs = None
+        for graphs in (self.graphs, self.pieces):
+            if graphs is not None:
+                graphs.release()
+        self.graphs = self.pieces = None
         if self.tp.size > 1:
             distributed.shutdown()
         for layer in self.attention_layers:

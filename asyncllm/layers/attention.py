@@ -68,6 +68,16 @@ class AttentionBackend(Protocol):
         `rotary`, q and k are rotated first (the GPU backends fuse it with the store)."""
 
 
+class GraphAttentionBackend(AttentionBackend, Protocol):
+    """The GPU backends: besides `forward`, the attention alone of a planned step whose K/V the caller stored
+    (store_new_kv) — what piecewise CUDA graphs run between their pieces."""
+
+    kernels: Any
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+        """q [n, Hq, D] of the planned step's n tokens -> out [n, Hq, D]."""
+
+
 class TorchAttentionBackend:
     """Reference backend: gathers each sequence's K/V into a padded batch and calls SDPA once per layer.
 
@@ -194,8 +204,15 @@ class TritonAttentionBackend(TorchAttentionBackend):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float,
         rotary: Rotary | None = None,
     ) -> torch.Tensor:
+        store_new_kv(self.kernels, q, k, v, kv_cache, self.full.slot_mapping, rotary)
+        return self._attend_stored(q, kv_cache, scale)
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+        """Piecewise CUDA graphs: the planned step's attention, its K/V already stored, into `out`."""
+        out.copy_(self._attend_stored(q, kv_cache, scale))
+
+    def _attend_stored(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
         kern = self.kernels
-        store_new_kv(kern, q, k, v, kv_cache, self.full.slot_mapping, rotary)
         if not self.decode_only and not self.mixed:
             return self._attend(q, kv_cache, scale)
         if self.counters is None:  # first use is an eager step (a graph's warm-up precedes its capture)

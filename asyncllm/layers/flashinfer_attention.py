@@ -107,6 +107,10 @@ class FlashInferAttentionBackend:
         store_new_kv(self.kernels, q, k, v, kv_cache, self.slot_mapping, rotary)
         return self.wrapper.run(q, (kv_cache[0], kv_cache[1]))
 
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+        """Piecewise CUDA graphs: the planned step's attention, its K/V already stored, into `out`."""
+        self.wrapper.run(q, (kv_cache[0], kv_cache[1]), out=out)
+
 
 def _pin_flashinfer_range_buffers(largest: int = 1 << 13) -> None:
     """The tensor-core decode plan copies a cached host `arange` (flashinfer.utils._get_range_buf(n, "cpu")) to the

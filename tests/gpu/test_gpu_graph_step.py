@@ -1,8 +1,9 @@
-"""The whole decode step in CUDA graphs: sampling inside the graph on every path, a model shape like the
+"""The whole decode step in CUDA graphs, steps with prompt tokens in piecewise ones: sampling inside the graph on every path, a model shape like the
 benchmarks' (head_dim 128, 32k vocabulary, hidden 2048, contexts over 4k tokens, padded graph sizes above 8), and
 no Triton compilation once the engine has started."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -164,6 +165,55 @@ def test_logprobs_and_logit_bias_in_graph_steps(large_model):
     # bf16 noise: this model's logits differ from float32 by up to 1.4 (mean 0.12) at a scale of 22; a wrong
     # row, position or raw/adjusted mix-up gives errors of the scale itself on most tokens
     assert worst < 1.5 and mean < 0.25
+
+
+def test_piecewise_graph_steps_match_transformers(large_model):
+    """Steps with prompt tokens replay piecewise graphs (attention eager between the pieces): chunked prompts mixed
+    with decode rows, token counts off the captured sizes (padded; the padding stores no K/V), prefix-cache hits.
+    Their prompt log-probabilities (every prompt token's logits come from those steps) and the decode steps after
+    them match transformers' float32 log-softmax; without pieces the same steps run eagerly."""
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(str(large_model), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=4096,
+              max_num_batched_tokens=200)
+    pieces = llm.engine.runner.pieces
+    assert pieces is not None and pieces.sizes[-1] >= 200
+    steps = []
+    forward = pieces.forward
+    pieces.forward = lambda inputs: steps.append(inputs.meta.query_lens_cpu) or forward(inputs)
+    shared = random_prompts(1, VOCAB, 100, 100, seed=40)[0]
+    hits = [shared + p for p in random_prompts(5, VOCAB, 3, 60, seed=42)]  # prefix-cache hits after the first
+    prompts = random_prompts(16, VOCAB, 5, 500, seed=41)
+    full = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    # prompt_logprobs needs every prompt token computed: the requests that hit the cache report output ones only
+    outs = llm.generate(hits[:1] + prompts[:1], [dataclasses.replace(full, prompt_logprobs=None), full], use_tqdm=False)
+    outs += llm.generate(hits[1:] + prompts[1:], [dataclasses.replace(full, prompt_logprobs=None)] * 4 + [full] * 15,
+                         use_tqdm=False)
+    prompts = hits[:1] + prompts[:1] + hits[1:] + prompts[1:]
+    pieces.forward = forward
+    assert any(1 in q and max(q) > 1 for q in steps), "no step mixed decode rows with prompt chunks"
+    assert any(sum(q) not in pieces.sizes for q in steps), "no step was padded"
+    assert all(out.num_cached_tokens >= 96 for out in outs[2:6]), "the shared prefix was not reused"
+    hf = AutoModelForCausalLM.from_pretrained(large_model, dtype=torch.float32).to("cuda").eval()
+    diffs = []
+    for prompt, out in zip(prompts, outs):
+        with torch.inference_mode():
+            ref = hf(torch.tensor([prompt + out.token_ids], device="cuda")).logits[0].float().log_softmax(-1).cpu()
+        lps = (out.prompt_logprobs or [None])[1:] + out.logprobs
+        first = len(prompt) - 1 if out.prompt_logprobs is None else 0  # position of lps[0]'s input token
+        assert len(lps) == len(prompt) - 1 - first + 10
+        for q, lp in enumerate(lps, start=first):
+            assert lp.token_id == (prompt + out.token_ids)[q + 1]
+            diffs.append(abs(lp.logprob - ref[q, lp.token_id].item()))
+    worst, mean = max(diffs), sum(diffs) / len(diffs)
+    print(f"piecewise steps: {len(steps)} steps, |logprob diff| vs float32 max {worst:.4f} mean {mean:.4f} "
+          f"over {len(diffs)}")
+    # as test_logprobs_and_logit_bias_in_graph_steps: bf16 noise stays below these; a wrong layer order, position,
+    # slot or a padding row storing its K/V over a live token gives errors of the logits' own scale
+    assert worst < 1.5 and mean < 0.25
+    eager = LLM(str(large_model), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=4096,
+                max_num_batched_tokens=200, cuda_graph_max_tokens=0)
+    assert eager.engine.runner.pieces is None and eager.engine.runner.graphs is not None
 
 
 def test_no_triton_compile_after_start_up(large_model):
