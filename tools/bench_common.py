@@ -23,13 +23,15 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def variant_config(variant: str) -> dict:
-    """'BACKEND[-eager][-no-overlap][-nccl|-symm][-cublas]' -> engine options: eager = no CUDA graphs, no-overlap =
-    each step read back before the next is scheduled, nccl / symm = tensor parallelism's all-reduces by NCCL only / by
-    the symmetric-memory kernels where small (default: auto), cublas = torch's matmuls at few rows too."""
+    """'BACKEND[-eager][-no-pieces][-no-overlap][-nccl|-symm][-cublas]' -> engine options: eager = no CUDA graphs,
+    no-pieces = no piecewise graphs (steps with prompt tokens eager), no-overlap = each step read back before the
+    next is scheduled, nccl / symm = tensor parallelism's all-reduces by NCCL only / by the symmetric-memory kernels
+    where small (default: auto), cublas = torch's matmuls at few rows too."""
     all_reduce = "nccl" if "-nccl" in variant else "symm_mem" if "-symm" in variant else "auto"
     return dict(attention_backend=variant.split("-")[0], enforce_eager="-eager" in variant,
                 overlap_schedule="-no-overlap" not in variant, all_reduce=all_reduce,
-                small_matmul="cublas" if "-cublas" in variant else "triton")
+                small_matmul="cublas" if "-cublas" in variant else "triton",
+                cuda_graph_max_tokens=0 if "-no-pieces" in variant else None)
 
 
 class StepTimer:

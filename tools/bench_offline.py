@@ -3,7 +3,7 @@
 random.seed(0); 256 requests; prompts of random token ids in [0, 10000) with length uniform in [100, 1024];
 max_tokens uniform in [100, 1024]; ignore_eos; temperature 0.6; dummy weights of the given shape; throughput =
 output tokens / wall time of `generate`, after one warm-up. Variants in the same run (--variants,
-BACKEND[-eager][-no-overlap][-nccl|-symm][-cublas]): CUDA graphs off, overlap scheduling off, NCCL-only or symmetric-memory all-reduces, other attention backends; each line also
+BACKEND[-eager][-no-pieces][-no-overlap][-nccl|-symm][-cublas]): CUDA graphs off, piecewise graphs off, overlap scheduling off, NCCL-only or symmetric-memory all-reduces, other attention backends; each line also
 gives the host vs GPU time per step. Baseline in the same run: transformers `generate` (eager, bf16, same shape, random weights)
 on a subset — the first --hf-requests requests, max_tokens capped at --hf-max-tokens, left-padded in one batch —
 and our engine on that same subset. One JSON line per result.
