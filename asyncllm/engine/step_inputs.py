@@ -161,9 +161,11 @@ class RowTables:
         self.host = np.zeros((num_rows + 1, max_blocks), dtype=np.int64)
 
     def apply(self, host: np.ndarray, dev: torch.Tensor) -> None:
-        """Table updates [U, 3] (row, column, block), the same ones on the host and on the device."""
-        self.host[host[:, 0], host[:, 1]] = host[:, 2]
-        self.device[dev[:, 0], dev[:, 1]] = dev[:, 2]
+        """Table updates [U, 3] (row, column, block), the same ones on the host and on the device (through flat
+        indices: two kernels, where indexing by a (rows, columns) pair costs the host several times more)."""
+        width = self.host.shape[1]
+        self.host.reshape(-1)[host[:, 0] * width + host[:, 1]] = host[:, 2]
+        self.device.view(-1).index_copy_(0, torch.add(dev[:, 1], dev[:, 0], alpha=width), dev[:, 2])
 
 
 @dataclass
