@@ -58,7 +58,15 @@ def test_tp_bf16_matches_transformers(model, tmp_path, tp, all_reduce, transport
     ref = hf_greedy_with_logits(model, prompts, 64, torch.bfloat16, "cuda")
     matched = [assert_same_until_near_tie(o, r[0], r[1], TIE) for o, r in zip(ours, ref)]
     print(f"tp={tp} {all_reduce} {transport}: tokens matched before a near-tie: {matched} of 64")
-    assert sum(matched) >= 0.25 * 64 * len(prompts)
+    if tp == 1:  # the same kernels on the same steps as one process without torchrun: the very same tokens
+        from asyncllm import LLM, SamplingParams
+
+        llm = LLM(str(model), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=512)
+        alone = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True), use_tqdm=False)
+        assert ours == [o.token_ids for o in alone]
+    else:  # a floor besides the per-prompt check (this random model ties often: TP 1 matched 111 of 512 at 71d0d54,
+        # its prompts replaying piecewise graphs, so TP 1 is held to the single-process tokens instead)
+        assert sum(matched) >= 0.25 * 64 * len(prompts)
 
 
 @pytest.mark.parametrize("tp", [2, 4])
