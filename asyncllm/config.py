@@ -30,7 +30,7 @@ class EngineConfig:
         None, "token budget per step (chunked prefill); default by model size: 8192 up to 1B parameters per GPU, "
               "down to 2048 from 4B; 2048 on CPU", lo=1)
     # While requests decode, hold new prompts back for up to this many steps until they fill half a step's token
-    # budget: a step that prefills runs without a CUDA graph, so fewer, fuller ones cost the running requests less.
+    # budget: a step that prefills costs more than a decode step, so fewer, fuller ones may cost the running requests less.
     max_prefill_delay_steps: int = option(
         0, "steps new prompts may wait, while others decode, to prefill together (0: at once; measured slower on "
            "the H200 at 4, see docs/BENCHMARKS.md)", lo=0)

@@ -30,8 +30,9 @@ def graph_sizes(max_bs: int) -> list[int]:
 
 
 def graph_size(sizes: list[int], batch: Batch) -> int:
-    """The graph a step replays (its rows padded to that size), or 0: it runs eagerly. A graph computes one token
-    per row and samples every row, so a step with a prompt chunk, even of one token that does not sample, is eager."""
+    """The graph a step replays (its rows padded to that size), or 0: not a decode graph's (piecewise graphs or
+    eager). A graph computes one token per row and samples every row, so a step with a prompt chunk, even of one
+    token that does not sample, is not one."""
     if not sizes or len(batch) > sizes[-1] or max(batch.num_new_tokens) != 1 or not all(batch.sample):
         return 0
     return next(s for s in sizes if s >= len(batch))

@@ -56,8 +56,8 @@ log = logging.getLogger(__name__)
 def max_step_tokens(config: EngineConfig, device: torch.device, params_per_rank: int) -> int:
     """Tokens one step may compute (`max_num_batched_tokens`). Default on a GPU: what keeps a step's prefill
     work near 8192 tokens x 1B parameters (8192 tokens for models up to 1B parameters per GPU, down to 2048
-    from 4B): a burst of new prompts is prefilled in few steps (a step that prefills runs without CUDA graphs,
-    so small models gain most from fewer of them), while a step that prefills still ends soon for the running
+    from 4B): a burst of new prompts is prefilled in few steps (a step that prefills costs the host more than a
+    decode step, so small models gain most from fewer of them), while a step that prefills still ends soon for the running
     requests' next tokens (larger models). 2048 on CPU. Never fewer than max_num_seqs (one decode token each)."""
     if config.max_num_batched_tokens is not None:
         return config.max_num_batched_tokens

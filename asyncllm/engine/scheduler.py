@@ -3,8 +3,9 @@
 Each step: every running request advances (a decode token, or the next chunk of its prefill), then waiting
 requests are admitted first-come first-served while the token budget, `max_num_seqs` and free KV blocks allow.
 While requests decode, admission may wait up to `max_prefill_delay_steps` steps for the waiting prompts to fill
-half of what is left of the step's budget: a step that prefills runs eagerly (no CUDA graph), so gathering new
-prompts into fewer steps costs the running requests less, for a few steps more of time to first token.
+half of what is left of the step's budget: a step that prefills costs more than a decode step (piecewise graphs
+or eager, not one whole-step graph), so gathering new prompts into fewer steps may cost the running requests less,
+for a few steps more of time to first token.
 When a running request needs a block and none is free, the most recently admitted request is preempted by
 recompute: its blocks are freed and it goes back to the head of the waiting queue with all its tokens (prompt and
 output so far) to prefill again.
