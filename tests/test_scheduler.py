@@ -146,7 +146,7 @@ def test_piecewise_graph_sizes_pad_at_most_a_quarter():
         assert padded - n < 16 or padded <= 1.25 * n
     assert piece_sizes(200)[-1] == 208 and piece_sizes(1) == [16]
     assert [default_max_tokens(8192, int(p)) for p in (135e6, 751e6, 8e9)] == [8192, 2928, 274]
-    assert default_max_tokens(2048, int(135e6)) == 2048
+    assert default_max_tokens(2048, int(135e6)) == 2048 and default_max_tokens(8192, int(135e6), tp_size=2) == 0
 
 
 def test_prefill_delay_gathers_new_prompts_while_others_decode():

@@ -41,7 +41,11 @@ def piece_sizes(max_tokens: int) -> list[int]:
     return sizes + [-(-max_tokens // 16) * 16]
 
 
-def default_max_tokens(max_step_tokens: int, params_per_rank: int) -> int:
+def default_max_tokens(max_step_tokens: int, params_per_rank: int, tp_size: int = 1) -> int:
+    """0 (none) under tensor parallelism: pieces there (collectives in ~L graphs per size) have not run on several
+    GPUs yet, and TP serves models large enough for the bound to leave few steps to them anyway."""
+    if tp_size > 1:
+        return 0
     return min(max_step_tokens, PIECEWISE_PARAM_TOKENS // max(params_per_rank, 1))
 
 

@@ -240,7 +240,7 @@ class ModelRunner:
     def _capture_pieces(self) -> PiecewiseGraphs | None:
         limit = self.config.cuda_graph_max_tokens
         if limit is None:
-            limit = default_max_tokens(self.max_step_tokens, self.params_per_rank)
+            limit = default_max_tokens(self.max_step_tokens, self.params_per_rank, self.tp.size)
         if limit == 0:
             return None
         assert self.stream is not None
