@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 from asyncllm.errors import InvalidRequestError
 from asyncllm.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputs
@@ -270,8 +270,16 @@ class ChatCompletionRequest(_Generation):
         return forced or other
 
 
+# A completion's prompt: the usual shapes tried first, strictly, then the lax union (the result is the union's: a
+# strict match is the one its smart mode picks). The smart union alone took ~90 us for a prompt of 550 token ids.
+Prompt = Annotated[
+    StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]] | str | list[str] | list[int] | list[list[int]],
+    Field(union_mode="left_to_right"),
+]
+
+
 class CompletionRequest(_Generation):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     max_tokens: int | None = Field(default=None, ge=0)  # 0: the prompt only (with echo and logprobs: scoring)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False  # the prompt comes back before the completion (with its log-probabilities)
