@@ -26,6 +26,7 @@ from asyncllm.engine.logprobs import PROMPT_SLICE, LogprobPlan, LogprobsOnDevice
 from asyncllm.engine.request import Request
 from asyncllm.engine.scheduler import Batch
 from asyncllm.engine.step_inputs import (
+    PACKED_STAGING,
     HostRing,
     RowTables,
     StepHandle,
@@ -194,6 +195,8 @@ class ModelRunner:
         # the last step's sampled ids (rows [0, num_sampled)): the next step's pending inputs come from here
         self.sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
         self.host_ring = HostRing(config.max_num_seqs) if self.device.type == "cuda" else None
+        # packed steps on their way to the device (a follower's host runs at most ~3 steps ahead of its GPU)
+        self.staging = HostRing(PACKED_STAGING, size=8) if self.device.type == "cuda" else None
         self.mask_width = -(-hf_config.vocab_size // 32)  # int32 words of a grammar bitmask row
         # CUDA: every step runs on this side stream, in launch order (the loop thread never waits on it)
         self.stream = side_stream(self.device) if self.device.type == "cuda" else None
@@ -447,7 +450,7 @@ class ModelRunner:
     def _forward(self, header: StepHeader, packed: Any, logprobs: LogprobsOnDevice | None) -> Forward:
         """Every rank: unpack the step and run the model up to the logits of the rows that sample (rank 0 also
         computes the prompt log-probabilities asked for)."""
-        step = unpack(header, packed, self.tables, self.device)
+        step = unpack(header, packed, self.tables, self.device, self.staging)
         if header.num_new_rows:
             self.sampler.set_rows(step.new_rows)
         if header.graph:

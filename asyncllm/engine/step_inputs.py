@@ -168,33 +168,51 @@ class RowTables:
         self.device.view(-1).index_copy_(0, torch.add(dev[:, 1], dev[:, 0], alpha=width), dev[:, 2])
 
 
-@dataclass
 class Step:
-    """One step unpacked on the device (and the host arrays the attention plan needs)."""
+    """One step unpacked on the device: the packed array copied whole, its parts as views made when first read (a
+    decode step replayed from a graph reads only a few of them), and the host parts the attention plan needs."""
 
-    header: StepHeader
-    packed: torch.Tensor  # the whole packed array on the device
-    ids: torch.Tensor  # [T] as packed: ids, or -(k + 1) for the previous step's k-th sampled id
-    positions: torch.Tensor  # [T]
-    rows: torch.Tensor  # [B]
-    query_start_loc: torch.Tensor  # [B + 1]
-    sample_seqs: torch.Tensor  # [S]
-    host_positions: np.ndarray
-    host_rows: np.ndarray
-    host_qsl: np.ndarray
-    new_rows: torch.Tensor  # [P, 6]
-    prompt_lp: torch.Tensor  # [L] tokens whose logits are reported
+    def __init__(self, header: StepHeader, packed: torch.Tensor, host: np.ndarray) -> None:
+        self.header, self.packed, self.host = header, packed, host
+        self.sizes = header.sizes()
+        self.starts = np.cumsum([0] + [even(n) for n in self.sizes]).tolist()
+
+    def part(self, k: int) -> torch.Tensor:
+        return self.packed[self.starts[k] : self.starts[k] + self.sizes[k]]
+
+    def host_part(self, k: int) -> np.ndarray:
+        return self.host[self.starts[k] : self.starts[k] + self.sizes[k]]
+
+    ids = property(lambda self: self.part(0))  # [T] as packed: ids, or -(k + 1) for the previous step's k-th sampled id
+    positions = property(lambda self: self.part(1))  # [T]
+    rows = property(lambda self: self.part(2))  # [B]
+    query_start_loc = property(lambda self: self.part(3))  # [B + 1]
+    sample_seqs = property(lambda self: self.part(4))  # [S]
+    new_rows = property(lambda self: self.part(6).view(-1, NEW_ROW_FIELDS))  # [P, 6]
+    prompt_lp = property(lambda self: self.part(7))  # [L] tokens whose logits are reported
+    host_positions = property(lambda self: self.host_part(1))
+    host_rows = property(lambda self: self.host_part(2))
+    host_qsl = property(lambda self: self.host_part(3))
 
 
-def unpack(header: StepHeader, packed: np.ndarray, tables: RowTables, device: torch.device) -> Step:
-    """The packed array on the device in one copy; the table updates applied (host and device)."""
-    sizes = header.sizes()
-    dev = to_device(packed, device)
-    d = [part[:n] for part, n in zip(dev.split([even(n) for n in sizes]), sizes)]
-    h = [part[:n] for part, n in zip(np.split(packed, np.cumsum([even(n) for n in sizes])[:-1]), sizes)]
+# page-locked staging buffers of packed steps (int64s each; a larger step takes a pinned copy of its own)
+PACKED_STAGING = 1 << 16
+
+
+def unpack(header: StepHeader, packed: np.ndarray, tables: RowTables, device: torch.device,
+           staging: HostRing | None = None) -> Step:
+    """The packed array on the device in one copy (through `staging` when it fits); the table updates applied
+    (host and device)."""
+    if staging is not None and len(packed) <= PACKED_STAGING:
+        buf = staging.take(len(packed))
+        buf.numpy()[:] = packed
+        dev = buf.to(device, non_blocking=True)
+    else:
+        dev = to_device(packed, device)
+    step = Step(header, dev, packed)
     if header.num_updates:
-        tables.apply(h[5].reshape(-1, 3), d[5].view(-1, 3))
-    return Step(header, dev, d[0], d[1], d[2], d[3], d[4], h[1], h[2], h[3], d[6].view(-1, NEW_ROW_FIELDS), d[7])
+        tables.apply(step.host_part(5).reshape(-1, 3), step.part(5).view(-1, 3))
+    return step
 
 
 def feed_ids(ids: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
