@@ -17,6 +17,7 @@ Host cost per step: L + 1 graph launches and L attention calls instead of ~10 L 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -101,11 +102,13 @@ class PiecewiseGraphs:
         # size -> (its L + 1 pieces, the hidden states the last one writes)
         self.pieces: dict[int, tuple[list[torch.cuda.CUDAGraph], torch.Tensor]] = {}
         self.layers: list[tuple[torch.Tensor, float]] = []
+        t = time.perf_counter()
         with torch.inference_mode():
             for size in reversed(self.sizes):  # largest first: the smaller ones reuse its pool memory
                 self._capture(size, stream)
-        log.info("captured piecewise CUDA graphs (%d pieces each) for steps of up to %d tokens: %s",
-                 len(layers) + 1, top, self.sizes)
+        self.capture_s = time.perf_counter() - t
+        log.info("captured piecewise CUDA graphs (%d pieces each) for steps of up to %d tokens in %.1f s: %s",
+                 len(layers) + 1, top, self.capture_s, self.sizes)
 
     def _run(self, size: int, capture: bool) -> tuple[_Cut, torch.Tensor]:
         cut = _Cut(self, size, capture)
