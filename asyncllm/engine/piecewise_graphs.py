@@ -86,6 +86,7 @@ class PiecewiseGraphs:
     def __init__(self, model: Any, backend: GraphAttentionBackend, layers: list[Attention], max_tokens: int,
                  stream: torch.cuda.Stream) -> None:
         self.model, self.backend, self.attention = model, backend, layers
+        self.max_tokens = max_tokens
         self.sizes = piece_sizes(max_tokens)
         top = self.sizes[-1]
         dev = next(model.parameters()).device
@@ -138,7 +139,7 @@ class PiecewiseGraphs:
         self.pieces[size] = (cut.graphs, hidden)
 
     def fits(self, num_tokens: int) -> bool:
-        return num_tokens <= self.sizes[-1]
+        return num_tokens <= self.max_tokens
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [n, H] of the step's n tokens; the backend is planned for the step."""

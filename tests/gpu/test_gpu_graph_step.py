@@ -177,7 +177,7 @@ def test_piecewise_graph_steps_match_transformers(large_model):
     llm = LLM(str(large_model), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=4096,
               max_num_batched_tokens=200)
     pieces = llm.engine.runner.pieces
-    assert pieces is not None and pieces.sizes[-1] >= 200
+    assert pieces is not None and pieces.max_tokens >= 200
     steps = []
     forward = pieces.forward
     pieces.forward = lambda inputs: steps.append(inputs.meta.query_lens_cpu) or forward(inputs)
