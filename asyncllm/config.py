@@ -30,7 +30,8 @@ class EngineConfig:
         None, "token budget per step (chunked prefill); default by model size: 8192 up to 1B parameters per GPU, "
               "down to 2048 from 4B; 2048 on CPU", lo=1)
     # While requests decode, hold new prompts back for up to this many steps until they fill half a step's token
-    # budget: a step that prefills costs more than a decode step, so fewer, fuller ones may cost the running requests less.
+    # budget: a step that prefills costs more than a decode step, so fewer, fuller ones may cost the running requests
+    # less.
     max_prefill_delay_steps: int = option(
         0, "steps new prompts may wait, while others decode, to prefill together (0: at once; measured slower on "
            "the H200 at 4, see docs/BENCHMARKS.md)", lo=0)
@@ -46,9 +47,9 @@ class EngineConfig:
     cuda_graph_max_bs: int | None = option(
         None, "largest decode batch replayed from a CUDA graph (default: min(256, max-num-seqs))", lo=1)
     cuda_graph_max_tokens: int | None = option(
-        None, "largest step with prompt tokens replayed from piecewise CUDA graphs (attention eager between layers); "
-              "default: while tokens x parameters per GPU stay under 2^41, at most the step budget, and none under tensor "
-              "parallelism (not run on several GPUs yet); 0 = none", lo=0)
+        None, "largest step with prompt tokens replayed from piecewise CUDA graphs (attention eager between "
+              "layers); default: while tokens x parameters per GPU stay under 2^41, at most the step budget, and "
+              "none under tensor parallelism (not run on several GPUs yet); 0 = none", lo=0)
     tensor_parallel_size: int = option(
         1, "shards over torchrun's processes; must equal --nproc-per-node (1 = whatever torchrun started)", lo=1,
         flags=("--tp",))

@@ -58,8 +58,8 @@ def max_step_tokens(config: EngineConfig, device: torch.device, params_per_rank:
     """Tokens one step may compute (`max_num_batched_tokens`). Default on a GPU: what keeps a step's prefill
     work near 8192 tokens x 1B parameters (8192 tokens for models up to 1B parameters per GPU, down to 2048
     from 4B): a burst of new prompts is prefilled in few steps (a step that prefills costs the host more than a
-    decode step, so small models gain most from fewer of them), while a step that prefills still ends soon for the running
-    requests' next tokens (larger models). 2048 on CPU. Never fewer than max_num_seqs (one decode token each)."""
+    decode step, so small models gain most from fewer of them), while a step that prefills still ends soon for the
+    running requests' next tokens (larger models). 2048 on CPU. Never fewer than max_num_seqs (one decode token each)."""
     if config.max_num_batched_tokens is not None:
         return config.max_num_batched_tokens
     if device.type != "cuda":
@@ -247,7 +247,8 @@ class ModelRunner:
         if limit == 0:
             return None
         assert self.stream is not None
-        return PiecewiseGraphs(self.model, self.backend, self.attention_layers, limit, self.stream)  # type: ignore[arg-type]
+        backend: Any = self.backend  # a GPU backend (graphs are on): it has `attend`
+        return PiecewiseGraphs(self.model, backend, self.attention_layers, limit, self.stream)
 
     # ---- KV cache -------------------------------------------------------------------------------------------
     def _allocate_kv_cache(self, num_blocks: int) -> None:

@@ -273,7 +273,8 @@ class ChatCompletionRequest(_Generation):
 # A completion's prompt: the usual shapes tried first, strictly, then the lax union (the result is the union's: a
 # strict match is the one its smart mode picks). The smart union alone took ~90 us for a prompt of 550 token ids.
 Prompt = Annotated[
-    StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]] | str | list[str] | list[int] | list[list[int]],
+    StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    | str | list[str] | list[int] | list[list[int]],
     Field(union_mode="left_to_right"),
 ]
 

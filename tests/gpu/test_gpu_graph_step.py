@@ -1,5 +1,5 @@
-"""The whole decode step in CUDA graphs, steps with prompt tokens in piecewise ones: sampling inside the graph on every path, a model shape like the
-benchmarks' (head_dim 128, 32k vocabulary, hidden 2048, contexts over 4k tokens, padded graph sizes above 8), and
+"""The whole decode step in CUDA graphs, steps with prompt tokens in piecewise ones: sampling inside the graph
+on every path, a model shape like the benchmarks' (head_dim 128, 32k vocabulary, hidden 2048, contexts over 4k tokens, padded graph sizes above 8), and
 no Triton compilation once the engine has started."""
 from __future__ import annotations
 
