@@ -83,6 +83,11 @@ class EngineMetrics:
                                     model_name)
         self.e2e = LatencyHistogram("asyncllm:e2e_request_latency_seconds", "Request latency.", _LATENCY_BUCKETS, r,
                                     model_name)
+        # time to first token = queue (arrival -> first admission) + prefill (admission -> first token delivered)
+        self.queue_time = LatencyHistogram("asyncllm:request_queue_time_seconds", "Time from arrival to first "
+                                           "admission.", _LATENCY_BUCKETS, r, model_name)
+        self.prefill_time = LatencyHistogram("asyncllm:request_prefill_time_seconds", "Time from first admission "
+                                             "to the first token.", _LATENCY_BUCKETS, r, model_name)
         r.register(_Gauges(read_gauges, model_name))
 
     def finished(self, reason: str) -> None:

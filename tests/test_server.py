@@ -119,7 +119,8 @@ def test_other_routes(server):
     for name in ("asyncllm:num_requests_running", "asyncllm:kv_cache_usage_perc", "asyncllm:prompt_tokens_total",
                  "asyncllm:generation_tokens_total", "asyncllm:num_preemptions_total",
                  "asyncllm:time_to_first_token_seconds_bucket", "asyncllm:inter_token_latency_seconds_bucket",
-                 "asyncllm:e2e_request_latency_seconds_bucket", "asyncllm:client_disconnects_total"):
+                 "asyncllm:e2e_request_latency_seconds_bucket", "asyncllm:client_disconnects_total",
+                 "asyncllm:request_queue_time_seconds_bucket", "asyncllm:request_prefill_time_seconds_bucket"):
         assert name in metrics
     samples = [line for line in metrics.splitlines() if line.startswith("asyncllm:")]
     assert samples and all(f'model_name="{MODEL}"' in line for line in samples)  # dashboards filter on it
@@ -508,11 +509,13 @@ def test_return_token_ids_stream_and_non_stream(server):
 
 async def test_metrics_count_every_streamed_token(local):
     """Push delivery still counts every token: generation tokens, one TTFT per request, one inter-token gap per
-    later token, whatever the stream interval and n."""
+    later token, whatever the stream interval and n; each TTFT splits into queue time + prefill time."""
     engine, url = local
     get = engine.metrics.value
-    before = {k: get(k) or 0.0 for k in ("asyncllm:generation_tokens_total", "asyncllm:time_to_first_token_seconds_count",
-                                        "asyncllm:inter_token_latency_seconds_count")}
+    split = [f"asyncllm:{name}_seconds_{part}" for name in ("time_to_first_token", "request_queue_time",
+                                                            "request_prefill_time") for part in ("count", "sum")]
+    before = {k: get(k) or 0.0 for k in ("asyncllm:generation_tokens_total", "asyncllm:inter_token_latency_seconds_count",
+                                        *split)}
     bodies = [{"prompt": [5, 6, 7], "max_tokens": 9 + i, "ignore_eos": True, "stream": i % 2 == 0, "n": 1 + i % 3,
                "temperature": 0} for i in range(6)]
     async with aiohttp.ClientSession(headers=AUTH) as s:
@@ -529,9 +532,12 @@ async def test_metrics_count_every_streamed_token(local):
     requests = sum(b["n"] for b in bodies)
     assert tokens == sum(b["max_tokens"] * b["n"] for b in bodies)
     assert get("asyncllm:generation_tokens_total") - before["asyncllm:generation_tokens_total"] == tokens
-    assert get("asyncllm:time_to_first_token_seconds_count") - before["asyncllm:time_to_first_token_seconds_count"] == requests
     assert (get("asyncllm:inter_token_latency_seconds_count") - before["asyncllm:inter_token_latency_seconds_count"]
             == tokens - requests)
+    ttft_n, ttft_s, queue_n, queue_s, prefill_n, prefill_s = (get(k) - before[k] for k in split)
+    assert ttft_n == queue_n == prefill_n == requests
+    assert queue_s >= 0 and prefill_s > 0
+    assert queue_s + prefill_s == pytest.approx(ttft_s)  # both from the request's arrival to its first token
 
 
 def test_model_directory_may_be_positional():

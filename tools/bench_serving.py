@@ -5,7 +5,9 @@ The server runs in its own process; streaming `/v1/completions` clients run in -
 (each with its share of the concurrency), prompts are random token ids (length uniform in --input-len), every
 request asks for --output-len tokens with `ignore_eos`, --requests-per-slot x concurrency requests per level.
 Reported per level (field names as `vllm bench serve`'s): output_throughput (tok/s), request_throughput, ttft_ms
-and itl_ms (mean / p50 / p99; an ITL is the gap between two streamed chunks), the server process's CPU time per
+and itl_ms (mean / p50 / p99; an ITL is the gap between two streamed chunks), the server's split of time to first
+token (server_queue_ms_mean: arrival to admission, server_prefill_ms_mean: admission to first token, from its
+/metrics; the client's TTFT adds HTTP and request handling), the server process's CPU time per
 streamed token and its CPU use in cores (from /proc), then `LLM.generate` on the same requests in a fresh process
 with max_num_seqs = the concurrency once the server has exited (timed as a whole, after a warm-up), and
 http_over_offline.
@@ -132,6 +134,21 @@ def start_server(args: argparse.Namespace, extra: list[str]) -> tuple[subprocess
     raise RuntimeError("the server did not start")
 
 
+def ttft_split(url: str) -> dict[str, float]:
+    """The server's cumulative (sum, count) of queue and prefill time (/metrics), for the TTFT split of a level."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics") as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name.startswith(("asyncllm:request_queue_time_seconds_", "asyncllm:request_prefill_time_seconds_")) \
+                and name.endswith(("_sum", "_count")):
+            out[name] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def level(args: argparse.Namespace, url: str, pid: int, concurrency: int, prompts: list[list[int]]) -> dict:
     bodies = [{"prompt": p, "max_tokens": args.output_len, "ignore_eos": True, "temperature": 0, "stream": True,
                "stream_options": {"include_usage": True}} for p in prompts]
@@ -147,9 +164,11 @@ def level(args: argparse.Namespace, url: str, pid: int, concurrency: int, prompt
         p.start()
     while time.time() < start_at:
         time.sleep(0.001)
+    split0 = ttft_split(url)
     cpu0, t0 = cpu_seconds(pid), time.perf_counter()
     results = [r for _ in procs for r in q.get()]
     wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+    split = {k: v - split0.get(k, 0.0) for k, v in ttft_split(url).items()}
     for p in procs:
         p.join()
     errors = [r[2] for r in results if r[2]]
@@ -164,7 +183,11 @@ def level(args: argparse.Namespace, url: str, pid: int, concurrency: int, prompt
     return dict(concurrency=concurrency, requests=len(bodies), completed=len(results) - len(errors),
                 errors=errors[:3], output_tokens=tokens, duration_s=round(wall, 3),
                 request_throughput=round(len(results) / wall, 2), output_throughput=round(tokens / wall, 1),
-                ttft_ms=stats(ttft), itl_ms=stats(itl), server_cpu_s=round(cpu, 3),
+                ttft_ms=stats(ttft), itl_ms=stats(itl),
+                **{f"server_{part}_ms_mean": round(1e3 * split.get(f"asyncllm:request_{part}_time_seconds_sum", 0.0)
+                                                   / max(1.0, split.get(f"asyncllm:request_{part}_time_seconds_count", 0.0)), 2)
+                   for part in ("queue", "prefill")},
+                server_cpu_s=round(cpu, 3),
                 server_cpu_cores=round(cpu / wall, 3), server_cpu_us_per_token=round(cpu / max(1, tokens) * 1e6, 2))
 
 

@@ -83,7 +83,7 @@ class RequestStream:
         self.new_ids: list[int] = []
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
-        self.t_arrival = self.t_last = time.monotonic()
+        self.t_arrival = self.t_last = req.arrival_time  # time.monotonic() when the request was made
         self.num_tokens = 0  # output tokens delivered to this stream
         self.num_taken = -1  # output tokens taken (-1: nothing taken yet)
 
@@ -373,6 +373,7 @@ class AsyncEngine:
             stream.new_ids.append(token)
             if n == 0:
                 ttft.observe(now - stream.t_arrival)
+                self._first_token(req, now)
             else:
                 itl.observe(now - stream.t_last)
             stream.num_tokens = n + 1
@@ -384,6 +385,12 @@ class AsyncEngine:
                 self._end(stream, req.finish_reason or "stop")
             elif n == 0 or len(stream.new_ids) >= interval:  # the first token goes out at once
                 self._notify(stream)
+
+    def _first_token(self, req: Request, now: float) -> None:
+        """Split a request's time to first token: waiting for admission, then prefilled until delivered."""
+        m = self.metrics
+        m.queue_time.observe(req.scheduled_time - req.arrival_time)
+        m.prefill_time.observe(now - req.scheduled_time)
 
     def _notify(self, stream: RequestStream) -> None:
         try:

@@ -13,7 +13,7 @@ from typing import Any
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from asyncllm.config import EngineConfig
-from asyncllm.engine.detokenizer import IncrementalDetokenizer
+from asyncllm.engine.detokenizer import IncrementalDetokenizer, token_decoder
 from asyncllm.engine.grammar import Grammars, HostMasks, accept_tokens
 from asyncllm.engine.kv_cache import BlockManager
 from asyncllm.engine.request import Request
@@ -108,6 +108,8 @@ class EngineCore:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, max_tokens, self.max_model_len,
                                                    config.max_prefill_delay_steps), self.blocks)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
+        if self.tokenizer is not None and self.runner.tp.is_leader:  # not at the first request, on the loop thread
+            token_decoder(self.tokenizer).warm_up()
         self.sampling_defaults = sampling_defaults(self.model_dir) if config.generation_config == "auto" else {}
         if self.sampling_defaults:
             log.info("sampling defaults from generation_config.json: %s", self.sampling_defaults)

@@ -65,6 +65,12 @@ class TokenDecoder:
             self._tables[skip_special_tokens] = (raw, [_whole_text(b) for b in raw])
         return self._tables[skip_special_tokens]
 
+    def warm_up(self) -> None:
+        """Build the byte tables now (~0.1 s for a 150k vocabulary) rather than inside the first request."""
+        if self.byte_level:
+            self.table(True)
+            self.table(False)
+
     def token_bytes(self, token_id: int) -> bytes:
         """One token's bytes on its own (special tokens included; b"" outside the vocabulary)."""
         if self.byte_level:

@@ -23,6 +23,7 @@ class Request:
     max_tokens: int  # resolved: params.max_tokens or what fits in max_model_len
     eos_token_ids: frozenset[int]
     arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float = 0.0  # time.monotonic() at its first admission (0: not admitted yet)
     token_ids: list[int] = field(init=False)  # prompt + output so far
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache (or scheduled into it)
     block_table: list[int] = field(default_factory=list)

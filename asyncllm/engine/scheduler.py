@@ -18,6 +18,8 @@ on one CUDA stream, so a later step's writes come after the in-flight step's rea
 """
 from __future__ import annotations
 
+import time
+
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -180,6 +182,7 @@ class Scheduler:
             req.num_cached_blocks = len(cached)
             if req.num_cached_tokens < 0:  # first admission: what the client is told was cached
                 req.num_cached_tokens = computed
+                req.scheduled_time = time.monotonic()
                 self.stats.cache_queries += req.num_tokens
                 self.stats.cache_hits += computed
             req.status = RequestStatus.RUNNING
