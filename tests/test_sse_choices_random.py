@@ -35,7 +35,7 @@ class Engine:
     def open(self, ids: list[int], params: SamplingParams, notify) -> RequestStream:
         rid = f"r{len(self.produced)}"
         req = SimpleNamespace(request_id=rid, num_prompt_tokens=len(ids), num_cached_tokens=0, max_tokens=params.max_tokens,
-                              output_logprobs=None, prompt_logprobs=None)
+                              output_logprobs=None, prompt_logprobs=None, arrival_time=0.0)
         stream = RequestStream(req, None, notify)  # type: ignore[arg-type]
         self.live.append(stream)
         self.produced[rid] = []
