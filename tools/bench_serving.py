@@ -162,9 +162,9 @@ def level(args: argparse.Namespace, url: str, pid: int, concurrency: int, prompt
              for share, slot in zip(shares, slots)]
     for p in procs:
         p.start()
+    split0 = ttft_split(url)  # before the clients start sending
     while time.time() < start_at:
         time.sleep(0.001)
-    split0 = ttft_split(url)
     cpu0, t0 = cpu_seconds(pid), time.perf_counter()
     results = [r for _ in procs for r in q.get()]
     wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
