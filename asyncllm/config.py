@@ -90,14 +90,12 @@ class EngineConfig:
             raise InvalidRequestError("stream_interval must be a positive integer", "stream_interval")
         if not isinstance(self.max_prefill_delay_steps, int) or self.max_prefill_delay_steps < 0:
             raise InvalidRequestError("max_prefill_delay_steps must be a non-negative integer", "max_prefill_delay_steps")
-        for name in ("max_model_len", "num_kv_blocks", "kv_cache_memory_bytes", "cuda_graph_max_bs"):
+        for name, lo in (("max_model_len", 1), ("num_kv_blocks", 1), ("kv_cache_memory_bytes", 1),
+                         ("cuda_graph_max_bs", 1), ("cuda_graph_max_tokens", 0)):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}", name)
-        if self.cuda_graph_max_tokens is not None and (
-                not isinstance(self.cuda_graph_max_tokens, int) or self.cuda_graph_max_tokens < 0):
-            raise InvalidRequestError(f"cuda_graph_max_tokens must be a non-negative integer, got "
-                                      f"{self.cuda_graph_max_tokens!r}", "cuda_graph_max_tokens")
+            if value is not None and (not isinstance(value, int) or value < lo):
+                kind = "a positive" if lo else "a non-negative"
+                raise InvalidRequestError(f"{name} must be {kind} integer, got {value!r}", name)
         if self.tensor_parallel_size < 1:
             raise InvalidRequestError("tensor_parallel_size must be at least 1", "tensor_parallel_size")
 

@@ -57,7 +57,7 @@ class _Cut:
     def __init__(self, owner: PiecewiseGraphs, size: int, capture: bool) -> None:
         self.owner, self.size, self.capture = owner, size, capture
         self.graphs: list[torch.cuda.CUDAGraph] = []
-        self.layers: list[tuple[torch.Tensor, float]] = []  # each layer's (kv_cache, scale), in call order
+        self.calls = 0  # attention layers met so far
         if capture:
             self._begin()
 
@@ -73,9 +73,10 @@ class _Cut:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float,
                 rotary: Rotary | None = None) -> torch.Tensor:
         o, t = self.owner, self.size
+        assert kv_cache is o.layers[self.calls][0], "attention layers ran out of module order"
+        self.calls += 1
         store_new_kv(o.backend.kernels, q, k, v, kv_cache, o.slots[:t], rotary)
         o.q[:t].copy_(q)
-        self.layers.append((kv_cache, scale))
         if self.capture:
             self.end()
             self._begin()
@@ -102,7 +103,8 @@ class PiecewiseGraphs:
         self.capture_stream = getattr(torch.cuda.graph, "default_capture_stream", None) or torch.cuda.Stream(dev)
         # size -> (its L + 1 pieces, the hidden states the last one writes)
         self.pieces: dict[int, tuple[list[torch.cuda.CUDAGraph], torch.Tensor]] = {}
-        self.layers: list[tuple[torch.Tensor, float]] = []
+        # what attention i between pieces i and i + 1 reads: its layer's cache and scale (layers in call order)
+        self.layers = [(layer.kv_cache, layer.scale) for layer in layers]
         t = time.perf_counter()
         with torch.inference_mode():
             for size in reversed(self.sizes):  # largest first: the smaller ones reuse its pool memory
@@ -135,7 +137,6 @@ class PiecewiseGraphs:
             cut, hidden = self._run(size, capture=True)
         torch.cuda.synchronize()
         assert len(cut.graphs) == len(self.attention) + 1, "a layer's attention was not cut"
-        self.layers = cut.layers
         self.pieces[size] = (cut.graphs, hidden)
 
     def fits(self, num_tokens: int) -> bool:
