@@ -66,3 +66,68 @@ def _without_byte_level(init):
         self.byte_level = False
 
     return patched
+
+
+class _QuadraticDetokenizer:
+    """The plain model of IncrementalDetokenizer's contract: the whole text kept in one string, a stop string looked
+    for where it can end, take() hands out all but the last `hold` characters."""
+
+    def __init__(self, pieces, stops: list[str], include: bool) -> None:
+        self.pieces, self.stops, self.include = pieces, stops, include
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def push(self, piece: str) -> bool:
+        if self.stopped or not piece:
+            return self.stopped
+        search_from = max(0, len(self.text) - self.hold)
+        self.text += piece
+        hits = [(i, s) for s in self.stops if (i := self.text.find(s, search_from)) >= 0]
+        if hits:
+            i, s = min(hits)
+            self.text, self.stopped = self.text[: i + len(s) if self.include else i], True
+        return self.stopped
+
+    def take(self, final: bool) -> str:
+        end = len(self.text) if final or self.stopped else max(self.emitted, len(self.text) - self.hold)
+        delta, self.emitted = self.text[self.emitted : end], end
+        return delta
+
+
+@pytest.mark.parametrize("tail_chars", [1, 7, 4096])
+def test_linear_text_equals_the_plain_model_on_random_streams(tok, monkeypatch, tail_chars):
+    """Random ids, stop strings (cut from the text itself, so they hit, or not), takes at random moments, the tail
+    spilled into parts often (small TAIL_CHARS): the same stops, deltas and final text as the plain model."""
+    from asyncllm.engine import detokenizer
+
+    monkeypatch.setattr(detokenizer, "TAIL_CHARS", tail_chars)
+    rng = random.Random(tail_chars)
+    vocab = [i for i in range(200, 3000)] + tok.encode("日本語のテキスト 🎉 — naïve")
+    for _ in range(200):
+        ids = [rng.choice(vocab) for _ in range(rng.randint(1, 120))]
+        full = tok.decode(ids)
+        stops = []
+        for _ in range(rng.randint(0, 3)):
+            a = rng.randrange(max(1, len(full)))
+            stops.append(full[a : a + rng.randint(1, 8)] if rng.random() < 0.7 else "".join(rng.choice("ab日🎉 ") for _ in range(3)))
+        stops = [s for s in stops if s]
+        include = rng.random() < 0.5
+        detok = IncrementalDetokenizer(tok, [1, 2, 3], SamplingParams(stop=stops, include_stop_str_in_output=include))
+        pieces = token_decoder(tok).stream([1, 2, 3], True)
+        model = _QuadraticDetokenizer(pieces, stops, include)
+        got, want = [], []
+        for t in ids:
+            stopped = detok.push(t)
+            assert stopped == model.push(pieces.step(t))
+            if stopped or rng.random() < 0.3:
+                got.append(detok.take(final=stopped))
+                want.append(model.take(final=stopped))
+                assert got[-1] == want[-1]
+            if stopped:
+                break
+        else:
+            model.push(pieces.flush())
+            assert detok.finish() == model.text
+            got.append(detok.take(final=True))
+            want.append(model.take(final=True))
+        assert got == want and "".join(got) == model.text == detok.text, (ids, stops, include)

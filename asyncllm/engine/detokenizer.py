@@ -144,15 +144,33 @@ def token_decoder(tokenizer: Any) -> TokenDecoder:
     return decoder
 
 
+# characters kept in IncrementalDetokenizer's tail string before its head moves into the list of parts (the tail is
+# copied once per token; the whole text never is)
+TAIL_CHARS = 4096
+
+
 class IncrementalDetokenizer:
+    """One request's output text, token by token, cut at its first stop string. Linear in the output's length: the
+    text is a list of parts plus a short tail string (never one string copied per token); a stop string is looked
+    for only where it can end, in the new piece, starting at most `hold` characters before it."""
+
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self._stream = token_decoder(tokenizer).stream(prompt_token_ids, params.skip_special_tokens)
         self._stops = list(params.stop)
         self._include_stop = params.include_stop_str_in_output
+        # characters at the end that could still start a stop string: never handed out before the next piece
         self._hold = max((len(s) for s in self._stops), default=1) - 1
-        self.text = ""  # all output text so far, cut at a stop string once one matched
-        self._emitted = 0  # characters of `text` already handed out
+        # Invariant: text = "".join(_taken) + "".join(_parts) + _tail; `take` has handed out exactly _taken; _tail
+        # holds at least the last `_hold` characters of the text (all of it when it is shorter).
+        self._taken: list[str] = []
+        self._parts: list[str] = []
+        self._tail = ""
         self.stopped = False  # a stop string matched
+
+    @property
+    def text(self) -> str:
+        """All output text so far, cut at a stop string once one matched (joined on each call)."""
+        return "".join(self._taken) + "".join(self._parts) + self._tail
 
     def push(self, token_id: int) -> bool:
         """Add one token; True when a stop string matched (the text is cut and no more tokens count)."""
@@ -161,28 +179,36 @@ class IncrementalDetokenizer:
         piece = self._stream.step(token_id)
         if not piece:
             return False
-        search_from = max(0, len(self.text) - self._hold)  # a new match must end inside the new piece
-        self.text += piece
+        search_from = max(0, len(self._tail) - self._hold)  # a new match must end inside the new piece
+        tail = self._tail + piece
         if self._stops:
-            hits = [(i, s) for s in self._stops if (i := self.text.find(s, search_from)) >= 0]
+            hits = [(i, s) for s in self._stops if (i := tail.find(s, search_from)) >= 0]
             if hits:
                 i, s = min(hits)
-                self.text = self.text[: i + len(s) if self._include_stop else i]
+                tail = tail[: i + len(s) if self._include_stop else i]
                 self.stopped = True
+        if len(tail) > TAIL_CHARS + self._hold:  # the head moves into the parts; the last `hold` characters stay
+            cut = len(tail) - self._hold
+            self._parts.append(tail[:cut])
+            tail = tail[cut:]
+        self._tail = tail
         return self.stopped
 
     def finish(self) -> str:
         """The output ended: add what the decoder still holds (no stop string is looked for in it). Returns
         `text`."""
         if not self.stopped:
-            self.text += self._stream.flush()
+            self._tail += self._stream.flush()
         return self.text
 
     def take(self, final: bool) -> str:
         """The text not handed out yet, minus what could still start a stop string unless `final`."""
-        if final:
-            self.finish()
-        end = len(self.text) if final or self.stopped else max(self._emitted, len(self.text) - self._hold)
-        delta = self.text[self._emitted : end]
-        self._emitted = end
+        if final and not self.stopped:
+            self._tail += self._stream.flush()
+        pending = "".join(self._parts) + self._tail if self._parts else self._tail
+        keep = 0 if final or self.stopped else self._hold
+        n = max(0, len(pending) - keep)
+        delta, self._tail, self._parts = pending[:n], pending[n:], []
+        if delta:
+            self._taken.append(delta)
         return delta
