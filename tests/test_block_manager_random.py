@@ -87,8 +87,10 @@ def test_random_operations_keep_invariants(num_blocks, evict_batch, ops):
         elif kind == "step" and r is not None:  # as the scheduler: offer the blocks this step fills, then run it
             k = min(len(r["table"]), r["written"] + o[2])
             table_before = list(r["table"])
-            # with the hint (as the scheduler passes it) the blocks offered since the last offer extend the tree
-            ok = bm.cache_blocks(r["tokens"][: k * BS], r["table"], r["written"], r["cached"] if o[3] else 0)
+            # with the hint (as the scheduler passes it) the blocks offered since the last offer extend the tree;
+            # the scheduler passes all of a request's tokens and the block count, the hint-less form a slice
+            ok = bm.cache_blocks(r["tokens"], r["table"], r["written"], r["cached"], k) if o[3] else \
+                bm.cache_blocks(r["tokens"][: k * BS], r["table"], r["written"])
             changed = [j for j in range(len(table_before)) if table_before[j] != r["table"][j]]
             assert all(j < r["written"] for j in changed), "swapped a block still being written"
             if ok:  # the offered blocks are a cached path now

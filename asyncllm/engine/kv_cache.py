@@ -91,9 +91,9 @@ class BlockManager:
         return blocks
 
     def cache_blocks(self, tokens: Sequence[int], table: list[int], num_written: int | None = None,
-                     num_cached: int = 0) -> bool:
-        """Offer a request's full blocks to the prefix cache: `table[:k]` holds `tokens` (k = len(tokens) //
-        block_size) and the request holds a reference to each.
+                     num_cached: int = 0, num_blocks: int | None = None) -> bool:
+        """Offer a request's full blocks to the prefix cache: `table[:k]` holds `tokens[:k * block_size]` (k =
+        `num_blocks`, default len(tokens) // block_size) and the request holds a reference to each.
 
         Where the tree already holds other blocks for a prefix of `tokens` (another request computed the same
         prefix), the request first adopts the tree's blocks (a reference taken on each, its own copies freed, `table`
@@ -105,7 +105,7 @@ class BlockManager:
         if self.cache is None:
             return False
         bs = self.block_size
-        k = len(tokens) // bs
+        k = len(tokens) // bs if num_blocks is None else num_blocks
         if 0 < num_cached < k and self.cache.extend(table[num_cached - 1], tokens[num_cached * bs : k * bs],
                                                     table[num_cached:k]):
             return True  # the usual case during decode: one lookup, no walk
@@ -114,7 +114,7 @@ class BlockManager:
             return True
         except PrefixConflict:  # nothing was inserted; the walk may have split nodes, which changes no content
             pass
-        path = self.cache.peek(tokens)  # another request's copies start at `own`
+        path = self.cache.peek(tokens[: k * bs])  # another request's copies start at `own`
         own = next(j for j, (a, b) in enumerate(zip(path, table)) if a != b)
         if len(path) > (k if num_written is None else num_written):
             return False

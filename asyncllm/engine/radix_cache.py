@@ -1,7 +1,8 @@
 """Radix tree over full KV blocks, keyed by token ids (pure Python, no tensors).
 
-An edge holds a run of whole blocks: `tokens` (a multiple of block_size) and the block ids that hold their K/V.
-Children are keyed by their first block's tokens. A match that ends inside an edge splits it there, so nodes stay
+An edge holds a run of whole blocks: `chunks` (one tuple of block_size token ids per block) and the block ids that
+hold their K/V. Children are keyed by their first chunk. A request's decode extends its leaf in place, at a cost of
+the new blocks only (never a copy of the whole edge). A match that ends inside an edge splits it there, so nodes stay
 aligned with what requests share. The tree never decides whether a block is in use: `evict` asks the block
 manager (`unused(block)`).
 
@@ -24,18 +25,22 @@ class PrefixConflict(ValueError):
 
 
 class Node:
-    __slots__ = ("tokens", "blocks", "children", "parent", "last_access")
+    __slots__ = ("chunks", "blocks", "children", "parent", "last_access")
 
-    def __init__(self, tokens: Key, blocks: list[int], parent: "Node | None") -> None:
-        self.tokens, self.blocks, self.parent = tokens, blocks, parent
+    def __init__(self, chunks: list[Key], blocks: list[int], parent: "Node | None") -> None:
+        self.chunks, self.blocks, self.parent = chunks, blocks, parent  # chunks[j]: the tokens of blocks[j]
         self.children: dict[Key, Node] = {}
         self.last_access = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for c in self.chunks for t in c]
 
 
 class RadixCache:
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
-        self.root = Node((), [], None)
+        self.root = Node([], [], None)
         self.block_node: dict[int, Node] = {}  # every cached block -> the node holding it
         self._clock = itertools.count(1)  # logical time for LRU
 
@@ -52,13 +57,12 @@ class RadixCache:
 
     def _split(self, node: Node, num_blocks: int) -> Node:
         """Cut `node` after its first num_blocks blocks; returns the new upper node (the old one keeps the rest)."""
-        cut = num_blocks * self.block_size
-        upper = Node(node.tokens[:cut], node.blocks[:num_blocks], node.parent)
+        upper = Node(node.chunks[:num_blocks], node.blocks[:num_blocks], node.parent)
         upper.last_access = node.last_access
         assert node.parent is not None
-        node.parent.children[node.tokens[: self.block_size]] = upper
-        node.tokens, node.blocks, node.parent = node.tokens[cut:], node.blocks[num_blocks:], upper
-        upper.children[node.tokens[: self.block_size]] = node
+        node.parent.children[node.chunks[0]] = upper
+        node.chunks, node.blocks, node.parent = node.chunks[num_blocks:], node.blocks[num_blocks:], upper
+        upper.children[node.chunks[0]] = node
         for b in upper.blocks:
             self.block_node[b] = upper
         return upper
@@ -71,7 +75,7 @@ class RadixCache:
         while i < len(chunks) and (child := node.children.get(chunks[i])) is not None:
             n = len(child.blocks)
             k = 0
-            while k < n and i + k < len(chunks) and child.tokens[k * self.block_size : (k + 1) * self.block_size] == chunks[i + k]:
+            while k < n and i + k < len(chunks) and child.chunks[k] == chunks[i + k]:
                 k += 1
             if k < n:
                 if not split:
@@ -105,12 +109,12 @@ class RadixCache:
         if i == len(chunks):
             return []
         new = list(blocks[i:])
-        leaf = Node(tuple(t for c in chunks[i:] for t in c), new, node)
+        leaf = Node(chunks[i:], new, node)
         leaf.last_access = next(self._clock)
         node.children[chunks[i]] = leaf
         for b in new:
             self.block_node[b] = leaf
-        return new
+        return list(new)  # the leaf's own list grows in place later
 
     def extend(self, after: int, tokens: Sequence[int], blocks: Sequence[int]) -> bool:
         """Cache `blocks` (holding `tokens`) right after the cached block `after`, without walking from the root:
@@ -125,12 +129,12 @@ class RadixCache:
             return False
         new = list(blocks)
         if node.children:  # a branch point: the new blocks are a new leaf
-            leaf = Node(tuple(tokens[: len(new) * self.block_size]), new, node)
+            leaf = Node(chunks, new, node)
             node.children[chunks[0]] = leaf
             node = leaf
-        else:  # a leaf grows (appending keeps the tree's shape: no other path runs through it)
-            node.tokens += tuple(tokens[: len(new) * self.block_size])
-            node.blocks = node.blocks + new
+        else:  # a leaf grows in place (appending keeps the tree's shape: no other path runs through it)
+            node.chunks.extend(chunks)
+            node.blocks.extend(new)
         node.last_access = next(self._clock)
         for b in new:
             self.block_node[b] = node
@@ -150,14 +154,14 @@ class RadixCache:
             take = min(tail, num_blocks - len(freed))
             if take < len(node.blocks):  # trim the leaf's tail: the rest stays cached
                 gone = node.blocks[-take:]
-                node.blocks, node.tokens = node.blocks[:-take], node.tokens[: -take * self.block_size]
+                del node.blocks[-take:], node.chunks[-take:]
                 for b in gone:
                     del self.block_node[b]
                 freed.extend(gone)
                 continue
             parent = node.parent
             assert parent is not None
-            del parent.children[node.tokens[: self.block_size]]
+            del parent.children[node.chunks[0]]
             for b in node.blocks:
                 del self.block_node[b]
             freed.extend(node.blocks)
@@ -185,12 +189,13 @@ class RadixCache:
 
     def check(self, unused: Callable[[int], bool]) -> None:
         """Raise AssertionError if the tree is malformed or an unused block cannot be reached by eviction."""
-        bs, seen = self.block_size, 0
+        seen = 0
         for node in self.nodes():
             parent = node.parent
             assert parent is not None and node.blocks, "a node without blocks or parent"
-            assert len(node.tokens) == len(node.blocks) * bs, "tokens and blocks of a node disagree"
-            assert parent.children.get(node.tokens[:bs]) is node, "a child keyed by the wrong tokens"
+            assert len(node.chunks) == len(node.blocks), "chunks and blocks of a node disagree"
+            assert all(len(c) == self.block_size for c in node.chunks), "a chunk that is not one block"
+            assert parent.children.get(node.chunks[0]) is node, "a child keyed by the wrong tokens"
             for b in node.blocks:
                 assert self.block_node.get(b) is node, f"block {b} indexed under another node"
             seen += len(node.blocks)

@@ -201,7 +201,7 @@ class Scheduler:
                 # may swap only blocks earlier steps wrote (starts[i] // bs) for its own copies of a prefix
                 full = min(req.num_computed_tokens, len(req.token_ids)) // bs
                 if full > req.num_cached_blocks and self.blocks.cache_blocks(
-                        req.token_ids[: full * bs], req.block_table, starts[i] // bs, req.num_cached_blocks):
+                        req.token_ids, req.block_table, starts[i] // bs, req.num_cached_blocks, full):
                     # the cache may have swapped blocks from here on for its own copies: the device resends them
                     req.num_synced_blocks = min(req.num_synced_blocks, req.num_cached_blocks)
                     req.num_cached_blocks = full
