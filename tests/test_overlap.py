@@ -49,6 +49,29 @@ def test_overlap_under_preemption_chunked_prefill_and_prefix_hits(qwen3):
     assert stats.num_preemptions > 0 and stats.cache_hits > 0
 
 
+def test_penalty_counts_under_preemption_row_reuse_and_prefix_hits(qwen3):
+    """Penalty counts live on the device per sampler row: penalized requests must give the tokens they give alone
+    (ample memory, no prefix cache, no overlap) when they run together on a small cache with overlap (preempted
+    and admitted again on other rows, rows reused by other requests, prompt prefixes from the cache, requests
+    without penalties in between)."""
+    shared = random_prompts(1, 49152, 32, 32, seed=41)[0]
+    prompts = [shared + p for p in random_prompts(14, 49152, 4, 40, seed=42)]
+    penalized = dict(temperature=0.0, ignore_eos=True, repetition_penalty=1.4, frequency_penalty=0.6,
+                     presence_penalty=0.4)
+    params = [SamplingParams(max_tokens=12 + 2 * i, **(penalized if i % 3 else dict(temperature=0.0, ignore_eos=True)))
+              for i in range(14)]
+    alone = [run(qwen3, [p], [sp], False, max_model_len=136, enable_prefix_caching=False)[0][0].token_ids
+             for p, sp in zip(prompts, params)]
+    config = dict(max_model_len=136, block_size=8, num_kv_blocks=30, max_num_batched_tokens=24)
+    together, engine = run(qwen3, prompts, params, True, **config)
+    assert [o.token_ids for o in together] == alone
+    stats = engine.scheduler.stats
+    assert stats.num_preemptions > 0 and stats.cache_hits > 0
+    plain = run(qwen3, prompts[1:3], [SamplingParams(max_tokens=p.max_tokens, temperature=0.0, ignore_eos=True)
+                                      for p in params[1:3]], True, max_model_len=136)[0]
+    assert [o.token_ids for o in plain] != alone[1:3]  # the penalties change these outputs
+
+
 def test_overlap_eos_stop_tokens_and_stop_strings(tmp_path, smollm2_dir):
     # a tiny model with a real tokenizer whose EOS is a token greedy decoding produces early
     probe_dir = make_tiny_model(tmp_path / "probe", "qwen3", tokenizer_from=smollm2_dir, seed=24)

@@ -115,20 +115,28 @@ def test_invalid_params(kwargs, param):
 
 
 def test_penalties_shift_the_argmax():
-    from asyncllm.layers.sampler import Penalties
+    from asyncllm.layers.sampler import Penalties, PenaltyCounts, PenaltyRebuild
 
     logits = torch.tensor([[3.0, 2.5, -1.0, 0.0], [3.0, 2.5, -1.0, 0.0]])
-    counts = torch.tensor([[2.0, 0.0, 0.0, 0.0]])
-    pen = Penalties(rows=torch.tensor([1]), output_counts=counts, seen=counts > 0,
-                    presence=torch.tensor([0.3]), frequency=torch.tensor([0.2]), repetition=torch.tensor([1.0]))
+    state = PenaltyCounts(3, 4, torch.device("cpu"))
+    # sampler row 2 holds a request whose output has token 0 twice (the prompt: token 0 too)
+    rebuild = PenaltyRebuild(torch.tensor([2]), torch.tensor([[2, 0], [2, 0]]), torch.tensor([[2, 0], [2, 0], [2, 0]]))
+    pen = Penalties(state, rows=torch.tensor([1]), table_rows=torch.tensor([2]), presence=torch.tensor([0.3]),
+                    frequency=torch.tensor([0.2]), repetition=torch.tensor([1.0]), rebuild=rebuild)
     out = pen.apply(logits.clone())
     assert torch.allclose(out[1], torch.tensor([3.0 - 0.3 - 0.4, 2.5, -1.0, 0.0]))
     assert torch.equal(out[0], logits[0])  # rows without penalties are untouched
+    assert state.counts[:2].eq(0).all() and not state.seen[:2].any()  # other sampler rows are untouched
+    pen.rebuild = None
+    pen.record(torch.tensor([7, 2]))  # logit row 1 sampled token 2: counted from now on
+    assert state.counts[2].tolist() == [2, 0, 1, 0] and state.seen[2].tolist() == [True, False, True, False]
     pen.repetition = torch.tensor([2.0])
-    pen.seen = torch.tensor([[True, False, True, False]])
     pen.presence, pen.frequency = torch.zeros(1), torch.zeros(1)
     assert torch.allclose(pen.apply(logits.clone())[1], torch.tensor([1.5, 2.5, -2.0, 0.0]))  # divide positive, multiply negative
     assert draw(pen.apply(logits.clone()), temperature=0.0).tolist() == [0, 1]
+    pen.rebuild = PenaltyRebuild(torch.tensor([2]), torch.zeros(0, 2, dtype=torch.int64), torch.tensor([[2, 3]]))
+    pen.apply(logits.clone())  # another request took the row: its counts start from its own tokens
+    assert state.counts[2].tolist() == [0, 0, 0, 0] and state.seen[2].tolist() == [False, False, False, True]
 
 
 def test_repetition_penalty_matches_transformers(tiny_models):

@@ -46,7 +46,7 @@ from asyncllm.layers.attention import (
 )
 from asyncllm.layers import kernel_choice
 from asyncllm.layers.kernel_choice import KernelChoice
-from asyncllm.layers.sampler import LogitBias, Penalties, Sampler
+from asyncllm.layers.sampler import LogitBias, Penalties, PenaltyCounts, PenaltyRebuild, Sampler
 from asyncllm.models import build_model
 from asyncllm.models.loader import init_dummy, load_safetensors
 from asyncllm.sampling_params import SamplingParams
@@ -191,6 +191,9 @@ class ModelRunner:
         # per-row state on the device (rows: the scheduler's slots of running requests, + one dummy row)
         self.tables = RowTables(config.max_num_seqs, -(-max_model_len // self.block_size), self.device)
         self.sampler = Sampler(config.max_num_seqs, self.device, fused=fast)
+        # repetition penalties' token counts (rank 0 samples), allocated before the KV cache is sized
+        self.penalty_counts = PenaltyCounts(config.max_num_seqs + 1, hf_config.vocab_size, self.device) \
+            if self.tp.is_leader else None
         self.seed_rng = random.Random(config.seed)  # seeds of requests that bring none
         # the last step's sampled ids (rows [0, num_sampled)): the next step's pending inputs come from here
         self.sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
@@ -344,32 +347,29 @@ class ModelRunner:
         return HostMasks(host_tensor(step.mask_rows, torch.int64, self.device), bitmask)
 
     def _penalties(self, batch: Batch, rows: list[int], sample_index: np.ndarray) -> Penalties | None:
-        """Token counts of the sampling rows that use repetition penalties (work proportional to their lengths,
-        once per step), or None. A token still on the device (overlap scheduling) is counted on the device."""
-        penalized = [(int(sample_index[i]), batch.requests[i], batch.feed[i]) for i in rows
-                     if batch.sample[i]]
-        if not penalized:
+        """The penalties of the sampling rows that use them, or None. Host work per step is per row, plus, once
+        for a request (or again after it moved to another row), its known tokens to rebuild its row's counts."""
+        state = self.penalty_counts
+        assert state is not None, "penalties are applied on rank 0"
+        reqs = [batch.requests[i] for i in rows if batch.sample[i]]
+        if not reqs:
             return None
-        reqs = [r for _, r, _ in penalized]
-        vocab = self.model.config.vocab_size
-        counts = torch.zeros(len(reqs), vocab, dtype=torch.float32)
-        seen = torch.zeros(len(reqs), vocab, dtype=torch.bool)
-        for i, r in enumerate(reqs):
-            out = torch.tensor(r.output_token_ids, dtype=torch.int64)
-            counts[i].index_add_(0, out, torch.ones(len(out)))
-            seen[i, torch.tensor(r.token_ids, dtype=torch.int64)] = True
-        dev = self.device
-        counts, seen = to_device(counts, dev, torch.float32), to_device(seen, dev, torch.bool)
-        pending = [(i, feed) for i, (_, _, feed) in enumerate(penalized) if feed >= 0]
-        if pending:
-            idx = to_device(pending, dev)
-            token = self.sampled[idx[:, 1]]
-            counts.index_put_((idx[:, 0], token), torch.ones(len(pending), device=dev), accumulate=True)
-            seen[idx[:, 0], token] = True
+        stale = [r for r in reqs if state.owner[r.row] is not r]
+        rebuild = None
+        if stale:  # no token of theirs is in flight: a request samples here first, or was admitted again
+            for r in stale:
+                state.owner[r.row] = r
+            output = [np.column_stack((np.full(r.num_output_tokens, r.row), r.output_token_ids)) for r in stale]
+            known = [np.column_stack((np.full(len(r.token_ids), r.row), r.token_ids)) for r in stale]
+            dev = self.device
+            rebuild = PenaltyRebuild(to_device([r.row for r in stale], dev),
+                                     to_device(np.concatenate(output).reshape(-1, 2), dev),
+                                     to_device(np.concatenate(known), dev))
         per_row = to_device([[r.params.presence_penalty for r in reqs], [r.params.frequency_penalty for r in reqs],
-                             [r.params.repetition_penalty for r in reqs]], dev, torch.float32)
-        return Penalties(rows=to_device([row for row, _, _ in penalized], dev), output_counts=counts, seen=seen,
-                         presence=per_row[0], frequency=per_row[1], repetition=per_row[2])
+                             [r.params.repetition_penalty for r in reqs]], self.device, torch.float32)
+        return Penalties(state, rows=to_device([int(sample_index[i]) for i in rows if batch.sample[i]], self.device),
+                         table_rows=to_device([r.row for r in reqs], self.device), presence=per_row[0],
+                         frequency=per_row[1], repetition=per_row[2], rebuild=rebuild)
 
     def _bias(self, batch: Batch, rows: list[int], sample_index: np.ndarray) -> LogitBias | None:
         """logit_bias entries, and -inf for EOS (unless ignore_eos) and stop_token_ids while a row samples an
@@ -488,6 +488,9 @@ class ModelRunner:
             self.graphs.sample(header.num_seqs)
         else:
             self.sampler(logits, fwd.table_rows, fwd.positions, out=self.sampled[:n])
+        for a in adjust:
+            if isinstance(a, Penalties):
+                a.record(self.sampled)
         if logprobs is not None:
             logprobs.sampled_ids(self.sampled[:n])
         return n

@@ -4,7 +4,8 @@ A row of the sampler is a row of the block tables (`Request.row`): its temperatu
 seed are written once when a request takes the row (`set_rows`), and each step gathers them by its rows, so the
 sampling of a decode step has static shapes and runs inside its CUDA graph. Draws are keyed by (seed, position):
 a request's tokens do not depend on the batch it shares. Repetition penalties are applied to the logits before,
-on rank 0, from the requests' token counts (`Penalties`).
+on rank 0, from per-row token counts kept on the device (`PenaltyCounts`, `Penalties`): each step adds the tokens
+its penalized rows sampled, so no step does work proportional to a request's length.
 """
 from __future__ import annotations
 
@@ -19,24 +20,68 @@ GOLDEN = 0x9E3779B9
 MASK32 = 0xFFFFFFFF
 
 
+class PenaltyCounts:
+    """Rank 0, per sampler row: occurrences of each token in the output, and whether it occurs in the prompt or the
+    output, on the device. A row's counts are rebuilt from its request's known tokens when a penalized request
+    first samples on it (`owner` says whose counts a row holds); from then on each step adds the tokens its
+    penalized rows sampled (`Penalties.record`), including those still on their way to the host. Rows of requests
+    without penalties are never written. Memory: rows x vocabulary x 5 bytes, allocated at start-up."""
+
+    def __init__(self, num_rows: int, vocab_size: int, device: torch.device) -> None:
+        self.counts = torch.zeros(num_rows, vocab_size, dtype=torch.int32, device=device)
+        self.seen = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
+        self.owner: list[object | None] = [None] * num_rows  # host side: the request each row's counts belong to
+
+    def rebuild(self, rows: torch.Tensor, output: torch.Tensor, known: torch.Tensor) -> None:
+        """rows [Q]: reset them; output [N, 2] (row, token): one per output token; known [M, 2]: prompt and output
+        tokens (duplicates allowed)."""
+        self.counts.index_fill_(0, rows, 0)
+        self.seen.index_fill_(0, rows, False)
+        self.counts.index_put_((output[:, 0], output[:, 1]), torch.ones_like(output[:, 0], dtype=torch.int32),
+                               accumulate=True)
+        self.seen[known[:, 0], known[:, 1]] = True
+
+
+@dataclass
+class PenaltyRebuild:
+    """Rows whose counts a step rebuilds before applying penalties (see PenaltyCounts.rebuild)."""
+
+    rows: torch.Tensor
+    output: torch.Tensor
+    known: torch.Tensor
+
+
 @dataclass
 class Penalties:
-    """Repetition penalties of the rows that use them (others are unaffected)."""
+    """Repetition penalties of the sampled rows that use them (others are unaffected), from the device's counts."""
 
-    rows: torch.Tensor  # [P] int64 rows of the batch
-    output_counts: torch.Tensor  # [P, V] float32: occurrences of each token in the output so far
-    seen: torch.Tensor  # [P, V] bool: token is in the prompt or the output
+    state: PenaltyCounts
+    rows: torch.Tensor  # [P] int64 rows of the step's sampled logits
+    table_rows: torch.Tensor  # [P] int64 their sampler rows
     presence: torch.Tensor  # [P] float32
     frequency: torch.Tensor  # [P] float32
     repetition: torch.Tensor  # [P] float32
+    rebuild: PenaltyRebuild | None = None
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """In place."""
-        rows = logits[self.rows]
+        if self.rebuild is not None:
+            r = self.rebuild
+            self.state.rebuild(r.rows, r.output, r.known)
+        counts = self.state.counts.index_select(0, self.table_rows).float()
+        seen = self.state.seen.index_select(0, self.table_rows)
+        rows = logits.index_select(0, self.rows).float()
         rep = self.repetition[:, None]
-        rows = torch.where(self.seen, torch.where(rows > 0, rows / rep, rows * rep), rows)
-        rows = rows - self.frequency[:, None] * self.output_counts - self.presence[:, None] * (self.output_counts > 0)
+        rows = torch.where(seen, torch.where(rows > 0, rows / rep, rows * rep), rows)
+        rows = rows - self.frequency[:, None] * counts - self.presence[:, None] * (counts > 0)
         return logits.index_copy_(0, self.rows, rows.to(logits.dtype))
+
+    def record(self, sampled: torch.Tensor) -> None:
+        """After sampling (`sampled`: the step's ids by logit row): the new tokens count from the next step on."""
+        tokens = sampled.index_select(0, self.rows)
+        self.state.counts.index_put_((self.table_rows, tokens), torch.ones_like(tokens, dtype=torch.int32),
+                                     accumulate=True)
+        self.state.seen[self.table_rows, tokens] = True
 
 
 @dataclass
