@@ -71,7 +71,7 @@ def offline(args: argparse.Namespace) -> None:
     with open(args.prompts_file) as f:
         prompts = json.load(f)
     llm = LLM(args.model, load_format=args.load_format, max_num_seqs=args.max_num_seqs, **engine_options(args))
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    params = SamplingParams(**{"temperature": 0.0, **args.extra_body, "max_tokens": args.output_len, "ignore_eos": True})
     llm.generate(prompts[: min(len(prompts), 8)], params, use_tqdm=False)  # warm-up
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -151,7 +151,7 @@ def ttft_split(url: str) -> dict[str, float]:
 
 def level(args: argparse.Namespace, url: str, pid: int, concurrency: int, prompts: list[list[int]]) -> dict:
     bodies = [{"prompt": p, "max_tokens": args.output_len, "ignore_eos": True, "temperature": 0, "stream": True,
-               "stream_options": {"include_usage": True}} for p in prompts]
+               "stream_options": {"include_usage": True}, **args.extra_body} for p in prompts]
     procs_n = max(1, min(args.client_procs, concurrency))
     ctx = mp.get_context("spawn")
     q: mp.Queue = ctx.Queue()
@@ -204,7 +204,7 @@ def run_offline(args: argparse.Namespace, concurrency: int, prompts: list[list[i
     with open(path, "w") as f:
         json.dump(prompts, f)
     cmd = [sys.executable, __file__, "--offline", "--prompts-file", path, "--max-num-seqs", str(concurrency),
-           "--output-len", str(args.output_len), "--load-format", args.load_format,
+           "--output-len", str(args.output_len), "--load-format", args.load_format, "--extra-body", json.dumps(args.extra_body),
            *(["--stand-in"] if args.stand_in else []), *(["--model", args.model] if args.model else []),
            *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -230,6 +230,9 @@ def main() -> None:
     ap.add_argument("--client-procs", type=int, default=4)
     ap.add_argument("--no-offline", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extra-body", type=json.loads, default={}, metavar="JSON",
+                    help='sampling fields added to every request (and to the offline run\'s SamplingParams), e.g. '
+                         '\'{"repetition_penalty": 1.1}\'')
     ap.add_argument("--profile", metavar="FILE", help="py-spy (on PATH) records the server during the last level into "
                     "FILE (raw folded stacks)")
     # internal: the processes this script starts
@@ -255,7 +258,7 @@ def main() -> None:
             spy = profiler(args.profile, server.pid) if args.profile and concurrency == levels[-1][0] else None
             lines.append(dict(bench="serving", mode="stand-in" if args.stand_in else "model",
                               model=args.model or "SmolLM2", load_format=args.load_format, output_len=args.output_len,
-                              input_len=args.input_len, server_args=extra,
+                              input_len=args.input_len, server_args=extra, extra_body=args.extra_body,
                               **level(args, url, server.pid, concurrency, prompts)))
             if spy is not None:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its samples and exits
