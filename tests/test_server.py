@@ -146,11 +146,13 @@ def test_chat_logprobs_match_transformers_streamed_and_not(client, server, smoll
     prompt_ids = httpx.post(f"{server}/tokenize", json={"messages": CHAT}).json()["tokens"]
     ref = _hf_logprobs(smollm2_dir, prompt_ids + out_ids)
     tok = __import__("transformers").AutoTokenizer.from_pretrained(smollm2_dir)
+    # float32 on both sides, but the server computes in other shapes (prompt chunks, decode rows, cached prompt
+    # blocks) than transformers' one forward, so its kernels sum in another order: seen once 1.2e-3 off at -4.76
     for j, (entry, token) in enumerate(zip(content, out_ids)):
         row = ref[len(prompt_ids) - 1 + j]
-        assert entry.logprob == pytest.approx(row[token].item(), abs=1e-3)
+        assert entry.logprob == pytest.approx(row[token].item(), abs=2e-3)
         assert bytes(entry.bytes).decode() == entry.token == tok.decode([token])
-        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=1e-3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=2e-3)
         assert entry.top_logprobs[0].token == entry.token  # greedy
     assert "".join(e.token for e in content) == choice.message.content + (tok.decode([out_ids[-1]])
                                                                            if choice.finish_reason == "stop" else "")
