@@ -197,14 +197,17 @@ class IncrementalDetokenizer:
     def finish(self) -> str:
         """The output ended: add what the decoder still holds (no stop string is looked for in it). Returns
         `text`."""
+        self._flush()
+        return self.text
+
+    def _flush(self) -> None:
         if not self.stopped:
             self._tail += self._stream.flush()
-        return self.text
 
     def take(self, final: bool) -> str:
         """The text not handed out yet, minus what could still start a stop string unless `final`."""
-        if final and not self.stopped:
-            self._tail += self._stream.flush()
+        if final:
+            self._flush()
         pending = "".join(self._parts) + self._tail if self._parts else self._tail
         keep = 0 if final or self.stopped else self._hold
         n = max(0, len(pending) - keep)
