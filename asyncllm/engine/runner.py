@@ -351,9 +351,10 @@ class ModelRunner:
         for a request (or again after it moved to another row), its known tokens to rebuild its row's counts."""
         state = self.penalty_counts
         assert state is not None, "penalties are applied on rank 0"
-        reqs = [batch.requests[i] for i in rows if batch.sample[i]]
-        if not reqs:
+        sampling = [i for i in rows if batch.sample[i]]
+        if not sampling:
             return None
+        reqs = [batch.requests[i] for i in sampling]
         stale = [r for r in reqs if state.owner[r.row] is not r]
         rebuild = None
         if stale:  # no token of theirs is in flight: a request samples here first, or was admitted again
@@ -367,7 +368,7 @@ class ModelRunner:
                                      to_device(np.concatenate(known), dev))
         per_row = to_device([[r.params.presence_penalty for r in reqs], [r.params.frequency_penalty for r in reqs],
                              [r.params.repetition_penalty for r in reqs]], self.device, torch.float32)
-        return Penalties(state, rows=to_device([int(sample_index[i]) for i in rows if batch.sample[i]], self.device),
+        return Penalties(state, rows=to_device(sample_index[sampling], self.device),
                          table_rows=to_device([r.row for r in reqs], self.device), presence=per_row[0],
                          frequency=per_row[1], repetition=per_row[2], rebuild=rebuild)
 

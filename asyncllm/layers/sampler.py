@@ -37,9 +37,14 @@ class PenaltyCounts:
         tokens (duplicates allowed)."""
         self.counts.index_fill_(0, rows, 0)
         self.seen.index_fill_(0, rows, False)
-        self.counts.index_put_((output[:, 0], output[:, 1]), torch.ones_like(output[:, 0], dtype=torch.int32),
-                               accumulate=True)
+        self.count(output[:, 0], output[:, 1], mark_seen=False)
         self.seen[known[:, 0], known[:, 1]] = True
+
+    def count(self, rows: torch.Tensor, tokens: torch.Tensor, mark_seen: bool = True) -> None:
+        """One more occurrence of tokens[i] in the output of row rows[i] (pairs may repeat)."""
+        self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+        if mark_seen:
+            self.seen[rows, tokens] = True
 
 
 @dataclass
@@ -78,10 +83,7 @@ class Penalties:
 
     def record(self, sampled: torch.Tensor) -> None:
         """After sampling (`sampled`: the step's ids by logit row): the new tokens count from the next step on."""
-        tokens = sampled.index_select(0, self.rows)
-        self.state.counts.index_put_((self.table_rows, tokens), torch.ones_like(tokens, dtype=torch.int32),
-                                     accumulate=True)
-        self.state.seen[self.table_rows, tokens] = True
+        self.state.count(self.table_rows, sampled.index_select(0, self.rows))
 
 
 @dataclass
