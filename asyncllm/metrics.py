@@ -5,6 +5,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -47,6 +48,13 @@ class LatencyHistogram(Collector):
     def observe(self, seconds: float) -> None:
         self.counts[bisect_left(self.bounds, seconds)] += 1  # bucket i counts bounds[i-1] < v <= bounds[i]
         self.sum += seconds
+
+    def observe_gaps(self, now: float, since: list[float]) -> None:
+        """Observe `now - t` for every t in `since` (one step's inter-token latencies: one numpy pass)."""
+        gaps = now - np.asarray(since)
+        self.counts = (np.asarray(self.counts) + np.bincount(np.searchsorted(self.bounds, gaps, side="left"),
+                                                             minlength=len(self.counts))).tolist()
+        self.sum += float(gaps.sum())
 
     def collect(self) -> Iterator[Any]:
         cumulative, total = [], 0

@@ -101,6 +101,13 @@ def test_cached_tokens_and_hit_rate_reported(client, server):
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached >= 100 and cached % 16 == 0 and cached < second.usage.prompt_tokens
+    # streamed with n=2: a prompt's hit counts once, as in the non-streamed usage
+    messages = [system, {"role": "user", "content": "Name a fruit."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=4, n=2)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=4, n=2,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == whole.usage.prompt_tokens_details.cached_tokens > 0
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 8
     metrics = httpx.get(f"{server}/metrics").text
     hits = float(re.search(r'^asyncllm:prefix_cache_hits_total\{model_name="SmolLM2-135M-Instruct"\} (\S+)', metrics,
                            re.M).group(1))

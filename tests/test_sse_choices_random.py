@@ -1,6 +1,7 @@
 """SSEChoices (server/choices.py) under random interleavings: notifications from a stand-in engine at random stream
 intervals, a connection whose buffer randomly backs up (direct writes switch to the handler and back), random
-consumer delays, and random failures. Invariants: each choice's events carry its tokens exactly once and in order,
+consumer delays, and random failures; some choices take the plain-text path (their notifications write text without
+a chunk). Invariants: each choice's events carry its tokens (or their text) exactly once and in order,
 its finish last and once; no notification writes to a backed-up connection; a failure reaches the handler as its
 error; every write is one well-formed HTTP chunk.
 ASYNCLLM_RANDOM_SEEDS=2000 runs more than CI's 150."""
@@ -36,7 +37,7 @@ class Engine:
         rid = f"r{len(self.produced)}"
         req = SimpleNamespace(request_id=rid, num_prompt_tokens=len(ids), num_cached_tokens=0, max_tokens=params.max_tokens,
                               output_logprobs=None, prompt_logprobs=None, arrival_time=0.0)
-        stream = RequestStream(req, None, notify)  # type: ignore[arg-type]
+        stream = RequestStream(req, Detok(), notify)  # type: ignore[arg-type]
         self.live.append(stream)
         self.produced[rid] = []
         return stream
@@ -56,6 +57,7 @@ class Engine:
         for s in [s for s in self.live if self.rng.random() < 0.8]:
             token = self.rng.randrange(1000)
             s.new_ids.append(token)
+            s.detok.push(token)
             s.num_tokens += 1
             self.produced[s.request_id].append(token)
             if fail and self.rng.random() < 0.3:
@@ -66,6 +68,21 @@ class Engine:
                 self._end(s, "length")
             elif s.num_tokens == 1 or len(s.new_ids) >= self.interval:
                 s.notify(s)
+
+
+class Detok:
+    """Each token's text is its id and a space; `take` hands out what is pending."""
+
+    def __init__(self) -> None:
+        self.pending = ""
+
+    def push(self, token: int) -> bool:
+        self.pending += f"{token} "
+        return False
+
+    def take(self, final: bool) -> str:
+        text, self.pending = self.pending, ""
+        return text
 
 
 class Transport:
@@ -124,13 +141,20 @@ async def run_case(seed: int) -> None:
     request = SimpleNamespace(transport=transport, writer=SimpleNamespace(drain=drain))
     resp = SimpleNamespace(write=write)
 
+    jobs = [([1, 2, 3], SamplingParams(max_tokens=rng.randint(1, 12))) for _ in range(rng.randint(1, 5))]
+    # plain choices' events carry their text (as the server's do), the others' their token ids
+    plain = [(b"[%d, " % i, b", null]\n") if rng.random() < 0.5 else None for i in range(len(jobs))]
+
     def frame(i: int, chunk) -> bytes:
+        if (wrap := plain[i]) is not None:
+            if chunk.finish_reason is None:
+                return wrap[0] + orjson.dumps(chunk.text) + wrap[1] if chunk.text else b""
+            return orjson.dumps([i, chunk.text, chunk.finish_reason]) + b"\n"
         if not chunk.token_ids and chunk.finish_reason is None:
             return b""
         return orjson.dumps([i, chunk.token_ids, chunk.finish_reason]) + b"\n"
 
-    jobs = [([1, 2, 3], SamplingParams(max_tokens=rng.randint(1, 12))) for _ in range(rng.randint(1, 5))]
-    choices = SSEChoices(engine, jobs, frame)  # type: ignore[arg-type]
+    choices = SSEChoices(engine, jobs, frame, plain)  # type: ignore[arg-type]
     first = orjson.dumps([-1, [], None]) + b"\n" if rng.random() < 0.5 else b""  # e.g. chat's role events
     handler = asyncio.ensure_future(choices.stream(request, resp, first))
     fail = rng.random() < 0.2
@@ -153,9 +177,10 @@ async def run_case(seed: int) -> None:
     if first:
         assert written[0] == [-1, [], None]
         written = written[1:]
-    for i, ids, reason in written:
+    for i, payload, reason in written:
         assert not finish[i], f"choice {i} got an event after its finish"
-        got[i] += ids
+        assert isinstance(payload, str) == (plain[i] is not None)
+        got[i] += [int(t) for t in payload.split()] if isinstance(payload, str) else payload
         if reason is not None:
             finish[i].append(reason)
     errored = [s for s in choices.streams if s.error is not None]

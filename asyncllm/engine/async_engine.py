@@ -23,7 +23,7 @@ from typing import Any
 from asyncllm.config import EngineConfig
 from asyncllm.engine.core import EngineCore
 from asyncllm.engine.detokenizer import IncrementalDetokenizer
-from asyncllm.engine.request import Request
+from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.errors import (
     AsyncLLMError,
     EngineDeadError,
@@ -102,20 +102,33 @@ class RequestStream:
                 raise self.error
             raise EngineDeadError(f"the engine failed: {self.error}") from self.error
 
+    @property
+    def usage(self) -> Usage:
+        """Token counts so far (the last chunk carries them once the request finished)."""
+        req = self.req
+        return Usage(req.num_prompt_tokens, self.num_tokens, max(0, req.num_cached_tokens))
+
     def take(self) -> StreamChunk:
         """Everything not taken yet; the last chunk (finish_reason set) once the request finished."""
         final = self.done
         req = self.req
         text = self.detok.take(final) if self.detok is not None else ""
         ids, self.new_ids = self.new_ids, []
-        usage = Usage(req.num_prompt_tokens, self.num_tokens, max(0, req.num_cached_tokens)) if final else None
-        chunk = StreamChunk(req.request_id, text, ids, self.finish_reason if final else None, usage)
+        chunk = StreamChunk(req.request_id, text, ids, self.finish_reason if final else None,
+                            self.usage if final else None)
         taken, self.num_taken = self.num_taken, self.num_tokens
         if req.output_logprobs is not None:
             chunk.logprobs = req.output_logprobs[max(taken, 0) : self.num_tokens]
         if taken < 0 and req.prompt_logprobs is not None:
             chunk.prompt_logprobs = req.prompt_logprobs
         return chunk
+
+    def take_text(self) -> str:
+        """`take().text` of a stream that is not done, for a consumer of its text only (it drops the token ids
+        and log-probabilities): the per-token path of plain streaming, without building a chunk."""
+        self.new_ids.clear()
+        self.num_taken = self.num_tokens
+        return self.detok.take(False) if self.detok is not None else ""
 
 
 class AsyncEngine:
@@ -359,8 +372,10 @@ class AsyncEngine:
     def _deliver(self, reqs: list[Request]) -> None:
         """One pass over the requests that got a token: detokenize, stop strings, notify their consumers."""
         now = time.monotonic()
-        streams, ttft, itl = self._streams, self.metrics.ttft, self.metrics.itl
+        streams, ttft = self._streams, self.metrics.ttft
         interval = self.config.stream_interval
+        last_times: list[float] = []  # each token's previous token's time: the step's inter-token latencies
+        finished = RequestStatus.FINISHED
         for req in reqs:
             stream = streams.get(req.request_id)
             if stream is None:  # finished (or aborted) already
@@ -375,16 +390,18 @@ class AsyncEngine:
                 ttft.observe(now - stream.t_arrival)
                 self._first_token(req, now)
             else:
-                itl.observe(now - stream.t_last)
+                last_times.append(stream.t_last)
             stream.num_tokens = n + 1
             stream.t_last = now
             if stream.detok is not None and stream.detok.push(token):
                 self._deferred[req.request_id] = "stop"  # the scheduler may still be stepping it
                 self._end(stream, "stop")
-            elif req.finished:
+            elif req.status is finished:
                 self._end(stream, req.finish_reason or "stop")
             elif n == 0 or len(stream.new_ids) >= interval:  # the first token goes out at once
                 self._notify(stream)
+        if last_times:
+            self.metrics.itl.observe_gaps(now, last_times)
 
     def _first_token(self, req: Request, now: float) -> None:
         """Split a request's time to first token: waiting for admission, then prefilled until delivered."""

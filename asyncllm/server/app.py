@@ -347,7 +347,6 @@ class OpenAIServer:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
         head = {**meta, "object": obj}
-        usage = [0, 0]  # completion tokens, cached prompt tokens
         offsets = [0] * len(jobs)  # completions with logprobs: each choice's text offset so far
         unechoed = set(range(len(jobs))) if echo is not None else set()  # choices whose prompt is still to send
 
@@ -362,8 +361,17 @@ class OpenAIServer:
                 out["token_ids"] = token_ids
             return out
 
-        text_frames: dict[int, tuple[bytes, bytes]] = {}  # choice -> the bytes around the text of a plain chunk
         parsers = [self._tool_parser(body) for _ in jobs]  # tool calls: each choice's text goes through its parser
+
+        def plain_frame(i: int) -> tuple[bytes, bytes] | None:
+            """The bytes around the JSON text of choice i's events before its last, when those carry text only
+            (no tool calls, log-probabilities, echo or token ids): one event serialized with a marker for the text."""
+            if parsers[i] is not None or jobs[i][1].logprobs is not None or echo is not None or body.return_token_ids:
+                return None
+            before, after = sse_event({**head, "choices": [choice(i, _MARK, None)], **extra}).split(orjson.dumps(_MARK))
+            return before, after
+
+        plain = [plain_frame(i) for i in range(len(jobs))]
 
         def tool_frame(i: int, chunk: StreamChunk, parser: ToolCallParser) -> bytes:
             text, calls = parser.feed(chunk.text)
@@ -385,9 +393,8 @@ class OpenAIServer:
             return sse_event({**head, "choices": [out], **extra})
 
         def frame(i: int, chunk: StreamChunk) -> bytes:  # runs once per chunk, inside the engine loop
-            usage[0] += len(chunk.token_ids)
-            if chunk.usage is not None and i % body.n == 0:
-                usage[1] += chunk.usage.cached_tokens
+            if chunk.finish_reason is None and (wrap := plain[i]) is not None:
+                return wrap[0] + orjson.dumps(chunk.text) + wrap[1] if chunk.text else b""
             if (parser := parsers[i]) is not None:
                 return tool_frame(i, chunk, parser)
             if chunk.logprobs is not None or i in unechoed:
@@ -400,15 +407,6 @@ class OpenAIServer:
                 lp, offsets[i] = self._logprobs(body, chunk, jobs[i][0], offsets[i], prefix)
                 ids = chunk.token_ids if body.return_token_ids else None
                 return sse_event({**head, "choices": [choice(i, text, chunk.finish_reason, ids, lp)], **extra})
-            if chunk.finish_reason is None and not body.return_token_ids:
-                if not chunk.text:
-                    return b""
-                if i not in text_frames:  # serialize the event once with a marker in place of the text
-                    event = sse_event({**head, "choices": [choice(i, _MARK, None)], **extra})
-                    before, after = event.split(orjson.dumps(_MARK))
-                    text_frames[i] = before, after
-                before, after = text_frames[i]
-                return before + orjson.dumps(chunk.text) + after
             if not (chunk.text or chunk.finish_reason or (body.return_token_ids and chunk.token_ids)):
                 return b""
             ids = chunk.token_ids if body.return_token_ids else None
@@ -416,7 +414,7 @@ class OpenAIServer:
 
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         resp.enable_chunked_encoding()
-        choices = SSEChoices(self.engine, jobs, frame)
+        choices = SSEChoices(self.engine, jobs, frame, plain)
         try:
             await resp.prepare(request)
             try:
@@ -426,8 +424,11 @@ class OpenAIServer:
                                                                       "logprobs": None, "finish_reason": None}], **extra})
                                      for i in range(len(jobs)))
                 await choices.stream(request, resp, first)
-                if include_usage:
-                    await resp.write(sse_event({**head, "choices": [], "usage": self._usage(prompt_tokens, *usage)}))
+                if include_usage:  # a prompt's cached tokens count once (its first choice's)
+                    completion = sum(c.usage.completion_tokens for c in choices.streams)
+                    cached = sum(c.usage.cached_tokens for c in choices.streams[:: body.n])
+                    await resp.write(sse_event({**head, "choices": [], "usage": self._usage(prompt_tokens, completion,
+                                                                                            cached)}))
             except (ConnectionResetError, asyncio.CancelledError):
                 raise
             except Exception as e:  # headers are sent: the error goes into the stream, never a normal finish

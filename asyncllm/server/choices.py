@@ -8,7 +8,7 @@ tokens that arrive meanwhile coalesce, one chunk per choice), errors, and the en
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -83,12 +83,17 @@ def take(stream: RequestStream) -> StreamChunk:
 
 class SSEChoices(Choices):
     """Choices streamed as server-sent events; `frame(i, chunk)` gives the event bytes of a chunk (b"" for none).
+    `plain[i]`, when not None, is the (before, after) bytes around the JSON string of the text in choice i's
+    events before its last, whose chunks then must carry nothing but text (what `frame` writes for them too): the
+    notifications of such a choice write its text without building a chunk (RequestStream.take_text).
     Invariant for the direct writes: the response is prepared, chunked, uncompressed, and its headers are sent
     (`direct` turns on only after the handler's first `resp.write`), so each transport write is one HTTP chunk."""
 
     def __init__(self, engine: AsyncEngine, jobs: list[tuple[list[int], SamplingParams]],
-                 frame: Callable[[int, StreamChunk], bytes]) -> None:
+                 frame: Callable[[int, StreamChunk], bytes],
+                 plain: Sequence[tuple[bytes, bytes] | None] | None = None) -> None:
         self.frame = frame
+        self.plain = plain if plain is not None else [None] * len(jobs)
         self.direct = False  # notifications write to the connection themselves
         self.transport: asyncio.Transport | None = None
         super().__init__(engine, jobs)
@@ -99,6 +104,15 @@ class SSEChoices(Choices):
         transport = self.transport
         if self.direct and transport is not None and not transport.is_closing() and stream.error is None \
                 and stream.finish_reason != "abort":
+            if stream.finish_reason is None and (wrap := self.plain[i]) is not None:  # the per-token path
+                text = stream.take_text()
+                if text:
+                    before, after = wrap
+                    data = orjson.dumps(text)
+                    transport.write(b"%x\r\n%b%b%b\r\n" % (len(before) + len(data) + len(after), before, data, after))
+                    if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                        self.direct = False
+                return
             data = self.frame(i, stream.take())
             if data:
                 transport.write(b"%x\r\n%b\r\n" % (len(data), data))
