@@ -35,30 +35,31 @@ class _Gauges(Collector):
 
 
 class LatencyHistogram(Collector):
-    """A Prometheus histogram observed once per token on the event-loop thread: a bucket index and two adds, no
-    lock (prometheus_client's Histogram takes a lock per observation). Read on the same thread when scraped."""
+    """A Prometheus histogram observed on the event-loop thread, once per request or once per step for all its
+    tokens (`observe_gaps`), with no lock (prometheus_client's Histogram takes one per observation). Read on the
+    same thread when scraped. Bucket i counts bounds[i-1] < v <= bounds[i]; the last one, v above every bound."""
 
     def __init__(self, name: str, doc: str, buckets: tuple[float, ...], registry: CollectorRegistry,
                  model_name: str) -> None:
         self.name, self.doc, self.bounds, self.model = name, doc, buckets, model_name
-        self.counts = [0] * (len(buckets) + 1)  # the last one: above every bound (+Inf)
+        self._bounds = np.asarray(buckets)
+        self.counts = np.zeros(len(buckets) + 1, dtype=np.int64)
         self.sum = 0.0
         registry.register(self)
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(self.bounds, seconds)] += 1  # bucket i counts bounds[i-1] < v <= bounds[i]
+        self.counts[bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
 
     def observe_gaps(self, now: float, since: list[float]) -> None:
-        """Observe `now - t` for every t in `since` (one step's inter-token latencies: one numpy pass)."""
-        gaps = now - np.asarray(since)
-        self.counts = (np.asarray(self.counts) + np.bincount(np.searchsorted(self.bounds, gaps, side="left"),
-                                                             minlength=len(self.counts))).tolist()
+        """Observe `now - t` for every t in `since` (a step's inter-token latencies, in one numpy pass)."""
+        gaps = now - np.array(since)
+        self.counts += np.bincount(self._bounds.searchsorted(gaps), minlength=len(self.counts))
         self.sum += float(gaps.sum())
 
     def collect(self) -> Iterator[Any]:
         cumulative, total = [], 0
-        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts):
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts.tolist()):
             total += count
             cumulative.append((bound, total))
         family = HistogramMetricFamily(self.name, self.doc, labels=["model_name"])

@@ -41,6 +41,9 @@ def test_request_errors_leave_engine_usable(tiny_models):
         llm.generate([[5] * 60], SamplingParams(max_tokens=10), use_tqdm=False)
     with pytest.raises(InvalidRequestError, match="token ids"):
         llm.generate([[5, 10**9]], use_tqdm=False)
+    for bad in ([5, -1], [5, 2**70], [5, 1.5], [5, "6"], [5, None], [[5]]):
+        with pytest.raises(InvalidRequestError, match="token ids"):
+            llm.engine.make_request(bad, SamplingParams())  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError, match="empty"):
         llm.generate([[]], use_tqdm=False)
     # a batch with one bad prompt queues nothing

@@ -1,6 +1,7 @@
 """EngineCore: the synchronous heart shared by `LLM` and `AsyncEngine` — admission, one step at a time."""
 from __future__ import annotations
 
+import array
 import functools
 import itertools
 import logging
@@ -10,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from asyncllm.config import EngineConfig
@@ -130,7 +132,11 @@ class EngineCore:
             max_tokens = max(1, self.max_model_len - len(prompt_token_ids))
         self.scheduler.check(len(prompt_token_ids), max_tokens)  # the length first: it bounds the loop below
         vocab = self.hf_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+        try:  # int64 through array (a C loop: prompts are long), then the range with numpy
+            ids = np.frombuffer(array.array("q", prompt_token_ids), dtype=np.int64)
+        except (TypeError, OverflowError):
+            ids = None
+        if ids is None or ids.min() < 0 or ids.max() >= vocab:
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")

@@ -208,10 +208,14 @@ class IncrementalDetokenizer:
         """The text not handed out yet, minus what could still start a stop string unless `final`."""
         if final:
             self._flush()
-        pending = "".join(self._parts) + self._tail if self._parts else self._tail
-        keep = 0 if final or self.stopped else self._hold
-        n = max(0, len(pending) - keep)
-        delta, self._tail, self._parts = pending[:n], pending[n:], []
+        pending = self._tail
+        if self._parts:
+            pending, self._parts = "".join(self._parts) + pending, []
+        if final or self.stopped or not self._hold:  # nothing held back (always so without stop strings)
+            delta, self._tail = pending, ""
+        else:
+            n = max(0, len(pending) - self._hold)
+            delta, self._tail = pending[:n], pending[n:]
         if delta:
             self._taken.append(delta)
         return delta
