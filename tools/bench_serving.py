@@ -195,7 +195,8 @@ def profiler(path: str, pid: int) -> subprocess.Popen:
     exe = shutil.which("py-spy")
     if exe is None:
         raise SystemExit("--profile needs py-spy on PATH (pip install py-spy)")
-    return subprocess.Popen([exe, "record", "-p", str(pid), "-r", "200", "-f", "raw", "-o", path, "--nonblocking"],
+    # --gil: only the thread holding the GIL is sampled, i.e. what the one core the process is bound to runs
+    return subprocess.Popen([exe, "record", "-p", str(pid), "-r", "500", "--gil", "-f", "raw", "-o", path, "--nonblocking"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
