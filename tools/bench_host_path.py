@@ -1,8 +1,10 @@
 """The serving host path in one process, without sockets or a model: AsyncEngine with the stand-in runner (step
-inputs built, sampled ids invented), N streams opened with `AsyncEngine.open`, each notification taking its
-chunk and building the SSE frame the server would send. CPU seconds per streamed token isolate the loop's own
-per-token and per-step work (delivery, detokenization, scheduling, step preparation) from sockets and clients.
-One JSON line per stream count; `--profile` adds a cProfile table (stderr) of the last one.
+inputs built, sampled ids invented) behind the server's own `/v1/completions` handler, N streaming requests made
+as aiohttp requests over stand-in connections (each write counted, nothing sent). CPU seconds per streamed token
+isolate the loop's own per-token and per-step work (request handling, delivery, detokenization, SSE framing,
+scheduling, step preparation) from sockets and clients; the split by phase (µs per token) times the engine loop's
+calls: schedule, advance (the step thread's launch and wait), update, deliver. One JSON line per stream count;
+`--profile` adds a cProfile table (stderr) of the last one.
     python tools/bench_host_path.py --streams 64 256
 """
 from __future__ import annotations
@@ -15,54 +17,112 @@ import pstats
 import random
 import sys
 import time
+from typing import Any
+
+import orjson
+import uvloop
+from aiohttp import streams
+from aiohttp.http_writer import StreamWriter
+from aiohttp.test_utils import make_mocked_request
 
 from bench_common import run_fields
 from bench_serving import install_stand_in
 
 
-async def run(streams: int, output_len: int, profile: bool) -> dict:
-    from asyncllm import AsyncEngine, SamplingParams
-    from asyncllm.server.choices import sse_event
+class Connection:
+    """A client connection that takes every write at once: aiohttp's protocol and transport, as far as used."""
 
-    engine = AsyncEngine(None, max_model_len=2048, max_num_seqs=streams, num_kv_blocks=12000)
+    def __init__(self) -> None:
+        self.transport = self  # the protocol's transport
+        self.writes = 0
+        self.ssl_context = self.peername = self.sockname = None
+        self._paused = self.writing_paused = False
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.writes += 1
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    async def _drain_helper(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        pass
+
+
+def timed(phases: dict[str, float], obj: Any, name: str) -> None:
+    """Add the time spent in obj.name to phases[name]."""
+    f = getattr(obj, name)
+
+    def call(*args: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return f(*args)
+        finally:
+            phases[name] += time.perf_counter() - t
+
+    setattr(obj, name, call)
+
+
+async def run(streams_: int, output_len: int, profile: bool) -> dict:
+    from asyncllm import AsyncEngine
+    from asyncllm.server.app import ServerSettings, build_app
+
+    engine = AsyncEngine(None, max_model_len=2048, max_num_seqs=streams_, num_kv_blocks=12000)
     await engine.start()
+    app = build_app(engine, ServerSettings("m"))
+    loop = asyncio.get_running_loop()
     rng = random.Random(0)
-    prompts = [[rng.randrange(10, 10000) for _ in range(rng.randint(100, 400))] for _ in range(streams)]
-    head = {"id": "cmpl-x", "created": 1, "model": "m", "object": "text_completion"}
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    left, done, frames = [streams], asyncio.Event(), [0]
+    bodies = [orjson.dumps({"prompt": [rng.randrange(10, 10000) for _ in range(rng.randint(100, 400))],
+                            "max_tokens": output_len, "ignore_eos": True, "temperature": 0, "stream": True})
+              for _ in range(streams_)]
 
-    def notify(stream) -> None:  # noqa: ANN001
-        chunk = stream.take()
-        if chunk.text or chunk.finish_reason:
-            sse_event({**head, "choices": [{"index": 0, "text": chunk.text, "logprobs": None,
-                                            "finish_reason": chunk.finish_reason}]})
-            frames[0] += 1
-        if chunk.finish_reason:
-            left[0] -= 1
-            if not left[0]:
-                done.set()
+    async def request(body: bytes) -> int:
+        conn = Connection()
+        payload = streams.StreamReader(conn, 1 << 16, loop=loop)  # type: ignore[arg-type]
+        payload.feed_data(body)
+        payload.feed_eof()
+        req = make_mocked_request("POST", "/v1/completions", headers={"Content-Type": "application/json"}, app=app,
+                                  writer=StreamWriter(conn, loop), transport=conn, protocol=conn, payload=payload)
+        match = await app.router.resolve(req)
+        await match.handler(req)
+        return conn.writes
 
-    warm = engine.open(prompts[0][:10], SamplingParams(max_tokens=4), lambda s: None)
-    while not warm.done:
-        await asyncio.sleep(0.01)
+    await request(orjson.dumps({"prompt": [5, 6, 7], "max_tokens": 4, "stream": True}))  # warm-up
+    phases = dict.fromkeys(("schedule", "advance", "update"), 0.0)
+    phases["_deliver"] = 0.0
+    for name in ("schedule", "advance", "update"):
+        timed(phases, engine.core, name)
+    timed(phases, engine, "_deliver")
     prof = cProfile.Profile() if profile else None
     cpu, wall = time.process_time(), time.perf_counter()
     if prof:
         prof.enable()
-    for p in prompts:
-        engine.open(p, params, notify)
-    await done.wait()
+    writes = sum(await asyncio.gather(*(request(b) for b in bodies)))
     if prof:
         prof.disable()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     await engine.shutdown()
     if prof:
         pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
-    tokens = streams * output_len
-    return dict(bench="host_path", streams=streams, output_len=output_len, tokens=tokens, frames=frames[0],
+    tokens = streams_ * output_len
+    split = {f"{k.strip('_')}_us_per_token": round(v / tokens * 1e6, 2) for k, v in phases.items()}
+    return dict(bench="host_path", streams=streams_, output_len=output_len, tokens=tokens, writes=writes,
                 cpu_us_per_token=round(cpu / tokens * 1e6, 1), wall_us_per_token=round(wall / tokens * 1e6, 1),
-                **run_fields())
+                **split, **run_fields())
 
 
 def main() -> None:
@@ -73,7 +133,7 @@ def main() -> None:
     a = ap.parse_args()
     install_stand_in()
     for i, n in enumerate(a.streams):
-        print(json.dumps(asyncio.run(run(n, a.output_len, a.profile and i == len(a.streams) - 1))), flush=True)
+        print(json.dumps(uvloop.run(run(n, a.output_len, a.profile and i == len(a.streams) - 1))), flush=True)
 
 
 if __name__ == "__main__":
