@@ -107,14 +107,26 @@ class StartupError(AsyncLLMError):
     """The server cannot start as configured (the message names the fix)."""
 
 
+# connections the kernel completes while the loop is busy, before the server accepts them: a burst of clients past
+# it has its handshakes dropped and retried a second later (aiohttp's own default is 128)
+LISTEN_BACKLOG = 4096
+
+
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, taken before the model loads so a busy port fails in a second, not after."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        return socket.create_server((host, port), family=family, backlog=1024)
+        return socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
     except OSError as e:
         reason = "is already in use (pick another with --port)" if e.errno == errno.EADDRINUSE else f"cannot be used: {e}"
         raise StartupError(f"address {host}:{port} {reason}") from e
+
+
+async def listen(runner: web.AppRunner, sock: socket.socket) -> web.SockSite:
+    """Serve `runner` on the socket from `bind` (its backlog kept: the site would listen again with 128)."""
+    site = web.SockSite(runner, sock, backlog=LISTEN_BACKLOG)
+    await site.start()
+    return site
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -143,8 +155,7 @@ async def serve(args: argparse.Namespace) -> int:
     app = build_app(engine, ServerSettings(name, key, args.max_body_bytes, args.allowed_origins))
     runner = make_runner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()
-    site = web.SockSite(runner, sock)
-    await site.start()
+    await listen(runner, sock)
     quiet_gc()
     prometheus_client.disable_created_metrics()  # no *_created series: scrapers and dashboards do not use them
     port = sock.getsockname()[1]

@@ -354,6 +354,33 @@ def test_busy_port_fails_before_the_model_loads(tmp_path):
     assert f"127.0.0.1:{port} is already in use" in line and "--port" in line
 
 
+async def test_a_burst_of_connections_is_held_while_the_loop_is_busy():
+    """400 clients connect while the loop runs something else (nothing is accepted meanwhile): the kernel must
+    complete every handshake, or the ones past the backlog are retried a second later (time to first token)."""
+    from asyncllm.serve import bind, listen
+
+    runner = make_runner(web.Application())
+    await runner.setup()
+    sock = bind("127.0.0.1", 0)
+    await listen(runner, sock)
+    clients = [socket.socket() for _ in range(400)]
+    try:
+        for c in clients:
+            c.setblocking(False)
+            c.connect_ex(sock.getsockname()[:2])
+        time.sleep(0.3)  # blocks the loop: no accept runs
+        poll = select.poll()
+        for c in clients:
+            poll.register(c, select.POLLOUT)
+        with open("/proc/sys/net/core/somaxconn") as f:  # the kernel caps every listener's backlog there
+            cap = int(f.read()) + 1
+        assert len(poll.poll(0)) == min(len(clients), cap)
+    finally:
+        for c in clients:
+            c.close()
+        await runner.cleanup()
+
+
 def test_help_never_prints_the_api_key():
     p = run_serve("--help", env={"ASYNCLLM_API_KEY": "topsecret-123"})
     assert p.returncode == 0 and "topsecret-123" not in p.stdout and "ASYNCLLM_API_KEY" in p.stdout
