@@ -1,7 +1,7 @@
 """Summarize a py-spy raw profile (`bench_serving.py --profile FILE`) as microseconds of sampled time per streamed
 token: the functions with the most inclusive time, then the hottest lines.
 
-  python tools/profile_summary.py FILE --tokens N [--rate 200] [--top 40] [--only SUBSTRING ...]
+  python tools/profile_summary.py FILE --tokens N [--rate 500] [--top 40] [--only SUBSTRING ...]
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("file")
     ap.add_argument("--tokens", type=int, required=True, help="tokens streamed while py-spy recorded")
-    ap.add_argument("--rate", type=float, default=200.0, help="py-spy's samples per second")
+    ap.add_argument("--rate", type=float, default=500.0, help="py-spy's samples per second (bench_serving records at 500)")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--only", nargs="*", default=[], help="keep stacks containing one of these substrings")
     a = ap.parse_args()
