@@ -5,7 +5,9 @@ best of 3.
 - detokenizer: IncrementalDetokenizer.push + take(final=False) per token (one stop string), the server's path;
 - prefix_offers: BlockManager.cache_blocks as the scheduler calls it each time a request fills a block;
 - penalties: ModelRunner._penalties' host work per step for --rows penalized requests of that many output tokens
-  (after the first step), in ms per step, --vocab columns.
+  (after the first step), in ms per step, --vocab columns;
+- decode_step: the host work of a pure-decode step of --rows running requests (scheduling, packing the step's
+  inputs, appending the sampled tokens), µs per step: the per-row part the serving loop shares with LLM.generate.
 
 Run it against another checkout with PYTHONPATH=that/checkout (its API is detected) to compare commits.
     python tools/bench_host_costs.py [--lengths 1024 8192 32768] [--rows 256] [--vocab 151936]
@@ -89,6 +91,43 @@ def penalties(rows: int, vocab: int, prompt: int, output: int) -> float:
     return (time.perf_counter() - t) / 5 * 1e3
 
 
+def decode_steps(rows: int, steps: int = 300) -> dict[str, float]:
+    """Host work of one pure-decode step of `rows` running requests (prefix cache on, overlap's pending tokens):
+    Scheduler.schedule, step_inputs.pack (a CUDA-graph step) and Scheduler.update, µs per step, mean over `steps`
+    steps after the prompts' prefill."""
+    from asyncllm.engine.kv_cache import BlockManager
+    from asyncllm.engine.request import Request
+    from asyncllm.engine.scheduler import Scheduler, SchedulerConfig
+    from asyncllm.engine.step_inputs import pack
+    from asyncllm.sampling_params import SamplingParams
+
+    rng = random.Random(0)
+    sched = Scheduler(SchedulerConfig(rows, 8192, 8192), BlockManager(rows * 200, 16, True))
+    for i in range(rows):
+        prompt = [rng.randrange(50000) for _ in range(rng.randint(100, 1000))]
+        sched.add(Request(f"r{i}", prompt, SamplingParams(max_tokens=4000, ignore_eos=True), 4000, frozenset({2})))
+    spent = dict.fromkeys(("schedule", "pack", "update"), 0.0)
+    prev, seen = None, 0
+    for _ in range(steps + 1000):  # the prompts' prefill first (their steps are not counted)
+        if seen == steps:
+            break
+        t0 = time.perf_counter()
+        batch = sched.schedule()
+        decode = len(batch.requests) == rows and all(n == 1 for n in batch.num_new_tokens)
+        t1 = time.perf_counter()
+        pack(batch, rows if decode else 0, rows, rng, ())
+        t2 = time.perf_counter()
+        if prev is not None:  # the previous step's tokens arrive while this one is in flight (overlap)
+            sched.update(prev, [rng.randrange(50000) for _ in range(sum(prev.sample))])
+        t3 = time.perf_counter()
+        prev = batch
+        if decode:
+            seen += 1
+            for k, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2)):
+                spent[k] += dt
+    return {k: round(v / steps * 1e6, 1) for k, v in spent.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768])
@@ -108,6 +147,8 @@ def main() -> None:
                           "us_per_token": round(min(detokenizer(tok, ids) for _ in range(3)), 3), **common}), flush=True)
         print(json.dumps({"bench": "host_costs", "part": "prefix_offers", "output_len": n,
                           "us_per_token": round(min(prefix_offers(n, rng) for _ in range(3)), 3), **common}), flush=True)
+    print(json.dumps({"bench": "host_costs", "part": "decode_step", "rows": a.rows,
+                      "us_per_step": decode_steps(a.rows), **common}), flush=True)
     for n in (256, 4096):
         print(json.dumps({"bench": "host_costs", "part": "penalties", "rows": a.rows, "vocab": a.vocab, "prompt_len": 550,
                           "output_len": n, "ms_per_step": round(penalties(a.rows, a.vocab, 550, n), 3), **common}),
