@@ -25,3 +25,25 @@ def test_double_free_is_refused():
     with pytest.raises(RuntimeError, match="freed twice"):
         bm.free(blocks[:1])
     assert bm.num_free_blocks == 4
+
+
+def test_a_full_prefix_cache_is_evicted_in_passes_sized_by_the_cache():
+    """Each eviction pass walks the whole tree: on a cache full of finished requests, blocks taken one at a time
+    (as decode steps take them) must cost one pass per num_blocks // 64 blocks, the least recently used first."""
+    import random
+
+    rng = random.Random(0)
+    bm = BlockManager(64 * 200, 4, enable_prefix_caching=True)
+    order = []
+    while bm.can_allocate(10) and bm.cache.num_blocks + 10 <= bm.num_blocks:
+        table = bm.allocate(10)
+        bm.cache_blocks([rng.randrange(1000) for _ in range(40)], table)
+        bm.free(table)
+        order.append(table)
+    passes = []
+    evict = bm.cache.evict
+    bm.cache.evict = lambda n, unused: passes.append(n) or evict(n, unused)  # type: ignore[method-assign]
+    taken = [b for _ in range(400) for b in bm.allocate(1)]
+    assert len(passes) == 2 and passes[0] >= 200  # 400 blocks: two passes of 200
+    assert set(taken) == {b for table in order[:40] for b in table}  # the 40 oldest requests' blocks
+    bm.check_invariants()

@@ -6,6 +6,7 @@ best of 3.
 - prefix_offers: BlockManager.cache_blocks as the scheduler calls it each time a request fills a block;
 - penalties: ModelRunner._penalties' host work per step for --rows penalized requests of that many output tokens
   (after the first step), in ms per step, --vocab columns;
+- evictions: allocating KV blocks when a full prefix cache must give them up (µs per block, 10k / 100k blocks);
 - decode_step: the host work of a pure-decode step of --rows running requests (scheduling, packing the step's
   inputs, appending the sampled tokens), µs per step: the per-row part the serving loop shares with LLM.generate.
 
@@ -91,6 +92,24 @@ def penalties(rows: int, vocab: int, prompt: int, output: int) -> float:
     return (time.perf_counter() - t) / 5 * 1e3
 
 
+def evictions(num_blocks: int, rng: random.Random) -> float:
+    """A prefix cache that fills the whole KV cache (finished requests of 20 blocks each, as a long-running server
+    leaves it): µs per block allocated when every block must be evicted first (16 blocks per call, as a decode
+    step of 256 requests needs), mean over 200 calls."""
+    from asyncllm.engine.kv_cache import BlockManager
+
+    bs = 16
+    bm = BlockManager(num_blocks, bs, True)
+    while bm.num_free_blocks >= 20 and bm.can_allocate(20) and len(bm.cache.block_node) + 20 <= num_blocks:
+        table = bm.allocate(20)
+        bm.cache_blocks([rng.randrange(50000) for _ in range(20 * bs)], table)
+        bm.free(table)
+    t = time.perf_counter()
+    for _ in range(200):
+        bm.allocate(16)  # held: the next call must evict again
+    return (time.perf_counter() - t) / (200 * 16) * 1e6
+
+
 def decode_steps(rows: int, steps: int = 300) -> dict[str, float]:
     """Host work of one pure-decode step of `rows` running requests (prefix cache on, overlap's pending tokens):
     Scheduler.schedule, step_inputs.pack (a CUDA-graph step) and Scheduler.update, µs per step, mean over `steps`
@@ -147,6 +166,9 @@ def main() -> None:
                           "us_per_token": round(min(detokenizer(tok, ids) for _ in range(3)), 3), **common}), flush=True)
         print(json.dumps({"bench": "host_costs", "part": "prefix_offers", "output_len": n,
                           "us_per_token": round(min(prefix_offers(n, rng) for _ in range(3)), 3), **common}), flush=True)
+    for n in (10_000, 100_000):
+        print(json.dumps({"bench": "host_costs", "part": "evictions", "num_blocks": n,
+                          "us_per_block": round(evictions(n, rng), 2), **common}), flush=True)
     print(json.dumps({"bench": "host_costs", "part": "decode_step", "rows": a.rows,
                       "us_per_step": decode_steps(a.rows), **common}), flush=True)
     for n in (256, 4096):

@@ -24,7 +24,9 @@ class BlockManager:
         self._ref = [0] * num_blocks
         self.cache = RadixCache(block_size) if enable_prefix_caching else None
         self._num_evictable = 0
-        self.evict_batch = max(1, min(64, num_blocks // 64))  # blocks freed per eviction pass, at least
+        # blocks freed per eviction pass, at least: a pass walks the whole tree, so it frees 1/64 of the cache (its
+        # least recently used blocks) and its cost per block freed stays flat whatever the cache's size
+        self.evict_batch = max(1, num_blocks // 64)
 
     @property
     def num_free_blocks(self) -> int:
