@@ -146,9 +146,8 @@ async def run_case(seed: int) -> None:
     plain = [(b"[%d, " % i, b", null]\n") if rng.random() < 0.5 else None for i in range(len(jobs))]
 
     def frame(i: int, chunk) -> bytes:
-        if (wrap := plain[i]) is not None:
-            if chunk.finish_reason is None:
-                return wrap[0] + orjson.dumps(chunk.text) + wrap[1] if chunk.text else b""
+        if plain[i] is not None:  # SSEChoices makes a plain choice's events before its last
+            assert chunk.finish_reason is not None
             return orjson.dumps([i, chunk.text, chunk.finish_reason]) + b"\n"
         if not chunk.token_ids and chunk.finish_reason is None:
             return b""

@@ -392,9 +392,7 @@ class OpenAIServer:
                 out["token_ids"] = chunk.token_ids
             return sse_event({**head, "choices": [out], **extra})
 
-        def frame(i: int, chunk: StreamChunk) -> bytes:  # runs once per chunk, inside the engine loop
-            if chunk.finish_reason is None and (wrap := plain[i]) is not None:
-                return wrap[0] + orjson.dumps(chunk.text) + wrap[1] if chunk.text else b""
+        def frame(i: int, chunk: StreamChunk) -> bytes:  # inside the engine loop; plain choices' last chunk only
             if (parser := parsers[i]) is not None:
                 return tool_frame(i, chunk, parser)
             if chunk.logprobs is not None or i in unechoed:

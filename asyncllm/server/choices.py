@@ -84,8 +84,8 @@ def take(stream: RequestStream) -> StreamChunk:
 class SSEChoices(Choices):
     """Choices streamed as server-sent events; `frame(i, chunk)` gives the event bytes of a chunk (b"" for none).
     `plain[i]`, when not None, is the (before, after) bytes around the JSON string of the text in choice i's
-    events before its last, whose chunks then must carry nothing but text (what `frame` writes for them too): the
-    notifications of such a choice write its text without building a chunk (RequestStream.take_text).
+    events before its last, which carry nothing but text: those events are made here from the new text alone
+    (RequestStream.take_text, no chunk per token), and `frame` gets choice i's last chunk only.
     Invariant for the direct writes: the response is prepared, chunked, uncompressed, and its headers are sent
     (`direct` turns on only after the handler's first `resp.write`), so each transport write is one HTTP chunk."""
 
@@ -98,22 +98,20 @@ class SSEChoices(Choices):
         self.transport: asyncio.Transport | None = None
         super().__init__(engine, jobs)
 
+    def _event(self, i: int, stream: RequestStream) -> bytes:
+        """Choice i's next event bytes (b"" for none); raises if it ended in an error or was aborted."""
+        if not stream.done and (wrap := self.plain[i]) is not None:  # the per-token path of plain text
+            text = stream.take_text()
+            return wrap[0] + orjson.dumps(text) + wrap[1] if text else b""
+        return self.frame(i, take(stream))
+
     def _notify(self, i: int, stream: RequestStream) -> None:
         if self.closed:
             return
         transport = self.transport
         if self.direct and transport is not None and not transport.is_closing() and stream.error is None \
                 and stream.finish_reason != "abort":
-            if stream.finish_reason is None and (wrap := self.plain[i]) is not None:  # the per-token path
-                text = stream.take_text()
-                if text:
-                    before, after = wrap
-                    data = orjson.dumps(text)
-                    transport.write(b"%x\r\n%b%b%b\r\n" % (len(before) + len(data) + len(after), before, data, after))
-                    if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
-                        self.direct = False
-                return
-            data = self.frame(i, stream.take())
+            data = self._event(i, stream)
             if data:
                 transport.write(b"%x\r\n%b\r\n" % (len(data), data))
             if stream.done:
@@ -140,9 +138,8 @@ class SSEChoices(Choices):
                 self.direct = False  # the handler writes (and may wait for the drain): notifications queue
                 data = []
                 for i in ready:
-                    chunk = take(self.streams[i])
-                    data.append(self.frame(i, chunk))
-                    self.open -= chunk.finish_reason is not None
+                    data.append(self._event(i, self.streams[i]))
+                    self.open -= self.streams[i].done
                 await resp.write(b"".join(data))  # the first write sends the headers
                 await request.writer.drain()  # a slow client: wait until the socket takes more
                 ready, self.ready = list(self.ready), {}
