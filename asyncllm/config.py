@@ -35,6 +35,12 @@ class EngineConfig:
     max_prefill_delay_steps: int = option(
         0, "steps new prompts may wait, while others decode, to prefill together (0: at once; measured slower on "
            "the H200 at 4, see docs/BENCHMARKS.md)", lo=0)
+    # While requests decode, a step's prompt tokens are limited so that the step takes at most this many times a decode
+    # step, as measured on the GPU (engine/step_costs.py); the limit yields when prompts queue up beyond 8 steps of it.
+    max_step_slowdown: float = option(
+        2.5, "while requests decode, a step that prefills takes at most this many times a decode step (prompt "
+             "tokens limited by measured GPU step times, CUDA only; lifted while prompts queue up); 0 = no limit",
+        lo=0)
     block_size: int = option(16, "tokens per KV cache block (a power of two)", lo=1)
     gpu_memory_utilization: float = option(0.9, "share of the GPU's memory the engine may use in total", lo=0.01, hi=1.0)
     num_kv_blocks: int | None = option(None, "exact KV cache size in blocks; overrides the memory budgets", lo=1)
@@ -90,6 +96,9 @@ class EngineConfig:
             raise InvalidRequestError("stream_interval must be a positive integer", "stream_interval")
         if not isinstance(self.max_prefill_delay_steps, int) or self.max_prefill_delay_steps < 0:
             raise InvalidRequestError("max_prefill_delay_steps must be a non-negative integer", "max_prefill_delay_steps")
+        if not isinstance(self.max_step_slowdown, (int, float)) or not (
+                self.max_step_slowdown == 0 or self.max_step_slowdown >= 1):
+            raise InvalidRequestError("max_step_slowdown must be 0 (no limit) or at least 1", "max_step_slowdown")
         for name, lo in (("max_model_len", 1), ("num_kv_blocks", 1), ("kv_cache_memory_bytes", 1),
                          ("cuda_graph_max_bs", 1), ("cuda_graph_max_tokens", 0)):
             value = getattr(self, name)

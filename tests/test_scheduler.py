@@ -200,3 +200,67 @@ def test_only_steps_where_every_row_decodes_and_samples_replay_a_graph():
     step = s.schedule()
     assert step.num_new_tokens == [1, 1] and step.sample == [True, False]
     assert graph_size(sizes, step) == 0
+
+
+def learned_costs(s: Scheduler, decode_ms: float, ms_per_prompt_token: float) -> None:
+    """Feed the scheduler's StepCosts steps timed as decode_ms + a fixed 1 ms + ms_per_prompt_token per token."""
+    for p in range(10, 410, 20):
+        s.costs.observe(0, 4, decode_ms)
+        s.costs.observe(p, 4, decode_ms + 1.0 + ms_per_prompt_token * p)
+
+
+def test_step_costs_learn_the_slope_and_not_the_fixed_cost():
+    from asyncllm.engine.step_costs import MIN_SAMPLES, StepCosts
+
+    costs = StepCosts(2.5)
+    costs.observe(100, 0, 50.0)  # no decode rows: says nothing of the slowdown
+    for p in range(10, 10 + 20 * (MIN_SAMPLES - 1), 20):
+        costs.observe(0, 64, 6.0)
+        costs.observe(p, 64, 7.0 + 0.05 * p)
+    assert costs.limit() is None  # too few steps with prompt tokens yet
+    costs.observe(500, 64, 7.0 + 0.05 * 500)
+    assert costs.decode_ms == pytest.approx(6.0) and costs.ms_per_prompt_token == pytest.approx(0.05)
+    assert costs.limit() in (179, 180)  # 1.5 * 6.0 / 0.05, floating-point rounding
+    assert StepCosts(0, decode_ms=6.0, ms_per_prompt_token=0.05).limit() is None  # turned off
+    assert StepCosts(2.5, decode_ms=1.0, ms_per_prompt_token=1.0).limit() == 16  # always some progress
+
+
+def test_prompt_tokens_are_limited_while_requests_decode():
+    s = Scheduler(SchedulerConfig(8, 512, 4096, max_step_slowdown=2.0), BlockManager(512, 16))
+    learned_costs(s, decode_ms=5.0, ms_per_prompt_token=0.05)
+    limit = s.costs.limit()
+    assert limit in (99, 100)  # 1.0 * 5.0 / 0.05
+    a = req("a", 300, max_tokens=100)
+    s.add(a)
+    batch, _ = run_step(s)
+    assert batch.num_new_tokens == [300]  # nobody decodes: the whole budget
+    b = req("b", 400, max_tokens=10)
+    s.add(b)
+    seen = []
+    while b.num_computed_tokens < b.num_prompt_tokens:
+        batch, _ = run_step(s)
+        assert batch.requests[0] is a and batch.num_new_tokens[0] == 1  # a decodes in every step
+        assert batch.num_prompt_tokens <= limit and batch.num_decode_rows == 1
+        seen.append(batch.num_new_tokens[1])
+    assert seen == [100, 100, 100, 100]
+    # the limit yields to a queue of more than QUEUE_STEPS steps of it
+    from asyncllm.engine.scheduler import QUEUE_STEPS
+
+    for i in range(QUEUE_STEPS * limit // 200 + 1):
+        s.add(req(f"q{i}", 200, max_tokens=4))
+    batch, _ = run_step(s)
+    assert batch.num_prompt_tokens == 512 - batch.num_decode_rows
+
+
+def test_no_prompt_token_limit_without_timings():
+    s = Scheduler(SchedulerConfig(8, 512, 4096, max_step_slowdown=2.0), BlockManager(512, 16))
+    a, b = req("a", 30, max_tokens=100), req("b", 400, max_tokens=10)
+    s.add(a)
+    run_step(s)
+    s.add(b)
+    batch, _ = run_step(s)
+    assert batch.num_new_tokens == [1, 400]
+    learned_costs(s, decode_ms=5.0, ms_per_prompt_token=0.0)  # prompt tokens cost nothing measurable
+    s.add(req("c", 400, max_tokens=10))
+    batch, _ = run_step(s)
+    assert batch.num_new_tokens == [1, 1, 400]

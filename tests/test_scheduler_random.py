@@ -78,7 +78,8 @@ def run_workload(seed: int, prefix_caching: bool, overlap: bool) -> dict[str, tu
     max_len = 96
     num_blocks = rng.randint(max_len // bs, 3 * max_len // bs)  # tight: preemption and eviction happen
     config = SchedulerConfig(max_num_seqs=rng.randint(2, 12), max_num_batched_tokens=rng.choice([8, 16, 64, 256]),
-                             max_model_len=max_len, max_prefill_delay_steps=rng.choice([0, 0, 2, 5]))
+                             max_model_len=max_len, max_prefill_delay_steps=rng.choice([0, 0, 2, 5]),
+                             max_step_slowdown=rng.choice([0, 1.5, 3.0]))
     blocks = BlockManager(num_blocks, bs, prefix_caching)
     sched = Scheduler(config, blocks)
     runner = FakeRunner(num_blocks, bs, config.max_num_seqs)
@@ -93,7 +94,7 @@ def run_workload(seed: int, prefix_caching: bool, overlap: bool) -> dict[str, tu
         pending_arrivals.append((when, Request(f"r{i}", prompt, params, params.max_tokens, frozenset({EOS}))))
     all_reqs = [r for _, r in pending_arrivals]
     inflight = None
-    step = 0
+    step = limited = 0
     while pending_arrivals or sched.has_unfinished or inflight is not None:
         for item in [a for a in pending_arrivals if a[0] <= step]:
             pending_arrivals.remove(item)
@@ -102,8 +103,13 @@ def run_workload(seed: int, prefix_caching: bool, overlap: bool) -> dict[str, tu
             sched.abort(rng.choice(list(sched.requests)))
         if sched.running and rng.random() < 0.03:  # a stop string matched above the scheduler
             sched.finish(rng.choice(sched.running), "stop")
+        prompt_budget = sched._prompt_budget(config.max_num_batched_tokens)
         batch = sched.schedule()
         sched.check_invariants()
+        assert batch.num_prompt_tokens <= prompt_budget and sum(batch.num_new_tokens) <= config.max_num_batched_tokens
+        limited += prompt_budget < config.max_num_batched_tokens
+        # a stand-in GPU time: 1 ms a step and 0.3 ms a prompt token, noisy (what the prompt-token limit learns from)
+        batch.gpu_ms = rng.uniform(0.8, 1.2) * (1.0 + 0.3 * batch.num_prompt_tokens)
         handle = runner.launch(batch) if len(batch) else None
         if overlap:
             handle, inflight = inflight, handle
@@ -115,7 +121,7 @@ def run_workload(seed: int, prefix_caching: bool, overlap: bool) -> dict[str, tu
     blocks.check_invariants()
     assert blocks.num_free_blocks == num_blocks
     assert all(r.finished and not r.block_table for r in all_reqs)
-    return all_reqs, sched.stats.num_preemptions
+    return all_reqs, sched.stats.num_preemptions, limited
 
 
 SEEDS = range(int(os.environ.get("ASYNCLLM_RANDOM_SEEDS", 40)))  # more: ASYNCLLM_RANDOM_SEEDS=400
@@ -125,7 +131,7 @@ SEEDS = range(int(os.environ.get("ASYNCLLM_RANDOM_SEEDS", 40)))  # more: ASYNCLL
 def test_random_workload_matches_reference(seed):
     for cache in (True, False):
         for overlap in (True, False):
-            reqs, _ = run_workload(seed, cache, overlap)
+            reqs, _, _ = run_workload(seed, cache, overlap)
             for r in reqs:
                 ref = reference(r.prompt_token_ids, r.max_tokens, r.params.ignore_eos)
                 out = r.output_token_ids
@@ -138,10 +144,12 @@ def test_random_workload_matches_reference(seed):
 
 
 def test_random_workloads_exercise_preemption_and_cache_hits():
-    """The workloads above are not too easy: some preempt, and the cache is hit."""
-    preemptions = hits = 0
+    """The workloads above are not too easy: some preempt, the cache is hit, and prompt tokens are limited while
+    others decode."""
+    preemptions = hits = limited = 0
     for seed in range(40):
-        reqs, n = run_workload(seed, True, True)
+        reqs, n, steps = run_workload(seed, True, True)
         preemptions += n
+        limited += steps
         hits += sum(r.num_cached_tokens > 0 for r in reqs)
-    assert preemptions > 10 and hits > 40
+    assert preemptions > 10 and hits > 40 and limited > 40

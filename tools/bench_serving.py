@@ -134,8 +134,12 @@ def start_server(args: argparse.Namespace, extra: list[str]) -> tuple[subprocess
     raise RuntimeError("the server did not start")
 
 
+STEP_GAUGES = ("asyncllm:decode_step_seconds", "asyncllm:prompt_token_limit")
+
+
 def ttft_split(url: str) -> dict[str, float]:
-    """The server's cumulative (sum, count) of queue and prefill time (/metrics), for the TTFT split of a level."""
+    """The server's cumulative (sum, count) of queue and prefill time (/metrics), for the TTFT split of a level, and
+    its learned step costs (gauges)."""
     import urllib.request
 
     with urllib.request.urlopen(f"{url}/metrics") as r:
@@ -144,7 +148,7 @@ def ttft_split(url: str) -> dict[str, float]:
     for line in text.splitlines():
         name = line.split("{", 1)[0]
         if name.startswith(("asyncllm:request_queue_time_seconds_", "asyncllm:request_prefill_time_seconds_")) \
-                and name.endswith(("_sum", "_count")):
+                and name.endswith(("_sum", "_count")) or name in STEP_GAUGES:
             out[name] = float(line.rsplit(" ", 1)[1])
     return out
 
@@ -168,7 +172,8 @@ def level(args: argparse.Namespace, url: str, pid: int, concurrency: int, prompt
     cpu0, t0 = cpu_seconds(pid), time.perf_counter()
     results = [r for _ in procs for r in q.get()]
     wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
-    split = {k: v - split0.get(k, 0.0) for k, v in ttft_split(url).items()}
+    after = ttft_split(url)
+    split = {k: v - split0.get(k, 0.0) for k, v in after.items()}
     for p in procs:
         p.join()
     errors = [r[2] for r in results if r[2]]
@@ -187,6 +192,8 @@ def level(args: argparse.Namespace, url: str, pid: int, concurrency: int, prompt
                 **{f"server_{part}_ms_mean": round(1e3 * split.get(f"asyncllm:request_{part}_time_seconds_sum", 0.0)
                                                    / max(1.0, split.get(f"asyncllm:request_{part}_time_seconds_count", 0.0)), 2)
                    for part in ("queue", "prefill")},
+                server_decode_step_ms=round(after.get(STEP_GAUGES[0], 0.0) * 1e3, 3),
+                server_prompt_token_limit=int(after.get(STEP_GAUGES[1], 0)),
                 server_cpu_s=round(cpu, 3),
                 server_cpu_cores=round(cpu / wall, 3), server_cpu_us_per_token=round(cpu / max(1, tokens) * 1e6, 2))
 

@@ -108,7 +108,8 @@ class EngineCore:
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         max_tokens = self.runner.max_step_tokens
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, max_tokens, self.max_model_len,
-                                                   config.max_prefill_delay_steps), self.blocks)
+                                                   config.max_prefill_delay_steps, config.max_step_slowdown),
+                                   self.blocks)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
         if self.tokenizer is not None and self.runner.tp.is_leader:  # not at the first request, on the loop thread
             token_decoder(self.tokenizer).warm_up()
@@ -254,7 +255,8 @@ class EngineCore:
         s, b = self.scheduler, self.blocks
         return {"num_requests_running": len(s.running), "num_requests_waiting": len(s.waiting),
                 "kv_cache_usage_perc": b.usage, "kv_cache_free_blocks": b.num_free_blocks,
-                "prefix_cache_blocks": b.num_cached_blocks}
+                "prefix_cache_blocks": b.num_cached_blocks, "decode_step_seconds": s.costs.decode_ms / 1e3,
+                "prompt_token_limit": s.costs.limit() or 0}
 
     @property
     def num_free_blocks(self) -> int:

@@ -152,6 +152,7 @@ class Deferred:
     adjust: list[Penalties | LogitBias | TokenMask]
     logprobs: LogprobsOnDevice | None
     to_followers: bool
+    start: torch.cuda.Event | None  # recorded on the runner's stream before the step (CUDA): its GPU time
     # the grammar-constrained rows that sample: their rows among the step's sampled logits, and their requests
     mask_rows: list[int] = field(default_factory=list)
     constrained: list[Request] = field(default_factory=list)
@@ -407,6 +408,7 @@ class ModelRunner:
             raise RuntimeError("this engine was closed")
         to_followers = broadcast and self.tp.size > 1
         with self._on_stream():  # every copy to the device below is ordered before the step that reads it
+            start = self._timing_event()
             adjust, plan, mask_rows, constrained = self._extras(batch)
             # a graph step has no hidden states of prompt tokens to report
             pad = graph_size(self.graphs.sizes, batch) if self.graphs is not None and not (plan and plan.prompt_tokens) else 0
@@ -417,7 +419,7 @@ class ModelRunner:
                 self.tp.steps.send(header.encode(packed))
             logprobs = LogprobsOnDevice(plan, self.device) if plan else None
             fwd = self._forward(header, packed, logprobs)
-            step = Deferred(batch, fwd, adjust, logprobs, to_followers, mask_rows, constrained)
+            step = Deferred(batch, fwd, adjust, logprobs, to_followers, start, mask_rows, constrained)
             if defer:
                 return step
             return self._finish(step, self.fill_masks(step) if constrained else None)
@@ -443,13 +445,19 @@ class ModelRunner:
         elif n:
             host = self.host_ring.take(n)
             host.copy_(self.sampled[:n], non_blocking=True)
-        event = None
-        if self.stream is not None and (n or step.logprobs is not None):
-            # blocking: the step thread sleeps in wait() instead of spinning a core for the whole GPU step (CUDA
-            # spins by default); the wake-up is hidden by overlap, the next step being queued before the wait
-            event = torch.cuda.Event(blocking=True)
-            event.record(self.stream)
-        return StepHandle(step.batch, host, event, step.logprobs)
+        event = self._timing_event() if n or step.logprobs is not None else None
+        return StepHandle(step.batch, host, event, step.logprobs, step.start)
+
+    def _timing_event(self) -> torch.cuda.Event | None:
+        """An event recorded on the runner's stream now (None without CUDA). Blocking: the step thread sleeps in
+        wait() instead of spinning a core for the whole GPU step (CUDA spins by default); the wake-up is hidden by
+        overlap, the next step being queued before the wait. Timing: a step's GPU time is what the scheduler's
+        prompt-token limit is learned from (engine/step_costs.py)."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event(enable_timing=True, blocking=True)
+        event.record(self.stream)
+        return event
 
     def _forward(self, header: StepHeader, packed: Any, logprobs: LogprobsOnDevice | None) -> Forward:
         """Every rank: unpack the step and run the model up to the logits of the rows that sample (rank 0 also

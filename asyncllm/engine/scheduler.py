@@ -6,6 +6,10 @@ While requests decode, admission may wait up to `max_prefill_delay_steps` steps 
 half of what is left of the step's budget: a step that prefills costs more than a decode step (piecewise graphs
 or eager, not one whole-step graph), so gathering new prompts into fewer steps may cost the running requests less,
 for a few steps more of time to first token.
+While requests decode, a step also takes at most `StepCosts.limit()` prompt tokens (engine/step_costs.py: sized from
+measured GPU step times so that a step that prefills takes at most `max_step_slowdown` times a decode step), unless
+the prompts waiting exceed QUEUE_STEPS steps of that limit: then the limit yields to the queue (a burst of new
+requests, or more prompt tokens arriving per step than the limit lets through) and the step takes its whole budget.
 When a running request needs a block and none is free, the most recently admitted request is preempted by
 recompute: its blocks are freed and it goes back to the head of the waiting queue with all its tokens (prompt and
 output so far) to prefill again.
@@ -25,8 +29,11 @@ from dataclasses import dataclass, field
 
 from asyncllm.engine.kv_cache import BlockManager
 from asyncllm.engine.request import Request, RequestStatus
+from asyncllm.engine.step_costs import StepCosts
 from asyncllm.errors import InvalidRequestError
 from asyncllm.outputs import Logprob
+
+QUEUE_STEPS = 8  # steps of the prompt-token limit the waiting prompts may take before the limit yields
 
 
 @dataclass
@@ -40,6 +47,9 @@ class Batch:
     # row's last input token is still on the device: its index in the previous step's sampled ids, else -1
     feed: list[int] = field(default_factory=list)
     constrained: bool = False  # a row's request follows a grammar (structured outputs)
+    num_prompt_tokens: int = 0  # tokens of prompts (or recomputation) in the step; the other rows decode
+    num_decode_rows: int = 0
+    gpu_ms: float = 0.0  # the step's measured GPU time, set once it ran (CUDA; 0: not measured)
 
     def add(self, req: Request, n: int) -> None:
         start = req.num_computed_tokens
@@ -68,6 +78,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     max_prefill_delay_steps: int = 0  # 0: admit at once
+    max_step_slowdown: float = 0.0  # 0: no prompt-token limit while requests decode
 
 
 @dataclass
@@ -90,6 +101,7 @@ class Scheduler:
         # rows of the runner's device-resident tables: one per running request (Request.row)
         self._free_rows = list(range(config.max_num_seqs - 1, -1, -1))
         self._held = 0  # consecutive steps that held the waiting requests back
+        self.costs = StepCosts(config.max_step_slowdown)  # learned from the steps' gpu_ms, in update
 
     # ---- admission -------------------------------------------------------------------------------------------
     def check(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -134,6 +146,7 @@ class Scheduler:
     def schedule(self) -> Batch:
         batch = Batch()
         budget = self.config.max_num_batched_tokens
+        prompt_budget = self._prompt_budget(budget)
         preemptions = self.stats.num_preemptions
         max_len, bs = self.config.max_model_len, self.blocks.block_size
         reqs, starts, n_new, sample, feed = batch.requests, batch.starts, batch.num_new_tokens, batch.sample, batch.feed
@@ -149,6 +162,12 @@ class Scheduler:
                 continue
             start = req.num_computed_tokens
             n = min(known + pending - start, budget)
+            if n > 1:  # prompt tokens (or recomputation after preemption)
+                n = min(n, prompt_budget)
+                if not n:
+                    i += 1
+                    continue
+                prompt_budget -= n
             if (start + n + bs - 1) // bs > len(req.block_table) and not self._grow(req, n):
                 break  # req preempted itself: it was the last running request
             reqs.append(req)
@@ -162,8 +181,8 @@ class Scheduler:
         # Admit nothing in a step that had to preempt: the victims would only come straight back.
         preempted = self.stats.num_preemptions != preemptions
         hold = self._hold_admission(budget)
-        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted
-               and not hold):
+        while (self.waiting and budget > 0 and prompt_budget > 0 and len(self.running) < self.config.max_num_seqs
+               and not preempted and not hold):
             req = self.waiting[0]
             if req.num_pending:
                 break  # preempted with a token in flight: admit it once the token is known
@@ -171,7 +190,7 @@ class Scheduler:
             # position whose prompt log-probability is still to come)
             cached = [] if req.wants_prompt_logprobs else self.blocks.match(req.token_ids[: (req.num_tokens - 1) // bs * bs])
             computed = len(cached) * bs
-            n = min(req.num_tokens - computed, budget)
+            n = min(req.num_tokens - computed, budget, prompt_budget)
             need = self.blocks.blocks_for(computed + n) - len(cached)
             if not self.blocks.can_allocate(need):
                 self.blocks.free(cached)
@@ -191,9 +210,10 @@ class Scheduler:
             batch.add(req, n)
             req.num_computed_tokens += n
             budget -= n
+            prompt_budget -= n
         # One pass over the rows (per-row work is what a step costs on the host): offer newly filled blocks to the
         # prefix cache, note where pending tokens come from and go, count prompt tokens.
-        row = prompt_tokens = 0
+        row = prompt_tokens = prompt_rows = 0
         caching = self.blocks.cache is not None
         for i, req in enumerate(reqs):
             if caching:
@@ -216,8 +236,31 @@ class Scheduler:
             n = n_new[i]
             if n > 1 or req.num_computed_tokens <= req.num_prompt_tokens:
                 prompt_tokens += n
+                prompt_rows += 1
+        batch.num_prompt_tokens, batch.num_decode_rows = prompt_tokens, len(reqs) - prompt_rows
         self.stats.prompt_tokens += prompt_tokens
         return batch
+
+    def _prompt_budget(self, budget: int) -> int:
+        """Prompt tokens this step may take (see the module docstring): the step's budget, or the limit while
+        requests decode and the prompts waiting (queued or part-prefilled) are within QUEUE_STEPS steps of it."""
+        limit = self.costs.limit()
+        if limit is None or limit >= budget:
+            return budget
+        decoding, queued, most = False, 0, QUEUE_STEPS * limit
+        for req in self.running:
+            left = req.num_prompt_tokens - req.num_computed_tokens
+            if left > 0:
+                queued += left
+            else:
+                decoding = True
+        if not decoding:
+            return budget
+        for req in self.waiting:
+            queued += req.num_tokens
+            if queued > most:
+                return budget
+        return budget if queued > most else limit
 
     def _hold_admission(self, budget: int) -> bool:
         """Hold the waiting requests back this step (see the module docstring)?"""
@@ -267,6 +310,8 @@ class Scheduler:
                 for position, lp in entries:  # a recomputed chunk (after preemption) repeats known positions
                     if position == len(known):
                         known.append(lp)
+        if batch.gpu_ms:
+            self.costs.observe(batch.num_prompt_tokens, batch.num_decode_rows, batch.gpu_ms)
         out: list[Request] = []
         it = iter(sampled)
         any_finished = False

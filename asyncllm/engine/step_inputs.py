@@ -272,11 +272,14 @@ class StepHandle:
     sampled: torch.Tensor | None  # CPU: the ids; CUDA: page-locked host buffer the device copies into
     event: torch.cuda.Event | None = None  # recorded after that copy (and the log-probabilities')
     logprobs: LogprobsOnDevice | None = None
+    start: torch.cuda.Event | None = None  # recorded before the step: batch.gpu_ms is set from it
 
     def wait(self) -> tuple[list[int], StepLogprobs | None]:
         """The sampled ids, and the log-probabilities the step reports (None when it reports none)."""
         if self.event is not None:
             self.event.synchronize()
+            if self.start is not None:
+                self.batch.gpu_ms = self.start.elapsed_time(self.event)
         tokens = [] if self.sampled is None else self.sampled.tolist()
         return tokens, self.logprobs.read(tokens) if self.logprobs is not None else None
 

@@ -216,6 +216,32 @@ def test_piecewise_graph_steps_match_transformers(large_model):
     assert eager.engine.runner.pieces is None and eager.engine.runner.graphs is not None
 
 
+def test_steps_are_timed_and_the_prompt_token_limit_learned(large_model):
+    """Every step that samples is timed on the GPU (CUDA events around it); the scheduler learns a decode step's
+    time and a prompt token's from them (engine/step_costs.py), steps mixing prompt chunks with decode rows
+    included."""
+    from asyncllm.engine.step_costs import MIN_SAMPLES
+
+    llm = LLM(str(large_model), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=4096,
+              max_num_batched_tokens=256)
+    timed = []
+    update = llm.engine.scheduler.update
+    llm.engine.scheduler.update = lambda batch, *a: timed.append((batch.num_prompt_tokens, batch.num_decode_rows,
+                                                                 batch.gpu_ms)) or update(batch, *a)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    llm.generate(random_prompts(40, VOCAB, 20, 500, seed=7), params, use_tqdm=False)
+    assert timed and all(ms > 0 for *_, ms in timed), "a step that sampled was not timed"
+    mixed = [t for t in timed if t[0] and t[1]]
+    assert len(mixed) >= MIN_SAMPLES, "no steps mixed prompt chunks with decode rows"
+    costs = llm.engine.scheduler.costs
+    print(f"steps timed: {len(timed)} ({len(mixed)} mixed); decode {costs.decode_ms:.3f} ms, "
+          f"{costs.ms_per_prompt_token * 1e3:.2f} us per prompt token, limit {costs.limit()}")
+    assert costs.decode_ms > 0 and costs.num_samples == len(mixed)
+    # a 2-layer model: a prompt token still costs measurable time (the slope), a decode step well under 100 ms
+    assert 0 < costs.ms_per_prompt_token < costs.decode_ms and costs.decode_ms < 100
+    assert costs.limit() is not None
+
+
 def test_no_triton_compile_after_start_up(large_model):
     """Start-up compiles every Triton variant the engine hits: a varied workload (odd and even step sizes,
     prefix hits, mixed steps, batch sizes off the capture sizes, every sampling path) compiles nothing more."""

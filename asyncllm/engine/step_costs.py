@@ -1,0 +1,61 @@
+"""What steps cost on the GPU, learned from the steps that ran, and the prompt-token limit that follows.
+
+A step that prefills while requests decode makes every decoding request wait for its prompt tokens: one 2,048-token
+chunk in a 64-row decode step of an 8B model stretches that step (an inter-token gap of 64 clients) from ~6.5 ms
+to ~50 ms. So while requests decode, a step takes at most `limit` prompt tokens, sized to keep the step within
+`max_slowdown` times a decode step:
+
+    limit = (max_slowdown - 1) * decode_ms / ms_per_prompt_token
+
+Both terms are measured (CUDA events around each step, ms): `decode_ms` is a moving average of the steps without
+prompt tokens, `ms_per_prompt_token` the slope of step time over prompt tokens among the steps with some and with
+decode rows (exponentially weighted least squares: a step's fixed cost, e.g. running attention outside the whole-
+step graph, stays in the intercept and out of the slope). For a small model the slope is tiny and the limit above
+any step's budget; for a large one it is a few hundred tokens, whatever the model, since a decode step reads the
+weights once and a prompt token costs their FLOPs. Until both are known (and without timings: CPU) there is no limit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIN_LIMIT = 16  # prompt tokens: a step always makes some progress on the prompts
+MIN_SAMPLES = 8  # steps with prompt tokens seen before the slope is trusted
+
+
+@dataclass
+class StepCosts:
+    max_slowdown: float  # 0: no limit
+    decay: float = 0.05  # weight of each new step in the averages
+    decode_ms: float = 0.0  # 0: no decode step timed yet
+    ms_per_prompt_token: float = 0.0  # 0: not known (yet, or not positive)
+    num_samples: int = 0
+    # exponentially weighted sums over steps with prompt tokens: weight, P, P^2, ms, P*ms
+    _w: float = 0.0
+    _p: float = 0.0
+    _pp: float = 0.0
+    _m: float = 0.0
+    _pm: float = 0.0
+
+    def observe(self, prompt_tokens: int, decode_rows: int, ms: float) -> None:
+        """One step's GPU time; steps without decode rows (pure prefill) say nothing of the slowdown."""
+        if ms <= 0 or not decode_rows:
+            return
+        a = self.decay
+        if not prompt_tokens:
+            self.decode_ms = ms if not self.decode_ms else self.decode_ms + a * (ms - self.decode_ms)
+            return
+        k, p = 1 - a, float(prompt_tokens)
+        self._w, self._p, self._pp = k * self._w + a, k * self._p + a * p, k * self._pp + a * p * p
+        self._m, self._pm = k * self._m + a * ms, k * self._pm + a * p * ms
+        self.num_samples += 1
+        mean_p = self._p / self._w
+        var = self._pp / self._w - mean_p * mean_p
+        if self.num_samples >= MIN_SAMPLES and var > (0.05 * mean_p) ** 2:  # else keep the last slope
+            slope = (self._pm / self._w - mean_p * self._m / self._w) / var
+            self.ms_per_prompt_token = max(slope, 0.0)
+
+    def limit(self) -> int | None:
+        """Most prompt tokens for a step with decode rows; None: no limit."""
+        if self.max_slowdown <= 0 or not self.decode_ms or not self.ms_per_prompt_token:
+            return None
+        return max(MIN_LIMIT, int((self.max_slowdown - 1) * self.decode_ms / self.ms_per_prompt_token))
