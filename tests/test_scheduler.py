@@ -243,24 +243,33 @@ def test_prompt_tokens_are_limited_while_requests_decode():
         assert batch.num_prompt_tokens <= limit and batch.num_decode_rows == 1
         seen.append(batch.num_new_tokens[1])
     assert seen == [100, 100, 100, 100]
-    # the limit yields to a queue of more than QUEUE_STEPS steps of it
-    from asyncllm.engine.scheduler import QUEUE_STEPS
-
-    for i in range(QUEUE_STEPS * limit // 200 + 1):
-        s.add(req(f"q{i}", 200, max_tokens=4))
+    # the limit yields while more requests wait for their first token than decode
+    s.add(req("c", 100, max_tokens=4))
     batch, _ = run_step(s)
-    assert batch.num_prompt_tokens == 512 - batch.num_decode_rows
+    assert batch.num_new_tokens == [1, 1, 100]  # a and b decode, c alone waits
+    for i in range(4):
+        s.add(req(f"q{i}", 150, max_tokens=4))
+    batch, _ = run_step(s)  # a, b and c decode, four wait: the whole budget
+    assert batch.num_new_tokens == [1, 1, 1, 150, 150, 150, 59]
+    batch, _ = run_step(s)  # six decode, one is still prefilling
+    assert batch.num_new_tokens == [1] * 6 + [91] and batch.num_decode_rows == 6
 
 
-def test_no_prompt_token_limit_without_timings():
-    s = Scheduler(SchedulerConfig(8, 512, 4096, max_step_slowdown=2.0), BlockManager(512, 16))
-    a, b = req("a", 30, max_tokens=100), req("b", 400, max_tokens=10)
-    s.add(a)
+def test_the_limit_keeps_up_with_the_prompt_tokens_arriving():
+    """More prompt tokens arriving per step than the limit lets through raise the limit towards their rate: the
+    queue stays short, and steps that take the whole budget (more waiting than decoding) become rare."""
+    from asyncllm.engine.scheduler import ARRIVAL_DECAY
+
+    s = Scheduler(SchedulerConfig(64, 4096, 8192, max_step_slowdown=2.0), BlockManager(4096, 16))
+    learned_costs(s, decode_ms=5.0, ms_per_prompt_token=0.05)
+    for i in range(32):  # decoders
+        s.add(req(f"d{i}", 20, max_tokens=2000))
     run_step(s)
-    s.add(b)
-    batch, _ = run_step(s)
-    assert batch.num_new_tokens == [1, 400]
-    learned_costs(s, decode_ms=5.0, ms_per_prompt_token=0.0)  # prompt tokens cost nothing measurable
-    s.add(req("c", 400, max_tokens=10))
-    batch, _ = run_step(s)
-    assert batch.num_new_tokens == [1, 1, 400]
+    full, longest = [], 0
+    for step in range(600):  # 300 prompt tokens arrive every step, three times what the limit of 100 lets through
+        s.add(req(f"n{step}", 300, max_tokens=1))
+        batch, _ = run_step(s)
+        full.append(batch.num_prompt_tokens > max(100, int(s.arrival_rate)))
+        longest = max(longest, len(s.waiting))
+    assert s.arrival_rate == pytest.approx(300, rel=0.05) and ARRIVAL_DECAY <= 0.01
+    assert longest <= 33 and sum(full[-300:]) <= 10, (longest, sum(full[-300:]))

@@ -7,9 +7,11 @@ half of what is left of the step's budget: a step that prefills costs more than 
 or eager, not one whole-step graph), so gathering new prompts into fewer steps may cost the running requests less,
 for a few steps more of time to first token.
 While requests decode, a step also takes at most `StepCosts.limit()` prompt tokens (engine/step_costs.py: sized from
-measured GPU step times so that a step that prefills takes at most `max_step_slowdown` times a decode step), unless
-the prompts waiting exceed QUEUE_STEPS steps of that limit: then the limit yields to the queue (a burst of new
-requests, or more prompt tokens arriving per step than the limit lets through) and the step takes its whole budget.
+measured GPU step times so that a step that prefills takes at most `max_step_slowdown` times a decode step), or the
+rate at which prompt tokens arrive (a moving average per step) if that is more, so the queue cannot grow for ever.
+The limit holds only while the decoding requests are at least as many as those waiting for their first token (queued
+or part-prefilled): a stretched step costs each decoding request a longer gap and each waiting one a shorter wait, so
+the larger group wins (a burst of new requests is prefilled at full speed while few decode).
 When a running request needs a block and none is free, the most recently admitted request is preempted by
 recompute: its blocks are freed and it goes back to the head of the waiting queue with all its tokens (prompt and
 output so far) to prefill again.
@@ -33,7 +35,7 @@ from asyncllm.engine.step_costs import StepCosts
 from asyncllm.errors import InvalidRequestError
 from asyncllm.outputs import Logprob
 
-QUEUE_STEPS = 8  # steps of the prompt-token limit the waiting prompts may take before the limit yields
+ARRIVAL_DECAY = 0.01  # weight of a step's arrivals in the moving average of prompt tokens arriving per step
 
 
 @dataclass
@@ -102,6 +104,8 @@ class Scheduler:
         self._free_rows = list(range(config.max_num_seqs - 1, -1, -1))
         self._held = 0  # consecutive steps that held the waiting requests back
         self.costs = StepCosts(config.max_step_slowdown)  # learned from the steps' gpu_ms, in update
+        self._arrived = 0  # prompt tokens added since the last step was scheduled
+        self.arrival_rate = 0.0  # prompt tokens arriving per step (moving average)
 
     # ---- admission -------------------------------------------------------------------------------------------
     def check(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -130,6 +134,7 @@ class Scheduler:
             raise InvalidRequestError(f"duplicate request id {req.request_id!r}")
         self.requests[req.request_id] = req
         self.waiting.append(req)
+        self._arrived += req.num_prompt_tokens
 
     def abort(self, request_id: str) -> Request | None:
         req = self.requests.get(request_id)
@@ -242,25 +247,21 @@ class Scheduler:
         return batch
 
     def _prompt_budget(self, budget: int) -> int:
-        """Prompt tokens this step may take (see the module docstring): the step's budget, or the limit while
-        requests decode and the prompts waiting (queued or part-prefilled) are within QUEUE_STEPS steps of it."""
+        """Prompt tokens this step may take (see the module docstring): the step's budget, or the limit while more
+        requests decode than wait for their first token."""
+        self.arrival_rate += ARRIVAL_DECAY * (self._arrived - self.arrival_rate)
+        self._arrived = 0
         limit = self.costs.limit()
-        if limit is None or limit >= budget:
+        if limit is None:
             return budget
-        decoding, queued, most = False, 0, QUEUE_STEPS * limit
+        limit = max(limit, int(self.arrival_rate))
+        if limit >= budget:
+            return budget
+        prefilling = 0
         for req in self.running:
-            left = req.num_prompt_tokens - req.num_computed_tokens
-            if left > 0:
-                queued += left
-            else:
-                decoding = True
-        if not decoding:
-            return budget
-        for req in self.waiting:
-            queued += req.num_tokens
-            if queued > most:
-                return budget
-        return budget if queued > most else limit
+            if req.num_computed_tokens < req.num_prompt_tokens:
+                prefilling += 1
+        return limit if len(self.running) - prefilling >= prefilling + len(self.waiting) else budget
 
     def _hold_admission(self, budget: int) -> bool:
         """Hold the waiting requests back this step (see the module docstring)?"""

@@ -217,7 +217,7 @@ def test_piecewise_graph_steps_match_transformers(large_model):
 
 
 def test_steps_are_timed_and_the_prompt_token_limit_learned(large_model):
-    """Every step that samples is timed on the GPU (CUDA events around it); the scheduler learns a decode step's
+    """Every step that samples (has an event to wait on) is timed on the GPU (CUDA events around it); the scheduler learns a decode step's
     time and a prompt token's from them (engine/step_costs.py), steps mixing prompt chunks with decode rows
     included."""
     from asyncllm.engine.step_costs import MIN_SAMPLES
@@ -226,8 +226,8 @@ def test_steps_are_timed_and_the_prompt_token_limit_learned(large_model):
               max_num_batched_tokens=256)
     timed = []
     update = llm.engine.scheduler.update
-    llm.engine.scheduler.update = lambda batch, *a: timed.append((batch.num_prompt_tokens, batch.num_decode_rows,
-                                                                 batch.gpu_ms)) or update(batch, *a)
+    llm.engine.scheduler.update = lambda batch, *a: any(batch.sample) and timed.append(
+        (batch.num_prompt_tokens, batch.num_decode_rows, batch.gpu_ms)) or update(batch, *a)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     llm.generate(random_prompts(40, VOCAB, 20, 500, seed=7), params, use_tqdm=False)
     assert timed and all(ms > 0 for *_, ms in timed), "a step that sampled was not timed"
