@@ -35,12 +35,13 @@ class EngineConfig:
     max_prefill_delay_steps: int = option(
         0, "steps new prompts may wait, while others decode, to prefill together (0: at once; measured slower on "
            "the H200 at 4, see docs/BENCHMARKS.md)", lo=0)
-    # While requests decode, a step's prompt tokens are limited so that the step takes at most this many times a decode
-    # step, as measured on the GPU (engine/step_costs.py); the limit yields when prompts queue up beyond 8 steps of it.
+    # While requests decode, a step's prompt tokens may be limited so that the step takes at most this many times a
+    # decode step, as measured on the GPU (engine/step_costs.py, engine/scheduler.py). Off by default: on the H200 it
+    # cost the Llama-8B shape throughput and time to first token (docs/BENCHMARKS.md).
     max_step_slowdown: float = option(
-        2.5, "while requests decode, a step that prefills takes at most this many times a decode step (prompt "
-             "tokens limited by measured GPU step times, CUDA only; lifted while prompts queue up); 0 = no limit",
-        lo=0)
+        0.0, "while requests decode, a step that prefills takes at most this many times a decode step (prompt "
+             "tokens limited by measured GPU step times, CUDA only; lifted while more requests wait for their first "
+             "token than decode); 0 = no limit", lo=0)
     block_size: int = option(16, "tokens per KV cache block (a power of two)", lo=1)
     gpu_memory_utilization: float = option(0.9, "share of the GPU's memory the engine may use in total", lo=0.01, hi=1.0)
     num_kv_blocks: int | None = option(None, "exact KV cache size in blocks; overrides the memory budgets", lo=1)

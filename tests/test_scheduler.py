@@ -203,26 +203,31 @@ def test_only_steps_where_every_row_decodes_and_samples_replay_a_graph():
 
 
 def learned_costs(s: Scheduler, decode_ms: float, ms_per_prompt_token: float) -> None:
-    """Feed the scheduler's StepCosts steps timed as decode_ms + a fixed 1 ms + ms_per_prompt_token per token."""
+    """Feed the scheduler's StepCosts steps timed as decode_ms + ms_per_prompt_token per prompt token."""
     for p in range(10, 410, 20):
         s.costs.observe(0, 4, decode_ms)
-        s.costs.observe(p, 4, decode_ms + 1.0 + ms_per_prompt_token * p)
+        s.costs.observe(p, 4, decode_ms + ms_per_prompt_token * p)
 
 
-def test_step_costs_learn_the_slope_and_not_the_fixed_cost():
+def test_step_costs_learn_what_prompt_tokens_add_to_a_decode_step():
     from asyncllm.engine.step_costs import MIN_SAMPLES, StepCosts
 
     costs = StepCosts(2.5)
+    costs.observe(100, 4, 50.0)  # no decode time known yet: nothing to compare with
     costs.observe(100, 0, 50.0)  # no decode rows: says nothing of the slowdown
-    for p in range(10, 10 + 20 * (MIN_SAMPLES - 1), 20):
-        costs.observe(0, 64, 6.0)
-        costs.observe(p, 64, 7.0 + 0.05 * p)
+    assert costs.num_samples == 0
+    costs.decode_ms = 6.0  # the start-up prior (the largest decode graph's replay)
+    for p in [100 + 200 * (i % 3) for i in range(MIN_SAMPLES - 1)]:
+        costs.observe(p, 64, 6.0 + 0.05 * p)
     assert costs.limit() is None  # too few steps with prompt tokens yet
-    costs.observe(500, 64, 7.0 + 0.05 * 500)
-    assert costs.decode_ms == pytest.approx(6.0) and costs.ms_per_prompt_token == pytest.approx(0.05)
+    costs.observe(700, 64, 6.0 + 0.05 * 700)
+    assert costs.ms_per_prompt_token == pytest.approx(0.05)
     assert costs.limit() in (179, 180)  # 1.5 * 6.0 / 0.05, floating-point rounding
-    assert StepCosts(0, decode_ms=6.0, ms_per_prompt_token=0.05).limit() is None  # turned off
-    assert StepCosts(2.5, decode_ms=1.0, ms_per_prompt_token=1.0).limit() == 16  # always some progress
+    for _ in range(200):  # decode steps measured slower than the prior: the limit grows with them
+        costs.observe(0, 64, 8.0)
+    assert costs.decode_ms == pytest.approx(8.0, rel=1e-3) and costs.limit() in (239, 240)
+    assert StepCosts(0, decode_ms=6.0, num_samples=9, _extra_ms=5.0, _prompt=100.0).limit() is None  # turned off
+    assert StepCosts(2.5, decode_ms=1.0, num_samples=9, _extra_ms=100.0, _prompt=100.0).limit() == 16  # progress
 
 
 def test_prompt_tokens_are_limited_while_requests_decode():

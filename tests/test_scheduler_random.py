@@ -103,11 +103,11 @@ def run_workload(seed: int, prefix_caching: bool, overlap: bool) -> dict[str, tu
             sched.abort(rng.choice(list(sched.requests)))
         if sched.running and rng.random() < 0.03:  # a stop string matched above the scheduler
             sched.finish(rng.choice(sched.running), "stop")
-        prompt_budget = sched._prompt_budget(config.max_num_batched_tokens)
         batch = sched.schedule()
         sched.check_invariants()
-        assert batch.num_prompt_tokens <= prompt_budget and sum(batch.num_new_tokens) <= config.max_num_batched_tokens
-        limited += prompt_budget < config.max_num_batched_tokens
+        assert batch.num_prompt_tokens <= batch.prompt_budget <= config.max_num_batched_tokens
+        assert sum(batch.num_new_tokens) <= config.max_num_batched_tokens
+        limited += batch.prompt_budget < config.max_num_batched_tokens
         # a stand-in GPU time: 1 ms a step and 0.3 ms a prompt token, noisy (what the prompt-token limit learns from)
         batch.gpu_ms = rng.uniform(0.8, 1.2) * (1.0 + 0.3 * batch.num_prompt_tokens)
         handle = runner.launch(batch) if len(batch) else None

@@ -53,9 +53,12 @@ class CudaGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.warmup = warmup_stream
+        self.decode_ms = 0.0  # GPU time of the largest forward graph (ms): a decode step's before any is measured
         with torch.inference_mode():
             for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its pool memory
                 self._capture(bs)
+                if not self.decode_ms:
+                    self.decode_ms = self._time_forward(bs)
         log.info("captured CUDA graphs (forward and sampling) for decode batch sizes %s", self.sizes)
 
     def _views(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,6 +97,19 @@ class CudaGraphs:
                 body(bs)
             graphs.append(graph)
         self.graphs[bs] = (graphs[0], graphs[1])
+
+    def _time_forward(self, bs: int) -> float:
+        """Replay the forward graph just captured (its plan and inputs as captured: one token of context per row, no
+        K/V stored) and time it: the weights' read, which a decode step of a large model is made of."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph = self.graphs[bs][0]
+        graph.replay()
+        start.record()
+        for _ in range(3):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 3
 
     def release(self) -> None:
         for forward, sample in self.graphs.values():

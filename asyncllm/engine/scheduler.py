@@ -51,6 +51,7 @@ class Batch:
     constrained: bool = False  # a row's request follows a grammar (structured outputs)
     num_prompt_tokens: int = 0  # tokens of prompts (or recomputation) in the step; the other rows decode
     num_decode_rows: int = 0
+    prompt_budget: int = 0  # most prompt tokens the scheduler let the step take
     gpu_ms: float = 0.0  # the step's measured GPU time, set once it ran (CUDA; 0: not measured)
 
     def add(self, req: Request, n: int) -> None:
@@ -151,7 +152,9 @@ class Scheduler:
     def schedule(self) -> Batch:
         batch = Batch()
         budget = self.config.max_num_batched_tokens
-        prompt_budget = self._prompt_budget(budget)
+        self.arrival_rate += ARRIVAL_DECAY * (self._arrived - self.arrival_rate)
+        self._arrived = 0
+        prompt_budget = batch.prompt_budget = self._prompt_budget(budget)
         preemptions = self.stats.num_preemptions
         max_len, bs = self.config.max_model_len, self.blocks.block_size
         reqs, starts, n_new, sample, feed = batch.requests, batch.starts, batch.num_new_tokens, batch.sample, batch.feed
@@ -249,8 +252,6 @@ class Scheduler:
     def _prompt_budget(self, budget: int) -> int:
         """Prompt tokens this step may take (see the module docstring): the step's budget, or the limit while more
         requests decode than wait for their first token."""
-        self.arrival_rate += ARRIVAL_DECAY * (self._arrived - self.arrival_rate)
-        self._arrived = 0
         limit = self.costs.limit()
         if limit is None:
             return budget
