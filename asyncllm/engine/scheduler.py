@@ -250,8 +250,8 @@ class Scheduler:
         return batch
 
     def _prompt_budget(self, budget: int) -> int:
-        """Prompt tokens this step may take (see the module docstring): the step's budget, or the limit while more
-        requests decode than wait for their first token."""
+        """Prompt tokens this step may take (see the module docstring): the step's budget, or the limit while at
+        least as many requests decode as wait for their first token."""
         limit = self.costs.limit()
         if limit is None:
             return budget
