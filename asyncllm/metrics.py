@@ -28,7 +28,7 @@ class _Gauges(Collector):
             ("kv_cache_free_blocks", "Free KV cache blocks."),
             ("prefix_cache_blocks", "KV blocks held by the prefix cache (in use or evictable)."),
             ("event_loop_lag_seconds", "Delay of the last event-loop lag probe."),
-            ("decode_step_seconds", "Measured GPU time of a decode step (moving average; 0 until measured)."),
+            ("decode_step_seconds", "GPU time of a decode step, measured with --max-step-slowdown (moving average; else 0)."),
             ("prompt_token_limit", "Most prompt tokens a step takes while requests decode (0: no limit)."),
         ):
             gauge = GaugeMetricFamily(f"asyncllm:{name}", doc, labels=["model_name"])

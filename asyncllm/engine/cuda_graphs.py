@@ -40,7 +40,8 @@ def graph_size(sizes: list[int], batch: Batch) -> int:
 
 class CudaGraphs:
     def __init__(self, model: Any, backend: Any, sampler: Sampler, tables: RowTables, sampled: torch.Tensor,
-                 max_bs: int, block_size: int, max_model_len: int, warmup_stream: torch.cuda.Stream) -> None:
+                 max_bs: int, block_size: int, max_model_len: int, warmup_stream: torch.cuda.Stream,
+                 time_decode: bool = False) -> None:
         # no reference back to the runner: a runner <-> graphs cycle would keep the GPU memory until a gc pass
         self.model, self.backend, self.sampler, self.tables, self.sampled = model, backend, sampler, tables, sampled
         self.block_size, self.max_model_len = block_size, max_model_len
@@ -53,11 +54,12 @@ class CudaGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.warmup = warmup_stream
-        self.decode_ms = 0.0  # GPU time of the largest forward graph (ms): a decode step's before any is measured
+        # GPU time of the largest forward graph (ms; time_decode): a decode step's before any is measured (0: not timed)
+        self.decode_ms = 0.0
         with torch.inference_mode():
             for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its pool memory
                 self._capture(bs)
-                if not self.decode_ms:
+                if time_decode and not self.decode_ms:
                     self.decode_ms = self._time_forward(bs)
         log.info("captured CUDA graphs (forward and sampling) for decode batch sizes %s", self.sizes)
 

@@ -204,6 +204,8 @@ class ModelRunner:
         self.mask_width = -(-hf_config.vocab_size // 32)  # int32 words of a grammar bitmask row
         # CUDA: every step runs on this side stream, in launch order (the loop thread never waits on it)
         self.stream = side_stream(self.device) if self.device.type == "cuda" else None
+        # steps timed on the GPU (Batch.gpu_ms) and the largest decode graph at start-up: for the prompt-token limit
+        self.timed = self.stream is not None and config.max_step_slowdown > 0
         # captured once the KV cache exists (after the profiling forward): decode steps, steps with prompt tokens
         self.graphs: CudaGraphs | None = None
         self.pieces: PiecewiseGraphs | None = None
@@ -242,7 +244,7 @@ class ModelRunner:
         max_bs = min(self.config.cuda_graph_max_bs or 256, self.config.max_num_seqs)
         assert self.stream is not None
         return CudaGraphs(self.model, self.backend, self.sampler, self.tables, self.sampled, max_bs, self.block_size,
-                          self.max_model_len, self.stream)
+                          self.max_model_len, self.stream, self.timed)
 
     def _capture_pieces(self) -> PiecewiseGraphs | None:
         limit = self.config.cuda_graph_max_tokens
@@ -408,7 +410,7 @@ class ModelRunner:
             raise RuntimeError("this engine was closed")
         to_followers = broadcast and self.tp.size > 1
         with self._on_stream():  # every copy to the device below is ordered before the step that reads it
-            start = self._timing_event()
+            start = self._event() if self.timed else None
             adjust, plan, mask_rows, constrained = self._extras(batch)
             # a graph step has no hidden states of prompt tokens to report
             pad = graph_size(self.graphs.sizes, batch) if self.graphs is not None and not (plan and plan.prompt_tokens) else 0
@@ -445,17 +447,17 @@ class ModelRunner:
         elif n:
             host = self.host_ring.take(n)
             host.copy_(self.sampled[:n], non_blocking=True)
-        event = self._timing_event() if n or step.logprobs is not None else None
+        event = self._event() if n or step.logprobs is not None else None
         return StepHandle(step.batch, host, event, step.logprobs, step.start)
 
-    def _timing_event(self) -> torch.cuda.Event | None:
+    def _event(self) -> torch.cuda.Event | None:
         """An event recorded on the runner's stream now (None without CUDA). Blocking: the step thread sleeps in
         wait() instead of spinning a core for the whole GPU step (CUDA spins by default); the wake-up is hidden by
-        overlap, the next step being queued before the wait. Timing: a step's GPU time is what the scheduler's
-        prompt-token limit is learned from (engine/step_costs.py)."""
+        overlap, the next step being queued before the wait. Timed when the scheduler's prompt-token limit is on: it
+        is learned from the steps' GPU times (engine/step_costs.py)."""
         if self.stream is None:
             return None
-        event = torch.cuda.Event(enable_timing=True, blocking=True)
+        event = torch.cuda.Event(enable_timing=self.timed, blocking=True)
         event.record(self.stream)
         return event
 
