@@ -209,25 +209,49 @@ def learned_costs(s: Scheduler, decode_ms: float, ms_per_prompt_token: float) ->
         s.costs.observe(p, 4, decode_ms + ms_per_prompt_token * p)
 
 
-def test_step_costs_learn_what_prompt_tokens_add_to_a_decode_step():
+def test_step_costs_learn_the_slope_not_the_fixed_cost():
     from asyncllm.engine.step_costs import MIN_SAMPLES, StepCosts
 
     costs = StepCosts(2.5)
-    costs.observe(100, 4, 50.0)  # no decode time known yet: nothing to compare with
     costs.observe(100, 0, 50.0)  # no decode rows: says nothing of the slowdown
     assert costs.num_samples == 0
     costs.decode_ms = 6.0  # the start-up prior (the largest decode graph's replay)
-    for p in [100 + 200 * (i % 3) for i in range(MIN_SAMPLES - 1)]:
-        costs.observe(p, 64, 6.0 + 0.05 * p)
+    # steps with prompt tokens cost 2 ms more than a decode step whatever their size, and 0.05 ms a token
+    for i in range(MIN_SAMPLES - 1):
+        costs.observe(100 + 200 * (i % 3), 64, 8.0 + 0.05 * (100 + 200 * (i % 3)))
     assert costs.limit() is None  # too few steps with prompt tokens yet
-    costs.observe(700, 64, 6.0 + 0.05 * 700)
+    costs.observe(700, 64, 8.0 + 0.05 * 700)
     assert costs.ms_per_prompt_token == pytest.approx(0.05)
     assert costs.limit() in (179, 180)  # 1.5 * 6.0 / 0.05, floating-point rounding
+    for _ in range(20):  # steps all of one size say nothing new of the slope: it is kept
+        costs.observe(180, 64, 8.0 + 0.05 * 180)
+    assert costs.ms_per_prompt_token == pytest.approx(0.05, rel=0.02)
     for _ in range(200):  # decode steps measured slower than the prior: the limit grows with them
         costs.observe(0, 64, 8.0)
-    assert costs.decode_ms == pytest.approx(8.0, rel=1e-3) and costs.limit() in (239, 240)
-    assert StepCosts(0, decode_ms=6.0, num_samples=9, _extra_ms=5.0, _prompt=100.0).limit() is None  # turned off
-    assert StepCosts(2.5, decode_ms=1.0, num_samples=9, _extra_ms=100.0, _prompt=100.0).limit() == 16  # progress
+    assert costs.decode_ms == pytest.approx(8.0, rel=1e-3) and costs.limit() in range(235, 245)
+    assert StepCosts(0, decode_ms=6.0, ms_per_prompt_token=0.05).limit() is None  # turned off
+    assert StepCosts(2.5, decode_ms=1.0, ms_per_prompt_token=1.0).limit() == 16  # always some progress
+
+
+def test_the_limit_does_not_collapse_under_a_fixed_cost():
+    """Closed loop: each step takes min(limit, what is waiting) prompt tokens and costs decode + a fixed 12 ms
+    (twice a decode step) + 0.02 ms a token, with noise. Averaging the cost per token would charge the fixed cost
+    to the tokens, shrink the limit, and so on down to the minimum; the slope settles at the true limit."""
+    import random
+
+    from asyncllm.engine.step_costs import StepCosts
+
+    rng = random.Random(0)
+    costs = StepCosts(2.5, decode_ms=6.0)
+    limits = []
+    for _ in range(3000):
+        limit = costs.limit() or 2048
+        p = min(limit, rng.randint(16, 2048))
+        costs.observe(p, 32, (6.0 + 12.0 + 0.02 * p) * rng.uniform(0.95, 1.05))
+        costs.observe(0, 32, 6.0 * rng.uniform(0.95, 1.05))
+        limits.append(costs.limit())
+    true = 1.5 * 6.0 / 0.02  # 450
+    assert all(x is not None and 0.7 * true < x < 1.4 * true for x in limits[1000:]), (min(limits[1000:]), max(limits[1000:]))
 
 
 def test_prompt_tokens_are_limited_while_requests_decode():

@@ -2,25 +2,27 @@
 
 A step that prefills while requests decode makes every decoding request wait for its prompt tokens: one 2,048-token
 chunk in a 64-row decode step of an 8B model stretches that step (an inter-token gap of 64 clients) from ~6.5 ms
-to ~50 ms. So while requests decode, a step may take at most `limit` prompt tokens, sized to keep the step within
-`max_slowdown` times a decode step:
+to ~50 ms. So while requests decode, a step may take at most `limit` prompt tokens, sized so that they add at most
+`max_slowdown - 1` decode steps' time to it:
 
     limit = (max_slowdown - 1) * decode_ms / ms_per_prompt_token
 
 Both terms come from CUDA events around each step (ms). `decode_ms` starts as the time of the largest decode graph
 replayed at start-up (the weights' read; cuda_graphs.py) and follows the steps without prompt tokens (moving
-average). `ms_per_prompt_token` = average(step time - decode_ms) / average(prompt tokens) over the steps with both
-prompt tokens and decode rows: what a step's prompt tokens add to it, so a fixed cost of such steps (attention run
-outside the whole-step graph) counts against them and errs towards a smaller limit. For a small model the limit
-ends above any step's budget; for a large one it is a few hundred tokens whatever its size (a decode step reads the
-weights once, a prompt token costs their FLOPs). Without timings (CPU) there is no limit.
+average). `ms_per_prompt_token` is the slope of step time over prompt tokens among the steps with both prompt tokens
+and decode rows (exponentially weighted least squares). The slope, not the average cost per token: a step with
+prompt tokens has a fixed cost besides (attention outside the whole-step graph, host launches), which averaged over
+its tokens would make small steps look dear, shrink the limit, make steps smaller still, and so on down to nothing.
+For a small model the limit ends above any step's budget; for a large one it is a few hundred tokens whatever its
+size (a decode step reads the weights once, a prompt token costs their FLOPs). Without timings (CPU) there is no limit.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 MIN_LIMIT = 16  # prompt tokens: a step always makes some progress on the prompts
-MIN_SAMPLES = 4  # steps with prompt tokens and decode rows seen before the limit holds
+MIN_SAMPLES = 8  # steps with prompt tokens and decode rows seen before the slope is trusted
+MIN_SPREAD = 0.05  # the prompt tokens' standard deviation, relative to their mean, that a new slope needs
 
 
 @dataclass
@@ -28,9 +30,14 @@ class StepCosts:
     max_slowdown: float  # 0: no limit
     decay: float = 0.05  # weight of each new step in the moving averages
     decode_ms: float = 0.0  # 0: not known
+    ms_per_prompt_token: float = 0.0  # 0: not known (yet, or not positive)
     num_samples: int = 0
-    _extra_ms: float = 0.0  # moving averages over steps with prompt tokens and decode rows: step time - decode_ms,
-    _prompt: float = 0.0  # and prompt tokens
+    # exponentially weighted sums over steps with prompt tokens and decode rows: weight, P, P^2, ms, P*ms
+    _w: float = 0.0
+    _p: float = 0.0
+    _pp: float = 0.0
+    _m: float = 0.0
+    _pm: float = 0.0
 
     def observe(self, prompt_tokens: int, decode_rows: int, ms: float) -> None:
         """One step's GPU time; steps without decode rows (pure prefill) say nothing of the slowdown."""
@@ -39,19 +46,18 @@ class StepCosts:
         a = self.decay
         if not prompt_tokens:
             self.decode_ms = ms if not self.decode_ms else self.decode_ms + a * (ms - self.decode_ms)
-        elif self.decode_ms:
-            a = max(a, 1 / (self.num_samples + 1))  # a plain mean over the first steps
-            self._extra_ms += a * (ms - self.decode_ms - self._extra_ms)
-            self._prompt += a * (prompt_tokens - self._prompt)
-            self.num_samples += 1
-
-    @property
-    def ms_per_prompt_token(self) -> float:
-        return max(self._extra_ms, 0.0) / self._prompt if self._prompt else 0.0
+            return
+        k, p = 1 - a, float(prompt_tokens)
+        self._w, self._p, self._pp = k * self._w + a, k * self._p + a * p, k * self._pp + a * p * p
+        self._m, self._pm = k * self._m + a * ms, k * self._pm + a * p * ms
+        self.num_samples += 1
+        mean_p = self._p / self._w
+        var = self._pp / self._w - mean_p * mean_p
+        if self.num_samples >= MIN_SAMPLES and var > (MIN_SPREAD * mean_p) ** 2:  # else keep the last slope
+            self.ms_per_prompt_token = max((self._pm / self._w - mean_p * self._m / self._w) / var, 0.0)
 
     def limit(self) -> int | None:
         """Most prompt tokens for a step with decode rows; None: no limit."""
-        per_token = self.ms_per_prompt_token
-        if self.max_slowdown <= 0 or self.num_samples < MIN_SAMPLES or not per_token:
+        if self.max_slowdown <= 0 or not self.decode_ms or not self.ms_per_prompt_token:
             return None
-        return max(MIN_LIMIT, int((self.max_slowdown - 1) * self.decode_ms / per_token))
+        return max(MIN_LIMIT, int((self.max_slowdown - 1) * self.decode_ms / self.ms_per_prompt_token))
