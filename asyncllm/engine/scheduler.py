@@ -170,7 +170,7 @@ class Scheduler:
                 continue
             start = req.num_computed_tokens
             n = min(known + pending - start, budget)
-            if n > 1:  # prompt tokens (or recomputation after preemption)
+            if n > 1 or start < req.num_prompt_tokens:  # prompt tokens (or recomputation after preemption)
                 n = min(n, prompt_budget)
                 if not n:
                     i += 1
