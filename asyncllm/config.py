@@ -35,9 +35,8 @@ class EngineConfig:
     max_prefill_delay_steps: int = option(
         0, "steps new prompts may wait, while others decode, to prefill together (0: at once; measured slower on "
            "the H200 at 4, see docs/BENCHMARKS.md)", lo=0)
-    # While requests decode, a step's prompt tokens may be limited so that the step takes at most this many times a
-    # decode step, as measured on the GPU (engine/step_costs.py, engine/scheduler.py). Off by default: on the H200 it
-    # cost the Llama-8B shape throughput and time to first token (docs/BENCHMARKS.md).
+    # engine/step_costs.py, engine/scheduler.py; off by default: on the H200 it cost the Llama-8B shape throughput and
+    # time to first token (docs/BENCHMARKS.md)
     max_step_slowdown: float = option(
         0.0, "while requests decode, a step that prefills takes at most this many times a decode step (prompt "
              "tokens limited by measured GPU step times, CUDA only; lifted while more requests wait for their first "

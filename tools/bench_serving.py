@@ -137,7 +137,7 @@ def start_server(args: argparse.Namespace, extra: list[str]) -> tuple[subprocess
 STEP_GAUGES = ("asyncllm:decode_step_seconds", "asyncllm:prompt_token_limit")
 
 
-def ttft_split(url: str) -> dict[str, float]:
+def server_metrics(url: str) -> dict[str, float]:
     """The server's cumulative (sum, count) of queue and prefill time (/metrics), for the TTFT split of a level, and
     its learned step costs (gauges)."""
     import urllib.request
@@ -166,13 +166,13 @@ def level(args: argparse.Namespace, url: str, pid: int, concurrency: int, prompt
              for share, slot in zip(shares, slots)]
     for p in procs:
         p.start()
-    split0 = ttft_split(url)  # before the clients start sending
+    split0 = server_metrics(url)  # before the clients start sending
     while time.time() < start_at:
         time.sleep(0.001)
     cpu0, t0 = cpu_seconds(pid), time.perf_counter()
     results = [r for _ in procs for r in q.get()]
     wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
-    after = ttft_split(url)
+    after = server_metrics(url)
     split = {k: v - split0.get(k, 0.0) for k, v in after.items()}
     for p in procs:
         p.join()

@@ -218,8 +218,8 @@ def test_piecewise_graph_steps_match_transformers(large_model):
 
 def test_steps_are_timed_and_the_prompt_token_limit_learned(large_model):
     """Every step that samples (it has an event to wait on) is timed on the GPU (CUDA events around it); the
-    scheduler starts from the largest decode graph's time at start-up and learns a decode step's time and what a
-    prompt token adds from the steps (engine/step_costs.py), steps mixing prompt chunks with decode rows included."""
+    scheduler starts from the largest decode graph's time at start-up and learns a decode step's time and a prompt
+    token's (slope) from the steps (engine/step_costs.py), steps mixing prompt chunks with decode rows included."""
     from asyncllm.engine.step_costs import MIN_SAMPLES
 
     llm = LLM(str(large_model), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=4096,
