@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=bounded(int, 1), default=8 << 20, help="largest request body accepted (413 above)")
     p.add_argument("--shutdown-timeout", type=bounded(float, 0), default=5.0,
                    help="on SIGTERM/SIGINT, seconds requests in flight may take to finish (0 = end them at once)")
+    p.add_argument("--send-thread", action=argparse.BooleanOptionalAction, default=True,
+                   help="streamed chunks reach their sockets through a native thread, off the GIL (built once with "
+                        "the system C compiler; without one, or with --no-send-thread, the event loop writes them)")
     add_engine_flags(p)
     return p
 
@@ -152,7 +155,8 @@ async def serve(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)
     await engine.start()
     name = engine.config.model_name
-    app = build_app(engine, ServerSettings(name, key, args.max_body_bytes, args.allowed_origins))
+    app = build_app(engine, ServerSettings(name, key, args.max_body_bytes, args.allowed_origins,
+                                                   args.send_thread))
     runner = make_runner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()
     await listen(runner, sock)

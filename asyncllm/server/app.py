@@ -28,6 +28,7 @@ from asyncllm.errors import EngineDeadError, EngineOverloadedError, InvalidReque
 from asyncllm.sampling_params import SamplingParams
 from asyncllm.server.choices import Choices, SSEChoices, sse_event
 from asyncllm.server.logprobs import LogprobFormatter
+from asyncllm.server.send_thread import SendThread, native_library
 from asyncllm.server.tools import ToolCallParser, template_messages
 from asyncllm.server.protocol import (
     ChatCompletionRequest,
@@ -54,6 +55,7 @@ class ServerSettings:
     api_key: str | None = None
     max_body_bytes: int = 8 << 20
     allowed_origins: list[str] | None = None  # CORS: origins whose browsers may call the API ("*": any)
+    send_thread: bool = True  # streamed chunks reach their sockets through a native thread (send_thread.py)
 
 
 class ApiError(Exception):
@@ -215,6 +217,16 @@ class OpenAIServer:
 
     def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
         self.engine, self.settings = engine, settings
+        self.sender: SendThread | None = None
+
+    async def start_sender(self, app: web.Application) -> None:
+        if self.settings.send_thread and (lib := native_library()) is not None:
+            self.sender = SendThread(lib, asyncio.get_running_loop())
+
+    async def stop_sender(self, app: web.Application) -> None:
+        if self.sender is not None:
+            self.sender.close()
+            self.sender = None
 
     # ---- helpers --------------------------------------------------------------------------------------------
     def _check_model(self, model: str | None) -> None:
@@ -412,7 +424,7 @@ class OpenAIServer:
 
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         resp.enable_chunked_encoding()
-        choices = SSEChoices(self.engine, jobs, frame, plain)
+        choices = SSEChoices(self.engine, jobs, frame, plain, self.sender)
         try:
             await resp.prepare(request)
             try:
@@ -487,6 +499,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> web.Application:
     if settings.allowed_origins:
         app.on_response_prepare.append(_cors_on_prepare)
     s = OpenAIServer(engine, settings)
+    app.on_startup.append(s.start_sender)
+    app.on_cleanup.append(s.stop_sender)
     app.router.add_post("/v1/chat/completions", s.chat_completions)
     app.router.add_post("/v1/completions", s.completions)
     app.router.add_get("/v1/models", s.models)

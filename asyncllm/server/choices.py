@@ -17,6 +17,7 @@ from aiohttp import web
 
 from asyncllm.engine.async_engine import AsyncEngine, RequestStream, StreamChunk
 from asyncllm.sampling_params import SamplingParams
+from asyncllm.server.send_thread import Outbox, SendThread
 
 # bytes a connection may hold unsent before its choices stop being written from notifications (the handler
 # then awaits the drain): a client that does not read costs at most this plus its requests' own outputs
@@ -87,16 +88,26 @@ class SSEChoices(Choices):
     events before its last, which carry nothing but text: those events are made here from the new text alone
     (RequestStream.take_text, no chunk per token), and `frame` gets choice i's last chunk only.
     Invariant for the direct writes: the response is prepared, chunked, uncompressed, and its headers are sent
-    (`direct` turns on only after the handler's first `resp.write`), so each transport write is one HTTP chunk."""
+    (`direct` turns on only after the handler's first `resp.write`), so each write is one HTTP chunk; they go
+    through the connection's `Outbox` (the send thread when there is one), which the handler drains before it
+    writes through aiohttp itself."""
 
     def __init__(self, engine: AsyncEngine, jobs: list[tuple[list[int], SamplingParams]],
                  frame: Callable[[int, StreamChunk], bytes],
-                 plain: Sequence[tuple[bytes, bytes] | None] | None = None) -> None:
+                 plain: Sequence[tuple[bytes, bytes] | None] | None = None, sender: SendThread | None = None) -> None:
         self.frame = frame
         self.plain = plain if plain is not None else [None] * len(jobs)
         self.direct = False  # notifications write to the connection themselves
         self.transport: asyncio.Transport | None = None
+        self.sender = sender
+        self.outbox: Outbox | None = None
         super().__init__(engine, jobs)
+
+    def close(self) -> None:
+        super().close()
+        if self.outbox is not None:
+            self.outbox.release()
+            self.outbox = None
 
     def _event(self, i: int, stream: RequestStream) -> bytes:
         """Choice i's next event bytes (b"" for none); raises if it ended in an error or was aborted."""
@@ -113,7 +124,7 @@ class SSEChoices(Choices):
                 and stream.finish_reason != "abort":
             data = self._event(i, stream)
             if data:
-                transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+                self.outbox.write(b"%x\r\n%b\r\n" % (len(data), data))  # type: ignore[union-attr]
             if stream.done:
                 self.open -= 1
                 if not self.open:
@@ -128,6 +139,7 @@ class SSEChoices(Choices):
     async def stream(self, request: web.Request, resp: web.StreamResponse, first: bytes = b"") -> None:
         """Write `first`, then every choice's events until all are done (raises on a choice's error)."""
         self.transport = request.transport
+        self.outbox = outbox = Outbox(self.transport, self.sender)  # type: ignore[arg-type]
         if first:
             await resp.write(first)
             await request.writer.drain()  # n x role events can fill the socket too
@@ -140,10 +152,12 @@ class SSEChoices(Choices):
                 for i in ready:
                     data.append(self._event(i, self.streams[i]))
                     self.open -= self.streams[i].done
+                await outbox.drained()
                 await resp.write(b"".join(data))  # the first write sends the headers
                 await request.writer.drain()  # a slow client: wait until the socket takes more
                 ready, self.ready = list(self.ready), {}
             self.direct = True
+        await outbox.drained()  # the handler writes the end itself
 
 
 def sse_event(payload: Any) -> bytes:
