@@ -155,8 +155,8 @@ async def serve(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)
     await engine.start()
     name = engine.config.model_name
-    app = build_app(engine, ServerSettings(name, key, args.max_body_bytes, args.allowed_origins,
-                                                   args.send_thread))
+    settings = ServerSettings(name, key, args.max_body_bytes, args.allowed_origins, args.send_thread)
+    app = build_app(engine, settings)
     runner = make_runner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()
     await listen(runner, sock)

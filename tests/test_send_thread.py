@@ -152,3 +152,27 @@ def test_a_short_send_spills_the_rest_to_the_transport_in_order() -> None:
         writer.close()
         server.close()
     uvloop.run(main())
+
+
+@needs_lib
+def test_closing_the_thread_sends_what_it_holds_and_settles_every_waiter() -> None:
+    async def main() -> None:
+        sender = SendThread(lib, asyncio.get_running_loop())
+        (transport,), (reader,), (writer,), server = await connections(1)
+        out = Outbox(transport, sender)
+        big = [bytes([65 + k]) * 100_000 for k in range(4)]
+        for data in big:
+            out.write(data)
+            await asyncio.sleep(0)
+        waiter = asyncio.ensure_future(out.drained())
+        await asyncio.sleep(0)
+        sender.close()  # the server's cleanup: nothing is lost, nobody waits forever
+        await asyncio.wait_for(waiter, 5)
+        out.write(b"after")  # a write after the close goes through the transport
+        out.release()
+        assert out.fd == -1
+        transport.close()
+        assert await reader.read() == b"".join(big) + b"after"
+        writer.close()
+        server.close()
+    uvloop.run(main())

@@ -176,14 +176,18 @@ void sq_forget(sendq *q, int fd) {
     pthread_mutex_unlock(&q->mu);
 }
 
-/* Stops the thread once every queued batch is sent; frees everything (completed batches not reaped too). */
-void sq_free(sendq *q) {
+/* Stops the thread once every queued batch is sent (their reports stay for sq_reap). */
+void sq_stop(sendq *q) {
     pthread_mutex_lock(&q->mu);
     q->stop = 1;
     pthread_cond_signal(&q->cv);
     pthread_mutex_unlock(&q->mu);
     pthread_join(q->thread, NULL);
-    while (q->done) {  /* completed, never reaped */
+}
+
+/* Frees a stopped queue (and any report not reaped). */
+void sq_free(sendq *q) {
+    while (q->done) {
         batch *b = q->done;
         q->done = b->next;
         free(b->fds); free(b->ends); free(b->sent); free(b->data); free(b);

@@ -62,7 +62,8 @@ def native_library() -> ctypes.PyDLL | None:
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for name, res, args in (("sq_new", p, []), ("sq_eventfd", i32, [p]), ("sq_submit", i64, [p, i32, p, p, p]),
-                            ("sq_reap", i64, [p, p, i32, p]), ("sq_forget", None, [p, i32]), ("sq_free", None, [p])):
+                            ("sq_reap", i64, [p, p, i32, p]), ("sq_forget", None, [p, i32]), ("sq_stop", None, [p]),
+                            ("sq_free", None, [p])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
     _lib = lib
@@ -93,6 +94,9 @@ class SendThread:
         loop.add_reader(self._efd, self._reap)
 
     def queue(self, out: Outbox, data: bytes) -> None:
+        if self._q is None:  # closed: the loop writes
+            out._to_transport(data)
+            return
         out.last_seq = self.submitted + 1
         self._outs.append(out)
         self._data.append(data)
@@ -161,17 +165,19 @@ class SendThread:
         return fut
 
     def forget(self, fd: int) -> None:
-        self._lib.sq_forget(self._q, fd)
+        if self._q is not None:  # (a closed thread forgot everything)
+            self._lib.sq_forget(self._q, fd)
 
     def close(self) -> None:
         """Sends what is queued, stops the thread, closes every descriptor still open."""
+        if self._q is None:
+            return
         self._flush()
         self._loop.remove_reader(self._efd)
+        self._lib.sq_stop(self._q)  # returns once the thread has sent every batch
+        self._reap()  # short sends go to their transports; waiters, held writes and descriptors settle
         self._lib.sq_free(self._q)
         self._q = None
-        for out in self._closing:
-            out.close_fd()
-        self._closing.clear()
 
 
 class Outbox:
