@@ -243,6 +243,7 @@ class Outbox:
             return
         sender = self.sender
         assert sender is not None
+        self.spilled = True  # (nothing more goes to the thread on this descriptor)
         if sender.completed >= self.last_seq:
             self.close_fd()
         else:
