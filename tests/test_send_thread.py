@@ -7,6 +7,7 @@ import asyncio
 import os
 import random
 import socket
+from typing import Any
 
 import pytest
 import uvloop
@@ -133,37 +134,38 @@ def test_without_the_thread_writes_go_through_the_transport(seed: int) -> None:
     uvloop.run(random_writes(seed, use_thread=False))
 
 
+async def big_writes(count: int, size: int) -> tuple[SendThread, Outbox, asyncio.StreamReader, list[bytes], Any]:
+    """One connection through a new send thread, written `count` items of `size` bytes (far more than the socket
+    buffers take at once), a loop turn apart; returns what closes it too."""
+    sender = SendThread(lib, asyncio.get_running_loop())
+    (transport,), (reader,), (writer,), server = await connections(1)
+    out = Outbox(transport, sender)
+    big = [bytes([65 + k]) * size for k in range(count)]
+    for data in big:
+        out.write(data)
+        await asyncio.sleep(0)
+    return sender, out, reader, big, (writer, server)
+
+
 @needs_lib
 def test_a_short_send_spills_the_rest_to_the_transport_in_order() -> None:
     async def main() -> None:
-        sender = SendThread(lib, asyncio.get_running_loop())
-        (transport,), (reader,), (writer,), server = await connections(1)
-        out = Outbox(transport, sender)
-        big = [bytes([65 + k]) * 200_000 for k in range(5)]  # far more than the socket buffers take at once
-        for data in big:
-            out.write(data)
-            await asyncio.sleep(0)
+        sender, out, reader, big, closers = await big_writes(5, 200_000)
         await out.drained()
         assert out.spilled and not out.failed
         out.release()  # the duplicated descriptor closes, else the client never sees the end
-        transport.close()
+        out.transport.close()
         assert await reader.read() == b"".join(big)
         sender.close()
-        writer.close()
-        server.close()
+        for c in closers:
+            c.close()
     uvloop.run(main())
 
 
 @needs_lib
 def test_closing_the_thread_sends_what_it_holds_and_settles_every_waiter() -> None:
     async def main() -> None:
-        sender = SendThread(lib, asyncio.get_running_loop())
-        (transport,), (reader,), (writer,), server = await connections(1)
-        out = Outbox(transport, sender)
-        big = [bytes([65 + k]) * 100_000 for k in range(4)]
-        for data in big:
-            out.write(data)
-            await asyncio.sleep(0)
+        sender, out, reader, big, closers = await big_writes(4, 100_000)
         waiter = asyncio.ensure_future(out.drained())
         await asyncio.sleep(0)
         sender.close()  # the server's cleanup: nothing is lost, nobody waits forever
@@ -171,8 +173,8 @@ def test_closing_the_thread_sends_what_it_holds_and_settles_every_waiter() -> No
         out.write(b"after")  # a write after the close goes through the transport
         out.release()
         assert out.fd == -1
-        transport.close()
+        out.transport.close()
         assert await reader.read() == b"".join(big) + b"after"
-        writer.close()
-        server.close()
+        for c in closers:
+            c.close()
     uvloop.run(main())
