@@ -185,3 +185,31 @@ async def test_random_workloads_with_grammars_under_overlap(byte_model, seed):
                 break
             await asyncio.sleep(0.01)
         assert engine.num_free_blocks == engine.num_blocks
+
+
+def test_handoff_thread_is_running_the_call_when_submit_returns():
+    """The grammar thread's fill must run beside the caller's Python, not after it: `submit` returns only once the
+    worker is inside the call (a woken thread otherwise waits for the busy caller's GIL, up to 5 ms)."""
+    import threading
+
+    from asyncllm.engine.grammar import HandoffThread
+
+    worker = HandoffThread("test-handoff")
+    try:
+        for i in range(20):
+            entered, release = threading.Event(), threading.Event()
+
+            def call(i: int) -> int:
+                entered.set()
+                release.wait(10)
+                return i
+
+            future = worker.submit(call, i)
+            assert entered.is_set()  # no yield since submit returned
+            assert not future.done()
+            release.set()
+            assert future.result(10) == i
+        with pytest.raises(ZeroDivisionError):
+            worker.submit(lambda: 1 // 0).result(10)
+    finally:
+        worker.shutdown()

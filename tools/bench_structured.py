@@ -1,5 +1,6 @@
 """Structured outputs' cost: output tok/s of one offline batch where a fraction of the requests follow a JSON
-schema, against the same batch with none (baseline, same run), and the grammar library's mask time per token.
+schema, against the same batch with none (baseline, same run), the grammar library's mask time per token, and its batch calls'
+time per step (accept, and the fill at several thread counts) replayed along the constrained outputs.
 
 Every request makes exactly --output-len tokens (ignore_eos; the schema asks for 1000 array items, so no
 constrained request completes early), so the runs differ only in the masks. Also the constrained requests' own
@@ -42,6 +43,31 @@ def mask_cost(llm: LLM, tokens: int) -> dict:
     return {"mask_us_p50": round(1e6 * times[len(times) // 2], 1), "mask_us_p90": round(1e6 * times[len(times) * 9 // 10], 1)}
 
 
+def batch_cost(llm: LLM, outputs: list[list[int]], threads: list[int]) -> list[dict]:
+    """The grammar work of one step for all constrained rows at once, replayed along the bench's own outputs:
+    xgrammar's batch accept and batch mask fill (ms per step, mean), the fill with each thread count."""
+    import torch
+    import xgrammar
+
+    grammars = llm.engine.grammars
+    steps = min(len(o) for o in outputs) - 1
+    bitmask = torch.empty((len(outputs), -(-grammars.vocab_size // 32)), dtype=torch.int32)
+    lines = []
+    for n in threads:
+        batch = xgrammar.BatchGrammarMatcher(n)
+        matchers = [grammars.matcher(StructuredOutputs(json=SCHEMA)) for _ in outputs]
+        fill = accept = 0.0
+        for i in range(steps):
+            start = time.perf_counter()
+            batch.batch_fill_next_token_bitmask(matchers, bitmask)
+            mid = time.perf_counter()
+            assert all(batch.batch_accept_token(matchers, [o[i] for o in outputs]))
+            fill, accept = fill + mid - start, accept + time.perf_counter() - mid
+        lines.append({"bench": "structured_step_grammar", "rows": len(outputs), "fill_threads": n,
+                      "fill_ms_per_step": round(1e3 * fill / steps, 3), "accept_ms_per_step": round(1e3 * accept / steps, 3)})
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="HF directory (default: the bundled SmolLM2-135M-Instruct)")
@@ -50,6 +76,8 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.5])
+    ap.add_argument("--fill-threads", type=int, nargs="+", default=[1, 2, 4, 8],
+                    help="xgrammar batch-fill thread counts to time on the constrained outputs")
     args = ap.parse_args()
     llm = LLM(args.model, load_format=args.load_format, device=args.device, max_model_len=1024)
     rng = random.Random(0)
@@ -57,6 +85,7 @@ def main() -> None:
     spec = StructuredOutputs(json=SCHEMA)
     llm.generate(prompts[:8], SamplingParams(max_tokens=16, ignore_eos=True, structured_outputs=spec), use_tqdm=False)
     base = None
+    constrained: list[list[int]] = []
     for fraction in args.fractions:
         k = round(fraction * len(prompts))
         params = [SamplingParams(temperature=1.0, seed=i, max_tokens=args.output_len, ignore_eos=True,
@@ -68,6 +97,8 @@ def main() -> None:
             wall = time.perf_counter() - start
             best = wall if best is None or wall < best else best
         assert all(len(o.token_ids) == args.output_len for o in outs)
+        if k:
+            constrained = [o.token_ids for o in outs[:k]]
         tokens = sum(len(o.token_ids) for o in outs)
         line = {"bench": "structured_outputs", "requests": len(prompts), "constrained": k, "output_len": args.output_len,
                 "output_tok_per_s": round(tokens / best, 1), "wall_s": round(best, 3)}
@@ -77,6 +108,9 @@ def main() -> None:
         print(json.dumps({**line, **run_fields(args.device if args.device != "auto" else None)}), flush=True)
     print(json.dumps({"bench": "structured_mask_cost", **mask_cost(llm, args.output_len),
                       **run_fields(args.device if args.device != "auto" else None)}), flush=True)
+    if constrained:
+        for line in batch_cost(llm, constrained, args.fill_threads):
+            print(json.dumps({**line, **run_fields(args.device if args.device != "auto" else None)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import itertools
 import logging
 import os
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from asyncllm.config import EngineConfig
 from asyncllm.engine.detokenizer import IncrementalDetokenizer, token_decoder
-from asyncllm.engine.grammar import Grammars, HostMasks, accept_tokens
+from asyncllm.engine.grammar import Grammars, HandoffThread, HostMasks, accept_tokens
 from asyncllm.engine.kv_cache import BlockManager
 from asyncllm.engine.request import Request
 from asyncllm.engine.runner import Deferred, ModelRunner
@@ -288,7 +288,7 @@ class EngineCore:
             self._stopped = True
             self._inflight = self._deferred = None
             if "_grammar_thread" in self.__dict__:
-                self._grammar_thread.shutdown(wait=True)
+                self._grammar_thread.shutdown()
             self.runner.stop_followers()
             self.runner.close()
 
@@ -321,22 +321,15 @@ class EngineCore:
         if handle is not None:
             tokens, logprobs = handle.wait()
             done = handle.batch, tokens, logprobs
-        finished = done if done is not None and done[0].constrained else None
+        if done is not None and done[0].constrained:
+            accept_tokens(done[0], done[1])  # needs the GIL throughout: a thread would not run it alongside
         if defer:
-            self._deferred = launched, self._grammar_thread.submit(self._masks, finished, launched)
-        elif finished is not None:
-            accept_tokens(finished[0], finished[1])
+            self._deferred = launched, self._grammar_thread.submit(self.runner.fill_masks, launched)
         return done
 
-    def _masks(self, finished: tuple[Batch, list[int], StepLogprobs | None] | None, step: Deferred) -> HostMasks:
-        """The grammar thread: advance the matchers by a finished step's tokens, then fill `step`'s masks."""
-        if finished is not None:
-            accept_tokens(finished[0], finished[1])
-        return self.runner.fill_masks(step)
-
     @functools.cached_property
-    def _grammar_thread(self) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(1, thread_name_prefix="asyncllm-grammar")
+    def _grammar_thread(self) -> HandoffThread:
+        return HandoffThread("asyncllm-grammar")
 
     def step(self) -> list[Request]:
         """Schedule, launch and apply one step (with overlap, apply the previous one); returns the requests that

@@ -1,9 +1,9 @@
 """Structured outputs: a request's tokens constrained by a grammar (xgrammar).
 
 A request with `SamplingParams.structured_outputs` holds a matcher (`Request.grammar`). Before a step, rank 0 fills
-one bitmask row per constrained row that samples (the tokens its grammar allows next; ~10 us for a JSON schema
-with a 49k vocabulary) and the step sets every other logit of that row to -inf before sampling (`TokenMask`);
-once the step's tokens are on the host the step thread advances the matchers (`accept_tokens`), and a grammar
+one bitmask row per constrained row that samples (the tokens its grammar allows next; 10-50 us a row for a JSON
+schema with a 49k vocabulary, most inside strings) and the step sets every other logit of that row to -inf before sampling (`TokenMask`);
+once the step's tokens are on the host the step's thread advances the matchers (`accept_tokens`), and a grammar
 that is complete ends the request ("stop"). A mask needs the request's previous token: under overlap scheduling,
 a step with a constrained row whose previous token is still on the device queues its forward at once and its
 sampling only after the previous step's tokens advanced the matchers (`ModelRunner.complete`), so the GPU runs the
@@ -19,8 +19,10 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -121,6 +123,34 @@ def accept_tokens(batch: Any, tokens: list[int]) -> None:
             req.grammar_refused = True
         elif token in req.grammar_stops:
             req.grammar_ended = True
+
+
+T = TypeVar("T")
+
+
+class HandoffThread:
+    """One worker thread for work that mostly runs without the GIL (xgrammar's batch mask fill). `submit` returns
+    once the worker has started the call: a thread woken while another thread runs Python waits up to
+    `sys.getswitchinterval()` (5 ms) for the GIL, so a caller that goes straight on with Python work (applying a
+    step, scheduling) would otherwise hold the worker back until the caller blocks, and the two would run one after
+    the other instead of side by side. Waiting here costs the caller only the worker's own Python before the call."""
+
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> "Future[T]":
+        started = threading.Event()
+
+        def run() -> T:
+            started.set()  # the caller wakes, and gets the GIL when `fn` lets it go
+            return fn(*args)
+
+        future = self._pool.submit(run)
+        started.wait()
+        return future
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def _ebnf_string(s: str) -> str:
