@@ -60,9 +60,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--send-thread", action=argparse.BooleanOptionalAction, default=True,
                    help="streamed chunks reach their sockets through a native thread, off the GIL (built once with "
                         "the system C compiler; without one, or with --no-send-thread, the event loop writes them)")
-    p.add_argument("--gil-switch-ms", type=bounded(float, 0.05, 100.0), default=None, metavar="MS",
-                   help="the interpreter's thread switch interval (sys.setswitchinterval; Python's default 5 ms): how "
-                        "long a thread waiting for the GIL lets the thread that holds it run before asking for it")
     add_engine_flags(p)
     return p
 
@@ -164,8 +161,6 @@ async def serve(args: argparse.Namespace) -> int:
     await runner.setup()
     await listen(runner, sock)
     quiet_gc()
-    if args.gil_switch_ms is not None:
-        sys.setswitchinterval(args.gil_switch_ms / 1e3)
     prometheus_client.disable_created_metrics()  # no *_created series: scrapers and dashboards do not use them
     port = sock.getsockname()[1]
     log.info("serving %s on http://%s:%d (pid %d, kv cache: %d blocks x %d tokens)", name, args.host, port,
