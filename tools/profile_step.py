@@ -1,6 +1,8 @@
 """Kernels of one decode step on the GPU: torch.profiler over a few steady decode steps at batch B (dummy weights),
 summed per kernel name and divided by the steps. One JSON line per kernel (count per step, GPU µs per step), then
-a total line (kernels per step, GPU µs per step). GPU.
+a total line: kernels per step, GPU µs per step (summed, and the union of the kernels' intervals: where the span is
+longer, the GPU waited), the steps' wall time, and the host's time per step in schedule / advance (launch, then
+the wait for the step before) / update. GPU.
     python tools/profile_step.py --model tools/model_configs/qwen3-0.6b --batch 1 256 [--small-matmul cublas]
 """
 from __future__ import annotations
@@ -9,6 +11,7 @@ import argparse
 import json
 import os
 import random
+import time
 from collections import defaultdict
 
 import torch
@@ -39,12 +42,31 @@ def main() -> None:
         for _ in range(10):  # prefill, then decode into steady state
             engine.step()
         torch.cuda.synchronize()
+        phases = [0.0, 0.0, 0.0]  # host seconds in schedule, advance (launch + wait for the step before), update
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
             for _ in range(a.steps):
-                engine.step()
+                t0 = time.perf_counter()
+                batch_ = engine.schedule()
+                t1 = time.perf_counter()
+                done = engine.advance(batch_)
+                t2 = time.perf_counter()
+                engine.update(done)
+                t3 = time.perf_counter()
+                phases[0] += t1 - t0
+                phases[1] += t2 - t1
+                phases[2] += t3 - t2
+            wall = time.perf_counter() - start
             torch.cuda.synchronize()
         while engine.busy:
             engine.step()
+        spans = sorted((ev.time_range.start, ev.time_range.end) for ev in prof.events()
+                       if ev.device_type == torch.autograd.DeviceType.CUDA)
+        busy, end = 0.0, float("-inf")
+        for lo, hi in spans:  # the union of the kernels' intervals (µs)
+            if hi > end:
+                busy += hi - max(lo, end)
+                end = hi
         per_kernel: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
         for ev in prof.events():
             if ev.device_type == torch.autograd.DeviceType.CUDA:
@@ -57,7 +79,13 @@ def main() -> None:
                                   gpu_us_per_step=round(us / a.steps, 1), **common)), flush=True)
         print(json.dumps(dict(bench="step_kernels_total", batch=batch,
                               kernels_per_step=round(sum(c for c, _ in per_kernel.values()) / a.steps, 1),
-                              gpu_us_per_step=round(sum(u for _, u in per_kernel.values()) / a.steps, 1), **common)),
+                              gpu_us_per_step=round(sum(u for _, u in per_kernel.values()) / a.steps, 1),
+                              gpu_busy_us_per_step=round(busy / a.steps, 1),
+                              gpu_span_us_per_step=round((spans[-1][1] - spans[0][0]) / a.steps, 1),
+                              wall_us_per_step=round(1e6 * wall / a.steps, 1),
+                              host_schedule_us=round(1e6 * phases[0] / a.steps, 1),
+                              host_advance_us=round(1e6 * phases[1] / a.steps, 1),
+                              host_update_us=round(1e6 * phases[2] / a.steps, 1), **common)),
               flush=True)
 
 
