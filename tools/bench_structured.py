@@ -10,9 +10,12 @@ tok/s: under overlap scheduling a constrained request needs its previous token o
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import random
 import time
+from types import SimpleNamespace
+from typing import Any
 
 from bench_common import run_fields
 
@@ -65,7 +68,53 @@ def batch_cost(llm: LLM, outputs: list[list[int]], threads: list[int]) -> list[d
             fill, accept = fill + mid - start, accept + time.perf_counter() - mid
         lines.append({"bench": "structured_step_grammar", "rows": len(outputs), "fill_threads": n,
                       "fill_ms_per_step": round(1e3 * fill / steps, 3), "accept_ms_per_step": round(1e3 * accept / steps, 3)})
+    lines.append({"bench": "structured_accept_beside_python", "rows": len(outputs),
+                  **accept_beside_python(grammars, outputs, min(steps, 64))})
     return lines
+
+
+def spin(stop: Any) -> None:
+    """Run Python until `stop` is set (a stand-in for an event loop with work to do)."""
+    while not stop.is_set():
+        pass
+
+
+def accept_beside_python(grammars: Any, outputs: list[list[int]], steps: int) -> dict:
+    """The batch accept (ms per step) while another thread runs Python, as the event loop does beside the step
+    thread: tvm-ffi calls that let the GIL go wait up to the switch interval to take it back. With the short calls
+    keeping the GIL (the engine's setting) and, for comparison, letting it go (tvm-ffi's default)."""
+    import threading
+
+    from asyncllm.engine.grammar import SHORT_FFI_CALLS, _hold_gil_in_short_calls, accept_tokens
+
+    _hold_gil_in_short_calls()
+    fns = []
+    for module, path in SHORT_FFI_CALLS:
+        fn: Any = importlib.import_module(module)
+        for part in path.split("."):
+            fn = getattr(fn, part, None)
+        if fn is not None and hasattr(fn, "release_gil"):
+            fns.append(fn)
+    out = {}
+    for label, release in (("keep", False), ("release", True)):
+        for fn in fns:
+            fn.release_gil = release
+        reqs = [SimpleNamespace(grammar=grammars.matcher(StructuredOutputs(json=SCHEMA)), grammar_ended=False,
+                                grammar_stops=frozenset(), request_id=str(i), grammar_refused=False) for i in range(len(outputs))]
+        batch = SimpleNamespace(requests=reqs, sample=[True] * len(reqs))
+        stop = threading.Event()
+        spinner = threading.Thread(target=spin, args=(stop,))
+        spinner.start()
+        start = time.perf_counter()
+        for i in range(steps):
+            accept_tokens(batch, [o[i] for o in outputs])
+        out[f"accept_ms_per_step_gil_{label}"] = round(1e3 * (time.perf_counter() - start) / steps, 3)
+        stop.set()
+        spinner.join()
+        assert not any(r.grammar_refused for r in reqs)
+    for fn in fns:
+        fn.release_gil = False
+    return out
 
 
 def main() -> None:
