@@ -324,7 +324,7 @@ class EngineCore:
         if done is not None and done[0].constrained:
             accept_tokens(done[0], done[1])  # needs the GIL throughout: a thread would not run it alongside
         if defer:
-            self._deferred = launched, self._grammar_thread.submit(self.runner.fill_masks, launched)
+            self._deferred = launched, self._grammar_thread.submit(self.runner.mask_job(launched))
         return done
 
     @functools.cached_property

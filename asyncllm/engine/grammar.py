@@ -7,7 +7,7 @@ once the step's tokens are on the host the step's thread advances the matchers (
 that is complete ends the request ("stop"). A mask needs the request's previous token: under overlap scheduling,
 a step with a constrained row whose previous token is still on the device queues its forward at once and its
 sampling only after the previous step's tokens advanced the matchers (`ModelRunner.complete`), so the GPU runs the
-forward while the host fills the masks (in parallel threads: `fill_masks`).
+forward while the host fills the masks (in parallel threads: `MaskFill`).
 
 Grammars are compiled once per distinct spec (xgrammar caches them too) in the tokenizer pool before the request
 is queued (`AsyncEngine` precompiles), so the event loop never waits on a compilation.
@@ -124,18 +124,25 @@ def _batch_matcher() -> Any:
     return xgrammar.BatchGrammarMatcher(max(1, min(8, usable // 2)))
 
 
-def fill_masks(requests: list[Any], vocab_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[len(requests), ceil(vocab / 32)] int32 host bitmask (rows of `out` when given: a reused page-locked
-    buffer): the allowed next tokens of each request's grammar, filled in parallel threads (xgrammar releases the
-    GIL); the row of an ended grammar (its request ends; the row is dropped) allows every token."""
-    width = -(-vocab_size // 32)
-    bitmask = torch.empty((len(requests), width), dtype=torch.int32) if out is None else out[: len(requests), :width]
-    live = [i for i, r in enumerate(requests) if not r.grammar_ended]
-    if len(live) < len(requests):
-        bitmask.fill_(-1)
-    if live:
-        _batch_matcher().batch_fill_next_token_bitmask([requests[i].grammar for i in live], bitmask, live)
-    return bitmask
+class MaskFill:
+    """One step's grammar masks in two parts. Made on the caller's thread: the [len(requests), ceil(vocab / 32)] int32
+    host bitmask (rows of `out` when given: a reused page-locked buffer; torch calls, which let the GIL go). Then
+    `run` fills it with the allowed next tokens of each request's grammar in one call that holds no GIL (xgrammar's
+    batch fill, parallel threads): the grammar thread's part, which takes the GIL back only to return. The row of an
+    ended grammar (its request ends; the row is dropped) allows every token."""
+
+    def __init__(self, requests: list[Any], vocab_size: int, out: torch.Tensor | None = None) -> None:
+        width = -(-vocab_size // 32)
+        self.bitmask = torch.empty((len(requests), width), dtype=torch.int32) if out is None else out[: len(requests), :width]
+        self.live = [i for i, r in enumerate(requests) if not r.grammar_ended]
+        if len(self.live) < len(requests):
+            self.bitmask.fill_(-1)
+        self.matchers = [requests[i].grammar for i in self.live]
+
+    def run(self) -> torch.Tensor:
+        if self.live:
+            _batch_matcher().batch_fill_next_token_bitmask(self.matchers, self.bitmask, self.live)
+        return self.bitmask
 
 
 def accept_tokens(batch: Any, tokens: list[int]) -> None:

@@ -8,6 +8,7 @@ import importlib.util
 import logging
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from asyncllm import distributed
 from asyncllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from asyncllm.device import host_tensor, resolve_device, to_device
 from asyncllm.engine.cuda_graphs import CudaGraphs, graph_size
-from asyncllm.engine.grammar import HostMasks, TokenMask, fill_masks
+from asyncllm.engine.grammar import HostMasks, MaskFill, TokenMask
 from asyncllm.engine.piecewise_graphs import PiecewiseGraphs, default_max_tokens
 from asyncllm.engine.logprobs import PROMPT_SLICE, LogprobPlan, LogprobsOnDevice, plan_logprobs
 from asyncllm.engine.request import Request
@@ -342,12 +343,14 @@ class ModelRunner:
         return HostRing((self.config.max_num_seqs, self.mask_width), torch.int32) if self.device.type == "cuda" else None
 
     @torch.inference_mode()  # as when the ring was made: its buffers are inference tensors
-    def fill_masks(self, step: Deferred) -> HostMasks:
-        """The step's grammar masks on the host (any thread; the grammars must hold every earlier token)."""
+    def mask_job(self, step: Deferred) -> Callable[[], HostMasks]:
+        """The step's grammar masks on the host (the grammars must hold every earlier token): the buffers are made
+        here, the returned call fills them without the GIL until it returns (for the grammar thread: it takes the
+        GIL back only once, when the caller waits for the masks)."""
         ring = self._mask_ring
-        n = len(step.constrained)
-        bitmask = fill_masks(step.constrained, self.model.config.vocab_size, ring.take(n) if ring else None)
-        return HostMasks(host_tensor(step.mask_rows, torch.int64, self.device), bitmask)
+        fill = MaskFill(step.constrained, self.model.config.vocab_size, ring.take(len(step.constrained)) if ring else None)
+        rows = host_tensor(step.mask_rows, torch.int64, self.device)
+        return lambda: HostMasks(rows, fill.run())
 
     def _penalties(self, batch: Batch, rows: list[int], sample_index: np.ndarray) -> Penalties | None:
         """The penalties of the sampling rows that use them, or None. Host work per step is per row, plus, once
@@ -404,7 +407,7 @@ class ModelRunner:
         tokens (one per row with batch.sample set, in row order) and the log-probabilities asked for. With tensor
         parallelism (rank 0) the step is first sent to the followers, and the sampled ids after it (they feed the
         next step on every rank). `defer`: queue the forward only and return the Deferred step; `complete` queues
-        its sampling once `fill_masks` made its grammar masks (after the constrained rows' previous tokens
+        its sampling once `mask_job` made its grammar masks (after the constrained rows' previous tokens
         advanced their matchers)."""
         if self.closed:
             raise RuntimeError("this engine was closed")
@@ -424,11 +427,11 @@ class ModelRunner:
             step = Deferred(batch, fwd, adjust, logprobs, to_followers, start, mask_rows, constrained)
             if defer:
                 return step
-            return self._finish(step, self.fill_masks(step) if constrained else None)
+            return self._finish(step, self.mask_job(step)() if constrained else None)
 
     @torch.inference_mode()
     def complete(self, step: Deferred, masks: HostMasks | None) -> StepHandle:
-        """Queue the sampling of a deferred step, under its grammar masks (from `fill_masks`)."""
+        """Queue the sampling of a deferred step, under its grammar masks (from `mask_job`)."""
         with self._on_stream():
             return self._finish(step, masks)
 
