@@ -83,7 +83,6 @@ class SendThread:
         self.completed = 0  # every batch up to this one is sent (or came back short)
         self._outs: list[Outbox] = []  # the batch being gathered: item i is (_outs[i], _data[i])
         self._data: list[bytes] = []
-        self._fds: list[int] = []
         self._flushing = False
         self._in_thread: deque[tuple[int, list[Outbox], list[bytes]]] = deque()
         self._shorts = (ctypes.c_int64 * 2)()
@@ -100,18 +99,17 @@ class SendThread:
         out.last_seq = self.submitted + 1
         self._outs.append(out)
         self._data.append(data)
-        self._fds.append(out.fd)
         if not self._flushing:
             self._flushing = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flushing = False
-        outs, data, fds = self._outs, self._data, self._fds
+        outs, data = self._outs, self._data
         if not outs or self._q is None:
             return
         n = len(outs)
-        fd_arr, ends = array("i", fds), array("q", accumulate(map(len, data)))
+        fd_arr, ends = array("i", [out.fd for out in outs]), array("q", accumulate(map(len, data)))
         seq = self._lib.sq_submit(self._q, n, fd_arr.buffer_info()[0], ends.buffer_info()[0], b"".join(data))
         if seq < 0:  # out of memory: keep the batch, try again shortly (nothing later overtakes it)
             self._flushing = True
@@ -120,7 +118,7 @@ class SendThread:
         assert seq == self.submitted + 1, (seq, self.submitted)
         self.submitted = seq
         self._in_thread.append((seq, outs, data))
-        self._outs, self._data, self._fds = [], [], []
+        self._outs, self._data = [], []
         if len(self._shorts) < 2 * n:
             self._shorts = (ctypes.c_int64 * (2 * n))()
 
@@ -188,15 +186,12 @@ class Outbox:
         self.transport = transport
         self.sender = sender
         self.last_seq = 0  # the last batch holding one of this connection's items
-        self.fd = -1
-        self.spilled = sender is None  # writes go through the transport
         self.failed = False  # the socket refused a write (the client is gone): later writes are dropped
         self.held: list[bytes] = []  # transport writes waiting for the thread's batches before them
         sock = transport.get_extra_info("socket") if sender is not None else None
-        if sock is not None:
-            self.fd = os.dup(sock.fileno())  # ours: never closed (and reused) while the thread may write to it
-        else:
-            self.spilled = True
+        # ours: never closed (and reused) while the thread may write to it
+        self.fd = os.dup(sock.fileno()) if sock is not None else -1
+        self.spilled = self.fd < 0  # writes go through the transport
 
     def write(self, data: bytes) -> None:
         if self.failed:
