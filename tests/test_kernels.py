@@ -112,12 +112,9 @@ def test_skinny_linear(rows, n, k, bias, swiglu, silu_in, dtype):
         assert torch.equal(first, K.skinny_linear(K.silu_and_mul(x), w, b))
 
 
-@pytest.mark.parametrize("wide", [False, True])
-def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch, wide):
-    """With `skinny` on, an MLP of up to SKINNY_MAX_ROWS rows gives the torch path's output with the few-row kernel
-    doing: gate|up + SwiGLU, then down (two calls); or, where gate|up is too wide for it (cuBLAS) but down is not
-    (Qwen3-0.6B's MLP), down with the activation made as it loads its input (one call, no activation kernel). More
-    rows go to torch."""
+def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch):
+    """With `skinny` on, an MLP of up to SKINNY_MAX_ROWS rows runs gate|up + SwiGLU and down by the few-row kernel
+    (two calls) and gives the torch path's output; more rows go to torch."""
     from transformers import LlamaConfig
 
     from asyncllm.layers import kernel_choice, linear
@@ -125,13 +122,40 @@ def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch, wide):
 
     assert linear.SKINNY_MAX_ROWS == K.SKINNY_MAX_ROWS
     torch.manual_seed(6)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=linear.SKINNY_MAX_OUT + 4 if wide else 96, mlp_bias=True)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, mlp_bias=True)
     with kernel_choice.choose(kernel_choice.KernelChoice(skinny_matmul=True)):  # chosen as the layers are built
         mlp = DecoderMLP(cfg).to(DEVICE)
-        wide_out = linear.RowParallelLinear(64, linear.SKINNY_MAX_OUT + 1)  # cuBLAS is faster there (measured)
+        wide = linear.RowParallelLinear(64, linear.SKINNY_MAX_OUT + 1)  # cuBLAS is faster there (measured)
     plain = DecoderMLP(cfg).to(DEVICE)
-    assert mlp.gate_up_proj.skinny_swiglu is not wide and mlp.down_proj.skinny and not wide_out.skinny
-    assert not plain.gate_up_proj.skinny and not plain.down_proj.skinny
+    assert mlp.gate_up_proj.skinny and mlp.down_proj.skinny and not plain.gate_up_proj.skinny and not wide.skinny
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0.0, 0.2)
+    plain.load_state_dict(mlp.state_dict())
+    calls = []
+    monkeypatch.setattr(K, "skinny_linear", lambda *a, **kw: calls.append(kw) or K.skinny_linear_ref(*a, **kw))
+    for rows, expected in ((3, [{"swiglu": True}, {}]), (K.SKINNY_MAX_ROWS + 1, [])):
+        x = rnd(rows, 64)
+        ref = plain(x)
+        calls.clear()
+        torch.testing.assert_close(mlp(x), ref, atol=1e-5, rtol=1e-5)
+        assert [{k: v for k, v in c.items() if v} for c in calls] == expected
+
+
+def test_mlp_with_a_wide_gate_up_fuses_the_activation_into_down(monkeypatch):
+    """gate|up too wide for the few-row kernel (cuBLAS) but down narrow enough (Qwen3-0.6B's MLP): the activation
+    is made as down's kernel loads its input (no kernel of its own); the output is the torch path's."""
+    from transformers import LlamaConfig
+
+    from asyncllm.layers import kernel_choice, linear
+    from asyncllm.models.llama import DecoderMLP
+
+    torch.manual_seed(7)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=linear.SKINNY_MAX_OUT + 4, mlp_bias=True)
+    with kernel_choice.choose(kernel_choice.KernelChoice(skinny_matmul=True)):
+        mlp = DecoderMLP(cfg).to(DEVICE)
+    plain = DecoderMLP(cfg).to(DEVICE)
+    assert not mlp.gate_up_proj.skinny_swiglu and mlp.down_proj.skinny
     with torch.no_grad():
         for p in mlp.parameters():
             p.normal_(0.0, 0.2)
@@ -139,8 +163,7 @@ def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch, wide):
     calls = []
     monkeypatch.setattr(K, "skinny_linear", lambda *a, **kw: calls.append(kw) or K.skinny_linear_ref(*a, **kw))
     monkeypatch.setattr(K, "silu_and_mul", lambda *a: calls.append("silu_and_mul") or K.silu_and_mul_ref(*a))
-    few = [{"silu_in": True}] if wide else [{"swiglu": True}, {}]
-    for rows, expected in ((3, few), (K.SKINNY_MAX_ROWS + 1, [])):
+    for rows, expected in ((3, [{"silu_in": True}]), (K.SKINNY_MAX_ROWS + 1, [])):
         x = rnd(rows, 64)
         ref = plain(x)
         calls.clear()

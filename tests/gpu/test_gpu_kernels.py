@@ -19,6 +19,7 @@ if torch.cuda.is_available():
         test_sample_matches_its_reference_on_every_path,
         test_sample_never_draws_a_masked_token,
         test_mlp_takes_the_skinny_matmul_for_few_rows_only,
+        test_mlp_with_a_wide_gate_up_fuses_the_activation_into_down,
         test_silu_and_mul,
         test_skinny_linear,
         test_store_kv_scatters_and_skips_padding,
