@@ -9,9 +9,6 @@ SPLIT_K, fixed by the host from the shape (enough programs to fill the GPU), spl
 writes an fp32 partial and the last of a column block to arrive, told by an atomic counter, adds them in a fixed
 order (deterministic) and writes the output: no second kernel. `swiglu=True` takes W = [gate | up] (2N rows) and
 writes silu(gate) * up [M, N], rounded like the eager path (gate and up to x's dtype, silu to it, then the product).
-`silu_in=True` takes x = [gate | up] [M, 2K] and multiplies W by silu(gate) * up, made as its slices are loaded and
-rounded like asyncllm_kernels.silu_and_mul (the down projection after a gate|up matmul that cuBLAS ran: one kernel
-fewer per layer).
 """
 from __future__ import annotations
 
@@ -46,8 +43,7 @@ def _round_out(acc, bias_ptr, n, n_mask, HAS_BIAS: tl.constexpr, dtype: tl.const
 
 @triton.jit(do_not_specialize=["M"])
 def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                   HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, SILU_IN: tl.constexpr, SPLIT_K: tl.constexpr,
-                   BLOCK_M: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -63,13 +59,7 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, 
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < k_end
-        x_mask = m_mask[:, None] & k_mask[None, :]
-        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=x_mask, other=0.0)
-        if SILU_IN:  # x holds the gate; its up is K columns further
-            up_x = tl.load(x_ptr + m[:, None] * stride_xm + K + k[None, :], mask=x_mask, other=0.0)
-            gate = x.to(tl.float32)
-            silu = (gate / (1.0 + tl.exp(-gate))).to(x.dtype)
-            x = (silu.to(tl.float32) * up_x.to(tl.float32)).to(up_x.dtype)
+        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w_tile = w_ptr + n[:, None] * stride_wn + k[None, :]
         w_mask = n_mask[:, None] & k_mask[None, :]
         w = tl.load(w_tile, mask=w_mask, other=0.0)
@@ -121,12 +111,10 @@ def _split_k(blocks: int, k: int, device: torch.device) -> int:
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  swiglu: bool = False, silu_in: bool = False) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS, rows contiguous; [M, 2K] with silu_in), weight [N, K] (or [2N, K] with swiglu)
-    -> [M, N]."""
-    rows, k = x.shape[0], x.shape[1] // 2 if silu_in else x.shape[1]
+                  swiglu: bool = False) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS, rows contiguous), weight [N, K] (or [2N, K] with swiglu) -> [M, N]."""
+    rows, k = x.shape
     assert rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1 and weight.shape[1] == k
-    assert not (swiglu and silu_in) and (not silu_in or x.shape[1] == 2 * k)
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     if rows == 0:
@@ -137,17 +125,15 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     part = torch.empty(split, MAX_ROWS, 2 * n if swiglu else n, dtype=torch.float32, device=x.device) if split > 1 else y
     _skinny_kernel[(blocks, split)](
         x, weight, bias if bias is not None else y, y, part, _counters(x.device), rows, n, k, x.stride(0),
-        weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, SWIGLU=swiglu, SILU_IN=silu_in, SPLIT_K=split,
-        BLOCK_M=MAX_ROWS, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        UPCAST=x.device.type == "cpu", num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, SWIGLU=swiglu, SPLIT_K=split, BLOCK_M=MAX_ROWS,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        UPCAST=x.device.type == "cpu",
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y
 
 
 def skinny_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                      swiglu: bool = False, silu_in: bool = False) -> torch.Tensor:
-    if silu_in:
-        gate, up = x.chunk(2, dim=-1)
-        x = torch.nn.functional.silu(gate) * up
+                      swiglu: bool = False) -> torch.Tensor:
     y = torch.nn.functional.linear(x, weight, bias)
     if not swiglu:
         return y

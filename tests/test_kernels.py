@@ -94,22 +94,17 @@ def test_silu_and_mul(tokens, cols, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, n, k", [(1, 40, 1100), (5, 33, 300), (16, 70, 2100)])  # one and several K slices
-@pytest.mark.parametrize("bias, swiglu, silu_in", [(False, False, False), (True, False, False), (False, True, False),
-                                                   (True, True, False), (False, False, True), (True, False, True)])
-def test_skinny_linear(rows, n, k, bias, swiglu, silu_in, dtype):
+@pytest.mark.parametrize("bias, swiglu", [(False, False), (True, False), (False, True), (True, True)])
+def test_skinny_linear(rows, n, k, bias, swiglu, dtype):
     torch.manual_seed(rows + n)
     out_rows = 2 * n if swiglu else n
-    x, w = rnd(rows, 2 * k if silu_in else k, dtype=dtype), rnd(out_rows, k, dtype=dtype) / k**0.5
+    x, w = rnd(rows, k, dtype=dtype), rnd(out_rows, k, dtype=dtype) / k**0.5
     b = rnd(out_rows, dtype=dtype) if bias else None
-    # silu_in: against the activation rounded to x's dtype (as eager makes it), then the matmul in float32
-    h = K.silu_and_mul_ref(x).float() if silu_in else x.float()
-    ref = K.skinny_linear_ref(h, w.float(), b.float() if bias else None, swiglu)
-    first = K.skinny_linear(x, w, b, swiglu, silu_in)
+    ref = K.skinny_linear_ref(x.float(), w.float(), b.float() if bias else None, swiglu)
+    first = K.skinny_linear(x, w, b, swiglu)
     assert first.shape == (rows, n) and first.dtype == dtype
     torch.testing.assert_close(first.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
-    assert torch.equal(K.skinny_linear(x, w, b, swiglu, silu_in), first)  # counters reset, partials summed in order
-    if silu_in:  # the same rounding as the activation kernel followed by the plain matmul
-        assert torch.equal(first, K.skinny_linear(K.silu_and_mul(x), w, b))
+    assert torch.equal(K.skinny_linear(x, w, b, swiglu), first)  # counters reset, partials summed in a fixed order
 
 
 def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch):
@@ -140,35 +135,6 @@ def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch):
         calls.clear()
         torch.testing.assert_close(mlp(x), ref, atol=1e-5, rtol=1e-5)
         assert [{k: v for k, v in c.items() if v} for c in calls] == expected
-
-
-def test_mlp_with_a_wide_gate_up_fuses_the_activation_into_down(monkeypatch):
-    """gate|up too wide for the few-row kernel (cuBLAS) but down narrow enough (Qwen3-0.6B's MLP): the activation
-    is made as down's kernel loads its input (no kernel of its own); the output is the torch path's."""
-    from transformers import LlamaConfig
-
-    from asyncllm.layers import kernel_choice, linear
-    from asyncllm.models.llama import DecoderMLP
-
-    torch.manual_seed(7)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=linear.SKINNY_MAX_OUT + 4, mlp_bias=True)
-    with kernel_choice.choose(kernel_choice.KernelChoice(skinny_matmul=True)):
-        mlp = DecoderMLP(cfg).to(DEVICE)
-    plain = DecoderMLP(cfg).to(DEVICE)
-    assert not mlp.gate_up_proj.skinny_swiglu and mlp.down_proj.skinny
-    with torch.no_grad():
-        for p in mlp.parameters():
-            p.normal_(0.0, 0.2)
-    plain.load_state_dict(mlp.state_dict())
-    calls = []
-    monkeypatch.setattr(K, "skinny_linear", lambda *a, **kw: calls.append(kw) or K.skinny_linear_ref(*a, **kw))
-    monkeypatch.setattr(K, "silu_and_mul", lambda *a: calls.append("silu_and_mul") or K.silu_and_mul_ref(*a))
-    for rows, expected in ((3, [{"silu_in": True}]), (K.SKINNY_MAX_ROWS + 1, [])):
-        x = rnd(rows, 64)
-        ref = plain(x)
-        calls.clear()
-        torch.testing.assert_close(mlp(x), ref, atol=1e-4, rtol=1e-4)
-        assert [c if isinstance(c, str) else {k: v for k, v in c.items() if v} for c in calls] == expected
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -128,15 +128,6 @@ class RowParallelLinear(nn.Module):
         """This rank's partial sum (the bias counted on rank 0 only)."""
         return matmul(x, self.weight, self.bias if self.tp.rank == 0 else None, self.skinny)
 
-    def after_swiglu(self, gate_up: torch.Tensor) -> torch.Tensor | None:
-        """`forward(silu(gate) * up)` of gate_up's two halves, the activation made as the few-row kernel loads its
-        input (no kernel of its own), when that kernel takes the rows (`skinny` and few_rows); else None."""
-        if not (self.skinny and few_rows(gate_up)):
-            return None
-        from asyncllm_kernels import skinny_linear
-
-        return skinny_linear(gate_up, self.weight, self.bias if self.tp.rank == 0 else None, silu_in=True)
-
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding rows split by vocabulary across ranks (the vocabulary padded to a multiple of the TP size). Also the

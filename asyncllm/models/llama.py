@@ -95,12 +95,8 @@ class DecoderMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """-> this rank's partial sum (see RowParallelLinear)."""
-        h = self.gate_up_proj.swiglu(x)  # in gate|up's epilogue where the few-row kernel takes that layer
-        if h is not None:
-            return self.down_proj(h)
-        gate_up = self.gate_up_proj(x)
-        y = self.down_proj.after_swiglu(gate_up)  # else in down's prologue where the kernel takes down
-        return self.down_proj(self.act(gate_up)) if y is None else y
+        h = self.gate_up_proj.swiglu(x)  # fused where the few-row kernel takes x
+        return self.down_proj(self.act(self.gate_up_proj(x)) if h is None else h)
 
 
 class DecoderLayer(nn.Module):
