@@ -219,16 +219,10 @@ def test_short_grammar_calls_keep_the_gil(llm, prompt):
     """xgrammar's accept and the reads of its result keep the GIL (tvm-ffi lets it go around every call, and a
     thread taking it back beside a busy event loop waits up to 5 ms per call); the result is still read right."""
     pytest.importorskip("tvm_ffi")
-    from asyncllm.engine.grammar import SHORT_FFI_CALLS, _hold_gil_in_short_calls
+    from asyncllm.engine.grammar import SHORT_FFI_CALLS, short_ffi_calls
 
     spec = StructuredOutputs(regex="[ab]{4}")
     [out] = llm.generate([prompt], SamplingParams(max_tokens=8, structured_outputs=spec), use_tqdm=False)
     assert re.fullmatch("[ab]{4}", out.text)
-    _hold_gil_in_short_calls()
-    import importlib
-
-    for module, path in SHORT_FFI_CALLS:
-        fn = importlib.import_module(module)
-        for part in path.split("."):
-            fn = getattr(fn, part)
-        assert fn.release_gil is False, path
+    calls = short_ffi_calls()
+    assert len(calls) == len(SHORT_FFI_CALLS) and all(fn.release_gil is False for fn in calls)

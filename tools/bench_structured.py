@@ -1,6 +1,6 @@
 """Structured outputs' cost: output tok/s of one offline batch where a fraction of the requests follow a JSON
-schema, against the same batch with none (baseline, same run), the grammar library's mask time per token, and its batch calls'
-time per step (accept, and the fill at several thread counts) replayed along the constrained outputs.
+schema, against the same batch with none (baseline, same run), the grammar library's mask time per token, and its
+batch calls' time per step (accept, and the fill at several thread counts) replayed along the constrained outputs.
 
 Every request makes exactly --output-len tokens (ignore_eos; the schema asks for 1000 array items, so no
 constrained request completes early), so the runs differ only in the masks. Also the constrained requests' own
@@ -10,7 +10,6 @@ tok/s: under overlap scheduling a constrained request needs its previous token o
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import random
 import time
@@ -67,7 +66,8 @@ def batch_cost(llm: LLM, outputs: list[list[int]], threads: list[int]) -> list[d
             assert all(batch.batch_accept_token(matchers, [o[i] for o in outputs]))
             fill, accept = fill + mid - start, accept + time.perf_counter() - mid
         lines.append({"bench": "structured_step_grammar", "rows": len(outputs), "fill_threads": n,
-                      "fill_ms_per_step": round(1e3 * fill / steps, 3), "accept_ms_per_step": round(1e3 * accept / steps, 3)})
+                      "fill_ms_per_step": round(1e3 * fill / steps, 3),
+                      "accept_ms_per_step": round(1e3 * accept / steps, 3)})
     lines.append({"bench": "structured_accept_beside_python", "rows": len(outputs),
                   **accept_beside_python(grammars, outputs, min(steps, 64))})
     return lines
@@ -85,22 +85,16 @@ def accept_beside_python(grammars: Any, outputs: list[list[int]], steps: int) ->
     keeping the GIL (the engine's setting) and, for comparison, letting it go (tvm-ffi's default)."""
     import threading
 
-    from asyncllm.engine.grammar import SHORT_FFI_CALLS, _hold_gil_in_short_calls, accept_tokens
+    from asyncllm.engine.grammar import accept_tokens, short_ffi_calls
 
-    _hold_gil_in_short_calls()
-    fns = []
-    for module, path in SHORT_FFI_CALLS:
-        fn: Any = importlib.import_module(module)
-        for part in path.split("."):
-            fn = getattr(fn, part, None)
-        if fn is not None and hasattr(fn, "release_gil"):
-            fns.append(fn)
+    fns = short_ffi_calls()
     out = {}
     for label, release in (("keep", False), ("release", True)):
         for fn in fns:
             fn.release_gil = release
         reqs = [SimpleNamespace(grammar=grammars.matcher(StructuredOutputs(json=SCHEMA)), grammar_ended=False,
-                                grammar_stops=frozenset(), request_id=str(i), grammar_refused=False) for i in range(len(outputs))]
+                                grammar_stops=frozenset(), request_id=str(i), grammar_refused=False)
+                for i in range(len(outputs))]
         batch = SimpleNamespace(requests=reqs, sample=[True] * len(reqs))
         stop = threading.Event()
         spinner = threading.Thread(target=spin, args=(stop,))

@@ -2,9 +2,9 @@
 
 A request with `SamplingParams.structured_outputs` holds a matcher (`Request.grammar`). Before a step, rank 0 fills
 one bitmask row per constrained row that samples (the tokens its grammar allows next; 10-50 us a row for a JSON
-schema with a 49k vocabulary, most inside strings) and the step sets every other logit of that row to -inf before sampling (`TokenMask`);
-once the step's tokens are on the host the step's thread advances the matchers (`accept_tokens`), and a grammar
-that is complete ends the request ("stop"). A mask needs the request's previous token: under overlap scheduling,
+schema with a 49k vocabulary, most inside strings) and the step sets every other logit of that row to -inf before
+sampling (`TokenMask`); once the step's tokens are on the host the step's thread advances the matchers
+(`accept_tokens`), and a grammar that is complete ends the request ("stop"). A mask needs the request's previous token: under overlap scheduling,
 a step with a constrained row whose previous token is still on the device queues its forward at once and its
 sampling only after the previous step's tokens advanced the matchers (`ModelRunner.complete`), so the GPU runs the
 forward while the host fills the masks (in parallel threads: `MaskFill`).
@@ -89,16 +89,11 @@ SHORT_FFI_CALLS = (("xgrammar.base", "_core.BatchGrammarMatcher.batch_accept_tok
                    ("tvm_ffi.container", "_ffi_api.ArraySize"), ("tvm_ffi.container", "_ffi_api.ArrayGetItem"))
 
 
-@functools.cache
-def _hold_gil_in_short_calls() -> list[str]:
-    """tvm-ffi lets the GIL go around every call, and taking it back waits up to the interpreter's switch interval
-    (5 ms) whenever another thread runs Python: xgrammar's batch accept (~0.1 ms for 64 rows) plus the reads of its
-    result array (two calls per row) took ~50 ms beside a thread running Python, on this project's CPU machine.
-    These short calls keep the GIL instead (the long mask fill still lets it go). Returns the names of the calls
-    changed (none where xgrammar's binding is not tvm-ffi)."""
+def short_ffi_calls() -> list[Any]:
+    """The functions of SHORT_FFI_CALLS that are tvm-ffi functions here (none where xgrammar's binding is not)."""
     import importlib
 
-    changed = []
+    found = []
     for module, path in SHORT_FFI_CALLS:
         try:
             fn: Any = importlib.import_module(module)
@@ -106,10 +101,19 @@ def _hold_gil_in_short_calls() -> list[str]:
                 fn = getattr(fn, part)
         except (ImportError, AttributeError):
             continue
-        if getattr(fn, "release_gil", None) is True:
-            fn.release_gil = False
-            changed.append(f"{module}.{path}")
-    return changed
+        if isinstance(getattr(fn, "release_gil", None), bool):
+            found.append(fn)
+    return found
+
+
+@functools.cache
+def _hold_gil_in_short_calls() -> None:
+    """tvm-ffi lets the GIL go around every call, and taking it back waits up to the interpreter's switch interval
+    (5 ms) whenever another thread runs Python: xgrammar's batch accept of 64 rows plus the reads of its result
+    array (two calls per row) took 43-60 ms beside a thread running Python (0.7 / 0.18 ms keeping the GIL, on the
+    CPU machine / the H200's host). These short calls keep the GIL; the long mask fill still lets it go."""
+    for fn in short_ffi_calls():
+        fn.release_gil = False
 
 
 @functools.cache
@@ -125,17 +129,18 @@ def _batch_matcher() -> Any:
 
 
 class MaskFill:
-    """One step's grammar masks in two parts. Made on the caller's thread: the [len(requests), ceil(vocab / 32)] int32
-    host bitmask (rows of `out` when given: a reused page-locked buffer; torch calls, which let the GIL go). Then
+    """One step's grammar masks in two parts. Made on the caller's thread: the [len(requests), ceil(vocab / 32)]
+    int32 host bitmask (rows of `out` when given: a reused page-locked buffer; torch calls, which let the GIL go). Then
     `run` fills it with the allowed next tokens of each request's grammar in one call that holds no GIL (xgrammar's
     batch fill, parallel threads): the grammar thread's part, which takes the GIL back only to return. The row of an
     ended grammar (its request ends; the row is dropped) allows every token."""
 
     def __init__(self, requests: list[Any], vocab_size: int, out: torch.Tensor | None = None) -> None:
         width = -(-vocab_size // 32)
-        self.bitmask = torch.empty((len(requests), width), dtype=torch.int32) if out is None else out[: len(requests), :width]
+        rows = len(requests)
+        self.bitmask = torch.empty((rows, width), dtype=torch.int32) if out is None else out[:rows, :width]
         self.live = [i for i, r in enumerate(requests) if not r.grammar_ended]
-        if len(self.live) < len(requests):
+        if len(self.live) < rows:
             self.bitmask.fill_(-1)
         self.matchers = [requests[i].grammar for i in self.live]
 

@@ -348,7 +348,8 @@ class ModelRunner:
         here, the returned call fills them without the GIL until it returns (for the grammar thread: it takes the
         GIL back only once, when the caller waits for the masks)."""
         ring = self._mask_ring
-        fill = MaskFill(step.constrained, self.model.config.vocab_size, ring.take(len(step.constrained)) if ring else None)
+        reqs = step.constrained
+        fill = MaskFill(reqs, self.model.config.vocab_size, ring.take(len(reqs)) if ring else None)
         rows = host_tensor(step.mask_rows, torch.int64, self.device)
         return lambda: HostMasks(rows, fill.run())
 
