@@ -145,9 +145,10 @@ def main() -> None:
         tokens = sum(len(o.token_ids) for o in outs)
         line = {"bench": "structured_outputs", "requests": len(prompts), "constrained": k, "output_len": args.output_len,
                 "output_tok_per_s": round(tokens / best, 1), "wall_s": round(best, 3)}
-        if base is None:
+        if k == 0:
             base = line["output_tok_per_s"]
-        line["vs_unconstrained"] = round(line["output_tok_per_s"] / base, 3)
+        if base is not None:  # against the run with no request constrained (when one ran first)
+            line["vs_unconstrained"] = round(line["output_tok_per_s"] / base, 3)
         print(json.dumps({**line, **run_fields(args.device if args.device != "auto" else None)}), flush=True)
     print(json.dumps({"bench": "structured_mask_cost", **mask_cost(llm, args.output_len),
                       **run_fields(args.device if args.device != "auto" else None)}), flush=True)
