@@ -4,10 +4,11 @@ A request with `SamplingParams.structured_outputs` holds a matcher (`Request.gra
 one bitmask row per constrained row that samples (the tokens its grammar allows next; 10-50 us a row for a JSON
 schema with a 49k vocabulary, most inside strings) and the step sets every other logit of that row to -inf before
 sampling (`TokenMask`); once the step's tokens are on the host the step's thread advances the matchers
-(`accept_tokens`), and a grammar that is complete ends the request ("stop"). A mask needs the request's previous token: under overlap scheduling,
-a step with a constrained row whose previous token is still on the device queues its forward at once and its
-sampling only after the previous step's tokens advanced the matchers (`ModelRunner.complete`), so the GPU runs the
-forward while the host fills the masks (in parallel threads: `MaskFill`).
+(`accept_tokens`), and a grammar that is complete ends the request ("stop"). A mask needs the request's previous
+token: under overlap scheduling, a step with a constrained row whose previous token is still on the device queues
+its forward at once and its sampling only after the previous step's tokens advanced the matchers
+(`ModelRunner.complete`), so the GPU runs the forward while the host fills the masks (in parallel threads:
+`MaskFill`, on the grammar thread: `HandoffThread`).
 
 Grammars are compiled once per distinct spec (xgrammar caches them too) in the tokenizer pool before the request
 is queued (`AsyncEngine` precompiles), so the event loop never waits on a compilation.
@@ -130,8 +131,8 @@ def _batch_matcher() -> Any:
 
 class MaskFill:
     """One step's grammar masks in two parts. Made on the caller's thread: the [len(requests), ceil(vocab / 32)]
-    int32 host bitmask (rows of `out` when given: a reused page-locked buffer; torch calls, which let the GIL go). Then
-    `run` fills it with the allowed next tokens of each request's grammar in one call that holds no GIL (xgrammar's
+    int32 host bitmask (rows of `out` when given: a reused page-locked buffer; torch calls, which let the GIL go).
+    Then `run` fills it with the allowed next tokens of each request's grammar in one call that holds no GIL (xgrammar's
     batch fill, parallel threads): the grammar thread's part, which takes the GIL back only to return. The row of an
     ended grammar (its request ends; the row is dropped) allows every token."""
 
