@@ -39,8 +39,8 @@ class EngineConfig:
     # time to first token (docs/BENCHMARKS.md)
     max_step_slowdown: float = option(
         0.0, "while requests decode, a step that prefills takes at most this many times a decode step (prompt "
-             "tokens limited by measured GPU step times, CUDA only; lifted while more requests wait for their first "
-             "token than decode); 0 = no limit", lo=0)
+             "tokens limited by measured GPU step times, CUDA only; raised to drain a backlog of prompts in ~100 "
+             "steps); 0 = no limit", lo=0)
     block_size: int = option(16, "tokens per KV cache block (a power of two)", lo=1)
     gpu_memory_utilization: float = option(0.9, "share of the GPU's memory the engine may use in total", lo=0.01, hi=1.0)
     num_kv_blocks: int | None = option(None, "exact KV cache size in blocks; overrides the memory budgets", lo=1)

@@ -67,6 +67,7 @@ def main() -> None:
             torch.cuda.synchronize()
             wall = time.perf_counter() - t
             ms = wall / steps * 1e3
+            step_times = timer.summary(wall)  # before outside_ms runs more steps through the same timer
             ctx = a.prompt_len + a.new_tokens / 2  # mean context over the decode
             floor_ms = (weight_bytes + batch * ctx * kv_token_bytes) / (a.bandwidth_tbs * 1e12) * 1e3
             outside = outside_ms(llm, rng, batch, a.prompt_len, a.new_tokens, a.outside_reps)
@@ -74,7 +75,7 @@ def main() -> None:
             print(json.dumps(dict(bench="decode_latency", variant=variant, batch=batch, ms_per_step=round(ms, 3),
                                   outside_ms_per_token=outside and round(outside, 3),
                                   output_tok_per_s=round(batch / quoted * 1e3, 1), floor_ms=round(floor_ms, 3),
-                                  floor_fraction=round(floor_ms / quoted, 3), **timer.summary(wall), **common)),
+                                  floor_fraction=round(floor_ms / quoted, 3), **step_times, **common)),
                   flush=True)
         llm.shutdown()  # tensor parallelism: release the followers
         del llm, engine, timer

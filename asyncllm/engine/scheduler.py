@@ -7,11 +7,11 @@ half of what is left of the step's budget: a step that prefills costs more than 
 or eager, not one whole-step graph), so gathering new prompts into fewer steps may cost the running requests less,
 for a few steps more of time to first token.
 While requests decode, a step also takes at most `StepCosts.limit()` prompt tokens (engine/step_costs.py: sized from
-measured GPU step times so that a step that prefills takes at most `max_step_slowdown` times a decode step), or the
-rate at which prompt tokens arrive (a moving average per step) if that is more, so the queue cannot grow for ever.
-The limit holds only while the decoding requests are at least as many as those waiting for their first token (queued
-or part-prefilled): a stretched step costs each decoding request a longer gap and each waiting one a shorter wait, so
-the larger group wins (a burst of new requests is prefilled at full speed while few decode).
+measured GPU step times so that a step that prefills takes at most `max_step_slowdown` times a decode step), so a
+running stream's inter-token gap stays within that budget even while a burst of new requests is prefilled; their
+first tokens come later instead. So that the queue cannot grow for ever, the limit rises to 1/QUEUE_STEPS of the
+prompt tokens still to prefill (waiting or part-prefilled): a backlog drains in about QUEUE_STEPS steps, and
+prompts arriving faster than the limit lets through wait about QUEUE_STEPS steps.
 When a running request needs a block and none is free, the most recently admitted request is preempted by
 recompute: its blocks are freed and it goes back to the head of the waiting queue with all its tokens (prompt and
 output so far) to prefill again.
@@ -35,7 +35,7 @@ from asyncllm.engine.step_costs import StepCosts
 from asyncllm.errors import InvalidRequestError
 from asyncllm.outputs import Logprob
 
-ARRIVAL_DECAY = 0.01  # weight of a step's arrivals in the moving average of prompt tokens arriving per step
+QUEUE_STEPS = 100  # while the limit holds, a step takes at least 1/QUEUE_STEPS of the prompt tokens still to prefill
 
 
 @dataclass
@@ -105,8 +105,6 @@ class Scheduler:
         self._free_rows = list(range(config.max_num_seqs - 1, -1, -1))
         self._held = 0  # consecutive steps that held the waiting requests back
         self.costs = StepCosts(config.max_step_slowdown)  # learned from the steps' gpu_ms, in update
-        self._arrived = 0  # prompt tokens added since the last step was scheduled
-        self.arrival_rate = 0.0  # prompt tokens arriving per step (moving average)
 
     # ---- admission -------------------------------------------------------------------------------------------
     def check(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -135,7 +133,6 @@ class Scheduler:
             raise InvalidRequestError(f"duplicate request id {req.request_id!r}")
         self.requests[req.request_id] = req
         self.waiting.append(req)
-        self._arrived += req.num_prompt_tokens
 
     def abort(self, request_id: str) -> Request | None:
         req = self.requests.get(request_id)
@@ -152,8 +149,6 @@ class Scheduler:
     def schedule(self) -> Batch:
         batch = Batch()
         budget = self.config.max_num_batched_tokens
-        self.arrival_rate += ARRIVAL_DECAY * (self._arrived - self.arrival_rate)
-        self._arrived = 0
         prompt_budget = batch.prompt_budget = self._prompt_budget(budget)
         preemptions = self.stats.num_preemptions
         max_len, bs = self.config.max_model_len, self.blocks.block_size
@@ -250,19 +245,22 @@ class Scheduler:
         return batch
 
     def _prompt_budget(self, budget: int) -> int:
-        """Prompt tokens this step may take (see the module docstring): the step's budget, or the limit while at
-        least as many requests decode as wait for their first token."""
+        """Prompt tokens this step may take (see the module docstring): the step's budget, or the limit while a
+        request decodes, raised to 1/QUEUE_STEPS of the prompt tokens still to prefill."""
         limit = self.costs.limit()
-        if limit is None:
+        if limit is None or limit >= budget:
             return budget
-        limit = max(limit, int(self.arrival_rate))
-        if limit >= budget:
-            return budget
-        prefilling = 0
+        decoding, backlog = False, 0
         for req in self.running:
-            if req.num_computed_tokens < req.num_prompt_tokens:
-                prefilling += 1
-        return limit if len(self.running) - prefilling >= prefilling + len(self.waiting) else budget
+            if req.num_computed_tokens >= req.num_prompt_tokens:  # it decodes
+                decoding = True
+            else:
+                backlog += req.num_prompt_tokens - req.num_computed_tokens
+        if not decoding:
+            return budget
+        for req in self.waiting:
+            backlog += req.num_tokens - req.num_computed_tokens
+        return min(budget, max(limit, backlog // QUEUE_STEPS))
 
     def _hold_admission(self, budget: int) -> bool:
         """Hold the waiting requests back this step (see the module docstring)?"""
