@@ -54,8 +54,8 @@ class EngineConfig:
         None, "largest decode batch replayed from a CUDA graph (default: min(256, max-num-seqs))", lo=1)
     cuda_graph_max_tokens: int | None = option(
         None, "largest step with prompt tokens replayed from piecewise CUDA graphs (attention eager between "
-              "layers); default: while tokens x parameters per GPU stay under 2^41, at most the step budget, and "
-              "none under tensor parallelism (not run on several GPUs yet); 0 = none", lo=0)
+              "layers); default: up to 2048 tokens, or more while tokens x parameters per GPU stay under 2^41; at "
+              "most the step budget; none under tensor parallelism (not run on several GPUs yet); 0 = none", lo=0)
     tensor_parallel_size: int = option(
         1, "shards over torchrun's processes; must equal --nproc-per-node (1 = whatever torchrun started)", lo=1,
         flags=("--tp",))

@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 # ~700 TFLOP/s, about what a small model's eager launches cost the host): past it the GPU work of a step
 # outlasts its eager launches (~15 us each), which overlap scheduling then hides
 PIECEWISE_PARAM_TOKENS = 1 << 41
+# ... but pieces cover steps of up to this many tokens whatever the model's size (the default step budget): a large
+# model's eager step costs the host far more than its launches' ~15 us each (on the H200 host, Llama-3.1-8B's steps
+# with prompt tokens took 16.6 ms + 15.6 us per prompt token eager past 274 tokens vs 7.5 ms + 19.3 us as pieces,
+# decode steps 5 ms; docs/BENCHMARKS.md)
+MIN_PIECEWISE_TOKENS = 2048
 
 
 def piece_sizes(max_tokens: int) -> list[int]:
@@ -47,7 +52,7 @@ def default_max_tokens(max_step_tokens: int, params_per_rank: int, tp_size: int 
     GPUs yet, and TP serves models large enough for the bound to leave few steps to them anyway."""
     if tp_size > 1:
         return 0
-    return min(max_step_tokens, PIECEWISE_PARAM_TOKENS // max(params_per_rank, 1))
+    return min(max_step_tokens, max(MIN_PIECEWISE_TOKENS, PIECEWISE_PARAM_TOKENS // max(params_per_rank, 1)))
 
 
 class _Cut:

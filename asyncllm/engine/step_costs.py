@@ -2,17 +2,20 @@
 
 A step that prefills while requests decode makes every decoding request wait for its prompt tokens: one 2,048-token
 chunk in a 64-row decode step of an 8B model stretches that step (an inter-token gap of 64 clients) from ~6.5 ms
-to ~50 ms. So while requests decode, a step may take at most `limit` prompt tokens, sized so that they add at most
-`max_slowdown - 1` decode steps' time to it:
+to ~50 ms. So while requests decode, a step may take at most `limit` prompt tokens, sized so that the step takes at
+most `max_slowdown` decode steps' time:
 
-    limit = (max_slowdown - 1) * decode_ms / ms_per_prompt_token
+    limit = ((max_slowdown - 1) * decode_ms - fixed_ms) / ms_per_prompt_token
 
-Both terms come from CUDA events around each step (ms). `decode_ms` starts as the time of the largest decode graph
+All terms come from CUDA events around each step (ms). `decode_ms` starts as the time of the largest decode graph
 replayed at start-up (the weights' read; cuda_graphs.py) and follows the steps without prompt tokens (moving
-average). `ms_per_prompt_token` is the slope of step time over prompt tokens among the steps with both prompt tokens
-and decode rows (exponentially weighted least squares). The slope, not the average cost per token: a step with
-prompt tokens has a fixed cost besides (attention outside the whole-step graph, host launches), which averaged over
-its tokens would make small steps look dear, shrink the limit, make steps smaller still, and so on down to nothing.
+average). A step with prompt tokens and decode rows costs `decode_ms + fixed_ms + ms_per_prompt_token * P`: the
+slope and the intercept of step time over prompt tokens P among such steps (exponentially weighted least squares);
+`fixed_ms` (intercept minus `decode_ms`, at least 0) is what any step with prompt tokens costs more (attention
+outside the whole-step graph, planning, host launches). The slope, not the average cost per token: averaged over
+its tokens the fixed cost would make small steps look dear, shrink the limit, make steps smaller still, and so on
+down to nothing. For the same reason the fixed cost takes at most half of the allowance: where it alone would break
+the budget, fewer and larger chunks cost the decoding requests less than many small ones each paying it.
 For a small model the limit ends above any step's budget; for a large one it is a few hundred tokens whatever its
 size (a decode step reads the weights once, a prompt token costs their FLOPs). Without timings (CPU) there is no limit.
 """
@@ -28,7 +31,7 @@ MIN_SPREAD = 0.05  # the prompt tokens' standard deviation, relative to their me
 @dataclass
 class StepCosts:
     max_slowdown: float  # 0: no limit
-    decay: float = 0.05  # weight of each new step in the moving averages
+    decay: float = 0.02  # weight of each new step in the moving averages
     decode_ms: float = 0.0  # 0: not known
     ms_per_prompt_token: float = 0.0  # 0: not known (yet, or not positive)
     num_samples: int = 0
@@ -56,8 +59,18 @@ class StepCosts:
         if self.num_samples >= MIN_SAMPLES and var > (MIN_SPREAD * mean_p) ** 2:  # else keep the last slope
             self.ms_per_prompt_token = max((self._pm / self._w - mean_p * self._m / self._w) / var, 0.0)
 
+    @property
+    def fixed_ms(self) -> float:
+        """What a step with prompt tokens costs beyond a decode step and its tokens' slope (0: not known)."""
+        if not self.ms_per_prompt_token or not self.decode_ms or not self._w:
+            return 0.0
+        intercept = (self._m - self.ms_per_prompt_token * self._p) / self._w
+        return max(intercept - self.decode_ms, 0.0)
+
     def limit(self) -> int | None:
         """Most prompt tokens for a step with decode rows; None: no limit."""
         if self.max_slowdown <= 0 or not self.decode_ms or not self.ms_per_prompt_token:
             return None
-        return max(MIN_LIMIT, int((self.max_slowdown - 1) * self.decode_ms / self.ms_per_prompt_token))
+        allowance = (self.max_slowdown - 1) * self.decode_ms
+        room = max(allowance - self.fixed_ms, allowance / 2)
+        return max(MIN_LIMIT, int(room / self.ms_per_prompt_token))
