@@ -53,10 +53,29 @@ def install_stand_in() -> None:
     ModelRunner.launch = launch
 
 
+def install_step_trace(path: str) -> None:
+    """The server writes one line per applied step to `path`: monotonic time (s), prompt tokens, decode rows, GPU
+    ms (CUDA events; 0 when not timed), waiting, running, the prompt-token limit (0: none); tools/step_trace.py
+    sums them up."""
+    from asyncllm.engine.scheduler import Scheduler
+
+    out = open(path, "w", buffering=1)  # line-buffered: the server is terminated, not shut down
+    update = Scheduler.update
+
+    def traced(self, batch, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        out.write(f"{time.monotonic():.6f} {batch.num_prompt_tokens} {batch.num_decode_rows} {batch.gpu_ms:.3f} "
+                  f"{len(self.waiting)} {len(self.running)} {self.costs.limit() or 0}\n")
+        return update(self, batch, *args, **kwargs)
+
+    Scheduler.update = traced
+
+
 # ---- the server and the offline run, each in its own process ----------------------------------------------------
-def serve(stand_in: bool, argv: list[str]) -> int:
+def serve(stand_in: bool, step_trace: str | None, argv: list[str]) -> int:
     if stand_in:
         install_stand_in()
+    if step_trace:
+        install_step_trace(step_trace)
     from asyncllm.serve import run
 
     return run(argv)
@@ -123,7 +142,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_server(args: argparse.Namespace, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, __file__, "--serve", *(["--stand-in"] if args.stand_in else []), "--",
+    cmd = [sys.executable, __file__, "--serve", *(["--stand-in"] if args.stand_in else []),
+           *(["--step-trace", args.step_trace] if args.step_trace else []), "--",
            "--port", "0", "--log-level", "warning", "--load-format", args.load_format,
            "--max-num-seqs", str(max(args.concurrency)), *(["--model", args.model] if args.model else []),
            *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []), *extra]
@@ -243,6 +263,8 @@ def main() -> None:
                          '\'{"repetition_penalty": 1.1}\'')
     ap.add_argument("--profile", metavar="FILE", help="py-spy (on PATH) records the server during the last level into "
                     "FILE (raw folded stacks)")
+    ap.add_argument("--step-trace", metavar="FILE", help="the server writes a line per step into FILE (see "
+                    "install_step_trace; summed up by tools/step_trace.py)")
     # internal: the processes this script starts
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
@@ -250,7 +272,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
-        sys.exit(serve(args.stand_in, extra))
+        sys.exit(serve(args.stand_in, args.step_trace, extra))
     if args.offline:
         offline(args)
         return
