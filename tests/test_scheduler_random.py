@@ -103,11 +103,15 @@ def run_workload(seed: int, prefix_caching: bool, overlap: bool) -> dict[str, tu
             sched.abort(rng.choice(list(sched.requests)))
         if sched.running and rng.random() < 0.03:  # a stop string matched above the scheduler
             sched.finish(rng.choice(sched.running), "stop")
+        decoding = any(r.num_computed_tokens >= r.num_prompt_tokens for r in sched.running)
+        limit = sched.costs.limit()
         batch = sched.schedule()
         sched.check_invariants()
         assert batch.num_prompt_tokens <= batch.prompt_budget <= config.max_num_batched_tokens
         assert sum(batch.num_new_tokens) <= config.max_num_batched_tokens
-        limited += batch.prompt_budget < config.max_num_batched_tokens
+        if batch.prompt_budget < config.max_num_batched_tokens:  # limited only while a request decodes
+            assert decoding and limit is not None and batch.prompt_budget >= limit
+            limited += 1
         # a stand-in GPU time: 1 ms a step and 0.3 ms a prompt token, noisy (what the prompt-token limit learns from)
         batch.gpu_ms = rng.uniform(0.8, 1.2) * (1.0 + 0.3 * batch.num_prompt_tokens)
         handle = runner.launch(batch) if len(batch) else None

@@ -4,7 +4,8 @@ BENCHMARKS.md), GPU or CPU. One JSON line per concurrency level.
 The server runs in its own process; streaming `/v1/completions` clients run in --client-procs other processes
 (each with its share of the concurrency), prompts are random token ids (length uniform in --input-len), every
 request asks for --output-len tokens with `ignore_eos`, --requests-per-slot x concurrency requests per level.
-Reported per level (field names as `vllm bench serve`'s): output_throughput (tok/s), request_throughput, ttft_ms
+Reported per level (field names as `vllm bench serve`'s): output_throughput (tok/s over duration_s: from the first
+request sent to the last one done, whenever the client processes got going), request_throughput, ttft_ms
 and itl_ms (mean / p50 / p99; an ITL is the gap between two streamed chunks), the server's split of time to first
 token (server_queue_ms_mean: arrival to admission, server_prefill_ms_mean: admission to first token, from its
 /metrics; the client's TTFT adds HTTP and request handling), the server process's CPU time per
@@ -125,7 +126,7 @@ async def _client(url: str, bodies: list[dict], concurrency: int, start_at: floa
                             tokens = d["usage"]["completion_tokens"]
                         if d.get("choices") and (d["choices"][0].get("text") or d["choices"][0].get("finish_reason")):
                             stamps.append(time.perf_counter() - t0)
-                return tokens, stamps, error
+                return tokens, stamps, error, t0, time.perf_counter()  # CLOCK_MONOTONIC on Linux: one for all processes
 
         return await asyncio.gather(*(one(b) for b in bodies))
 
@@ -189,9 +190,10 @@ def level(args: argparse.Namespace, url: str, pid: int, concurrency: int, prompt
     split0 = server_metrics(url)  # before the clients start sending
     while time.time() < start_at:
         time.sleep(0.001)
-    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+    cpu0 = cpu_seconds(pid)
     results = [r for _ in procs for r in q.get()]
-    wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+    cpu = cpu_seconds(pid) - cpu0
+    wall = max(r[4] for r in results) - min(r[3] for r in results)  # first request sent to last one done
     after = server_metrics(url)
     split = {k: v - split0.get(k, 0.0) for k, v in after.items()}
     for p in procs:
