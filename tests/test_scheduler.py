@@ -299,8 +299,7 @@ def test_a_backlog_raises_the_limit_and_drains():
     run_step(s)
 
     def backlog() -> int:
-        return sum(r.num_tokens - r.num_computed_tokens for r in s.waiting) + sum(
-            r.num_prompt_tokens - r.num_computed_tokens for r in s.running if r.num_computed_tokens < r.num_prompt_tokens)
+        return sum(r.num_tokens - r.num_computed_tokens for r in [*s.waiting, *s.running] if r.num_computed_tokens < r.num_prompt_tokens)
 
     levels = []
     for step in range(800):  # 300 prompt tokens arrive every step, three times the limit of 100

@@ -103,7 +103,8 @@ def run_workload(seed: int, prefix_caching: bool, overlap: bool) -> dict[str, tu
             sched.abort(rng.choice(list(sched.requests)))
         if sched.running and rng.random() < 0.03:  # a stop string matched above the scheduler
             sched.finish(rng.choice(sched.running), "stop")
-        decoding = any(r.num_computed_tokens >= r.num_prompt_tokens for r in sched.running)
+        decoding = any(r.num_computed_tokens >= r.num_prompt_tokens and r.num_scheduled_tokens - r.num_computed_tokens <= 1
+                       for r in sched.running)
         limit = sched.costs.limit()
         batch = sched.schedule()
         sched.check_invariants()

@@ -252,10 +252,11 @@ class Scheduler:
             return budget
         decoding, backlog = False, 0
         for req in self.running:
-            if req.num_computed_tokens >= req.num_prompt_tokens:  # it decodes
+            left = len(req.token_ids) + req.num_pending - req.num_computed_tokens
+            if left <= 1 and req.num_computed_tokens >= req.num_prompt_tokens:  # it decodes (as in `schedule`)
                 decoding = True
-            else:
-                backlog += req.num_prompt_tokens - req.num_computed_tokens
+            else:  # prefilling, or recomputing after preemption
+                backlog += left
         if not decoding:
             return budget
         for req in self.waiting:
