@@ -259,7 +259,10 @@ class Scheduler:
                 backlog += left
         if not decoding:
             return budget
+        enough = budget * QUEUE_STEPS  # a backlog this long already lifts the limit to the budget
         for req in self.waiting:
+            if backlog >= enough:
+                break
             backlog += req.num_tokens - req.num_computed_tokens
         return min(budget, max(limit, backlog // QUEUE_STEPS))
 
