@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 # outlasts its eager launches (~15 us each), which overlap scheduling then hides
 PIECEWISE_PARAM_TOKENS = 1 << 41
 # ... but pieces cover steps of up to this many tokens whatever the model's size (the default step budget): a large
-# model's eager step costs the host far more than its launches' ~15 us each (on the H200 host, Llama-3.1-8B's steps
-# with prompt tokens took 16.6 ms + 15.6 us per prompt token eager past 274 tokens vs 7.5 ms + 19.3 us as pieces,
-# decode steps 5 ms; docs/BENCHMARKS.md)
+# model's eager step costs the host far more than its launches' ~15 us each (Llama-3.1-8B on the H200: a fixed cost
+# of several decode steps per step with prompt tokens eager, a fraction of one as pieces;
+# docs/bench/step_trace_h200_c345789.jsonl)
 MIN_PIECEWISE_TOKENS = 2048
 
 
