@@ -19,7 +19,8 @@ tokenization, scheduling, detokenization, SSE), measurable on any CPU.
 
   python tools/bench_serving.py --stand-in --concurrency 16 64           # CPU, the default model's tokenizer
   python tools/bench_serving.py --model DIR --load-format dummy --concurrency 1 16 64 256   # GPU
-Extra server flags after `--`, e.g. `-- --stream-interval 4`.
+Extra server flags after `--`, e.g. `-- --stream-interval 4`; the offline run takes the engine flags among them.
+`--step-trace FILE`: the server's steps into FILE, the offline run's into FILE.offline (tools/step_trace.py).
 """
 from __future__ import annotations
 
@@ -82,15 +83,22 @@ def serve(stand_in: bool, step_trace: str | None, argv: list[str]) -> int:
     return run(argv)
 
 
-def offline(args: argparse.Namespace) -> None:
-    """Prints one JSON object: output tokens and seconds of `LLM.generate` on the prompts in --prompts-file."""
+def offline(args: argparse.Namespace, server_argv: list[str]) -> None:
+    """Prints one JSON object: output tokens and seconds of `LLM.generate` on the prompts in --prompts-file, with
+    the server's engine flags (its HTTP flags do not apply)."""
     if args.stand_in:
         install_stand_in()
+    if args.step_trace:
+        install_step_trace(args.step_trace)
     from asyncllm import LLM, SamplingParams
+    from asyncllm.serve import engine_kwargs, parse_args, parser
 
     with open(args.prompts_file) as f:
         prompts = json.load(f)
-    llm = LLM(args.model, load_format=args.load_format, max_num_seqs=args.max_num_seqs, **engine_options(args))
+    given, default = (engine_kwargs(parse_args(parser(), argv)) for argv in (server_argv, []))
+    flags = {k: v for k, v in given.items() if v != default[k]}  # the flags given; LLM's defaults for the rest
+    llm = LLM(args.model, **{**flags, "load_format": args.load_format, "max_num_seqs": args.max_num_seqs,
+                             **engine_options(args)})
     params = SamplingParams(**{"temperature": 0.0, **args.extra_body, "max_tokens": args.output_len, "ignore_eos": True})
     llm.generate(prompts[: min(len(prompts), 8)], params, use_tqdm=False)  # warm-up
     t = time.perf_counter()
@@ -229,14 +237,15 @@ def profiler(path: str, pid: int) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def run_offline(args: argparse.Namespace, concurrency: int, prompts: list[list[int]]) -> dict:
+def run_offline(args: argparse.Namespace, extra: list[str], concurrency: int, prompts: list[list[int]]) -> dict:
     path = f"/tmp/bench_serving_prompts_{os.getpid()}.json"
     with open(path, "w") as f:
         json.dump(prompts, f)
     cmd = [sys.executable, __file__, "--offline", "--prompts-file", path, "--max-num-seqs", str(concurrency),
            "--output-len", str(args.output_len), "--load-format", args.load_format, "--extra-body", json.dumps(args.extra_body),
            *(["--stand-in"] if args.stand_in else []), *(["--model", args.model] if args.model else []),
-           *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else [])]
+           *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
+           *(["--step-trace", f"{args.step_trace}.offline"] if args.step_trace else []), "--", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError("the offline run failed:\n" + proc.stderr[-3000:])
@@ -276,7 +285,7 @@ def main() -> None:
     if args.serve:
         sys.exit(serve(args.stand_in, args.step_trace, extra))
     if args.offline:
-        offline(args)
+        offline(args, extra)
         return
     common = run_fields()
     rng = random.Random(args.seed)
@@ -300,7 +309,7 @@ def main() -> None:
         server.wait()
     for line, (concurrency, prompts) in zip(lines, levels):  # the server is gone: the GPU is the offline run's
         if not args.no_offline:
-            line.update(run_offline(args, concurrency, prompts))
+            line.update(run_offline(args, extra, concurrency, prompts))
             line["http_over_offline"] = round(line["output_throughput"] / line["offline_output_throughput"], 3)
         print(json.dumps({**line, **common}), flush=True)
 

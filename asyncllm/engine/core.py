@@ -110,8 +110,11 @@ class EngineCore:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, max_tokens, self.max_model_len,
                                                    config.max_prefill_delay_steps, config.max_step_slowdown),
                                    self.blocks)
-        if self.runner.graphs is not None and self.runner.graphs.decode_ms:  # until decode steps are measured
+        # start-up timings, until steps are measured
+        if self.runner.graphs is not None and self.runner.graphs.decode_ms:
             self.scheduler.costs.decode_ms = self.runner.graphs.decode_ms
+        if self.runner.pieces is not None and self.runner.pieces.ms_per_token:
+            self.scheduler.costs.ms_per_prompt_token = self.runner.pieces.ms_per_token
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
         if self.tokenizer is not None and self.runner.tp.is_leader:  # not at the first request, on the loop thread
             token_decoder(self.tokenizer).warm_up()

@@ -90,7 +90,7 @@ class _Cut:
 
 class PiecewiseGraphs:
     def __init__(self, model: Any, backend: GraphAttentionBackend, layers: list[Attention], max_tokens: int,
-                 stream: torch.cuda.Stream) -> None:
+                 stream: torch.cuda.Stream, time_tokens: bool = False) -> None:
         self.model, self.backend, self.attention = model, backend, layers
         self.max_tokens = max_tokens
         self.sizes = piece_sizes(max_tokens)
@@ -117,6 +117,27 @@ class PiecewiseGraphs:
         self.capture_s = time.perf_counter() - t
         log.info("captured piecewise CUDA graphs (%d pieces each) for steps of up to %d tokens in %.1f s: %s",
                  len(layers) + 1, top, self.capture_s, self.sizes)
+        # GPU ms per prompt token (time_tokens; 0: not timed): the pieces' replay time over their token count, from
+        # the largest size and one a quarter of it; what a prompt token costs until steps are measured (attention
+        # not included: it grows with the context, which the steps' own regression then sees)
+        self.ms_per_token = self._time_tokens() if time_tokens and len(self.sizes) > 1 else 0.0
+
+    def _time_tokens(self) -> float:
+        top = self.sizes[-1]
+        small = min(self.sizes, key=lambda s: abs(s - top // 4))
+        if small == top:
+            return 0.0
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        ms = {}
+        with torch.cuda.stream(self.capture_stream):  # slots are all -1 after capture: nothing is stored
+            for size in (top, small, top, small):  # the first round warms up
+                start.record()
+                for graph in self.pieces[size][0]:
+                    graph.replay()
+                end.record()
+                end.synchronize()
+                ms[size] = start.elapsed_time(end)
+        return max((ms[top] - ms[small]) / (top - small), 0.0)
 
     def _run(self, size: int, capture: bool) -> tuple[_Cut, torch.Tensor]:
         cut = _Cut(self, size, capture)

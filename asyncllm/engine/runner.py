@@ -255,7 +255,7 @@ class ModelRunner:
             return None
         assert self.stream is not None
         backend: Any = self.backend  # a GPU backend (graphs are on): it has `attend`
-        return PiecewiseGraphs(self.model, backend, self.attention_layers, limit, self.stream)
+        return PiecewiseGraphs(self.model, backend, self.attention_layers, limit, self.stream, self.timed)
 
     # ---- KV cache -------------------------------------------------------------------------------------------
     def _allocate_kv_cache(self, num_blocks: int) -> None:

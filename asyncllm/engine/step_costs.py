@@ -12,7 +12,9 @@ replayed at start-up (the weights' read; cuda_graphs.py) and follows the steps w
 average). A step with prompt tokens and decode rows costs `decode_ms + fixed_ms + ms_per_prompt_token * P`: the
 slope and the intercept of step time over prompt tokens P among such steps (exponentially weighted least squares);
 `fixed_ms` (intercept minus `decode_ms`, at least 0) is what any step with prompt tokens costs more (attention
-outside the whole-step graph, planning, host launches). The slope, not the average cost per token: averaged over
+outside the whole-step graph, planning, host launches). Until such steps are seen (MIN_SAMPLES of them, with
+prompt-token counts that vary: an opening burst's full chunks alone cannot give a slope) the slope is the piecewise
+graphs' GPU time per token, timed at start-up (piecewise_graphs.py), so the limit holds from the first step. The slope, not the average cost per token: averaged over
 its tokens the fixed cost would make small steps look dear, shrink the limit, make steps smaller still, and so on
 down to nothing. For the same reason the fixed cost takes at most half of the allowance: where it alone would break
 the budget, fewer and larger chunks cost the decoding requests less than many small ones each paying it.

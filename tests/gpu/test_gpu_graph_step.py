@@ -218,14 +218,18 @@ def test_piecewise_graph_steps_match_transformers(large_model):
 
 def test_steps_are_timed_and_the_prompt_token_limit_learned(large_model):
     """Every step that samples (it has an event to wait on) is timed on the GPU (CUDA events around it); the
-    scheduler starts from the largest decode graph's time at start-up and learns a decode step's time and a prompt
-    token's (slope) from the steps (engine/step_costs.py), steps mixing prompt chunks with decode rows included."""
+    scheduler starts from the largest decode graph's time and the piecewise graphs' time per token at start-up (so
+    the limit holds from the first step) and learns a decode step's time and a prompt token's (slope) from the
+    steps (engine/step_costs.py), steps mixing prompt chunks with decode rows included."""
     from asyncllm.engine.step_costs import MIN_SAMPLES
 
     llm = LLM(str(large_model), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=4096,
               max_num_batched_tokens=256, max_step_slowdown=2.5)
     prior = llm.engine.runner.graphs.decode_ms  # the largest decode graph, timed at start-up
     assert 0 < prior < 100 and llm.engine.scheduler.costs.decode_ms == prior
+    slope = llm.engine.runner.pieces.ms_per_token  # the largest pieces' replay against a quarter of its tokens
+    assert 0 < slope < 1 and llm.engine.scheduler.costs.ms_per_prompt_token == slope
+    assert llm.engine.scheduler.costs.limit() is not None, "no limit before the first step"
     timed = []
     update = llm.engine.scheduler.update
     llm.engine.scheduler.update = lambda batch, *a: any(batch.sample) and timed.append(
@@ -237,7 +241,7 @@ def test_steps_are_timed_and_the_prompt_token_limit_learned(large_model):
     assert len(mixed) >= MIN_SAMPLES, "no steps mixed prompt chunks with decode rows"
     costs = llm.engine.scheduler.costs
     print(f"steps timed: {len(timed)} ({len(mixed)} mixed); decode {prior:.3f} ms at start, {costs.decode_ms:.3f}, "
-          f"{costs.ms_per_prompt_token * 1e3:.2f} us per prompt token, limit {costs.limit()}")
+          f"{slope * 1e3:.2f} us per prompt token at start, {costs.ms_per_prompt_token * 1e3:.2f}, limit {costs.limit()}")
     assert costs.num_samples == len(mixed) and 0 < costs.decode_ms < 100  # a 2-layer model's decode step
 
 
