@@ -149,9 +149,13 @@ class SSEChoices(Choices):
             while ready:
                 self.direct = False  # the handler writes (and may wait for the drain): notifications queue
                 data = []
-                for i in ready:
-                    data.append(self._event(i, self.streams[i]))
-                    self.open -= self.streams[i].done
+                try:
+                    for i in ready:
+                        data.append(self._event(i, self.streams[i]))
+                        self.open -= self.streams[i].done
+                except Exception:  # a choice's error: the caller writes it, after what the thread still holds
+                    await outbox.drained()
+                    raise
                 await outbox.drained()
                 await resp.write(b"".join(data))  # the first write sends the headers
                 await request.writer.drain()  # a slow client: wait until the socket takes more
