@@ -1,5 +1,4 @@
-"""AsyncEngine: concurrency, cancellation frees KV blocks, stop strings, UTF-8, failures; each with both delivery
-orders (`delivery`)."""
+"""AsyncEngine: concurrency, cancellation frees KV blocks, stop strings, UTF-8, failures."""
 from __future__ import annotations
 
 import asyncio
@@ -12,13 +11,6 @@ from asyncllm.engine.detokenizer import IncrementalDetokenizer
 from conftest import random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-
-
-@pytest.fixture(autouse=True, params=["at once", "after the next launch"])
-def delivery(request, monkeypatch):
-    """Every test with each step's tokens delivered as soon as it is applied (CPU's way) and once the step after
-    the next is launched (the GPU's way: AsyncEngine._run)."""
-    monkeypatch.setattr(AsyncEngine, "deliver_after_launch", request.param != "at once")
 
 
 async def all_blocks_free(engine: AsyncEngine, timeout: float = 2.0) -> bool:

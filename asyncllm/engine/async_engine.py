@@ -1,14 +1,11 @@
 """AsyncEngine: the engine as a coroutine inside any asyncio program.
 
 One loop coroutine owns the scheduler. Each iteration: apply aborts -> schedule step N+1 -> in the step thread,
-launch it on the GPU's side stream and wait (on a CUDA event, in that thread) for step N; once step N+1 is
-launched, deliver step N-1's tokens (detokenize, stop strings, wake consumers) while the step thread waits ->
-append step N's tokens. So the host's share of the GPU's critical path is the update, the scheduling and the launch;
-delivery overlaps the GPU's step. With overlap off, the step thread waits for the step it just launched. Without a
-GPU the step thread computes the step, and each step's tokens are delivered as soon as it is applied. Only
-`EngineCore.advance` leaves the event-loop thread, and everything that touches the scheduler runs on the loop, so
-aborts and stop-string finishes that arrive while the step thread works are applied at the start of the next
-iteration (a request a stop string ended may compute a token or two more, which nobody sees).
+launch it on the GPU's side stream and wait (on a CUDA event, in that thread) for step N -> append step N's tokens
+and deliver them (detokenize, stop strings, wake consumers) while the GPU runs step N+1. With overlap off, the
+step thread waits for the step it just launched. Only `EngineCore.advance` leaves the event-loop thread, and
+everything that touches the scheduler runs on the loop, so aborts and stop-string finishes that arrive while the
+step thread works are applied at the start of the next iteration.
 
 Delivery is coalescing: a consumer that reads slowly gets several tokens in one chunk, and a request buffers at
 most its own output (no per-token queue grows behind a slow client).
@@ -21,7 +18,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from asyncllm.config import EngineConfig
@@ -46,11 +42,6 @@ MAX_PENDING_TOKENIZATIONS = 1024
 
 Messages = Sequence[dict[str, Any]]
 PromptInput = str | list[int] | Messages
-
-
-def _resolve(fut: asyncio.Future[None], *_: object) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 @dataclass
@@ -142,9 +133,6 @@ class RequestStream:
 
 class AsyncEngine:
     """`async with AsyncEngine(model=None, **config) as engine: async for chunk in engine.stream(prompt, params)`."""
-
-    # deliver a step's tokens once the step after the next is launched (see `_run`); None: when there is a GPU
-    deliver_after_launch: bool | None = None
 
     def __init__(self, model: str | None = None, **config: Any) -> None:
         self.config = EngineConfig.from_kwargs(model, **config)
@@ -355,44 +343,20 @@ class AsyncEngine:
     async def _run(self) -> None:
         core = self._core
         loop = asyncio.get_running_loop()
-        # With a GPU, step N's tokens are delivered once step N+2 is launched: the update, the scheduling and the
-        # launch are the host's part of the GPU's critical path; detokenization, stop strings and the consumers'
-        # writes run while the step thread waits for the GPU. Without one the step thread computes the step, and
-        # each step's tokens are delivered at once.
-        defer = self.deliver_after_launch if self.deliver_after_launch is not None else core.runner.stream is not None
-        got: list[Request] = []  # requests that got a token in the step applied last, not delivered yet
         try:
             while not self._stopping:
                 self._apply_deferred()
                 if not core.busy:
-                    if got:  # the last step's tokens: nothing left to overlap them with
-                        self._deliver(got)
-                        got = []
-                        continue
                     self._wake.clear()
                     await self._wake.wait()
                     continue
                 batch = core.schedule()
-                if got:  # (defer)
-                    launched = loop.create_future()
-                    step = loop.run_in_executor(self._step_pool, core.advance, batch,
-                                                partial(loop.call_soon_threadsafe, _resolve, launched))
-                    step.add_done_callback(partial(_resolve, launched))  # (a launch that raised)
-                    await launched
-                    self._deliver(got)
-                    got = []
-                else:
-                    step = loop.run_in_executor(self._step_pool, core.advance, batch)
-                done = await step
+                done = await loop.run_in_executor(self._step_pool, core.advance, batch)
                 if done is None:
                     await asyncio.sleep(0.001)  # nothing fits this instant (all blocks busy): let aborts land
                     continue
-                got = core.update(done)
-                if not defer:
-                    self._deliver(got)
-                    got = []
+                self._deliver(core.update(done))  # while the GPU runs the step just launched
                 self._count()
-            self._deliver(got)
         except Exception as e:
             log.exception("engine loop failed; failing all requests")
             self.error = e

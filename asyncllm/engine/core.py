@@ -6,7 +6,7 @@ import functools
 import itertools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -300,12 +300,10 @@ class EngineCore:
         """Requests to serve, or a step still in flight."""
         return self.scheduler.has_unfinished or self._inflight is not None or self._deferred is not None
 
-    def advance(self, batch: Batch, on_launch: Callable[[], None] | None = None
-                ) -> tuple[Batch, list[int], StepLogprobs | None] | None:
+    def advance(self, batch: Batch) -> tuple[Batch, list[int], StepLogprobs | None] | None:
         """Launch `batch` (if not empty), then wait for a step to finish and return it with its sampled tokens:
         with overlap, the step launched before (the new one keeps the GPU busy meanwhile); without, this one.
         Blocks its thread on the GPU: the async engine calls it in its step thread. None if nothing ran.
-        `on_launch` is called once the launch is done, before the wait (not if the launch raised).
 
         Structured outputs under overlap: a constrained row fed from the step in flight needs that step's token in
         its matcher before its mask. Such a step's forward is queued at once; a grammar thread then advances the
@@ -322,8 +320,6 @@ class EngineCore:
             handle, self._inflight = self._inflight, None if defer else launched  # type: ignore[assignment]
         else:
             handle = launched  # type: ignore[assignment]
-        if on_launch is not None:
-            on_launch()
         done = None
         if handle is not None:
             tokens, logprobs = handle.wait()

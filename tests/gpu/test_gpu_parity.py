@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from asyncllm import LLM, SamplingParams
-from conftest import (TOKENIZER_IDS, assert_same_until_near_tie, hf_greedy_with_logits, hf_logits, make_byte_level_tokenizer,
-                      make_tiny_model, our_logits, random_prompts)
+from conftest import assert_same_until_near_tie, hf_greedy_with_logits, hf_logits, make_tiny_model, our_logits, random_prompts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -91,31 +90,6 @@ async def test_async_engine_overlap_on_gpu_equals_llm(models):
         assert engine.core.overlap
         outs = await asyncio.gather(*(engine.generate(p, params) for p in PROMPTS))
     assert [o.token_ids for o in outs] == expected
-
-
-async def test_async_engine_stop_strings_on_gpu_equal_llm(tmp_path):
-    """On the GPU the loop delivers a step's tokens once the step after the next is launched: stop strings found
-    then still cut each text where LLM.generate does, and every request leaves the scheduler."""
-    import asyncio
-
-    from asyncllm import AsyncEngine
-
-    model = make_byte_level_tokenizer(make_tiny_model(tmp_path / "llama", "llama", dtype_name="bfloat16",
-                                                      **{**SHAPE, **TOKENIZER_IDS, "vocab_size": 400}))
-    prompts = random_prompts(16, 400, 20, 200, seed=4)
-    kwargs = dict(device="cuda", dtype="bfloat16", max_model_len=512, num_kv_blocks=512)
-    llm = LLM(str(model), **kwargs)
-    free = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True), use_tqdm=False)
-    stops = [SamplingParams(temperature=0.0, max_tokens=48, stop=[o.text[k + 3 : k + 5]])
-             for k, o in enumerate(free) if o.text[k + 3 : k + 5].strip()]
-    expected = llm.generate(prompts[: len(stops)], stops, use_tqdm=False)
-    async with AsyncEngine(str(model), **kwargs) as engine:
-        assert engine.core.overlap and engine.core.runner.stream is not None  # (the late delivery)
-        outs = await asyncio.gather(*(engine.generate(p, sp) for p, sp in zip(prompts, stops)))
-        await asyncio.sleep(0.1)
-        assert not engine.core.scheduler.requests and engine.num_free_blocks == engine.num_blocks
-    assert sum(o.finish_reason == "stop" for o in outs) >= len(stops) // 2
-    assert [(o.text, o.finish_reason) for o in outs] == [(o.text, o.finish_reason) for o in expected]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "flashinfer"])
