@@ -20,7 +20,8 @@ tokenization, scheduling, detokenization, SSE), measurable on any CPU.
   python tools/bench_serving.py --stand-in --concurrency 16 64           # CPU, the default model's tokenizer
   python tools/bench_serving.py --model DIR --load-format dummy --concurrency 1 16 64 256   # GPU
 Extra server flags after `--`, e.g. `-- --stream-interval 4`; the offline run takes the engine flags among them.
-`--step-trace FILE`: the server's steps into FILE, the offline run's into FILE.offline (tools/step_trace.py).
+`--step-trace FILE`: the server's steps into FILE, the offline run's into FILE.offline (tools/step_trace.py);
+`--phase-trace FILE` likewise, each step's phases on the host and its pure GPU time (tools/phase_trace.py).
 """
 from __future__ import annotations
 
@@ -73,11 +74,19 @@ def install_step_trace(path: str) -> None:
 
 
 # ---- the server and the offline run, each in its own process ----------------------------------------------------
-def serve(stand_in: bool, step_trace: str | None, argv: list[str]) -> int:
-    if stand_in:
+def install_traces(args: argparse.Namespace, suffix: str = "") -> None:
+    if args.step_trace:
+        install_step_trace(args.step_trace + suffix)
+    if args.phase_trace:
+        from phase_trace import install
+
+        install(args.phase_trace + suffix)
+
+
+def serve(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.stand_in:
         install_stand_in()
-    if step_trace:
-        install_step_trace(step_trace)
+    install_traces(args)
     from asyncllm.serve import run
 
     return run(argv)
@@ -88,8 +97,7 @@ def offline(args: argparse.Namespace, server_argv: list[str]) -> None:
     the server's engine flags (its HTTP flags do not apply)."""
     if args.stand_in:
         install_stand_in()
-    if args.step_trace:
-        install_step_trace(args.step_trace)
+    install_traces(args)
     from asyncllm import LLM, SamplingParams
     from asyncllm.serve import engine_kwargs, parse_args, parser
 
@@ -152,7 +160,8 @@ def cpu_seconds(pid: int) -> float:
 
 def start_server(args: argparse.Namespace, extra: list[str]) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, __file__, "--serve", *(["--stand-in"] if args.stand_in else []),
-           *(["--step-trace", args.step_trace] if args.step_trace else []), "--",
+           *(["--step-trace", args.step_trace] if args.step_trace else []),
+           *(["--phase-trace", args.phase_trace] if args.phase_trace else []), "--",
            "--port", "0", "--log-level", "warning", "--load-format", args.load_format,
            "--max-num-seqs", str(max(args.concurrency)), *(["--model", args.model] if args.model else []),
            *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []), *extra]
@@ -245,7 +254,8 @@ def run_offline(args: argparse.Namespace, extra: list[str], concurrency: int, pr
            "--output-len", str(args.output_len), "--load-format", args.load_format, "--extra-body", json.dumps(args.extra_body),
            *(["--stand-in"] if args.stand_in else []), *(["--model", args.model] if args.model else []),
            *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
-           *(["--step-trace", f"{args.step_trace}.offline"] if args.step_trace else []), "--", *extra]
+           *(["--step-trace", f"{args.step_trace}.offline"] if args.step_trace else []),
+           *(["--phase-trace", f"{args.phase_trace}.offline"] if args.phase_trace else []), "--", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError("the offline run failed:\n" + proc.stderr[-3000:])
@@ -276,6 +286,8 @@ def main() -> None:
                     "FILE (raw folded stacks)")
     ap.add_argument("--step-trace", metavar="FILE", help="the server writes a line per step into FILE (see "
                     "install_step_trace; summed up by tools/step_trace.py)")
+    ap.add_argument("--phase-trace", metavar="FILE", help="the server writes each step's phases into FILE (see "
+                    "tools/phase_trace.py, which sums them up)")
     # internal: the processes this script starts
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
@@ -283,7 +295,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
-        sys.exit(serve(args.stand_in, args.step_trace, extra))
+        sys.exit(serve(args, extra))
     if args.offline:
         offline(args, extra)
         return

@@ -1,0 +1,129 @@
+"""Where each engine-loop iteration's time goes, on the host and on the GPU (`bench_serving.py --phase-trace FILE`).
+
+`install(path)` makes the process write one line per applied step: the perf_counter times (s) at which the loop
+began and ended scheduling, the step thread began and ended the launch and its wait for the previous step, the
+loop began and ended the update and (AsyncEngine) the delivery; then the waited step's pure GPU time (ms, CUDA
+events from just before its graph replay to after its sampling: decode graph steps only, else 0), its rows and
+prompt tokens. Unlike `--step-trace`'s gpu_ms, whose start event is recorded before the step's inputs are
+prepared, the pure time leaves out host work the GPU waited for.
+
+`python tools/phase_trace.py FILE...`: per file, one JSON line of mean ms per phase over the decode-only steps
+with at least 90% of the most rows seen (the steady state of a full batch): period (schedule start to the next),
+schedule, to_launch (hand-off to the step thread), launch, to_wait, wait (blocked on the GPU: the host was ahead),
+to_update (hand-off back to the loop), update, deliver, to_next, gpu_pure.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import sys
+import time
+from typing import Any
+
+KEYS = ("s0", "s1", "l0", "l1", "w0", "w1", "u0", "u1", "d0", "d1")
+
+
+def install(path: str) -> None:
+    import torch
+
+    from asyncllm.engine import async_engine, core, cuda_graphs, runner, step_inputs
+
+    out = open(path, "w", buffering=1 << 16)
+    atexit.register(out.flush)
+    now, cur, start_event = time.perf_counter, {}, []
+
+    def timed(cls: Any, name: str, key: str) -> None:
+        orig = getattr(cls, name)
+
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            cur[key + "0"] = now()
+            try:
+                return orig(self, *args, **kwargs)
+            finally:
+                cur[key + "1"] = now()
+
+        setattr(cls, name, call)
+
+    def line() -> None:
+        out.write(" ".join(f"{cur.get(k, 0.0):.6f}" for k in KEYS)
+                  + f" {cur.get('gpu', 0.0):.4f} {cur.get('rows', 0)} {cur.get('prompt', 0)}\n")
+        cur.clear()
+
+    timed(core.EngineCore, "schedule", "s")
+    timed(core.EngineCore, "update", "u")
+    timed(runner.ModelRunner, "launch", "l")
+    timed(step_inputs.StepHandle, "wait", "w")
+
+    graph_forward = cuda_graphs.CudaGraphs.forward
+
+    def forward(self: Any, step: Any) -> Any:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        start_event.append(event)
+        return graph_forward(self, step)
+
+    cuda_graphs.CudaGraphs.forward = forward
+    finish = runner.ModelRunner._finish
+
+    def finished(self: Any, step: Any, masks: Any) -> Any:
+        handle = finish(self, step, masks)
+        if start_event:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            handle.phase_events = (start_event.pop(), end)
+        return handle
+
+    runner.ModelRunner._finish = finished
+    wait = step_inputs.StepHandle.wait
+
+    def waited(self: Any) -> Any:
+        result = wait(self)
+        events = getattr(self, "phase_events", None)
+        cur["gpu"] = events[0].elapsed_time(events[1]) if events else 0.0
+        cur["rows"], cur["prompt"] = len(self.batch.requests), self.batch.num_prompt_tokens
+        return result
+
+    step_inputs.StepHandle.wait = waited
+    deliver = async_engine.AsyncEngine._deliver
+
+    def delivered(self: Any, reqs: Any) -> None:
+        cur["d0"] = now()
+        deliver(self, reqs)
+        cur["d1"] = now()
+        line()
+
+    async_engine.AsyncEngine._deliver = delivered
+    step = core.EngineCore.step  # LLM's loop (offline): no delivery
+
+    def stepped(self: Any) -> Any:
+        result = step(self)
+        line()
+        return result
+
+    core.EngineCore.step = stepped
+
+
+def summary(path: str) -> dict:
+    import numpy as np
+
+    a = np.loadtxt(path, ndmin=2)
+    s0, s1, l0, l1, w0, w1, u0, u1, d0, d1, gpu, rows, prompt = a.T
+    offline = not d0.any()
+    end = u1 if offline else d1
+    sel = (rows >= 0.9 * rows.max()) & (prompt == 0) & (l0 > 0)
+    sel[-1] = False  # its period runs into the next line
+    nxt = np.r_[s0[1:], 0.0]
+
+    def ms(x: np.ndarray) -> float:
+        return round(float(x[sel].mean()) * 1e3, 3) if sel.any() else 0.0
+
+    return dict(trace=path, loop="offline" if offline else "async", steps=int(sel.sum()),
+                rows=round(float(rows[sel].mean()), 1) if sel.any() else 0.0, period=ms(nxt - s0),
+                schedule=ms(s1 - s0), to_launch=ms(l0 - s1), launch=ms(l1 - l0), to_wait=ms(w0 - l1), wait=ms(w1 - w0),
+                to_update=ms(u0 - w1), update=ms(u1 - u0), deliver=0.0 if offline else ms(d1 - d0), to_next=ms(nxt - end),
+                gpu_pure=round(float(gpu[sel].mean()), 3) if sel.any() else 0.0)
+
+
+if __name__ == "__main__":
+    for p in sys.argv[1:]:
+        print(json.dumps(summary(p)), flush=True)
