@@ -196,3 +196,62 @@ async def run_case(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(SEEDS))
 async def test_random_interleavings_keep_every_choice_whole(seed):
     await run_case(seed)
+
+
+class HeldOutbox:
+    """An Outbox whose writes wait (as in the send thread) until `drained`, which hands them to the transport."""
+
+    def __init__(self, transport: Transport, sender: object) -> None:
+        self.transport, self.held = transport, []
+
+    def write(self, data: bytes) -> None:
+        self.held.append(data)
+
+    async def drained(self) -> None:
+        await asyncio.sleep(0)
+        for data in self.held:
+            self.transport.write(data)
+        self.held.clear()
+
+    def release(self) -> None:
+        pass
+
+
+async def test_an_error_is_written_after_what_the_send_thread_still_holds(monkeypatch):
+    """A choice fails while its earlier events still wait in the send thread: the handler raises (the caller then
+    writes the error event) only once they are on the connection, so the error comes after every token sent."""
+    monkeypatch.setattr("asyncllm.server.choices.Outbox", HeldOutbox)
+    engine = Engine(random.Random(0), interval=1)
+    transport = Transport(SimpleNamespace(random=lambda: 1.0))  # type: ignore[arg-type]  # never backs up
+
+    async def write(data: bytes) -> None:
+        transport.handler_writing = True
+        transport.write(chunked(data))
+        transport.handler_writing = False
+
+    async def drain() -> None:
+        pass
+
+    request = SimpleNamespace(transport=transport, writer=SimpleNamespace(drain=drain))
+    choices = SSEChoices(engine, [([1, 2, 3], SamplingParams(max_tokens=50))], lambda i, c: b"",  # type: ignore[arg-type]
+                         [(b"[0, ", b", null]\n")])
+    handler = asyncio.ensure_future(choices.stream(request, SimpleNamespace(write=write), b"[-1, [], null]\n"))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert choices.direct  # notifications write themselves from here on
+    stream = engine.live[0]
+    for token in (7, 8, 9):
+        stream.new_ids.append(token)
+        stream.detok.push(token)
+        stream.num_tokens += 1
+        stream.notify(stream)
+    assert len(choices.outbox.held) == 3  # type: ignore[union-attr]  # three events wait for the thread
+    stream.error = EngineDeadError("boom")
+    engine.live.remove(stream)
+    stream.notify(stream)
+    with pytest.raises(EngineDeadError):
+        await asyncio.wait_for(handler, 5)
+    await write(b"error\n")  # what the server's handler writes next
+    choices.close()
+    assert transport.out[-1] == chunked(b"error\n")
+    assert [e[1] for e in events(transport.out[1:-1])] == ["7 ", "8 ", "9 "]
