@@ -74,13 +74,13 @@ def install_step_trace(path: str) -> None:
 
 
 # ---- the server and the offline run, each in its own process ----------------------------------------------------
-def install_traces(args: argparse.Namespace, suffix: str = "") -> None:
+def install_traces(args: argparse.Namespace) -> None:
     if args.step_trace:
-        install_step_trace(args.step_trace + suffix)
+        install_step_trace(args.step_trace)
     if args.phase_trace:
         from phase_trace import install
 
-        install(args.phase_trace + suffix)
+        install(args.phase_trace)
 
 
 def serve(args: argparse.Namespace, argv: list[str]) -> int:
