@@ -52,7 +52,6 @@ def install(path: str) -> None:
     timed(core.EngineCore, "schedule", "s")
     timed(core.EngineCore, "update", "u")
     timed(runner.ModelRunner, "launch", "l")
-    timed(step_inputs.StepHandle, "wait", "w")
 
     graph_forward = cuda_graphs.CudaGraphs.forward
 
@@ -77,7 +76,9 @@ def install(path: str) -> None:
     wait = step_inputs.StepHandle.wait
 
     def waited(self: Any) -> Any:
+        cur["w0"] = now()
         result = wait(self)
+        cur["w1"] = now()
         events = getattr(self, "phase_events", None)
         cur["gpu"] = events[0].elapsed_time(events[1]) if events else 0.0
         cur["rows"], cur["prompt"] = len(self.batch.requests), self.batch.num_prompt_tokens

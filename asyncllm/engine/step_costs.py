@@ -16,8 +16,9 @@ outside the whole-step graph, planning, host launches). Until such steps are see
 prompt-token counts that vary: an opening burst's full chunks alone cannot give a slope) the slope is the piecewise
 graphs' GPU time per token, timed at start-up (piecewise_graphs.py), so the limit holds from the first step.
 The slope, not the average cost per token: averaged over its tokens the fixed cost would make small steps look
-dear, shrink the limit, make steps smaller still, and so on down to nothing. For the same reason the fixed cost takes at most half of the allowance: where it alone would break
-the budget, fewer and larger chunks cost the decoding requests less than many small ones each paying it.
+dear, shrink the limit, make steps smaller still, and so on down to nothing. For the same reason the fixed cost
+takes at most half of the allowance: where it alone would break the budget, fewer and larger chunks cost the
+decoding requests less than many small ones each paying it.
 For a small model the limit ends above any step's budget; for a large one it is a few hundred tokens whatever its
 size (a decode step reads the weights once, a prompt token costs their FLOPs). Without timings (CPU) there is no limit.
 """
