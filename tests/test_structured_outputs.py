@@ -83,8 +83,11 @@ def test_bad_grammars_are_refused(llm):
     assert not llm.engine.scheduler.requests
 
 
-async def test_overlap_scheduling_with_constrained_requests(prompt):
-    """Under overlap a constrained request waits for its token before its next mask; the others run on."""
+@pytest.mark.parametrize("on_loop", [False, True])
+async def test_overlap_scheduling_with_constrained_requests(prompt, on_loop, monkeypatch):
+    """Under overlap a constrained request waits for its token before its next mask; the others run on (steps
+    launched from the step thread, and from the loop thread as with a GPU)."""
+    monkeypatch.setattr(AsyncEngine, "launch_on_loop", on_loop)
     async with AsyncEngine(max_model_len=512, overlap_schedule=True) as engine:
         spec = StructuredOutputs(json=PERSON)
         params = [SamplingParams(temperature=1.0, seed=i, max_tokens=120, structured_outputs=spec if i % 2 else None)
@@ -138,15 +141,17 @@ def byte_model(tmp_path_factory):
 
 
 @pytest.mark.parametrize("seed", range(int(__import__("os").environ.get("ASYNCLLM_RANDOM_SEEDS", 4)) // 4 or 1))
-async def test_random_workloads_with_grammars_under_overlap(byte_model, seed):
+async def test_random_workloads_with_grammars_under_overlap(byte_model, seed, monkeypatch):
     """Overlap bookkeeping with constrained rows (steps launched in two parts), at random: bounded grammars,
-    plain requests, log-probabilities, aborts, a KV cache small enough to preempt. Invariants: every constrained
-    output that ends by itself is valid, every greedy plain output equals the one without overlap, log-probability
-    ids follow the tokens, and every block comes back. ASYNCLLM_RANDOM_SEEDS=400 runs 100 workloads."""
+    plain requests, log-probabilities, aborts, a KV cache small enough to preempt, steps launched from the step
+    thread or from the loop thread (as with a GPU). Invariants: every constrained output that ends by itself is
+    valid, every greedy plain output equals the one without overlap, log-probability ids follow the tokens, and
+    every block comes back. ASYNCLLM_RANDOM_SEEDS=400 runs 100 workloads."""
     import asyncio
     import random
 
     rng = random.Random(seed)
+    monkeypatch.setattr(AsyncEngine, "launch_on_loop", rng.random() < 0.5)
     specs = [(StructuredOutputs(regex="[0-9]{2,4}-[a-z]{1,3}"), lambda t: re.fullmatch("[0-9]{2,4}-[a-z]{1,3}", t)),
              (StructuredOutputs(choice=["alpha", "beta", "gamma delta"]), lambda t: t in ("alpha", "beta", "gamma delta")),
              (StructuredOutputs(json=BOUNDED), lambda t: set(json.loads(t)) == {"n", "tag"})]

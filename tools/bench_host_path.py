@@ -77,11 +77,12 @@ def timed(phases: dict[str, float], obj: Any, name: str) -> None:
     setattr(obj, name, call)
 
 
-async def run(streams_: int, output_len: int, profile: bool) -> dict:
+async def run(streams_: int, output_len: int, profile: bool, gpu_ms: float) -> dict:
     from asyncllm import AsyncEngine
     from asyncllm.server.app import ServerSettings, build_app
 
-    engine = AsyncEngine(None, max_model_len=2048, max_num_seqs=streams_, num_kv_blocks=12000)
+    engine = AsyncEngine(None, max_model_len=2048, max_num_seqs=streams_, num_kv_blocks=12000,
+                         overlap_schedule=gpu_ms > 0)
     await engine.start()
     app = build_app(engine, ServerSettings("m"))
     loop = asyncio.get_running_loop()
@@ -102,9 +103,9 @@ async def run(streams_: int, output_len: int, profile: bool) -> dict:
         return conn.writes
 
     await request(orjson.dumps({"prompt": [5, 6, 7], "max_tokens": 4, "stream": True}))  # warm-up
-    phases = dict.fromkeys(("schedule", "advance", "update"), 0.0)
+    phases = dict.fromkeys(("schedule", "launch", "collect", "update"), 0.0)
     phases["_deliver"] = 0.0
-    for name in ("schedule", "advance", "update"):
+    for name in ("schedule", "launch", "collect", "update"):
         timed(phases, engine.core, name)
     timed(phases, engine, "_deliver")
     prof = cProfile.Profile() if profile else None
@@ -120,9 +121,11 @@ async def run(streams_: int, output_len: int, profile: bool) -> dict:
         pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
     tokens = streams_ * output_len
     split = {f"{k.strip('_')}_us_per_token": round(v / tokens * 1e6, 2) for k, v in phases.items()}
+    sim = dict(gpu_ms=gpu_ms, launch_on_loop=bool(AsyncEngine.launch_on_loop),
+               device_us_per_token=round(gpu_ms * 1e3 / streams_, 1)) if gpu_ms else {}
     return dict(bench="host_path", streams=streams_, output_len=output_len, tokens=tokens, writes=writes,
                 cpu_us_per_token=round(cpu / tokens * 1e6, 1), wall_us_per_token=round(wall / tokens * 1e6, 1),
-                **split, **run_fields())
+                **split, **sim, **run_fields())
 
 
 def main() -> None:
@@ -130,10 +133,20 @@ def main() -> None:
     ap.add_argument("--streams", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--gpu-ms", type=float, default=0.0,
+                    help="a simulated device takes this long per step (overlap on): wall time per token then shows "
+                         "how close the host keeps up with it (device_us_per_token)")
+    ap.add_argument("--launch-in-thread", action="store_true",
+                    help="with --gpu-ms: launch from the step thread, as the engine does without a GPU")
     a = ap.parse_args()
-    install_stand_in()
+    install_stand_in(a.gpu_ms)
+    if a.launch_in_thread:
+        from asyncllm import AsyncEngine
+
+        AsyncEngine.launch_on_loop = False
     for i, n in enumerate(a.streams):
-        print(json.dumps(uvloop.run(run(n, a.output_len, a.profile and i == len(a.streams) - 1))), flush=True)
+        last = i == len(a.streams) - 1
+        print(json.dumps(uvloop.run(run(n, a.output_len, a.profile and last, a.gpu_ms))), flush=True)
 
 
 if __name__ == "__main__":

@@ -41,19 +41,39 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_common import percentile, run_fields  # noqa: E402
 
 
-def install_stand_in() -> None:
-    """Every ModelRunner made after this runs no model: the step's inputs are built, the sampled ids invented."""
+def install_stand_in(gpu_ms: float = 0.0) -> None:
+    """Every ModelRunner made after this runs no model: the step's inputs are built, the sampled ids invented.
+    `gpu_ms` > 0: a simulated device runs each step for that long, one after another from its launch (the wait
+    sleeps until it is done, letting the GIL go as a CUDA event's does), and the async engine launches from its
+    loop thread as it does with a GPU (AsyncEngine.launch_on_loop)."""
     import torch
 
+    from asyncllm import AsyncEngine
     from asyncllm.engine.runner import ModelRunner
     from asyncllm.engine.step_inputs import StepHandle
 
-    def launch(self, batch, broadcast=True):  # noqa: ANN001
+    device_free = [0.0]  # the simulated device's queue drains at this time.monotonic()
+
+    class SimulatedStep(StepHandle):
+        done_at = 0.0
+
+        def wait(self):  # noqa: ANN202
+            time.sleep(max(0.0, self.done_at - time.monotonic()))
+            return super().wait()
+
+    def launch(self, batch, broadcast=True, defer=False):  # noqa: ANN001
         inputs = self.prepare(batch)
         n = inputs.sample_rows.numel()
-        return StepHandle(batch, (torch.arange(n) * 7919 + batch.starts[0]) % 1000 + 10 if n else None)
+        ids = (torch.arange(n) * 7919 + batch.starts[0]) % 1000 + 10 if n else None
+        if not gpu_ms:
+            return StepHandle(batch, ids)
+        handle = SimulatedStep(batch, ids)
+        handle.done_at = device_free[0] = max(device_free[0], time.monotonic()) + gpu_ms / 1e3
+        return handle
 
     ModelRunner.launch = launch
+    if gpu_ms:
+        AsyncEngine.launch_on_loop = True
 
 
 def install_step_trace(path: str) -> None:
@@ -81,6 +101,10 @@ def install_traces(args: argparse.Namespace) -> None:
         from phase_trace import install
 
         install(args.phase_trace)
+    if args.launch_in_thread:
+        from asyncllm import AsyncEngine
+
+        AsyncEngine.launch_on_loop = False
 
 
 def serve(args: argparse.Namespace, argv: list[str]) -> int:
@@ -161,7 +185,8 @@ def cpu_seconds(pid: int) -> float:
 def start_server(args: argparse.Namespace, extra: list[str]) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, __file__, "--serve", *(["--stand-in"] if args.stand_in else []),
            *(["--step-trace", args.step_trace] if args.step_trace else []),
-           *(["--phase-trace", args.phase_trace] if args.phase_trace else []), "--",
+           *(["--phase-trace", args.phase_trace] if args.phase_trace else []),
+           *(["--launch-in-thread"] if args.launch_in_thread else []), "--",
            "--port", "0", "--log-level", "warning", "--load-format", args.load_format,
            "--max-num-seqs", str(max(args.concurrency)), *(["--model", args.model] if args.model else []),
            *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []), *extra]
@@ -288,6 +313,8 @@ def main() -> None:
                     "install_step_trace; summed up by tools/step_trace.py)")
     ap.add_argument("--phase-trace", metavar="FILE", help="the server writes each step's phases into FILE (see "
                     "tools/phase_trace.py, which sums them up)")
+    ap.add_argument("--launch-in-thread", action="store_true", help="the server launches its steps from the step "
+                    "thread, as without a GPU (AsyncEngine.launch_on_loop; for comparison)")
     # internal: the processes this script starts
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
@@ -312,7 +339,7 @@ def main() -> None:
             lines.append(dict(bench="serving", mode="stand-in" if args.stand_in else "model",
                               model=args.model or "SmolLM2", load_format=args.load_format, output_len=args.output_len,
                               input_len=args.input_len, server_args=extra, extra_body=args.extra_body,
-                              **level(args, url, server.pid, concurrency, prompts)))
+                              **({"launch_in_thread": True} if args.launch_in_thread else {}), **level(args, url, server.pid, concurrency, prompts)))
             if spy is not None:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its samples and exits
                 spy.wait()

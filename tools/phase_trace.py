@@ -1,16 +1,18 @@
 """Where each engine-loop iteration's time goes, on the host and on the GPU (`bench_serving.py --phase-trace FILE`).
 
-`install(path)` makes the process write one line per applied step: the perf_counter times (s) at which the loop
-began and ended scheduling, the step thread began and ended the launch and its wait for the previous step, the
-loop began and ended the update and (AsyncEngine) the delivery; then the waited step's pure GPU time (ms, CUDA
-events from just before its graph replay to after its sampling: decode graph steps only, else 0), its rows and
-prompt tokens. Unlike `--step-trace`'s gpu_ms, whose start event is recorded before the step's inputs are
-prepared, the pure time leaves out host work the GPU waited for.
+`install(path)` makes the process write one line per loop iteration (when the next one schedules): the
+perf_counter times (s) at which it began and ended scheduling, the launch (on the loop thread with a GPU, else in
+the step thread), the wait for the step before (step thread), the update and (AsyncEngine) the delivery of the
+step applied before (with a GPU: between the launch and the wait; else after the update); then the waited step's
+pure GPU time (ms, CUDA events from just before its graph replay to after its sampling: decode graph steps only,
+else 0), its rows and prompt tokens. Unlike `--step-trace`'s gpu_ms, whose start event is recorded before the
+step's inputs are prepared, the pure time leaves out host work the GPU waited for.
 
 `python tools/phase_trace.py FILE...`: per file, one JSON line of mean ms per phase over the decode-only steps
 with at least 90% of the most rows seen (the steady state of a full batch): period (schedule start to the next),
-schedule, to_launch (hand-off to the step thread), launch, to_wait, wait (blocked on the GPU: the host was ahead),
-to_update (hand-off back to the loop), update, deliver, to_next, gpu_pure.
+schedule, to_launch (a hand-off to the step thread, if any), launch, to_wait (from the launch or the delivery after
+it), wait (blocked on the GPU: the host was ahead), to_update (hand-off back to the loop), update, deliver, to_next,
+gpu_pure.
 """
 from __future__ import annotations
 
@@ -49,7 +51,18 @@ def install(path: str) -> None:
                   + f" {cur.get('gpu', 0.0):.4f} {cur.get('rows', 0)} {cur.get('prompt', 0)}\n")
         cur.clear()
 
-    timed(core.EngineCore, "schedule", "s")
+    schedule = core.EngineCore.schedule
+
+    def scheduled(self: Any) -> Any:
+        if cur:
+            line()  # the iteration before is complete
+        cur["s0"] = now()
+        try:
+            return schedule(self)
+        finally:
+            cur["s1"] = now()
+
+    core.EngineCore.schedule = scheduled
     timed(core.EngineCore, "update", "u")
     timed(runner.ModelRunner, "launch", "l")
 
@@ -88,20 +101,13 @@ def install(path: str) -> None:
     deliver = async_engine.AsyncEngine._deliver
 
     def delivered(self: Any, reqs: Any) -> None:
+        if not reqs:
+            return deliver(self, reqs)
         cur["d0"] = now()
         deliver(self, reqs)
         cur["d1"] = now()
-        line()
 
     async_engine.AsyncEngine._deliver = delivered
-    step = core.EngineCore.step  # LLM's loop (offline): no delivery
-
-    def stepped(self: Any) -> Any:
-        result = step(self)
-        line()
-        return result
-
-    core.EngineCore.step = stepped
 
 
 def summary(path: str) -> dict:
@@ -110,7 +116,6 @@ def summary(path: str) -> dict:
     a = np.loadtxt(path, ndmin=2)
     s0, s1, l0, l1, w0, w1, u0, u1, d0, d1, gpu, rows, prompt = a.T
     offline = not d0.any()
-    end = u1 if offline else d1
     sel = (rows >= 0.9 * rows.max()) & (prompt == 0) & (l0 > 0)
     sel[-1] = False  # its period runs into the next line
     nxt = np.r_[s0[1:], 0.0]
@@ -120,8 +125,9 @@ def summary(path: str) -> dict:
 
     return dict(trace=path, loop="offline" if offline else "async", steps=int(sel.sum()),
                 rows=round(float(rows[sel].mean()), 1) if sel.any() else 0.0, period=ms(nxt - s0),
-                schedule=ms(s1 - s0), to_launch=ms(l0 - s1), launch=ms(l1 - l0), to_wait=ms(w0 - l1), wait=ms(w1 - w0),
-                to_update=ms(u0 - w1), update=ms(u1 - u0), deliver=0.0 if offline else ms(d1 - d0), to_next=ms(nxt - end),
+                schedule=ms(s1 - s0), to_launch=ms(l0 - s1), launch=ms(l1 - l0), to_wait=ms(w0 - np.maximum(l1, d1)),
+                wait=ms(w1 - w0), to_update=ms(u0 - w1), update=ms(u1 - u0), deliver=0.0 if offline else ms(d1 - d0),
+                to_next=ms(nxt - np.maximum(u1, d1)),
                 gpu_pure=round(float(gpu[sel].mean()), 3) if sel.any() else 0.0)
 
 

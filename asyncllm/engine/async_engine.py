@@ -1,11 +1,15 @@
 """AsyncEngine: the engine as a coroutine inside any asyncio program.
 
-One loop coroutine owns the scheduler. Each iteration: apply aborts -> schedule step N+1 -> in the step thread,
-launch it on the GPU's side stream and wait (on a CUDA event, in that thread) for step N -> append step N's tokens
-and deliver them (detokenize, stop strings, wake consumers) while the GPU runs step N+1. With overlap off, the
-step thread waits for the step it just launched. Only `EngineCore.advance` leaves the event-loop thread, and
-everything that touches the scheduler runs on the loop, so aborts and stop-string finishes that arrive while the
-step thread works are applied at the start of the next iteration.
+One loop coroutine owns the scheduler. With a GPU, each iteration on the loop thread: apply aborts -> schedule step
+N+1 -> launch it on the GPU's side stream (queued behind step N; launching never waits on the GPU) -> deliver step
+N-1's tokens (detokenize, stop strings, consumers' writes) -> in the step thread, wait on a CUDA event for step N ->
+append step N's tokens. So the host's part of the GPU's critical path (from a step's end to the launch of the one
+after the next) is the append, the scheduling and the launch, with no hand-off between threads in it; delivery and
+the HTTP handlers run while the GPU works, and the loop thread is the only one that runs Python then (the step
+thread sleeps on the event). A request a stop string ended may compute a token or two more, which nobody sees.
+Without a GPU the step thread computes each step (`EngineCore.advance`) and its tokens are delivered at once;
+with overlap off, the step launched is the one waited for. Everything that touches the scheduler runs on the loop,
+so aborts and stop-string finishes that arrive meanwhile are applied at the start of the next iteration.
 
 Delivery is coalescing: a consumer that reads slowly gets several tokens in one chunk, and a request buffers at
 most its own output (no per-token queue grows behind a slow client).
@@ -18,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from asyncllm.config import EngineConfig
 from asyncllm.engine.core import EngineCore
@@ -69,6 +73,17 @@ class StreamChunk:
 Notify = Callable[["RequestStream"], None]
 
 
+class TextSink(Protocol):
+    """A consumer that takes a stream's new text as it comes (one call per token), instead of being notified and
+    taking it: the path of plain text streaming, with nothing per token but the text. Set as
+    `RequestStream.sink = (sink, key)`; the engine uses it for a token that is not the first and does not end the
+    request, while `direct` is true, with `stream_interval` 1 and the text not held back (stop strings)."""
+
+    direct: bool
+
+    def write_text(self, key: Any, text: str) -> None: ...
+
+
 class RequestStream:
     """Delivery state of one request, touched only on the event-loop thread. The engine calls `notify(stream)`
     synchronously, inside its loop, whenever there is something to `take()`: new tokens (every
@@ -76,7 +91,7 @@ class RequestStream:
     so a slow consumer gets them in one chunk and a request buffers at most its own output."""
 
     __slots__ = ("req", "detok", "notify", "new_ids", "finish_reason", "error", "t_arrival", "t_last", "num_tokens",
-                 "num_taken")
+                 "num_taken", "sink")
 
     def __init__(self, req: Request, detok: IncrementalDetokenizer | None, notify: Notify) -> None:
         self.req, self.detok, self.notify = req, detok, notify
@@ -86,6 +101,7 @@ class RequestStream:
         self.t_arrival = self.t_last = req.arrival_time  # time.monotonic() when the request was made
         self.num_tokens = 0  # output tokens delivered to this stream
         self.num_taken = -1  # output tokens taken (-1: nothing taken yet)
+        self.sink: tuple[TextSink, Any] | None = None  # the consumer's direct text path, and its key for this stream
 
     @property
     def request_id(self) -> str:
@@ -133,6 +149,9 @@ class RequestStream:
 
 class AsyncEngine:
     """`async with AsyncEngine(model=None, **config) as engine: async for chunk in engine.stream(prompt, params)`."""
+
+    # launch steps from the loop thread (see the module's docstring); None: when they run on a CUDA stream
+    launch_on_loop: bool | None = None
 
     def __init__(self, model: str | None = None, **config: Any) -> None:
         self.config = EngineConfig.from_kwargs(model, **config)
@@ -343,20 +362,38 @@ class AsyncEngine:
     async def _run(self) -> None:
         core = self._core
         loop = asyncio.get_running_loop()
+        on_loop = self.launch_on_loop if self.launch_on_loop is not None else core.runner.stream is not None
+        got: list[Request] = []  # (on_loop) requests that got a token in the step applied last, not delivered yet
         try:
             while not self._stopping:
                 self._apply_deferred()
                 if not core.busy:
+                    if got:
+                        self._deliver(got)
+                        got = []
+                        continue
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                batch = core.schedule()
-                done = await loop.run_in_executor(self._step_pool, core.advance, batch)
+                if on_loop:
+                    if (masks := core.masks_pending) is not None:
+                        await asyncio.wrap_future(masks)  # the grammar thread's fill: launch would block on it
+                    handle = core.launch(core.schedule())
+                    self._deliver(got)  # the step applied last, while the GPU runs the ones queued
+                    got = []
+                    self._apply_deferred()  # stop strings free their blocks now (stream order keeps queued steps right)
+                    done = await loop.run_in_executor(self._step_pool, core.collect, handle)
+                else:
+                    done = await loop.run_in_executor(self._step_pool, core.advance, core.schedule())
                 if done is None:
                     await asyncio.sleep(0.001)  # nothing fits this instant (all blocks busy): let aborts land
                     continue
-                self._deliver(core.update(done))  # while the GPU runs the step just launched
+                got = core.update(done)
+                if not on_loop:
+                    self._deliver(got)  # while the GPU runs the step just launched
+                    got = []
                 self._count()
+            self._deliver(got)
         except Exception as e:
             log.exception("engine loop failed; failing all requests")
             self.error = e
@@ -374,6 +411,7 @@ class AsyncEngine:
         now = time.monotonic()
         streams, ttft = self._streams, self.metrics.ttft
         interval = self.config.stream_interval
+        direct = interval == 1
         last_times: list[float] = []  # each token's previous token's time: the step's inter-token latencies
         finished = RequestStatus.FINISHED
         for req in reqs:
@@ -385,7 +423,6 @@ class AsyncEngine:
                 continue
             n = stream.num_tokens
             token = req.token_ids[-1]
-            stream.new_ids.append(token)
             if n == 0:
                 ttft.observe(now - stream.t_arrival)
                 self._first_token(req, now)
@@ -393,7 +430,18 @@ class AsyncEngine:
                 last_times.append(stream.t_last)
             stream.num_tokens = n + 1
             stream.t_last = now
-            if stream.detok is not None and stream.detok.push(token):
+            detok = stream.detok
+            if (sink := stream.sink) is not None and n and direct and sink[0].direct and detok is not None \
+                    and not stream.new_ids and req.status is not finished and (text := detok.push_out(token)) is not None:
+                stream.num_taken = n + 1  # taken: the token's text goes straight to the consumer
+                if text:
+                    try:
+                        sink[0].write_text(sink[1], text)
+                    except Exception:
+                        self._consumer_failed(stream)
+                continue
+            stream.new_ids.append(token)
+            if detok is not None and detok.push(token):
                 self._deferred[req.request_id] = "stop"  # the scheduler may still be stepping it
                 self._end(stream, "stop")
             elif req.status is finished:
@@ -412,10 +460,14 @@ class AsyncEngine:
     def _notify(self, stream: RequestStream) -> None:
         try:
             stream.notify(stream)
-        except Exception:  # a consumer's bug ends its own request, never the loop
-            log.exception("the consumer of request %s failed; aborting it", stream.request_id)
-            if not stream.done:
-                self.abort(stream.request_id)
+        except Exception:
+            self._consumer_failed(stream)
+
+    def _consumer_failed(self, stream: RequestStream) -> None:
+        """A consumer's bug ends its own request, never the loop."""
+        log.exception("the consumer of request %s failed; aborting it", stream.request_id)
+        if not stream.done:
+            self.abort(stream.request_id)
 
     def _end(self, stream: RequestStream, reason: str) -> None:
         """The stream's last notification: it finished for `reason`. It leaves the engine's streams."""

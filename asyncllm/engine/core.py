@@ -125,6 +125,7 @@ class EngineCore:
         self.overlap = config.overlap_schedule if config.overlap_schedule is not None else self.runner.stream is not None
         self._inflight: StepHandle | None = None
         self._deferred: tuple[Deferred, Future[HostMasks]] | None = None  # forward queued, masks being filled (overlap)
+        self._to_mask: Deferred | None = None  # launched deferred: its masks start once the step before is collected
         self._stopped = False
         self._ids = itertools.count()
         self._id_prefix = os.urandom(4).hex()
@@ -289,7 +290,7 @@ class EngineCore:
         CUDA graphs, weights). Idempotent; nothing can run afterwards."""
         if not self._stopped:
             self._stopped = True
-            self._inflight = self._deferred = None
+            self._inflight = self._deferred = self._to_mask = None
             if "_grammar_thread" in self.__dict__:
                 self._grammar_thread.shutdown()
             self.runner.stop_followers()
@@ -298,17 +299,29 @@ class EngineCore:
     @property
     def busy(self) -> bool:
         """Requests to serve, or a step still in flight."""
-        return self.scheduler.has_unfinished or self._inflight is not None or self._deferred is not None
+        return (self.scheduler.has_unfinished or self._inflight is not None or self._deferred is not None
+                or self._to_mask is not None)
 
     def advance(self, batch: Batch) -> tuple[Batch, list[int], StepLogprobs | None] | None:
         """Launch `batch` (if not empty), then wait for a step to finish and return it with its sampled tokens:
         with overlap, the step launched before (the new one keeps the GPU busy meanwhile); without, this one.
-        Blocks its thread on the GPU: the async engine calls it in its step thread. None if nothing ran.
+        Blocks its thread on the GPU. None if nothing ran. `launch` then `collect`, in one call.
 
         Structured outputs under overlap: a constrained row fed from the step in flight needs that step's token in
         its matcher before its mask. Such a step's forward is queued at once; a grammar thread then advances the
         matchers by the finished step's tokens and fills the new masks while the caller applies the finished step
-        and schedules the next; the next call queues the step's sampling first (ModelRunner.complete)."""
+        and schedules the next; the next launch queues the step's sampling first (ModelRunner.complete)."""
+        return self.collect(self.launch(batch))
+
+    @property
+    def masks_pending(self) -> Future[HostMasks] | None:
+        """The grammar masks the next `launch` needs first (it blocks on them): a caller that must not block awaits
+        this future before."""
+        return self._deferred[1] if self._deferred is not None else None
+
+    def launch(self, batch: Batch) -> StepHandle | None:
+        """Queue `batch` (if not empty) and return at once with the step to `collect` next: with overlap, the one
+        launched before; without, this one (CPU: the step is computed here). Blocks only on `masks_pending`."""
         if self._deferred is not None:
             step, masks = self._deferred
             self._deferred = None
@@ -316,18 +329,25 @@ class EngineCore:
         defer = self.overlap and batch.constrained and any(
             r.grammar is not None and f >= 0 for r, f in zip(batch.requests, batch.feed))
         launched = (self.runner.launch(batch, defer=True) if defer else self.runner.launch(batch)) if batch else None
-        if self.overlap:
-            handle, self._inflight = self._inflight, None if defer else launched  # type: ignore[assignment]
-        else:
-            handle = launched  # type: ignore[assignment]
+        self._to_mask = launched if defer else None  # type: ignore[assignment]
+        if not self.overlap:
+            return launched  # type: ignore[return-value]
+        handle, self._inflight = self._inflight, None if defer else launched  # type: ignore[assignment]
+        return handle
+
+    def collect(self, handle: StepHandle | None) -> tuple[Batch, list[int], StepLogprobs | None] | None:
+        """Wait for `launch`'s step (blocks the calling thread on the GPU, not the event loop: call it from a worker
+        thread) and return it with its sampled tokens, its constrained rows' matchers advanced; then start the
+        grammar masks of a step launched deferred."""
         done = None
         if handle is not None:
             tokens, logprobs = handle.wait()
             done = handle.batch, tokens, logprobs
         if done is not None and done[0].constrained:
             accept_tokens(done[0], done[1])  # needs the GIL throughout: a thread would not run it alongside
-        if defer:
-            self._deferred = launched, self._grammar_thread.submit(self.runner.mask_job(launched))
+        if self._to_mask is not None:
+            step, self._to_mask = self._to_mask, None
+            self._deferred = step, self._grammar_thread.submit(self.runner.mask_job(step))
         return done
 
     @functools.cached_property

@@ -194,6 +194,17 @@ class IncrementalDetokenizer:
         self._tail = tail
         return self.stopped
 
+    def push_out(self, token_id: int) -> str | None:
+        """`push` then `take(False)` in one, when nothing is held back (no stop strings, everything taken): the
+        token's new text (possibly ""). Else None, the token pushed as by `push` (take it later)."""
+        if self._stops or self._tail or self._parts:
+            self.push(token_id)
+            return None
+        piece = self._stream.step(token_id)
+        if piece:
+            self._taken.append(piece)
+        return piece
+
     def finish(self) -> str:
         """The output ended: add what the decoder still holds (no stop string is looked for in it). Returns
         `text`."""

@@ -86,7 +86,8 @@ class SSEChoices(Choices):
     """Choices streamed as server-sent events; `frame(i, chunk)` gives the event bytes of a chunk (b"" for none).
     `plain[i]`, when not None, is the (before, after) bytes around the JSON string of the text in choice i's
     events before its last, which carry nothing but text: those events are made here from the new text alone
-    (RequestStream.take_text, no chunk per token), and `frame` gets choice i's last chunk only.
+    (handed over by the engine: `write_text`; or RequestStream.take_text; no chunk per token), and `frame` gets
+    choice i's last chunk only.
     Invariant for the direct writes: the response is prepared, chunked, uncompressed, and its headers are sent
     (`direct` turns on only after the handler's first `resp.write`), so each write is one HTTP chunk; they go
     through the connection's `Outbox` (the send thread when there is one), which the handler drains before it
@@ -102,6 +103,9 @@ class SSEChoices(Choices):
         self.sender = sender
         self.outbox: Outbox | None = None
         super().__init__(engine, jobs)
+        for i, stream in enumerate(self.streams):
+            if self.plain[i] is not None:
+                stream.sink = (self, i)  # the engine hands this choice's text to write_text while `direct`
 
     def close(self) -> None:
         super().close()
@@ -115,6 +119,21 @@ class SSEChoices(Choices):
             text = stream.take_text()
             return wrap[0] + orjson.dumps(text) + wrap[1] if text else b""
         return self.frame(i, take(stream))
+
+    def write_text(self, i: int, text: str) -> None:
+        """Plain choice i's new text, from the engine loop while `direct` (TextSink): its event, written at once."""
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            if not self.closed:  # the client is gone: the handler finds out at its next write
+                self.direct = False
+                self.ready[i] = None
+                self.wake.set()
+            return
+        wrap = self.plain[i]
+        data = wrap[0] + orjson.dumps(text) + wrap[1]  # type: ignore[index]
+        self.outbox.write(b"%x\r\n%b\r\n" % (len(data), data))  # type: ignore[union-attr]
+        if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+            self.direct = False
 
     def _notify(self, i: int, stream: RequestStream) -> None:
         if self.closed:
