@@ -96,8 +96,9 @@ class _QuadraticDetokenizer:
 
 @pytest.mark.parametrize("tail_chars", [1, 7, 4096])
 def test_linear_text_equals_the_plain_model_on_random_streams(tok, monkeypatch, tail_chars):
-    """Random ids, stop strings (cut from the text itself, so they hit, or not), takes at random moments, the tail
-    spilled into parts often (small TAIL_CHARS): the same stops, deltas and final text as the plain model."""
+    """Random ids, stop strings (cut from the text itself, so they hit, or not), takes at random moments, push_take
+    at random while idle (push and take in one), the tail spilled into parts often (small TAIL_CHARS): the same stops, deltas
+    and final text as the plain model."""
     from asyncllm.engine import detokenizer
 
     monkeypatch.setattr(detokenizer, "TAIL_CHARS", tail_chars)
@@ -117,6 +118,13 @@ def test_linear_text_equals_the_plain_model_on_random_streams(tok, monkeypatch, 
         model = _QuadraticDetokenizer(pieces, stops, include)
         got, want = [], []
         for t in ids:
+            assert detok.idle == (not stops and model.emitted == len(model.text))
+            if detok.idle and rng.random() < 0.5:  # push and take in one (the direct path of plain streams)
+                assert not model.push(pieces.step(t))
+                got.append(detok.push_take(t))
+                want.append(model.take(final=False))
+                assert got[-1] == want[-1]
+                continue
             stopped = detok.push(t)
             assert stopped == model.push(pieces.step(t))
             if stopped or rng.random() < 0.3:

@@ -639,3 +639,43 @@ async def test_generation_config_defaults(tmp_path):
         assert len(outs) == 1  # top_k 1 from the file: every seed gives the greedy tokens
     async with AsyncEngine(str(model), max_model_len=128, generation_config="none") as engine:
         assert engine.sampling_defaults == {}
+
+
+async def test_plain_streams_take_the_direct_text_path(smollm2_dir, monkeypatch):
+    """Plain streamed text goes from the engine loop straight into the connection (SSEChoices.write_text) for
+    every token after the first, and the streamed text equals the non-streamed one; a stop string keeps such a
+    stream on the notified path (its text is held back), with the same text as without streaming."""
+    from asyncllm.server.choices import SSEChoices
+
+    written: list[str] = []
+    write_text = SSEChoices.write_text
+    monkeypatch.setattr(SSEChoices, "write_text", lambda self, i, text: (written.append(text), write_text(self, i, text)))
+    engine = AsyncEngine(smollm2_dir, max_model_len=256)
+    await engine.start()
+    runner = make_runner(build_app(engine, ServerSettings(MODEL)))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/completions"
+    try:
+        async with aiohttp.ClientSession() as s:
+            async def call(body):
+                async with s.post(url, json=body) as r:
+                    text = await r.text()
+                if not body.get("stream"):
+                    return orjson.loads(text)["choices"][0]["text"]
+                events = [orjson.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+                return "".join(e["choices"][0]["text"] for e in events if e["choices"])
+
+            for extra in ({}, {"stop": [" RGB"]}):
+                body = {"prompt": "The three primary colors are", "max_tokens": 24, "temperature": 0, **extra}
+                written.clear()
+                streamed, whole = await call({**body, "stream": True}), await call(body)
+                assert streamed == whole and whole
+                if extra:
+                    assert not written
+                else:
+                    assert len(written) >= 12 and "".join(written) in streamed
+    finally:
+        await engine.shutdown()
+        await runner.cleanup()

@@ -194,12 +194,13 @@ class IncrementalDetokenizer:
         self._tail = tail
         return self.stopped
 
-    def push_out(self, token_id: int) -> str | None:
-        """`push` then `take(False)` in one, when nothing is held back (no stop strings, everything taken): the
-        token's new text (possibly ""). Else None, the token pushed as by `push` (take it later)."""
-        if self._stops or self._tail or self._parts:
-            self.push(token_id)
-            return None
+    @property
+    def idle(self) -> bool:
+        """No stop strings and everything taken: `push_take` hands out each token's text at once."""
+        return not (self._stops or self._tail or self._parts)
+
+    def push_take(self, token_id: int) -> str:
+        """`push` then `take(False)` in one, for a detokenizer that is `idle`: the token's new text (possibly "")."""
         piece = self._stream.step(token_id)
         if piece:
             self._taken.append(piece)
