@@ -154,9 +154,14 @@ class Scheduler:
         max_len, bs = self.config.max_model_len, self.blocks.block_size
         reqs, starts, n_new, sample, feed = batch.requests, batch.starts, batch.num_new_tokens, batch.sample, batch.feed
         running = self.running
+        caching = self.blocks.cache is not None
+        offers: list[int] = []  # rows that fill a block the prefix cache has not been offered yet
+        row = prompt_tokens = prompt_rows = 0  # row: the next sampled id's index in the step's sampled ids
+        constrained = False
         i = 0
         # Running requests in admission order; a victim is always taken from the end, so never one already batched.
-        # (Per-row work is what a step costs on the host: Batch.add and the length checks are inlined here.)
+        # (Per-row work is what a step costs on the host: Batch.add, the length checks and the row's bookkeeping
+        # are inlined here, in one pass.)
         while i < len(running) and budget > 0:
             req = running[i]
             known, pending = len(req.token_ids), req.num_pending
@@ -164,21 +169,36 @@ class Scheduler:
                 i += 1  # its last token is on the device: nothing more to compute
                 continue
             start = req.num_computed_tokens
-            n = min(known + pending - start, budget)
+            end = known + pending
+            n = min(end - start, budget)
             if n > 1 or start < req.num_prompt_tokens:  # prompt tokens (or recomputation after preemption)
                 n = min(n, prompt_budget)
                 if not n:
                     i += 1
                     continue
                 prompt_budget -= n
+                if n > 1 or start + n <= req.num_prompt_tokens:  # (else it counts as a decode row)
+                    prompt_tokens += n
+                    prompt_rows += 1
             if (start + n + bs - 1) // bs > len(req.block_table) and not self._grow(req, n):
                 break  # req preempted itself: it was the last running request
             reqs.append(req)
             starts.append(start)
             n_new.append(n)
-            sample.append(start + n == known + pending)
-            feed.append(-1)
-            req.num_computed_tokens = start + n
+            # its pending token is computed now: the input comes from the previous step's sampled ids
+            feed.append(req.pending_row if pending else -1)
+            computed = req.num_computed_tokens = start + n
+            if computed == end:  # it samples: its next token will exist on the device before the host sees it
+                sample.append(True)
+                req.num_pending = pending + 1
+                req.pending_row = row
+                row += 1
+            else:
+                sample.append(False)
+            if caching and (known if known < computed else computed) // bs > req.num_cached_blocks:
+                offers.append(len(reqs) - 1)
+            if req.grammar is not None:
+                constrained = True
             budget -= n
             i += 1
         # Admit nothing in a step that had to preempt: the victims would only come straight back.
@@ -214,32 +234,28 @@ class Scheduler:
             req.num_computed_tokens += n
             budget -= n
             prompt_budget -= n
-        # One pass over the rows (per-row work is what a step costs on the host): offer newly filled blocks to the
-        # prefix cache, note where pending tokens come from and go, count prompt tokens.
-        row = prompt_tokens = prompt_rows = 0
-        caching = self.blocks.cache is not None
-        for i, req in enumerate(reqs):
-            if caching:
-                # blocks this step fills: their K/V are written before any later step can read them; the cache
-                # may swap only blocks earlier steps wrote (starts[i] // bs) for its own copies of a prefix
-                full = min(req.num_computed_tokens, len(req.token_ids)) // bs
-                if full > req.num_cached_blocks and self.blocks.cache_blocks(
-                        req.token_ids, req.block_table, starts[i] // bs, req.num_cached_blocks, full):
-                    # the cache may have swapped blocks from here on for its own copies: the device resends them
-                    req.num_synced_blocks = min(req.num_synced_blocks, req.num_cached_blocks)
-                    req.num_cached_blocks = full
-            if req.num_pending:  # it computes its pending token now: the input comes from the previous step
-                feed[i] = req.pending_row
-            if req.grammar is not None:
-                batch.constrained = True
-            if sample[i]:  # its next token will exist on the device before the host sees it
-                req.num_pending += 1
-                req.pending_row = row
-                row += 1
-            n = n_new[i]
             if n > 1 or req.num_computed_tokens <= req.num_prompt_tokens:
                 prompt_tokens += n
                 prompt_rows += 1
+            if sample[-1]:
+                req.num_pending += 1
+                req.pending_row = row
+                row += 1
+            if caching and min(req.num_computed_tokens, len(req.token_ids)) // bs > req.num_cached_blocks:
+                offers.append(len(reqs) - 1)
+            if req.grammar is not None:
+                constrained = True
+        # The prefix cache gets the blocks this step fills once admission matched against it: their K/V are written
+        # before any later step can read them, never by this one. It may swap only blocks earlier steps wrote
+        # (starts[i] // bs) for its own copies of a prefix.
+        for i in offers:
+            req = reqs[i]
+            full = min(req.num_computed_tokens, len(req.token_ids)) // bs
+            if self.blocks.cache_blocks(req.token_ids, req.block_table, starts[i] // bs, req.num_cached_blocks, full):
+                # the cache may have swapped blocks from here on for its own copies: the device resends them
+                req.num_synced_blocks = min(req.num_synced_blocks, req.num_cached_blocks)
+                req.num_cached_blocks = full
+        batch.constrained = constrained
         batch.num_prompt_tokens, batch.num_decode_rows = prompt_tokens, len(reqs) - prompt_rows
         self.stats.prompt_tokens += prompt_tokens
         return batch
