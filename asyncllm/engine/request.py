@@ -66,6 +66,10 @@ class Request:
         self.biased = bool(p.logit_bias) or p.min_tokens > 0
         self.reports_logprobs = p.logprobs is not None or p.prompt_logprobs is not None
         self.extras = p.adjusts_logits or self.reports_logprobs
+        # tokens that end it with "stop" when sampled: its stop_token_ids, and EOS unless ignore_eos
+        self.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
+        # its length limit in tokens (prompt + output): max_tokens; the scheduler also stops at max_model_len
+        self.max_total_tokens = self.num_prompt_tokens + self.max_tokens
 
     @property
     def wants_prompt_logprobs(self) -> bool:

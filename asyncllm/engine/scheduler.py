@@ -345,7 +345,6 @@ class Scheduler:
             if req.status is finished:  # aborted, stopped or ended by EOS while the step ran
                 continue
             out.append(req)
-            p = req.params
             if not req.max_tokens:  # prompt only
                 reason = "length"
                 dropped += 1
@@ -354,11 +353,11 @@ class Scheduler:
                 tokens.append(token)
                 if req.output_logprobs is not None and logprobs is not None:
                     req.output_logprobs.append(logprobs.sampled[i])
-                if (token in req.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                if token in req.stop_ids:
                     reason = "stop"
                 elif req.grammar is not None and (token in req.grammar_stops or req.grammar_refused):
                     reason = "stop"  # the grammar is complete (its stop token, EOS, was sampled)
-                elif len(tokens) - req.num_prompt_tokens >= req.max_tokens or len(tokens) >= max_len:
+                elif (n := len(tokens)) >= req.max_total_tokens or n >= max_len:
                     reason = "length"
                 else:
                     continue
