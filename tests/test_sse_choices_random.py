@@ -1,7 +1,7 @@
 """SSEChoices (server/choices.py) under random interleavings: notifications from a stand-in engine at random stream
 intervals, a connection whose buffer randomly backs up (direct writes switch to the handler and back), random
 consumer delays, and random failures; some choices take the plain-text path (their notifications write text without
-a chunk). Invariants: each choice's events carry its tokens (or their text) exactly once and in order,
+a chunk, and while the connection takes direct writes the engine hands them each token's text: `write_text`). Invariants: each choice's events carry its tokens (or their text) exactly once and in order,
 its finish last and once; no notification writes to a backed-up connection; a failure reaches the handler as its
 error; every write is one well-formed HTTP chunk.
 ASYNCLLM_RANDOM_SEEDS=2000 runs more than CI's 150."""
@@ -56,11 +56,18 @@ class Engine:
     def step(self, fail: bool) -> None:
         for s in [s for s in self.live if self.rng.random() < 0.8]:
             token = self.rng.randrange(1000)
-            s.new_ids.append(token)
-            s.detok.push(token)
             s.num_tokens += 1
             self.produced[s.request_id].append(token)
-            if fail and self.rng.random() < 0.3:
+            failing = fail and self.rng.random() < 0.3
+            sink = s.sink  # the direct text path, under AsyncEngine._deliver's conditions
+            if (not failing and sink is not None and self.interval == 1 and s.num_tokens > 1 and sink[0].direct
+                    and not s.new_ids and not s.detok.pending and s.num_tokens < s.req.max_tokens):
+                s.num_taken = s.num_tokens
+                sink[0].write_text(sink[1], f"{token} ")
+                continue
+            s.new_ids.append(token)
+            s.detok.push(token)
+            if failing:
                 s.error = EngineDeadError("boom")
                 self.live.remove(s)
                 s.notify(s)
