@@ -285,3 +285,54 @@ def test_structured_outputs_with_graphs_and_overlap(tmp_path):
     with count_compilations() as compiled:  # the mask kernel was compiled at start-up
         check_bounded_grammars(llm, VOCAB)
     assert compiled[0] == 0
+
+
+async def test_structured_outputs_through_the_async_loop(tmp_path, device="cuda", dtype="bfloat16", **options):
+    """The async engine's GPU loop (steps launched from the loop thread, each step's tokens delivered after the next
+    launch, a constrained step's masks awaited before the next launch): bounded grammars stay valid beside plain
+    and stop-string requests, streamed or not, and every block comes back."""
+    import asyncio
+    import json
+    import re
+
+    from asyncllm import AsyncEngine
+    from asyncllm.sampling_params import StructuredOutputs
+    from conftest import TOKENIZER_IDS, make_byte_level_tokenizer
+    from test_structured_outputs import BOUNDED
+
+    model = make_byte_level_tokenizer(make_tiny_model(tmp_path / "llama", "llama", dtype_name=dtype,
+                                                      **{**LARGE, **TOKENIZER_IDS}))
+    specs = [(StructuredOutputs(regex="[0-9]{3}-[a-z]{2}"), lambda t: re.fullmatch("[0-9]{3}-[a-z]{2}", t)),
+             (StructuredOutputs(choice=["left", "right", "up"]), lambda t: t in ("left", "right", "up")),
+             (StructuredOutputs(json=BOUNDED), lambda t: set(json.loads(t)) == {"n", "tag"})]
+    prompts = random_prompts(24, 300, 10, 100, seed=43)
+    async with AsyncEngine(str(model), device=device, dtype=dtype, max_model_len=1024, num_kv_blocks=4096,
+                           **options) as engine:
+        assert engine.core.overlap
+
+        async def one(i: int, prompt: list[int]):
+            if i % 3 == 0:
+                params = SamplingParams(temperature=1.0, seed=i, max_tokens=64, structured_outputs=specs[i // 3 % 3][0])
+            else:
+                params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True,
+                                        stop=["a"] if i % 3 == 2 else [])
+            if i % 2:
+                return params, await engine.generate(prompt, params)
+            text, last = "", None
+            async for last in engine.stream(prompt, params):
+                text += last.text
+            return params, dataclasses.replace(last, text=text)
+
+        results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        for i, (params, out) in enumerate(results):
+            if params.structured_outputs is not None:
+                assert out.finish_reason == "stop" and specs[i // 3 % 3][1](out.text), out.text
+            elif params.stop:
+                assert "a" not in out.text and out.finish_reason in ("stop", "length")
+            else:
+                assert out.finish_reason == "length"
+        for _ in range(100):
+            if engine.num_free_blocks == engine.num_blocks:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.num_free_blocks == engine.num_blocks and not engine.core.scheduler.requests
