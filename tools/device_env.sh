@@ -9,9 +9,8 @@
 set -e
 mkdir -p /tmp/site
 [ -d /tmp/site/flashinfer ] || { tar xJf .device/bundle.tar.xz -C /tmp/site && tar xJf .device/aot.tar.xz -C /tmp/site; }
-# kernels/ is imported as asyncllm_kernels (the install maps it; here a link does)
-mkdir -p /tmp/alias && ln -sfn "$PWD/kernels" /tmp/alias/asyncllm_kernels
-export PYTHONPATH=/tmp/site:$PWD:/tmp/alias${PYTHONPATH:+:$PYTHONPATH} FLASHINFER_DISABLE_JIT=1 PYTHONUNBUFFERED=1
+# kernels/asyncllm_kernels is the package asyncllm_kernels (the install maps it; here the path does)
+export PYTHONPATH=/tmp/site:$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH} FLASHINFER_DISABLE_JIT=1 PYTHONUNBUFFERED=1
 if ! python -c "import pydantic, prometheus_client, httpx, gguf, openai, xgrammar" 2>/dev/null; then
   mkdir -p /tmp/extra && tar xJf .device/extra.tar.xz -C /tmp/extra
   echo /tmp/extra > "$(python -c 'import site; print(site.getsitepackages()[0])')/zz-asyncllm-extra.pth"
