@@ -339,7 +339,8 @@ def main() -> None:
             lines.append(dict(bench="serving", mode="stand-in" if args.stand_in else "model",
                               model=args.model or "SmolLM2", load_format=args.load_format, output_len=args.output_len,
                               input_len=args.input_len, server_args=extra, extra_body=args.extra_body,
-                              **({"launch_in_thread": True} if args.launch_in_thread else {}), **level(args, url, server.pid, concurrency, prompts)))
+                              **({"launch_in_thread": True} if args.launch_in_thread else {}),
+                              **level(args, url, server.pid, concurrency, prompts)))
             if spy is not None:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its samples and exits
                 spy.wait()

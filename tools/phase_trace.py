@@ -34,10 +34,18 @@ def install(path: str) -> None:
     atexit.register(out.flush)
     now, cur, start_event = time.perf_counter, {}, []
 
-    def timed(cls: Any, name: str, key: str) -> None:
+    def line() -> None:
+        out.write(" ".join(f"{cur.get(k, 0.0):.6f}" for k in KEYS)
+                  + f" {cur.get('gpu', 0.0):.4f} {cur.get('rows', 0)} {cur.get('prompt', 0)}\n")
+        cur.clear()
+
+    def timed(cls: Any, name: str, key: str, first: bool = False) -> None:
+        """Time cls.name into cur[key + "0"/"1"]; `first`: it begins an iteration (the one before is written)."""
         orig = getattr(cls, name)
 
         def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if first and cur:
+                line()
             cur[key + "0"] = now()
             try:
                 return orig(self, *args, **kwargs)
@@ -46,23 +54,7 @@ def install(path: str) -> None:
 
         setattr(cls, name, call)
 
-    def line() -> None:
-        out.write(" ".join(f"{cur.get(k, 0.0):.6f}" for k in KEYS)
-                  + f" {cur.get('gpu', 0.0):.4f} {cur.get('rows', 0)} {cur.get('prompt', 0)}\n")
-        cur.clear()
-
-    schedule = core.EngineCore.schedule
-
-    def scheduled(self: Any) -> Any:
-        if cur:
-            line()  # the iteration before is complete
-        cur["s0"] = now()
-        try:
-            return schedule(self)
-        finally:
-            cur["s1"] = now()
-
-    core.EngineCore.schedule = scheduled
+    timed(core.EngineCore, "schedule", "s", first=True)
     timed(core.EngineCore, "update", "u")
     timed(runner.ModelRunner, "launch", "l")
 

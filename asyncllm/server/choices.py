@@ -115,25 +115,23 @@ class SSEChoices(Choices):
 
     def _event(self, i: int, stream: RequestStream) -> bytes:
         """Choice i's next event bytes (b"" for none); raises if it ended in an error or was aborted."""
-        if not stream.done and (wrap := self.plain[i]) is not None:  # the per-token path of plain text
-            text = stream.take_text()
-            return wrap[0] + orjson.dumps(text) + wrap[1] if text else b""
+        if not stream.done and self.plain[i] is not None:  # the per-token path of plain text
+            return self._plain_event(i, stream.take_text())
         return self.frame(i, take(stream))
+
+    def _plain_event(self, i: int, text: str) -> bytes:
+        wrap = self.plain[i]
+        return wrap[0] + orjson.dumps(text) + wrap[1] if text else b""  # type: ignore[index]
 
     def write_text(self, i: int, text: str) -> None:
         """Plain choice i's new text, from the engine loop while `direct` (TextSink): its event, written at once."""
-        transport = self.transport
-        if self.closed or transport is None or transport.is_closing():
-            if not self.closed:  # the client is gone: the handler finds out at its next write
-                self.direct = False
-                self.ready[i] = None
-                self.wake.set()
+        if self.closed:
             return
-        wrap = self.plain[i]
-        data = wrap[0] + orjson.dumps(text) + wrap[1]  # type: ignore[index]
-        self.outbox.write(b"%x\r\n%b\r\n" % (len(data), data))  # type: ignore[union-attr]
-        if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
-            self.direct = False
+        transport = self.transport
+        if transport is None or transport.is_closing():  # the client is gone: the handler finds out at its next write
+            self._to_handler(i)
+            return
+        self._write_direct(transport, self._plain_event(i, text))
 
     def _notify(self, i: int, stream: RequestStream) -> None:
         if self.closed:
@@ -141,17 +139,23 @@ class SSEChoices(Choices):
         transport = self.transport
         if self.direct and transport is not None and not transport.is_closing() and stream.error is None \
                 and stream.finish_reason != "abort":
-            data = self._event(i, stream)
-            if data:
-                self.outbox.write(b"%x\r\n%b\r\n" % (len(data), data))  # type: ignore[union-attr]
+            self._write_direct(transport, self._event(i, stream))
             if stream.done:
                 self.open -= 1
                 if not self.open:
                     self.wake.set()
-            if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
-                self.direct = False
             return
-        self.direct = False  # errors, slow clients and first writes go through the handler
+        self._to_handler(i)  # errors, slow clients and first writes go through the handler
+
+    def _write_direct(self, transport: asyncio.Transport, data: bytes) -> None:
+        """`data` (if any) as one HTTP chunk through the outbox; past the high-water mark the handler takes over."""
+        if data:
+            self.outbox.write(b"%x\r\n%b\r\n" % (len(data), data))  # type: ignore[union-attr]
+        if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+            self.direct = False
+
+    def _to_handler(self, i: int) -> None:
+        self.direct = False
         self.ready[i] = None
         self.wake.set()
 
