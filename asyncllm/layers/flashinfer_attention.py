@@ -11,13 +11,6 @@ each replay. New K/V are stored by the Triton KV-store kernel.
 Each wrapper's plan() refills its own page-locked host buffer and copies it to the device on the step's stream;
 an event recorded after the plan is waited on before the next plan of that wrapper, so a plan never overwrites
 host memory a queued copy has not read yet (in practice the wait is over: that step has started long before).
-
-A wrapper's run() costs the host ~0.1 ms of argument checks per call before its one kernel call, and every layer
-calls it with the same plan: a step with prompt tokens of a 30-layer model paid ~3 ms there. So the first layer of
-a step goes through run() with its kernel module recorded (`KernelCall`), and the other layers call that kernel
-directly with the same arguments but their own q, K, V and output (all layers share the plan, the heads and the
-scale). Where the recorded call does not show each of those four tensors exactly once (another flashinfer
-version), every layer goes through run().
 """
 from __future__ import annotations
 
@@ -56,7 +49,6 @@ class FlashInferAttentionBackend:
         self._planned: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> event after its last plan
         self.wrapper: Any = None
         self.slot_mapping: torch.Tensor | None = None
-        self.call: KernelCall | None = None  # this step's kernel call, recorded at its first layer
 
     # ---- planning -------------------------------------------------------------------------------------------
     @staticmethod
@@ -91,7 +83,6 @@ class FlashInferAttentionBackend:
         event = torch.cuda.Event()
         event.record()
         self._planned[id(wrapper)] = event
-        self.call = None
 
     def plan(self, meta: AttentionMetadata) -> None:
         self.slot_mapping = meta.slot_mapping
@@ -114,59 +105,11 @@ class FlashInferAttentionBackend:
             return self.graphs.forward(q, k, v, kv_cache, scale, rotary)
         assert self.slot_mapping is not None, "plan() first"
         store_new_kv(self.kernels, q, k, v, kv_cache, self.slot_mapping, rotary)
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        self.attend(q, kv_cache, scale, out)
-        return out
+        return self.wrapper.run(q, (kv_cache[0], kv_cache[1]))
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, out: torch.Tensor) -> None:
-        """The planned step's attention, its K/V already stored, into `out` (piecewise CUDA graphs call it
-        directly): through the wrapper at the step's first layer, then through the call recorded there."""
-        k, v = kv_cache[0], kv_cache[1]
-        if self.call is not None:
-            self.call.replay(q, k, v, out)
-        else:
-            self.call = KernelCall.record(self.wrapper, q, k, v, out)
-
-
-class KernelCall:
-    """A wrapper's kernel call, as its run() made it: the kernel function and its arguments, and where q, K, V
-    and the output sit among them (fn None: not replayable, the wrapper's run() serves every layer)."""
-
-    def __init__(self, wrapper: Any, fn: Any = None, args: list[Any] | None = None,
-                 where: tuple[int, ...] = ()) -> None:
-        self.wrapper, self.fn, self.args, self.where = wrapper, fn, args or [], where
-
-    @staticmethod
-    def record(wrapper: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> KernelCall:
-        """Run `wrapper.run` into `out`, recording the kernel call it makes (its module's one call)."""
-        module, calls = wrapper._cached_module, []
-
-        class Recorder:
-            def __getattr__(self, name: str) -> Any:
-                fn = getattr(module, name)
-                if not callable(fn):
-                    return fn
-                return lambda *a, **kw: calls.append((fn, a, kw)) or fn(*a, **kw)
-
-        wrapper._cached_module = Recorder()
-        try:
-            wrapper.run(q, (k, v), out=out)
-        finally:
-            wrapper._cached_module = module
-        if len(calls) == 1 and not calls[0][2]:
-            fn, args, _ = calls[0]
-            where = [[i for i, a in enumerate(args) if a is t] for t in (q, k, v, out)]
-            if all(len(w) == 1 for w in where):
-                return KernelCall(wrapper, fn, list(args), tuple(w[0] for w in where))
-        return KernelCall(wrapper)
-
-    def replay(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
-        if self.fn is None:
-            self.wrapper.run(q, (k, v), out=out)
-            return
-        args, (iq, ik, iv, io) = self.args, self.where
-        args[iq], args[ik], args[iv], args[io] = q, k, v, out
-        self.fn(*args)
+        """Piecewise CUDA graphs: the planned step's attention, its K/V already stored, into `out`."""
+        self.wrapper.run(q, (kv_cache[0], kv_cache[1]), out=out)
 
 
 def _pin_flashinfer_range_buffers(largest: int = 1 << 13) -> None:
