@@ -28,6 +28,7 @@ from asyncllm.engine.core import EngineCore
 from asyncllm.errors import AsyncLLMError
 from asyncllm.model_files import DEFAULT_MODEL_NAME
 from asyncllm.server.app import ServerSettings, build_app, make_runner
+from asyncllm.server.listener import BurstSite
 
 log = logging.getLogger("asyncllm.serve")
 
@@ -126,8 +127,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 async def listen(runner: web.AppRunner, sock: socket.socket) -> web.SockSite:
-    """Serve `runner` on the socket from `bind` (its backlog kept: the site would listen again with 128)."""
-    site = web.SockSite(runner, sock, backlog=LISTEN_BACKLOG)
+    """Serve `runner` on the socket from `bind`, every connection the kernel completed taken at once
+    (server/listener.py)."""
+    site = BurstSite(runner, sock)
     await site.start()
     return site
 

@@ -381,6 +381,61 @@ async def test_a_burst_of_connections_is_held_while_the_loop_is_busy():
         await runner.cleanup()
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_burst_of_connections_is_accepted_in_a_few_loop_iterations(loop):
+    """The loop's iterations are long while the engine steps (its work runs in them): a burst of clients must not
+    wait one iteration each (libuv under uvloop accepts one connection per iteration). 100 requests sent together
+    on 100 connections all reach their handler within a few iterations."""
+    import uvloop
+
+    from asyncllm.serve import bind, listen
+
+    n = 100
+
+    async def main() -> list[int]:
+        iteration, seen = [0], []
+
+        async def handler(request: web.Request) -> web.Response:
+            seen.append(iteration[0])
+            return web.Response(text="ok")
+
+        async def busy() -> None:  # a long iteration, over and over
+            while True:
+                time.sleep(0.005)
+                iteration[0] += 1
+                await asyncio.sleep(0)
+
+        def clients(address: tuple[str, int]) -> list[bytes]:
+            socks = [socket.create_connection(address) for _ in range(n)]
+            for s in socks:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            replies = [s.recv(1024) for s in socks]
+            for s in socks:
+                s.close()
+            return replies
+
+        app = web.Application()
+        app.router.add_get("/", handler)
+        runner = make_runner(app)
+        await runner.setup()
+        sock = bind("127.0.0.1", 0)
+        await listen(runner, sock)
+        task = asyncio.create_task(busy())
+        try:
+            replies = await asyncio.get_running_loop().run_in_executor(None, clients, sock.getsockname()[:2])
+        finally:
+            task.cancel()
+            await runner.cleanup()
+        assert all(r.startswith(b"HTTP/1.1 200") for r in replies)
+        assert sock.fileno() == -1, "the listening socket stays open after cleanup"
+        return seen
+
+    seen = (uvloop.run if loop == "uvloop" else asyncio.run)(main())
+    assert len(seen) == n
+    # the clients' requests span an iteration or two; one connection per iteration would take n
+    assert max(seen) - min(seen) < n // 5, seen
+
+
 def test_help_never_prints_the_api_key():
     p = run_serve("--help", env={"ASYNCLLM_API_KEY": "topsecret-123"})
     assert p.returncode == 0 and "topsecret-123" not in p.stdout and "ASYNCLLM_API_KEY" in p.stdout

@@ -240,6 +240,9 @@ def level(args: argparse.Namespace, url: str, pid: int, concurrency: int, prompt
     split = {k: v - split0.get(k, 0.0) for k, v in after.items()}
     for p in procs:
         p.join()
+    if args.phase_trace:  # each request's send time, first and last token (perf_counter, as the server's trace)
+        with open(f"{args.phase_trace}.clients", "w") as f:
+            f.writelines(f"{r[3]:.6f} {r[3] + (r[1][0] if r[1] else 0.0):.6f} {r[4]:.6f}\n" for r in results)
     errors = [r[2] for r in results if r[2]]
     tokens = sum(r[0] for r in results)
     ttft = [r[1][0] * 1e3 for r in results if r[1]]

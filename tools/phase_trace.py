@@ -100,6 +100,24 @@ def install(path: str) -> None:
         cur["d1"] = now()
 
     async_engine.AsyncEngine._deliver = delivered
+    # requests' intake, into path + ".intake": "h t" when a handler starts parsing its body, "o t" when its request
+    # reaches the engine (perf_counter, CLOCK_MONOTONIC: the clients' clock too)
+    from asyncllm.server import app
+
+    intake = open(path + ".intake", "w", buffering=1 << 16)
+    atexit.register(intake.flush)
+    parse, open_stream = app.parse, async_engine.AsyncEngine.open
+
+    async def parsed(request: Any, schema: Any) -> Any:
+        intake.write(f"h {now():.6f}\n")
+        return await parse(request, schema)
+
+    def opened(self: Any, *args: Any, **kwargs: Any) -> Any:
+        intake.write(f"o {now():.6f}\n")
+        return open_stream(self, *args, **kwargs)
+
+    app.parse = parsed
+    async_engine.AsyncEngine.open = opened
 
 
 def summary(path: str) -> dict:
