@@ -102,13 +102,18 @@ def test_overlap_penalties_and_seeded_sampling(qwen3):
     assert [o.token_ids for o in on] == [o.token_ids for o in off]
 
 
-@pytest.mark.parametrize("on_loop", [False, True])
+@pytest.mark.parametrize("on_loop", [False, True, "waited in the thread"])
 async def test_async_engine_with_overlap_equals_without(qwen3, on_loop, monkeypatch):
     """The same tokens and texts with overlap and without, stop strings included (with overlap a stop string
     seen at delivery ends a request whose next step is already launched: nobody sees that token), with steps
     launched from the step thread (CPU) and from the loop thread (GPU: each step's tokens delivered after the next
-    launch)."""
-    monkeypatch.setattr(AsyncEngine, "launch_on_loop", on_loop)
+    launch), its steps collected on the loop thread (finished when it gets there: the host is the slower side) or
+    waited for in the step thread."""
+    from asyncllm.engine.step_inputs import StepHandle
+
+    monkeypatch.setattr(AsyncEngine, "launch_on_loop", bool(on_loop))
+    if on_loop == "waited in the thread":
+        monkeypatch.setattr(StepHandle, "finished", lambda self: False)
     prompts = random_prompts(24, 49152, 3, 60, seed=27)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     results = []

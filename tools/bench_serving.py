@@ -57,6 +57,9 @@ def install_stand_in(gpu_ms: float = 0.0) -> None:
     class SimulatedStep(StepHandle):
         done_at = 0.0
 
+        def finished(self) -> bool:
+            return time.monotonic() >= self.done_at
+
         def wait(self):  # noqa: ANN202
             time.sleep(max(0.0, self.done_at - time.monotonic()))
             return super().wait()

@@ -382,7 +382,11 @@ class AsyncEngine:
                     self._deliver(got)  # the step applied last, while the GPU runs the ones queued
                     got = []
                     self._apply_deferred()  # stop strings free their blocks now (stream order keeps queued steps right)
-                    done = await loop.run_in_executor(self._step_pool, core.collect, handle)
+                    if handle is None or handle.finished():  # the host is the slower side: no thread hand-off,
+                        await asyncio.sleep(0)  # one pass of the loop for the connections, then the tokens
+                        done = core.collect(handle)
+                    else:
+                        done = await loop.run_in_executor(self._step_pool, core.collect, handle)
                 else:
                     done = await loop.run_in_executor(self._step_pool, core.advance, core.schedule())
                 if done is None:

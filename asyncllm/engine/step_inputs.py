@@ -274,6 +274,10 @@ class StepHandle:
     logprobs: LogprobsOnDevice | None = None
     start: torch.cuda.Event | None = None  # recorded before the step: batch.gpu_ms is set from it
 
+    def finished(self) -> bool:
+        """The step is done on the device (never blocks): `wait` returns at once."""
+        return self.event is None or self.event.query()
+
     def wait(self) -> tuple[list[int], StepLogprobs | None]:
         """The sampled ids, and the log-probabilities the step reports (None when it reports none)."""
         if self.event is not None:
