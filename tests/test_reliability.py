@@ -264,14 +264,14 @@ async def test_a_client_that_stops_reading_gets_everything_later_in_fewer_chunks
 async def test_a_failed_write_is_an_info_line(keyed, caplog, monkeypatch):
     """A write that finds the client gone before aiohttp cancels the handler: INFO, not an ERROR traceback."""
     engine, url, s = keyed
-    original = web.StreamResponse.write
+    original = web.StreamResponse.write_eof
 
-    async def flaky(self, data):
+    async def flaky(self, data=b""):  # the stream's last write ([DONE] and the last chunk)
         if b"[DONE]" in data:
             raise ConnectionResetError("client gone")
         return await original(self, data)
 
-    monkeypatch.setattr(web.StreamResponse, "write", flaky)
+    monkeypatch.setattr(web.StreamResponse, "write_eof", flaky)
     caplog.set_level(logging.INFO)
     async with s.post(url + "/v1/completions", json={"prompt": [5, 6], "n": 4, "stream": True, **LONG}) as r:
         with contextlib.suppress(aiohttp.ClientPayloadError):

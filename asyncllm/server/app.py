@@ -256,8 +256,10 @@ class OpenAIServer:
             for j in range(body.n):
                 params = body.sampling_params(default_max_tokens, j, self.engine.sampling_defaults)
                 await self.engine.compile_grammar(params)
-                self.engine.check(ids, params)
                 jobs.append((ids, params))
+        if len(jobs) > 1:  # every choice valid before one is queued (a single one is checked as it opens)
+            for ids, params in jobs:
+                self.engine.check(ids, params)
         return encoded, jobs
 
     # ---- generation -----------------------------------------------------------------------------------------
@@ -427,6 +429,7 @@ class OpenAIServer:
         choices = SSEChoices(self.engine, jobs, frame, plain, self.sender)
         try:
             await resp.prepare(request)
+            end = b"data: [DONE]\n\n"  # written with the usage (or an error) and the last chunk in one write
             try:
                 first = b""
                 if chat:  # the first chunk of each choice announces the role
@@ -437,15 +440,13 @@ class OpenAIServer:
                 if include_usage:  # a prompt's cached tokens count once (its first choice's)
                     completion = sum(c.usage.completion_tokens for c in choices.streams)
                     cached = sum(c.usage.cached_tokens for c in choices.streams[:: body.n])
-                    await resp.write(sse_event({**head, "choices": [], "usage": self._usage(prompt_tokens, completion,
-                                                                                            cached)}))
+                    end = sse_event({**head, "choices": [], "usage": self._usage(prompt_tokens, completion, cached)}) + end
             except (ConnectionResetError, asyncio.CancelledError):
                 raise
             except Exception as e:  # headers are sent: the error goes into the stream, never a normal finish
                 log.warning("stream %s ended with an error: %s", meta["id"], e)
-                await resp.write(sse_event(api_error(e).body()))
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
+                end = sse_event(api_error(e).body()) + end
+            await resp.write_eof(end)
         except ConnectionResetError:  # a write found the client gone (before aiohttp cancelled this handler)
             log.info("stream %s: the client went away", meta["id"])
         finally:

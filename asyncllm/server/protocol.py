@@ -301,7 +301,7 @@ class CompletionRequest(_Generation):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if all(isinstance(x, int) for x in p):
+        if isinstance(p[0], int):  # validated: a list holds one kind (and is not empty)
             return [p]  # type: ignore[list-item]
         return list(p)  # type: ignore[arg-type]
 
