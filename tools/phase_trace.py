@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -141,6 +142,32 @@ def summary(path: str) -> dict:
                 gpu_pure=round(float(gpu[sel].mean()), 3) if sel.any() else 0.0)
 
 
+def intake_summary(path: str) -> dict:
+    """From FILE.intake and FILE.clients (bench_serving's level): how long the k-th request sent waited for the
+    k-th handler to start (ms; sends and handler starts each in time order), and time to first token (ms) of the
+    first `concurrency` requests sent (they arrive together) and of the rest (each sent when one finished)."""
+    import numpy as np
+
+    clients = np.loadtxt(path + ".clients", ndmin=2)
+    sent = np.sort(clients[:, 0])
+    with open(path + ".intake") as f:
+        handlers = np.sort([float(t) for kind, t in (line.split() for line in f) if kind == "h"])
+    handlers = handlers[-len(sent):]  # the level's (the server's warm-up requests come first)
+    lag = (handlers - sent) * 1e3
+    order = np.argsort(clients[:, 0])
+    ttft = (clients[order, 1] - clients[order, 0]) * 1e3
+    burst = int(np.sum(clients[:, 0] < sent[0] + 0.1))  # sent within 100 ms of the first
+
+    def q(x: np.ndarray) -> dict:
+        return {k: round(float(np.percentile(x, p)), 1) for k, p in (("p50", 50), ("p99", 99), ("max", 100))} \
+            if len(x) else {}
+
+    return dict(trace=path, requests=len(sent), burst=burst, handler_lag_ms=q(lag), ttft_burst_ms=q(ttft[:burst]),
+                ttft_rest_ms=q(ttft[burst:]))
+
+
 if __name__ == "__main__":
     for p in sys.argv[1:]:
         print(json.dumps(summary(p)), flush=True)
+        if os.path.exists(p + ".intake") and os.path.exists(p + ".clients"):
+            print(json.dumps(intake_summary(p)), flush=True)
