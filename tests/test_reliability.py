@@ -436,6 +436,41 @@ def test_a_burst_of_connections_is_accepted_in_a_few_loop_iterations(loop):
     assert max(seen) - min(seen) < n // 5, seen
 
 
+async def test_a_failed_accept_pauses_accepting_then_takes_the_connection(caplog):
+    """accept() failing (out of descriptors: the connection stays queued) logs a warning and pauses accepting, so
+    the still-readable socket does not spin the loop; the connection is taken once accepting resumes."""
+    from asyncllm.server import listener
+
+    class Flaky(socket.socket):
+        failures = 1
+
+        def accept(self):  # noqa: ANN202
+            if Flaky.failures:
+                Flaky.failures -= 1
+                raise OSError(24, "Too many open files")
+            return super().accept()
+
+    made = asyncio.get_running_loop().create_future()
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            made.set_result(transport)
+
+    sock = Flaky(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    server = listener.BurstListener(asyncio.get_running_loop(), sock, Probe)
+    client = socket.create_connection(sock.getsockname())
+    try:
+        transport = await asyncio.wait_for(made, 5 * listener.PAUSE_S + 5)
+        transport.close()
+        assert Flaky.failures == 0 and any("pausing accepts" in r.getMessage() for r in caplog.records)
+    finally:
+        client.close()
+        server.close()
+    assert sock.fileno() == -1
+
+
 def test_help_never_prints_the_api_key():
     p = run_serve("--help", env={"ASYNCLLM_API_KEY": "topsecret-123"})
     assert p.returncode == 0 and "topsecret-123" not in p.stdout and "ASYNCLLM_API_KEY" in p.stdout

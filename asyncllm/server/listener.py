@@ -11,7 +11,6 @@ transport (`connect_accepted_socket`).
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 from typing import Any
@@ -21,9 +20,8 @@ from aiohttp import web
 log = logging.getLogger(__name__)
 
 MAX_ACCEPTS = 1024  # connections taken per readiness of the socket (the rest wait for the next iteration)
-# accept() failures that leave the connection in the kernel's queue: pausing stops the socket, readable still,
-# from spinning the loop until descriptors or memory come back
-PAUSE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# after an accept() failure (out of descriptors or memory: the connection stays in the kernel's queue), accepts pause
+# this long, so the socket, readable still, does not spin the loop until they come back
 PAUSE_S = 0.1
 
 
@@ -47,9 +45,7 @@ class BurstListener:
                 return
             except ConnectionAbortedError:  # the client gave up before it was accepted
                 continue
-            except OSError as e:
-                if e.errno not in PAUSE_ERRNOS:
-                    raise
+            except OSError as e:  # EMFILE, ENFILE, ENOBUFS, ENOMEM, or anything else: never raise into the loop
                 log.warning("cannot accept a connection (%s): pausing accepts for %.1f s", e, PAUSE_S)
                 self.loop.remove_reader(sock.fileno())
                 self.loop.call_later(PAUSE_S, self._resume)
