@@ -5,7 +5,9 @@ batch calls' time per step (accept, and the fill at several thread counts) repla
 Every request makes exactly --output-len tokens (ignore_eos; the schema asks for 1000 array items, so no
 constrained request completes early), so the runs differ only in the masks. Also the constrained requests' own
 tok/s: under overlap scheduling a constrained request needs its previous token on the host before its next mask.
-    python tools/bench_structured.py --model DIR [--load-format dummy] [--device cuda]
+`--variants` compares how a constrained step waits for its masks (CUDA): behind a StreamGate (the engine's way) or
+on the host, each with the grammar thread's short switch interval (the engine's) or the interpreter's 5 ms.
+    python tools/bench_structured.py --model DIR [--load-format dummy] [--device cuda] [--variants engine host-wait]
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any
 from bench_common import run_fields
 
 from asyncllm import LLM, SamplingParams
+from asyncllm.engine.grammar import HandoffThread
 from asyncllm.sampling_params import StructuredOutputs
 
 SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "minItems": 1000,
@@ -121,12 +124,34 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.5])
     ap.add_argument("--fill-threads", type=int, nargs="+", default=[1, 2, 4, 8],
                     help="xgrammar batch-fill thread counts to time on the constrained outputs")
+    ap.add_argument("--variants", nargs="+", default=["engine"], choices=sorted(VARIANTS),
+                    help="how a constrained step waits for its masks (CUDA, overlap): each runs every fraction")
     args = ap.parse_args()
     llm = LLM(args.model, load_format=args.load_format, device=args.device, max_model_len=1024)
     rng = random.Random(0)
     prompts = [[rng.randrange(10, 10000) for _ in range(rng.randint(50, 200))] for _ in range(args.num_requests)]
     spec = StructuredOutputs(json=SCHEMA)
     llm.generate(prompts[:8], SamplingParams(max_tokens=16, ignore_eos=True, structured_outputs=spec), use_tqdm=False)
+    constrained: list[list[int]] = []
+    for variant in args.variants:
+        constrained = run_variant(llm, args, prompts, spec, variant) or constrained
+    print(json.dumps({"bench": "structured_mask_cost", **mask_cost(llm, args.output_len),
+                      **run_fields(args.device if args.device != "auto" else None)}), flush=True)
+    if constrained:
+        for line in batch_cost(llm, constrained, args.fill_threads):
+            print(json.dumps({**line, **run_fields(args.device if args.device != "auto" else None)}), flush=True)
+
+
+# how a constrained step waits for its masks: (the engine's StreamGate on, the grammar thread's switch interval)
+VARIANTS = {"engine": (True, HandoffThread.switch_interval), "host-wait": (False, HandoffThread.switch_interval),
+            "gate-5ms-switch": (True, None), "host-wait-5ms-switch": (False, None)}
+
+
+def run_variant(llm: LLM, args: Any, prompts: list[list[int]], spec: StructuredOutputs, variant: str) -> list[list[int]]:
+    """One line per fraction (the first fraction, 0 by default, is the baseline); returns the constrained outputs."""
+    gate, switch = VARIANTS[variant]
+    llm.engine.gate_masks = gate and llm.engine.runner.stream is not None
+    HandoffThread.switch_interval = switch
     base = None
     constrained: list[list[int]] = []
     for fraction in args.fractions:
@@ -143,18 +168,14 @@ def main() -> None:
         if k:
             constrained = [o.token_ids for o in outs[:k]]
         tokens = sum(len(o.token_ids) for o in outs)
-        line = {"bench": "structured_outputs", "requests": len(prompts), "constrained": k, "output_len": args.output_len,
-                "output_tok_per_s": round(tokens / best, 1), "wall_s": round(best, 3)}
+        line = {"bench": "structured_outputs", "variant": variant, "requests": len(prompts), "constrained": k,
+                "output_len": args.output_len, "output_tok_per_s": round(tokens / best, 1), "wall_s": round(best, 3)}
         if k == 0:
             base = line["output_tok_per_s"]
         if base is not None:  # against the run with no request constrained (when one ran first)
             line["vs_unconstrained"] = round(line["output_tok_per_s"] / base, 3)
         print(json.dumps({**line, **run_fields(args.device if args.device != "auto" else None)}), flush=True)
-    print(json.dumps({"bench": "structured_mask_cost", **mask_cost(llm, args.output_len),
-                      **run_fields(args.device if args.device != "auto" else None)}), flush=True)
-    if constrained:
-        for line in batch_cost(llm, constrained, args.fill_threads):
-            print(json.dumps({**line, **run_fields(args.device if args.device != "auto" else None)}), flush=True)
+    return constrained
 
 
 if __name__ == "__main__":

@@ -401,6 +401,7 @@ class AsyncEngine:
         except Exception as e:
             log.exception("engine loop failed; failing all requests")
             self.error = e
+            core.open_gates()  # a step queued behind a gate whose masks will never come would stall the GPU
             for stream in list(self._streams.values()):
                 self._fail(stream, e)
 

@@ -16,11 +16,12 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from asyncllm.config import EngineConfig
 from asyncllm.engine.detokenizer import IncrementalDetokenizer, token_decoder
-from asyncllm.engine.grammar import Grammars, HandoffThread, HostMasks, accept_tokens
+from asyncllm.engine.grammar import Grammars, HandoffThread, HostMasks, MaskFill, accept_tokens
 from asyncllm.engine.kv_cache import BlockManager
 from asyncllm.engine.request import Request
 from asyncllm.engine.runner import Deferred, ModelRunner
 from asyncllm.engine.step_inputs import StepHandle
+from asyncllm.engine.stream_gate import StreamGate
 from asyncllm.engine.scheduler import Batch, Scheduler, SchedulerConfig, SchedulerStats, StepLogprobs
 from asyncllm.errors import InvalidRequestError, ModelLoadError
 from asyncllm.model_files import resolve_model
@@ -126,6 +127,11 @@ class EngineCore:
         self._inflight: StepHandle | None = None
         self._deferred: tuple[Deferred, Future[HostMasks]] | None = None  # forward queued, masks being filled (overlap)
         self._to_mask: Deferred | None = None  # launched deferred: its masks start once the step before is collected
+        # CUDA: a deferred step's sampling is queued at once behind a closed StreamGate, which the grammar thread opens
+        # once it filled the masks (the host goes on meanwhile); else (or with this off) the host waits for the masks
+        self.gate_masks = self.runner.stream is not None
+        self._to_fill: tuple[MaskFill, int] | None = None  # queued behind a closed gate: its fill starts at collect
+        self._filling: Future[HostMasks] | None = None  # the fill that opens the gate of the step in flight
         self._stopped = False
         self._ids = itertools.count()
         self._id_prefix = os.urandom(4).hex()
@@ -290,11 +296,19 @@ class EngineCore:
         CUDA graphs, weights). Idempotent; nothing can run afterwards."""
         if not self._stopped:
             self._stopped = True
-            self._inflight = self._deferred = self._to_mask = None
+            self.open_gates()
+            self._inflight = self._deferred = self._to_mask = self._filling = None
             if "_grammar_thread" in self.__dict__:
                 self._grammar_thread.shutdown()
             self.runner.stop_followers()
             self.runner.close()
+
+    def open_gates(self) -> None:
+        """Let the stream past every StreamGate queued so far (steps abandoned before their masks were filled: a
+        closed gate would stall the stream for good)."""
+        self._to_fill = None
+        if self.__dict__.get("_gate") is not None:
+            self._gate.open_all()
 
     @property
     def busy(self) -> bool:
@@ -308,9 +322,11 @@ class EngineCore:
         Blocks its thread on the GPU. None if nothing ran. `launch` then `collect`, in one call.
 
         Structured outputs under overlap: a constrained row fed from the step in flight needs that step's token in
-        its matcher before its mask. Such a step's forward is queued at once; a grammar thread then advances the
-        matchers by the finished step's tokens and fills the new masks while the caller applies the finished step
-        and schedules the next; the next launch queues the step's sampling first (ModelRunner.complete)."""
+        its matcher before its mask. Such a step's forward is queued at once; once the finished step's tokens
+        advanced the matchers, a grammar thread fills the new masks while the caller applies the finished step and
+        schedules the next. With CUDA the step's sampling is queued at once too, behind a StreamGate the grammar
+        thread opens after its fill, so the next step's forward is queued before the masks exist; without a gate
+        the next launch waits for the masks and queues the step's sampling first (ModelRunner.complete)."""
         return self.collect(self.launch(batch))
 
     @property
@@ -328,7 +344,18 @@ class EngineCore:
             self._inflight = self.runner.complete(step, masks.result())
         defer = self.overlap and batch.constrained and any(
             r.grammar is not None and f >= 0 for r, f in zip(batch.requests, batch.feed))
-        launched = (self.runner.launch(batch, defer=True) if defer else self.runner.launch(batch)) if batch else None
+        launched: StepHandle | Deferred | None = None
+        if batch and defer:
+            launched = self.runner.launch(batch, defer=True)
+            gate = self._gate if self.gate_masks else None
+            if gate is not None:  # its sampling waits on the GPU for the masks `collect` starts
+                assert self._to_fill is None, "a gated step's masks were never filled"
+                job = self.runner.mask_job(launched)  # type: ignore[arg-type]
+                self._to_fill = job, gate.close()
+                launched = self.runner.complete(launched, job.masks)  # type: ignore[arg-type]
+                defer = False
+        elif batch:
+            launched = self.runner.launch(batch)
         self._to_mask = launched if defer else None  # type: ignore[assignment]
         if not self.overlap:
             return launched  # type: ignore[return-value]
@@ -338,17 +365,37 @@ class EngineCore:
     def collect(self, handle: StepHandle | None) -> tuple[Batch, list[int], StepLogprobs | None] | None:
         """Wait for `launch`'s step (blocks the calling thread on the GPU, not the event loop: call it from a worker
         thread) and return it with its sampled tokens, its constrained rows' matchers advanced; then start the
-        grammar masks of a step launched deferred."""
+        grammar masks of the step launched deferred or behind a gate (always: a gate left closed stalls the GPU)."""
         done = None
-        if handle is not None:
-            tokens, logprobs = handle.wait()
-            done = handle.batch, tokens, logprobs
-        if done is not None and done[0].constrained:
-            accept_tokens(done[0], done[1])  # needs the GIL throughout: a thread would not run it alongside
-        if self._to_mask is not None:
-            step, self._to_mask = self._to_mask, None
-            self._deferred = step, self._grammar_thread.submit(self.runner.mask_job(step))
+        try:
+            if handle is not None:
+                tokens, logprobs = handle.wait()
+                done = handle.batch, tokens, logprobs
+                if self._filling is not None:  # it opened this step's gate (or an earlier one's): done, or returning
+                    filling, self._filling = self._filling, None
+                    filling.result()  # its error, if it failed
+            if done is not None and done[0].constrained:
+                accept_tokens(done[0], done[1])  # needs the GIL throughout: a thread would not run it alongside
+        finally:
+            if self._to_mask is not None:
+                step, self._to_mask = self._to_mask, None
+                self._deferred = step, self._grammar_thread.submit(self.runner.mask_job(step).run)
+            if self._to_fill is not None:
+                (job, ticket), self._to_fill = self._to_fill, None
+                self._filling = self._grammar_thread.submit(self._fill_and_open, job, ticket)
         return done
+
+    def _fill_and_open(self, job: MaskFill, ticket: int) -> HostMasks:
+        try:
+            return job.run()
+        finally:
+            self._gate.open(ticket)  # type: ignore[union-attr]
+
+    @functools.cached_property
+    def _gate(self) -> StreamGate | None:
+        gate = StreamGate.make(self.runner.stream)
+        self.gate_masks = gate is not None
+        return gate
 
     @functools.cached_property
     def _grammar_thread(self) -> HandoffThread:

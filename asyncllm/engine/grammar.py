@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -130,25 +131,27 @@ def _batch_matcher() -> Any:
 
 
 class MaskFill:
-    """One step's grammar masks in two parts. Made on the caller's thread: the [len(requests), ceil(vocab / 32)]
-    int32 host bitmask (rows of `out` when given: a reused page-locked buffer; torch calls, which let the GIL go).
-    Then `run` fills it with the allowed next tokens of each request's grammar in one call that holds no GIL (xgrammar's
-    batch fill, parallel threads): the grammar thread's part, which takes the GIL back only to return. The row of an
+    """One step's grammar masks in two parts. Made on the caller's thread: `masks`, the [len(requests),
+    ceil(vocab / 32)] int32 host bitmask (rows of `out` when given: a reused page-locked buffer; torch calls, which
+    let the GIL go) with `rows`, the requests' rows among the step's sampled logits. Then `run` fills the bitmask in
+    place with the allowed next tokens of each request's grammar in one call that holds no GIL (xgrammar's batch
+    fill, parallel threads): the grammar thread's part, which takes the GIL back only to return. The row of an
     ended grammar (its request ends; the row is dropped) allows every token."""
 
-    def __init__(self, requests: list[Any], vocab_size: int, out: torch.Tensor | None = None) -> None:
+    def __init__(self, requests: list[Any], vocab_size: int, rows: torch.Tensor, out: torch.Tensor | None = None) -> None:
         width = -(-vocab_size // 32)
-        rows = len(requests)
-        self.bitmask = torch.empty((rows, width), dtype=torch.int32) if out is None else out[:rows, :width]
+        n = len(requests)
+        bitmask = torch.empty((n, width), dtype=torch.int32) if out is None else out[:n, :width]
+        self.masks = HostMasks(rows, bitmask)
         self.live = [i for i, r in enumerate(requests) if not r.grammar_ended]
-        if len(self.live) < rows:
-            self.bitmask.fill_(-1)
+        if len(self.live) < n:
+            bitmask.fill_(-1)
         self.matchers = [requests[i].grammar for i in self.live]
 
-    def run(self) -> torch.Tensor:
+    def run(self) -> HostMasks:
         if self.live:
-            _batch_matcher().batch_fill_next_token_bitmask(self.matchers, self.bitmask, self.live)
-        return self.bitmask
+            _batch_matcher().batch_fill_next_token_bitmask(self.matchers, self.masks.bitmask, self.live)
+        return self.masks
 
 
 def accept_tokens(batch: Any, tokens: list[int]) -> None:
@@ -176,21 +179,44 @@ class HandoffThread:
     once the worker has started the call: a thread woken while another thread runs Python waits up to
     `sys.getswitchinterval()` (5 ms) for the GIL, so a caller that goes straight on with Python work (applying a
     step, scheduling) would otherwise hold the worker back until the caller blocks, and the two would run one after
-    the other instead of side by side. Waiting here costs the caller only the worker's own Python before the call."""
+    the other instead of side by side. Waiting here costs the caller only the worker's own Python before the call.
+    The same wait hits the job's end (it needs the GIL to return): while a job runs, the switch interval is
+    `switch_interval` (the interpreter's own is restored when none runs), so the job's result (a stream gate
+    opened, masks handed over) follows the fill within about that long even while the caller runs Python."""
+
+    switch_interval = 1e-4  # seconds; None: leave the interpreter's
 
     def __init__(self, name: str) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._lock = threading.Lock()
+        self._active = 0
+        self._saved = 0.0
 
     def submit(self, fn: Callable[..., T], *args: Any) -> "Future[T]":
         started = threading.Event()
 
         def run() -> T:
             started.set()  # the caller wakes, and gets the GIL when `fn` lets it go
-            return fn(*args)
+            try:
+                return fn(*args)
+            finally:
+                self._switching(-1)
 
+        self._switching(1)
         future = self._pool.submit(run)
         started.wait()
         return future
+
+    def _switching(self, change: int) -> None:
+        if self.switch_interval is None:
+            return
+        with self._lock:
+            if change > 0 and not self._active:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(self.switch_interval)
+            self._active += change
+            if not self._active:
+                sys.setswitchinterval(self._saved)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)

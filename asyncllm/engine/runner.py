@@ -8,7 +8,6 @@ import importlib.util
 import logging
 import math
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,15 +342,13 @@ class ModelRunner:
         return HostRing((self.config.max_num_seqs, self.mask_width), torch.int32) if self.device.type == "cuda" else None
 
     @torch.inference_mode()  # as when the ring was made: its buffers are inference tensors
-    def mask_job(self, step: Deferred) -> Callable[[], HostMasks]:
-        """The step's grammar masks on the host (the grammars must hold every earlier token): the buffers are made
-        here, the returned call fills them without the GIL until it returns (for the grammar thread: it takes the
-        GIL back only once, when the caller waits for the masks)."""
+    def mask_job(self, step: Deferred) -> MaskFill:
+        """The step's grammar masks on the host: the buffers are made here; the job's `run` fills them (the
+        grammars must hold every earlier token) without the GIL until it returns."""
         ring = self._mask_ring
         reqs = step.constrained
-        fill = MaskFill(reqs, self.model.config.vocab_size, ring.take(len(reqs)) if ring else None)
         rows = host_tensor(step.mask_rows, torch.int64, self.device)
-        return lambda: HostMasks(rows, fill.run())
+        return MaskFill(reqs, self.model.config.vocab_size, rows, ring.take(len(reqs)) if ring else None)
 
     def _penalties(self, batch: Batch, rows: list[int], sample_index: np.ndarray) -> Penalties | None:
         """The penalties of the sampling rows that use them, or None. Host work per step is per row, plus, once
@@ -428,11 +425,12 @@ class ModelRunner:
             step = Deferred(batch, fwd, adjust, logprobs, to_followers, start, mask_rows, constrained)
             if defer:
                 return step
-            return self._finish(step, self.mask_job(step)() if constrained else None)
+            return self._finish(step, self.mask_job(step).run() if constrained else None)
 
     @torch.inference_mode()
     def complete(self, step: Deferred, masks: HostMasks | None) -> StepHandle:
-        """Queue the sampling of a deferred step, under its grammar masks (from `mask_job`)."""
+        """Queue the sampling of a deferred step, under its grammar masks (from `mask_job`; behind a closed
+        `StreamGate`, filled once the gate opens)."""
         with self._on_stream():
             return self._finish(step, masks)
 

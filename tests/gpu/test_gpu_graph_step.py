@@ -289,7 +289,7 @@ def test_structured_outputs_with_graphs_and_overlap(tmp_path):
 
 async def test_structured_outputs_through_the_async_loop(tmp_path, device="cuda", dtype="bfloat16", **options):
     """The async engine's GPU loop (steps launched from the loop thread, each step's tokens delivered after the next
-    launch, a constrained step's masks awaited before the next launch): bounded grammars stay valid beside plain
+    launch, a constrained step's sampling queued behind a stream gate): bounded grammars stay valid beside plain
     and stop-string requests, streamed or not, and every block comes back."""
     import asyncio
     import json
