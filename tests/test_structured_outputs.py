@@ -235,3 +235,53 @@ def test_short_grammar_calls_keep_the_gil(llm, prompt):
     assert re.fullmatch("[ab]{4}", out.text)
     calls = short_ffi_calls()
     assert len(calls) == len(SHORT_FFI_CALLS) and all(fn.release_gil is False for fn in calls)
+
+
+def test_mask_fill_reads_which_grammars_ended_when_it_runs(llm):
+    """A step's masks are made when it is queued (CUDA: behind a stream gate) but filled only once the step before
+    was accepted: a grammar that ended with that token gets an allow-all row (its request ends), and the others
+    their own grammar's mask."""
+    import torch
+
+    from asyncllm.engine.grammar import MaskFill
+    from types import SimpleNamespace
+
+    grammars = llm.engine.grammars
+    spec = StructuredOutputs(regex="[ab]")
+    reqs = [SimpleNamespace(grammar=grammars.matcher(spec), grammar_ended=False) for _ in range(2)]
+    [a] = llm.engine.tokenizer.encode("a", add_special_tokens=False)
+    for r in reqs:
+        assert r.grammar.accept_token(a)
+    fill = MaskFill(reqs, grammars.vocab_size, torch.tensor([0, 1]))
+    assert reqs[0].grammar.accept_token(grammars.stop_tokens[0])  # the token accepted after the step was queued
+    reqs[0].grammar_ended = True
+    masks = fill.run()  # xgrammar refuses to fill the mask of a grammar that took its stop token
+    assert (masks.bitmask[0] == -1).all()
+    expected = torch.zeros_like(masks.bitmask[1:])
+    reqs[1].grammar.fill_next_token_bitmask(expected)
+    assert torch.equal(masks.bitmask[1:], expected) and not (expected == -1).all()
+
+
+def test_grammar_thread_jobs_run_with_a_short_switch_interval():
+    """While a grammar-thread job runs, a thread waiting for the GIL (the job's return, which opens a stream gate)
+    waits at most the short interval; the interpreter's own comes back once no job runs."""
+    import sys
+    import threading
+
+    from asyncllm.engine.grammar import HandoffThread
+
+    before = sys.getswitchinterval()
+    worker = HandoffThread("test-switch")
+    try:
+        release = threading.Event()
+        seen = worker.submit(lambda: (release.wait(10), sys.getswitchinterval())[1])
+        assert sys.getswitchinterval() == pytest.approx(HandoffThread.switch_interval)
+        release.set()
+        assert seen.result(10) == pytest.approx(HandoffThread.switch_interval)
+        for _ in range(100):
+            if sys.getswitchinterval() == before:
+                break
+            threading.Event().wait(0.01)
+        assert sys.getswitchinterval() == before
+    finally:
+        worker.shutdown()

@@ -12,10 +12,12 @@ on the host, each with the grammar thread's short switch interval (the engine's)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import time
 from types import SimpleNamespace
+from collections.abc import Iterator
 from typing import Any
 
 from bench_common import run_fields
@@ -147,6 +149,33 @@ VARIANTS = {"engine": (True, HandoffThread.switch_interval), "host-wait": (False
             "gate-5ms-switch": (True, None), "host-wait-5ms-switch": (False, None)}
 
 
+@contextlib.contextmanager
+def gate_stalls() -> Iterator[list]:
+    """Timing events recorded on the stream around each StreamGate wait queued meanwhile (CUDA)."""
+    from asyncllm.engine.stream_gate import StreamGate
+
+    pairs: list = []
+    close = StreamGate.close
+
+    def timed(gate: StreamGate) -> int:
+        import torch
+
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record(gate.stream)
+        ticket = close(gate)
+        after.record(gate.stream)
+        pairs.append((before, after))
+        return ticket
+
+    StreamGate.close = timed  # type: ignore[method-assign]
+    try:
+        yield pairs
+    finally:
+        StreamGate.close = close  # type: ignore[method-assign]
+    if pairs:
+        pairs[-1][1].synchronize()
+
+
 def run_variant(llm: LLM, args: Any, prompts: list[list[int]], spec: StructuredOutputs, variant: str) -> list[list[int]]:
     """One line per fraction (the first fraction, 0 by default, is the baseline); returns the constrained outputs."""
     gate, switch = VARIANTS[variant]
@@ -159,11 +188,12 @@ def run_variant(llm: LLM, args: Any, prompts: list[list[int]], spec: StructuredO
         params = [SamplingParams(temperature=1.0, seed=i, max_tokens=args.output_len, ignore_eos=True,
                                  structured_outputs=spec if i < k else None) for i in range(len(prompts))]
         best = None
-        for _ in range(2):
-            start = time.perf_counter()
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            wall = time.perf_counter() - start
-            best = wall if best is None or wall < best else best
+        with gate_stalls() as stalls:
+            for _ in range(2):
+                start = time.perf_counter()
+                outs = llm.generate(prompts, params, use_tqdm=False)
+                wall = time.perf_counter() - start
+                best = wall if best is None or wall < best else best
         assert all(len(o.token_ids) == args.output_len for o in outs)
         if k:
             constrained = [o.token_ids for o in outs[:k]]
@@ -174,6 +204,10 @@ def run_variant(llm: LLM, args: Any, prompts: list[list[int]], spec: StructuredO
             base = line["output_tok_per_s"]
         if base is not None:  # against the run with no request constrained (when one ran first)
             line["vs_unconstrained"] = round(line["output_tok_per_s"] / base, 3)
+        if stalls:  # the GPU's wait at the gates (both runs): ~0 means the host's own work per step set the pace
+            ms = [a.elapsed_time(b) for a, b in stalls]
+            line |= {"gated_steps": len(ms), "gate_stall_ms_mean": round(sum(ms) / len(ms), 3),
+                     "gate_stall_ms_p90": round(sorted(ms)[len(ms) * 9 // 10], 3)}
         print(json.dumps({**line, **run_fields(args.device if args.device != "auto" else None)}), flush=True)
     return constrained
 

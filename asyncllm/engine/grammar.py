@@ -133,24 +133,29 @@ def _batch_matcher() -> Any:
 class MaskFill:
     """One step's grammar masks in two parts. Made on the caller's thread: `masks`, the [len(requests),
     ceil(vocab / 32)] int32 host bitmask (rows of `out` when given: a reused page-locked buffer; torch calls, which
-    let the GIL go) with `rows`, the requests' rows among the step's sampled logits. Then `run` fills the bitmask in
-    place with the allowed next tokens of each request's grammar in one call that holds no GIL (xgrammar's batch
-    fill, parallel threads): the grammar thread's part, which takes the GIL back only to return. The row of an
-    ended grammar (its request ends; the row is dropped) allows every token."""
+    let the GIL go) with `rows`, the requests' rows among the step's sampled logits. Then `run` (once the grammars
+    hold every earlier token) fills the bitmask in place with the allowed next tokens of each request's grammar in
+    one call that holds no GIL (xgrammar's batch fill, parallel threads): the grammar thread's part, which takes the
+    GIL back only to return. The row of a grammar that ended (its request ends; the row is dropped) allows every
+    token."""
 
     def __init__(self, requests: list[Any], vocab_size: int, rows: torch.Tensor, out: torch.Tensor | None = None) -> None:
         width = -(-vocab_size // 32)
-        n = len(requests)
-        bitmask = torch.empty((n, width), dtype=torch.int32) if out is None else out[:n, :width]
+        self.requests = requests
+        bitmask = torch.empty((len(requests), width), dtype=torch.int32) if out is None else out[:len(requests), :width]
         self.masks = HostMasks(rows, bitmask)
-        self.live = [i for i, r in enumerate(requests) if not r.grammar_ended]
-        if len(self.live) < n:
-            bitmask.fill_(-1)
-        self.matchers = [requests[i].grammar for i in self.live]
+        self._rows = bitmask.numpy()  # numpy keeps the GIL (the worker's Python before the fill stays short)
 
     def run(self) -> HostMasks:
-        if self.live:
-            _batch_matcher().batch_fill_next_token_bitmask(self.matchers, self.masks.bitmask, self.live)
+        live = []
+        for i, r in enumerate(self.requests):
+            if r.grammar_ended:  # by the token accepted since this step was queued
+                self._rows[i] = -1
+            else:
+                live.append(i)
+        if live:
+            _batch_matcher().batch_fill_next_token_bitmask([self.requests[i].grammar for i in live],
+                                                          self.masks.bitmask, live)
         return self.masks
 
 
