@@ -144,12 +144,9 @@ def main() -> None:
             print(json.dumps({**line, **run_fields(args.device if args.device != "auto" else None)}), flush=True)
 
 
-# how a constrained step waits for its masks: (the engine's StreamGate on, the grammar thread's switch interval,
-# the finished step's accept on the grammar thread)
-VARIANTS = {"engine": (True, HandoffThread.switch_interval, False),
-            "host-wait": (False, HandoffThread.switch_interval, False),
-            "gate-5ms-switch": (True, None, False), "host-wait-5ms-switch": (False, None, False),
-            "accept-in-thread": (True, HandoffThread.switch_interval, True)}
+# how a constrained step waits for its masks: (the engine's StreamGate on, the grammar thread's switch interval)
+VARIANTS = {"engine": (True, HandoffThread.switch_interval), "host-wait": (False, HandoffThread.switch_interval),
+            "gate-5ms-switch": (True, None), "host-wait-5ms-switch": (False, None)}
 
 
 @contextlib.contextmanager
@@ -181,9 +178,8 @@ def gate_stalls() -> Iterator[list]:
 
 def run_variant(llm: LLM, args: Any, prompts: list[list[int]], spec: StructuredOutputs, variant: str) -> list[list[int]]:
     """One line per fraction (the first fraction, 0 by default, is the baseline); returns the constrained outputs."""
-    gate, switch, accept_in_thread = VARIANTS[variant]
+    gate, switch = VARIANTS[variant]
     llm.engine.gate_masks = gate and llm.engine.runner.stream is not None
-    llm.engine.accept_on_grammar_thread = accept_in_thread
     HandoffThread.switch_interval = switch
     base = None
     constrained: list[list[int]] = []

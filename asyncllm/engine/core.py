@@ -132,7 +132,6 @@ class EngineCore:
         self.gate_masks = self.runner.stream is not None
         self._to_fill: tuple[MaskFill, int] | None = None  # queued behind a closed gate: its fill starts at collect
         self._filling: Future[HostMasks] | None = None  # the fill that opens the gate of the step in flight
-        self.accept_on_grammar_thread = False  # with a gate: the finished step's accept too (GIL released)
         self._stopped = False
         self._ids = itertools.count()
         self._id_prefix = os.urandom(4).hex()
@@ -346,8 +345,6 @@ class EngineCore:
         defer = self.overlap and batch.constrained and any(
             r.grammar is not None and f >= 0 for r, f in zip(batch.requests, batch.feed))
         launched: StepHandle | Deferred | None = None
-        if batch.constrained and not defer and self._filling is not None:
-            self._filling.result()  # its accept must be done before this step's masks are filled here
         if batch and defer:
             launched = self.runner.launch(batch, defer=True)
             gate = self._gate if self.gate_masks else None
@@ -369,7 +366,7 @@ class EngineCore:
         """Wait for `launch`'s step (blocks the calling thread on the GPU, not the event loop: call it from a worker
         thread) and return it with its sampled tokens, its constrained rows' matchers advanced; then start the
         grammar masks of the step launched deferred or behind a gate (always: a gate left closed stalls the GPU)."""
-        done = accept = None
+        done = None
         try:
             if handle is not None:
                 tokens, logprobs = handle.wait()
@@ -378,23 +375,18 @@ class EngineCore:
                     filling, self._filling = self._filling, None
                     filling.result()  # its error, if it failed
             if done is not None and done[0].constrained:
-                if self.accept_on_grammar_thread and self._to_fill is not None:
-                    accept = done[0], done[1]  # the grammar thread's job, before its fill
-                else:
-                    accept_tokens(done[0], done[1])  # keeps the GIL: a thread would not run it alongside
+                accept_tokens(done[0], done[1])  # needs the GIL throughout: a thread would not run it alongside
         finally:
             if self._to_mask is not None:
                 step, self._to_mask = self._to_mask, None
                 self._deferred = step, self._grammar_thread.submit(self.runner.mask_job(step).run)
             if self._to_fill is not None:
                 (job, ticket), self._to_fill = self._to_fill, None
-                self._filling = self._grammar_thread.submit(self._fill_and_open, job, ticket, accept)
+                self._filling = self._grammar_thread.submit(self._fill_and_open, job, ticket)
         return done
 
-    def _fill_and_open(self, job: MaskFill, ticket: int, accept: tuple[Batch, list[int]] | None) -> HostMasks:
+    def _fill_and_open(self, job: MaskFill, ticket: int) -> HostMasks:
         try:
-            if accept is not None:
-                accept_tokens(*accept, release_gil=True)
             return job.run()
         finally:
             self._gate.open(ticket)  # type: ignore[union-attr]

@@ -93,20 +93,19 @@ SHORT_FFI_CALLS = (("xgrammar.base", "_core.BatchGrammarMatcher.batch_accept_tok
 
 def short_ffi_calls() -> list[Any]:
     """The functions of SHORT_FFI_CALLS that are tvm-ffi functions here (none where xgrammar's binding is not)."""
-    return [fn for module, path in SHORT_FFI_CALLS if (fn := _ffi_function(module, path)) is not None]
-
-
-@functools.cache
-def _ffi_function(module: str, path: str) -> Any:
     import importlib
 
-    try:
-        fn: Any = importlib.import_module(module)
-        for part in path.split("."):
-            fn = getattr(fn, part)
-    except (ImportError, AttributeError):
-        return None
-    return fn if isinstance(getattr(fn, "release_gil", None), bool) else None
+    found = []
+    for module, path in SHORT_FFI_CALLS:
+        try:
+            fn: Any = importlib.import_module(module)
+            for part in path.split("."):
+                fn = getattr(fn, part)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(getattr(fn, "release_gil", None), bool):
+            found.append(fn)
+    return found
 
 
 @functools.cache
@@ -160,23 +159,15 @@ class MaskFill:
         return self.masks
 
 
-def accept_tokens(batch: Any, tokens: list[int], release_gil: bool = False) -> None:
+def accept_tokens(batch: Any, tokens: list[int]) -> None:
     """Advance the grammars of a finished step's constrained rows by the tokens they sampled (in one call), before
     the next masks are filled. A grammar ends with its stop token; a refused token (never: the mask allowed it)
-    ends the request. `release_gil`: the batch accept lets the GIL go (for the grammar thread, whose jobs run
-    with a short switch interval; never while another thread may call it)."""
+    ends the request."""
     sampled = [r for r, s in zip(batch.requests, batch.sample) if s]
     pairs = [(r, t) for r, t in zip(sampled, tokens) if r.grammar is not None and not r.grammar_ended]
     if not pairs:
         return
-    ffi = _ffi_function(*SHORT_FFI_CALLS[0]) if release_gil else None  # the batch accept's tvm-ffi function
-    if ffi is not None:
-        ffi.release_gil = True
-    try:
-        accepted = _batch_matcher().batch_accept_token([r.grammar for r, _ in pairs], [t for _, t in pairs])
-    finally:
-        if ffi is not None:
-            ffi.release_gil = False
+    accepted = _batch_matcher().batch_accept_token([r.grammar for r, _ in pairs], [t for _, t in pairs])
     for (req, token), ok in zip(pairs, accepted):
         if not ok:
             log.warning("request %s: its grammar refused token %d", req.request_id, token)
