@@ -6,9 +6,9 @@ schema with a 49k vocabulary, most inside strings) and the step sets every other
 sampling (`TokenMask`); once the step's tokens are on the host the step's thread advances the matchers
 (`accept_tokens`), and a grammar that is complete ends the request ("stop"). A mask needs the request's previous
 token: under overlap scheduling, a step with a constrained row whose previous token is still on the device queues
-its forward at once and its sampling only after the previous step's tokens advanced the matchers
-(`ModelRunner.complete`), so the GPU runs the forward while the host fills the masks (in parallel threads:
-`MaskFill`, on the grammar thread: `HandoffThread`).
+its forward at once and its sampling behind a `StreamGate` (CUDA; without one, only after the previous step's
+tokens advanced the matchers: `ModelRunner.complete`), so the GPU runs the forward while the host fills the masks
+(in parallel threads: `MaskFill`, on the grammar thread: `HandoffThread`, which opens the gate).
 
 Grammars are compiled once per distinct spec (xgrammar caches them too) in the tokenizer pool before the request
 is queued (`AsyncEngine` precompiles), so the event loop never waits on a compilation.
