@@ -197,13 +197,15 @@ async def test_random_workloads_with_grammars_under_overlap(byte_model, seed, mo
 
 
 def test_handoff_thread_is_running_the_call_when_submit_returns():
-    """The grammar thread's fill must run beside the caller's Python, not after it: `submit` returns only once the
-    worker is inside the call (a woken thread otherwise waits for the busy caller's GIL, up to 5 ms)."""
+    """With the interpreter's switch interval the grammar thread's fill must still run beside the caller's Python,
+    not after it: `submit` returns only once the worker is inside the call (a woken thread otherwise waits for the
+    busy caller's GIL, up to 5 ms)."""
     import threading
 
     from asyncllm.engine.grammar import HandoffThread
 
     worker = HandoffThread("test-handoff")
+    worker.switch_interval = None
     try:
         for i in range(20):
             entered, release = threading.Event(), threading.Event()

@@ -180,14 +180,14 @@ T = TypeVar("T")
 
 
 class HandoffThread:
-    """One worker thread for work that mostly runs without the GIL (xgrammar's batch mask fill). `submit` returns
-    once the worker has started the call: a thread woken while another thread runs Python waits up to
-    `sys.getswitchinterval()` (5 ms) for the GIL, so a caller that goes straight on with Python work (applying a
-    step, scheduling) would otherwise hold the worker back until the caller blocks, and the two would run one after
-    the other instead of side by side. Waiting here costs the caller only the worker's own Python before the call.
-    The same wait hits the job's end (it needs the GIL to return): while a job runs, the switch interval is
-    `switch_interval` (the interpreter's own is restored when none runs), so the job's result (a stream gate
-    opened, masks handed over) follows the fill within about that long even while the caller runs Python."""
+    """One worker thread for work that mostly runs without the GIL (xgrammar's batch mask fill), beside a caller
+    that goes straight on with Python work (applying a step, scheduling). A thread woken while another thread runs
+    Python waits up to `sys.getswitchinterval()` (5 ms by default) for the GIL, both to start its job and, after
+    the job's GIL-free call, to return (which opens a stream gate, or hands the masks over). So while a job runs the
+    switch interval is `switch_interval` (0.1 ms; the interpreter's own is restored when none runs): the worker gets
+    the GIL that soon while the caller runs on. With `switch_interval` None (the interpreter's interval throughout)
+    `submit` instead returns only once the worker has started the call, or the job would start only once the caller
+    blocks, and the two would run one after the other instead of side by side."""
 
     switch_interval = 1e-4  # seconds; None: leave the interpreter's
 
@@ -201,7 +201,7 @@ class HandoffThread:
         started = threading.Event()
 
         def run() -> T:
-            started.set()  # the caller wakes, and gets the GIL when `fn` lets it go
+            started.set()  # (switch_interval None) the caller wakes, and gets the GIL when `fn` lets it go
             try:
                 return fn(*args)
             finally:
@@ -209,7 +209,8 @@ class HandoffThread:
 
         self._switching(1)
         future = self._pool.submit(run)
-        started.wait()
+        if self.switch_interval is None:
+            started.wait()
         return future
 
     def _switching(self, change: int) -> None:
