@@ -1,0 +1,94 @@
+"""Where a batch with grammar-constrained requests spends its host time: timers around the engine's calls during one
+`LLM.generate` of bench_structured's batch (half of the requests following its JSON schema), one JSON line with the
+mean per call (µs) of the main thread's schedule / launch / collect's wait / accept / submit / update, the grammar
+thread's mask fill (`MaskFill.run`), and the chain from a fill's submit to its gate opening (CUDA). The main thread
+sets the pace when its calls add up to the step period and it hardly waits; the chain does when the GPU waits at
+the gate (bench_structured's gate_stall_ms).
+    python tools/trace_structured.py --model DIR [--load-format dummy] [--num-requests 128] [--output-len 256]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections import defaultdict
+from typing import Any
+
+from bench_common import run_fields
+from bench_structured import SCHEMA
+
+import asyncllm.engine.core as core_module
+from asyncllm import LLM, SamplingParams
+from asyncllm.engine.core import EngineCore
+from asyncllm.engine.grammar import HandoffThread, MaskFill
+from asyncllm.engine.step_inputs import StepHandle
+from asyncllm.engine.stream_gate import StreamGate
+from asyncllm.sampling_params import StructuredOutputs
+
+CALLS = [(EngineCore, "schedule"), (EngineCore, "launch"), (EngineCore, "update"), (StepHandle, "wait"),
+         (core_module, "accept_tokens"), (HandoffThread, "submit"), (MaskFill, "run"), (StreamGate, "open")]
+
+
+def timed(spans: dict[str, list[tuple[float, float]]], on: list[bool]) -> None:
+    """Wrap CALLS to note (start, end) of each call while on[0]."""
+    for owner, name in CALLS:
+        fn = getattr(owner, name)
+
+        def wrapper(*args: Any, _fn: Any = fn, _name: str = name, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                if on[0]:
+                    spans[_name].append((start, time.perf_counter()))
+
+        setattr(owner, name, wrapper)
+
+
+def chain_us(spans: dict[str, list[tuple[float, float]]]) -> float | None:
+    """Mean time from a fill's submit to the next gate opening after it (the grammar thread's part of the chain)."""
+    opens = sorted(s for s, _ in spans.get("open", []))
+    gaps = []
+    for start, _ in spans.get("submit", []):
+        later = next((t for t in opens if t >= start), None)
+        if later is not None:
+            gaps.append(later - start)
+    return round(1e6 * sum(gaps) / len(gaps), 1) if gaps else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="HF directory (default: the bundled SmolLM2-135M-Instruct)")
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--num-requests", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=256)
+    args = ap.parse_args()
+    llm = LLM(args.model, load_format=args.load_format, device=args.device, max_model_len=1024)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(10, 10000) for _ in range(rng.randint(50, 200))] for _ in range(args.num_requests)]
+    spec = StructuredOutputs(json=SCHEMA)
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=args.output_len, ignore_eos=True,
+                             structured_outputs=spec if i < len(prompts) // 2 else None) for i in range(len(prompts))]
+    spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    on = [False]
+    timed(spans, on)
+    llm.generate(prompts, params, use_tqdm=False)  # warm-up
+    on[0] = True
+    start = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    on[0] = False
+    steps = len(spans["schedule"])
+    line: dict[str, Any] = {"bench": "structured_host_trace", "requests": len(prompts), "constrained": len(prompts) // 2,
+                            "output_len": args.output_len, "steps": steps, "wall_us_per_step": round(1e6 * wall / steps, 1)}
+    for name, xs in spans.items():
+        line[f"{name}_us"] = round(1e6 * sum(b - a for a, b in xs) / len(xs), 1)
+        line[f"{name}_calls"] = len(xs)
+    line["submit_to_gate_open_us"] = chain_us(spans)
+    print(json.dumps({**line, **run_fields(args.device if args.device != "auto" else None)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
