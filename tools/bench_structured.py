@@ -116,13 +116,32 @@ def accept_beside_python(grammars: Any, outputs: list[list[int]], steps: int) ->
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def workload_args(ap: argparse.ArgumentParser, num_requests: int, output_len: int) -> None:
+    """The model and batch arguments (this tool's and tools/trace_structured.py's)."""
     ap.add_argument("--model", default=None, help="HF directory (default: the bundled SmolLM2-135M-Instruct)")
     ap.add_argument("--load-format", default="auto")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--num-requests", type=int, default=64)
-    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--num-requests", type=int, default=num_requests)
+    ap.add_argument("--output-len", type=int, default=output_len)
+
+
+def workload(args: Any) -> tuple[LLM, list[list[int]]]:
+    """The engine and the batch's prompts: random token ids, 50-200 per prompt."""
+    llm = LLM(args.model, load_format=args.load_format, device=args.device, max_model_len=1024)
+    rng = random.Random(0)
+    return llm, [[rng.randrange(10, 10000) for _ in range(rng.randint(50, 200))] for _ in range(args.num_requests)]
+
+
+def batch_params(n: int, constrained: int, output_len: int) -> list[SamplingParams]:
+    """Every request exactly `output_len` tokens; the first `constrained` follow SCHEMA."""
+    spec = StructuredOutputs(json=SCHEMA)
+    return [SamplingParams(temperature=1.0, seed=i, max_tokens=output_len, ignore_eos=True,
+                           structured_outputs=spec if i < constrained else None) for i in range(n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    workload_args(ap, 64, 128)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.5])
     ap.add_argument("--fill-threads", type=int, nargs="+", default=[1, 2, 4, 8],
                     help="xgrammar batch-fill thread counts to time on the constrained outputs")
@@ -130,14 +149,12 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["engine"], choices=sorted(VARIANTS),
                     help="how a constrained step waits for its masks (CUDA, overlap): each runs every fraction")
     args = ap.parse_args()
-    llm = LLM(args.model, load_format=args.load_format, device=args.device, max_model_len=1024)
-    rng = random.Random(0)
-    prompts = [[rng.randrange(10, 10000) for _ in range(rng.randint(50, 200))] for _ in range(args.num_requests)]
-    spec = StructuredOutputs(json=SCHEMA)
-    llm.generate(prompts[:8], SamplingParams(max_tokens=16, ignore_eos=True, structured_outputs=spec), use_tqdm=False)
+    llm, prompts = workload(args)
+    llm.generate(prompts[:8], SamplingParams(max_tokens=16, ignore_eos=True,
+                                             structured_outputs=StructuredOutputs(json=SCHEMA)), use_tqdm=False)
     constrained: list[list[int]] = []
     for variant in args.variants:
-        constrained = run_variant(llm, args, prompts, spec, variant) or constrained
+        constrained = run_variant(llm, args, prompts, variant) or constrained
     print(json.dumps({"bench": "structured_mask_cost", **mask_cost(llm, args.output_len),
                       **run_fields(args.device if args.device != "auto" else None)}), flush=True)
     if constrained:
@@ -177,7 +194,7 @@ def gate_stalls() -> Iterator[list]:
         pairs[-1][1].synchronize()
 
 
-def run_variant(llm: LLM, args: Any, prompts: list[list[int]], spec: StructuredOutputs, variant: str) -> list[list[int]]:
+def run_variant(llm: LLM, args: Any, prompts: list[list[int]], variant: str) -> list[list[int]]:
     """One line per fraction (the first fraction, 0 by default, is the baseline): the best of --repeats runs, the
     fractions taking turns (so a drift of the host's speed hits each alike); returns the constrained outputs."""
     gate, switch = VARIANTS[variant]
@@ -189,8 +206,7 @@ def run_variant(llm: LLM, args: Any, prompts: list[list[int]], spec: StructuredO
     constrained: list[list[int]] = []
     for _ in range(args.repeats):
         for k in counts:
-            params = [SamplingParams(temperature=1.0, seed=i, max_tokens=args.output_len, ignore_eos=True,
-                                     structured_outputs=spec if i < k else None) for i in range(len(prompts))]
+            params = batch_params(len(prompts), k, args.output_len)
             with gate_stalls() as pairs:
                 start = time.perf_counter()
                 outs = llm.generate(prompts, params, use_tqdm=False)

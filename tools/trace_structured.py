@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from collections import defaultdict
 from typing import Any
 
 from bench_common import run_fields
-from bench_structured import SCHEMA
+from bench_structured import batch_params, workload, workload_args
 
 import asyncllm.engine.core as core_module
-from asyncllm import LLM, SamplingParams
 from asyncllm.engine.core import EngineCore
 from asyncllm.engine.grammar import HandoffThread, MaskFill
 from asyncllm.engine.step_inputs import StepHandle
 from asyncllm.engine.stream_gate import StreamGate
-from asyncllm.sampling_params import StructuredOutputs
 
 CALLS = [(EngineCore, "schedule"), (EngineCore, "launch"), (EngineCore, "update"), (StepHandle, "wait"),
          (core_module, "accept_tokens"), (HandoffThread, "submit"), (MaskFill, "run"), (StreamGate, "open")]
@@ -59,18 +56,10 @@ def chain_us(spans: dict[str, list[tuple[float, float]]]) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="HF directory (default: the bundled SmolLM2-135M-Instruct)")
-    ap.add_argument("--load-format", default="auto")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--num-requests", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=256)
+    workload_args(ap, 128, 256)
     args = ap.parse_args()
-    llm = LLM(args.model, load_format=args.load_format, device=args.device, max_model_len=1024)
-    rng = random.Random(0)
-    prompts = [[rng.randrange(10, 10000) for _ in range(rng.randint(50, 200))] for _ in range(args.num_requests)]
-    spec = StructuredOutputs(json=SCHEMA)
-    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=args.output_len, ignore_eos=True,
-                             structured_outputs=spec if i < len(prompts) // 2 else None) for i in range(len(prompts))]
+    llm, prompts = workload(args)
+    params = batch_params(len(prompts), len(prompts) // 2, args.output_len)
     spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
     on = [False]
     timed(spans, on)
