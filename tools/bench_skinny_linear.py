@@ -1,5 +1,7 @@
 """The few-row matmul (asyncllm_kernels.skinny_linear) vs cuBLAS (torch.nn.functional.linear; + the SwiGLU kernel for
-gate|up) at the layer shapes of SmolLM2-135M, Qwen3-0.6B, Llama-3.1-8B and its TP-4 shard, 1 and 16 rows. Each
+gate|up) at the layer shapes of SmolLM2-135M, Qwen3-0.6B, Llama-3.1-8B and its TP-4 shard and at LM heads (SmolLM2's
+vocabulary, which the benchmark bodies use, and Llama 3's), 1, 4 and 16 rows. Implementations: `cublas`, `skinny`
+(the tensor-core dot), `fma_N_K` (products summed in registers, up to 4 rows; its tile BLOCK_N x BLOCK_K). Each
 kernel is timed inside a CUDA graph over copies of its weight that together exceed 150 MB, so no weight is read
 from L2 (a few-MB weight timed alone sits in L2; Python-launched kernels this short measure the launch). µs per
 call, best of 5 replays. GPU. One JSON line per (implementation, rows); `skinny_max_out` is the widest layer the
@@ -21,7 +23,10 @@ SHAPES = {"S_qkv": (960, 576, False), "S_o": (576, 576, False), "S_gu": (1536, 5
           "Q_qkv": (4096, 1024, False), "Q_o": (1024, 2048, False), "Q_gu": (3072, 1024, True),
           "Q_down": (1024, 3072, False), "L_qkv": (6144, 4096, False), "L_o": (4096, 4096, False),
           "L_gu": (14336, 4096, True), "L_down": (4096, 14336, False), "T_qkv": (1536, 4096, False),
-          "T_o": (4096, 1024, False), "T_gu": (3584, 4096, True), "T_down": (4096, 3584, False)}
+          "T_o": (4096, 1024, False), "T_gu": (3584, 4096, True), "T_down": (4096, 3584, False),
+          "S_lm": (49152, 576, False), "Q_lm": (49152, 1024, False), "L_lm": (49152, 4096, False),
+          "L_lm128k": (128256, 4096, False)}
+FMA_TILES = [(16, 256), (32, 256), (16, 512), (32, 128), (64, 128)]  # (BLOCK_N, BLOCK_K) of the register path
 
 
 def graph_us(fn, calls: int) -> float:
@@ -53,14 +58,18 @@ def main() -> None:
         rows = 2 * n if swiglu else n
         copies = max(2, -(-150_000_000 // (rows * k * 2)))
         weights[name] = [torch.randn(rows, k, device=dev, dtype=bf16) / k**0.5 for _ in range(copies)]
-    for m in (1, 16):
+    for m in (1, 4, 16):
         xs = {k: torch.randn(m, k, device=dev, dtype=bf16) for k in {s[1] for s in SHAPES.values()}}
-        for impl in ("cublas", "skinny"):
+        impls = ["cublas", "skinny"] + ([f"fma_{n}_{k}" for n, k in FMA_TILES] if m <= 4 else [])
+        for impl in impls:
             out = {}
             for name, (n, k, swiglu) in SHAPES.items():
                 x, ws = xs[k], weights[name]
                 if impl == "skinny":
-                    fn = lambda: [K.skinny_linear(x, w, None, swiglu) for w in ws]  # noqa: E731
+                    fn = lambda: [K.skinny_linear(x, w, None, swiglu, fma_rows=0) for w in ws]  # noqa: E731
+                elif impl.startswith("fma"):
+                    tile = dict(zip(("block_n", "block_k"), map(int, impl.split("_")[1:])))
+                    fn = lambda: [K.skinny_linear(x, w, None, swiglu, fma_rows=4, **tile) for w in ws]  # noqa: E731
                 elif swiglu:
                     fn = lambda: [K.silu_and_mul(torch.nn.functional.linear(x, w)) for w in ws]  # noqa: E731
                 else:
