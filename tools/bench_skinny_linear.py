@@ -1,7 +1,8 @@
 """The few-row matmul (asyncllm_kernels.skinny_linear) vs cuBLAS (torch.nn.functional.linear; + the SwiGLU kernel for
 gate|up) at the layer shapes of SmolLM2-135M, Qwen3-0.6B, Llama-3.1-8B and its TP-4 shard and at LM heads (SmolLM2's
-vocabulary, which the benchmark bodies use, and Llama 3's), 1, 4 and 16 rows. Implementations: `cublas`, `skinny`
-(the tensor-core dot), `fma_N_K` (products summed in registers, up to 4 rows; its tile BLOCK_N x BLOCK_K). Each
+vocabulary, which the benchmark bodies use, and Llama 3's), 1, 4 and 16 rows. Implementations: `cublas`
+(torch.nn.functional.linear), `cublas_mm_out` (torch.mm into rows of a [256, N] buffer, as the LM head of a graph
+step writes its logits; SwiGLU shapes as `cublas`), `skinny`. Each
 kernel is timed inside a CUDA graph over copies of its weight that together exceed 150 MB, so no weight is read
 from L2 (a few-MB weight timed alone sits in L2; Python-launched kernels this short measure the launch). µs per
 call, best of 5 replays. GPU. One JSON line per (implementation, rows); `skinny_max_out` is the widest layer the
@@ -26,7 +27,6 @@ SHAPES = {"S_qkv": (960, 576, False), "S_o": (576, 576, False), "S_gu": (1536, 5
           "T_o": (4096, 1024, False), "T_gu": (3584, 4096, True), "T_down": (4096, 3584, False),
           "S_lm": (49152, 576, False), "Q_lm": (49152, 1024, False), "L_lm": (49152, 4096, False),
           "L_lm128k": (128256, 4096, False)}
-FMA_TILES = [(16, 256), (32, 256), (16, 512), (32, 128), (64, 128)]  # (BLOCK_N, BLOCK_K) of the register path
 
 
 def graph_us(fn, calls: int) -> float:
@@ -60,16 +60,15 @@ def main() -> None:
         weights[name] = [torch.randn(rows, k, device=dev, dtype=bf16) / k**0.5 for _ in range(copies)]
     for m in (1, 4, 16):
         xs = {k: torch.randn(m, k, device=dev, dtype=bf16) for k in {s[1] for s in SHAPES.values()}}
-        impls = ["cublas", "skinny"] + ([f"fma_{n}_{k}" for n, k in FMA_TILES] if m <= 4 else [])
-        for impl in impls:
+        for impl in ("cublas", "cublas_mm_out", "skinny"):
             out = {}
             for name, (n, k, swiglu) in SHAPES.items():
                 x, ws = xs[k], weights[name]
                 if impl == "skinny":
-                    fn = lambda: [K.skinny_linear(x, w, None, swiglu, fma_rows=0) for w in ws]  # noqa: E731
-                elif impl.startswith("fma"):
-                    tile = dict(zip(("block_n", "block_k"), map(int, impl.split("_")[1:])))
-                    fn = lambda: [K.skinny_linear(x, w, None, swiglu, fma_rows=4, **tile) for w in ws]  # noqa: E731
+                    fn = lambda: [K.skinny_linear(x, w, None, swiglu) for w in ws]  # noqa: E731
+                elif impl == "cublas_mm_out" and not swiglu:
+                    buf = torch.empty(256, n, device=dev, dtype=bf16)
+                    fn = lambda: [torch.mm(x, w.t(), out=buf[: len(x)]) for w in ws]  # noqa: E731
                 elif swiglu:
                     fn = lambda: [K.silu_and_mul(torch.nn.functional.linear(x, w)) for w in ws]  # noqa: E731
                 else:

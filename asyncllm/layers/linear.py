@@ -141,9 +141,6 @@ class VocabParallelEmbedding(nn.Module):
         self.start = self.tp.rank * self.per_rank
         self.weight = nn.Parameter(torch.empty(self.per_rank, hidden_size))
         self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]
-        # logits of a few rows (decode steps of small batches) by the few-row kernel: cuBLAS streams an LM head's
-        # weight at well under the bandwidth there (tools/bench_skinny_linear.py, the *_lm shapes)
-        self.skinny = kernel_choice.current().skinny_matmul
 
     def _load_weight(self, param: torch.Tensor, tensor: torch.Tensor, shard_id: ShardId = None) -> None:
         if tensor.shape != (self.vocab_size, self.weight.shape[1]):
@@ -163,16 +160,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [T, H] -> logits [T, vocab] (every rank gets all of them), into `out` when given."""
-        whole = out if out is not None and self.tp.size == 1 and self.weight.shape[0] == self.vocab_size else None
-        if self.skinny and few_rows(hidden):
-            from asyncllm_kernels import skinny_linear
-
-            local = skinny_linear(hidden, self.weight, out=whole)
-        elif whole is not None:
-            return torch.mm(hidden, self.weight.t(), out=whole)
-        else:
-            local = nn.functional.linear(hidden, self.weight)
-        if whole is not None:
-            return whole
-        logits = self.tp.all_gather_last_dim(local)[:, : self.vocab_size]
+        if out is not None and self.tp.size == 1 and self.weight.shape[0] == self.vocab_size:
+            return torch.mm(hidden, self.weight.t(), out=out)
+        logits = self.tp.all_gather_last_dim(nn.functional.linear(hidden, self.weight))[:, : self.vocab_size]
         return logits if out is None else out.copy_(logits)

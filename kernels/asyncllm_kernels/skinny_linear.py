@@ -18,8 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 16  # rows of x one call takes (BLOCK_M of the tensor-core dot)
-FMA_MAX_ROWS = 0  # up to this many rows, products summed in registers instead (BLOCK_M: rows' next power of two)
+MAX_ROWS = 16  # BLOCK_M: rows of x one call takes
 BLOCK_N = 16
 BLOCK_K = 256
 PROGRAMS_PER_SM = 4  # SPLIT_K's aim. Tile, split and launch options barely matter on the H200 (21 variants within
@@ -42,20 +41,10 @@ def _round_out(acc, bias_ptr, n, n_mask, HAS_BIAS: tl.constexpr, dtype: tl.const
     return acc.to(dtype)
 
 
-@triton.jit
-def _row_dots(x, w, PRECISION: tl.constexpr, DOT: tl.constexpr):
-    """x [BLOCK_M, BLOCK_K] . w [BLOCK_N, BLOCK_K] -> [BLOCK_M, BLOCK_N] fp32: a tensor-core dot (BLOCK_M >= 16), or
-    products summed in registers (BLOCK_M of 1-4: no padding to 16 rows, no trip through shared memory)."""
-    if DOT:
-        return tl.dot(x, tl.trans(w), input_precision=PRECISION).to(tl.float32)
-    return tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-
-
 @triton.jit(do_not_specialize=["M"])
 def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                   DOT: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.arange(0, BLOCK_M)
@@ -76,12 +65,12 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, 
         w = tl.load(w_tile, mask=w_mask, other=0.0)
         if UPCAST:  # float32 operands (exact for half-precision values in TF32): the interpreter's bf16 dot is wrong
             x, w = x.to(tl.float32), w.to(tl.float32)
-        acc += _row_dots(x, w, PRECISION, DOT)
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
         if SWIGLU:  # the matching rows of up, N rows further down
             up = tl.load(w_tile + N * stride_wn, mask=w_mask, other=0.0)
             if UPCAST:
                 up = up.to(tl.float32)
-            acc_up += _row_dots(x, up, PRECISION, DOT)
+            acc_up += tl.dot(x, tl.trans(up), input_precision=PRECISION)
     dtype = y_ptr.dtype.element_ty
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
@@ -115,35 +104,30 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, 
             tl.store(out, _round_out(acc, bias_ptr, n, n_mask, HAS_BIAS, dtype), mask=out_mask)
 
 
-def _split_k(blocks: int, k: int, device: torch.device, block_k: int = BLOCK_K) -> int:
+def _split_k(blocks: int, k: int, device: torch.device) -> int:
     """Reduction slices: about PROGRAMS_PER_SM programs per SM over the grid, each at least two BLOCK_K slices long."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(-(-PROGRAMS_PER_SM * sms // blocks), k // (2 * block_k)))
+    return max(1, min(-(-PROGRAMS_PER_SM * sms // blocks), k // (2 * BLOCK_K)))
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  swiglu: bool = False, out: torch.Tensor | None = None, fma_rows: int = FMA_MAX_ROWS,
-                  block_n: int = BLOCK_N, block_k: int = BLOCK_K) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS, rows contiguous), weight [N, K] (or [2N, K] with swiglu) -> [M, N] (into `out`, rows
-    contiguous, when given). Up to `fma_rows` rows the products are summed in registers, else a tensor-core dot."""
+                  swiglu: bool = False) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS, rows contiguous), weight [N, K] (or [2N, K] with swiglu) -> [M, N]."""
     rows, k = x.shape
     assert rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1 and weight.shape[1] == k
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
-    y = torch.empty(rows, n, dtype=x.dtype, device=x.device) if out is None else out
-    assert y.shape == (rows, n) and y.stride(-1) == 1
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     if rows == 0:
         return y
-    dot = rows > fma_rows
-    block_m = MAX_ROWS if dot else triton.next_power_of_2(rows)
-    blocks = triton.cdiv(n, block_n)
+    blocks = triton.cdiv(n, BLOCK_N)
     assert blocks <= MAX_COUNTERS
-    split = _split_k(blocks * (2 if swiglu else 1), k, x.device, block_k)
-    part = torch.empty(split, block_m, 2 * n if swiglu else n, dtype=torch.float32, device=x.device) if split > 1 else y
+    split = _split_k(blocks * (2 if swiglu else 1), k, x.device)
+    part = torch.empty(split, MAX_ROWS, 2 * n if swiglu else n, dtype=torch.float32, device=x.device) if split > 1 else y
     _skinny_kernel[(blocks, split)](
         x, weight, bias if bias is not None else y, y, part, _counters(x.device), rows, n, k, x.stride(0),
-        weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, SWIGLU=swiglu, SPLIT_K=split, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        UPCAST=x.device.type == "cpu", DOT=dot,
+        weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, SWIGLU=swiglu, SPLIT_K=split, BLOCK_M=MAX_ROWS,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        UPCAST=x.device.type == "cpu",
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y
 
