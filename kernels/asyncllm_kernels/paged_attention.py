@@ -32,7 +32,7 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, out_p
                    stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
-                   PRECISION: tl.constexpr, SPLIT_P: tl.constexpr, HEAD_MAJOR: tl.constexpr):
+                   PRECISION: tl.constexpr, SPLIT_P: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -54,11 +54,9 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, out_p
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             valid = pos < end
-            block = tl.load(bt_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-            if HEAD_MAJOR:  # [.., blocks, Hk, BLOCK_SIZE, D]: a block's tokens of one head are contiguous
-                kv_off = ((block * KV_HEADS + kvh) * BLOCK_SIZE + pos % BLOCK_SIZE)[:, None] * DIM + d[None, :]
-            else:  # [.., blocks, BLOCK_SIZE, Hk, D]
-                kv_off = (block * BLOCK_SIZE + pos % BLOCK_SIZE)[:, None] * row + kvh * DIM + d[None, :]
+            block = tl.load(bt_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0)
+            slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+            kv_off = slot[:, None] * row + kvh * DIM + d[None, :]
             k = tl.load(cache_ptr + kv_off, mask=valid[:, None], other=0.0)
             v = tl.load(cache_ptr + v_offset + kv_off, mask=valid[:, None], other=0.0)  # in flight with k
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [GROUP_PAD, BLOCK_N]
@@ -112,15 +110,11 @@ def _num_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.devic
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, max_seq_len: int,
-                           counters: torch.Tensor | None = None, head_major: bool = False) -> torch.Tensor:
+                           counters: torch.Tensor | None = None) -> torch.Tensor:
     """`max_seq_len` (host int, an upper bound of seq_lens) fixes the grid: no device-to-host sync here.
-    `counters` (decode_counters): the caller's, reused across calls; None allocates fresh ones (a memset).
-    `head_major`: kv_cache is [2, num_blocks, Hk, block_size, D] (each head's tokens of a block contiguous)."""
+    `counters` (decode_counters): the caller's, reused across calls; None allocates fresh ones (a memset)."""
     batch, heads, dim = q.shape
-    if head_major:
-        _, _, kv_heads, block_size, _ = kv_cache.shape
-    else:
-        _, _, block_size, kv_heads, _ = kv_cache.shape
+    _, _, block_size, kv_heads, _ = kv_cache.shape
     assert heads % kv_heads == 0 and dim == triton.next_power_of_2(dim) and kv_cache.is_contiguous()
     assert batch * kv_heads <= MAX_COUNTERS
     group = heads // kv_heads
@@ -138,7 +132,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads, DIM=dim, BLOCK_SIZE=block_size,
         BLOCK_N=BLOCK_N, SPLITS=splits, MIN_CHUNK=MIN_CHUNK, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # no TF32 rounding for float32 inputs
-        SPLIT_P=q.dtype != torch.float32, HEAD_MAJOR=head_major)
+        SPLIT_P=q.dtype != torch.float32)
     return out
 
 
