@@ -1,0 +1,57 @@
+"""Launch configurations of the paged decode kernel (asyncllm_kernels.paged_attention: BLOCK_N, NUM_WARPS,
+NUM_STAGES, MIN_CHUNK) at the shapes the benchmarks hit: Qwen3-0.6B's heads at batch 256 with short contexts
+(the latency benchmark's 128-384 tokens) and at the offline benchmark's longer ones, Llama-3.1-8B's at batch 32 and
+1. Timed inside a CUDA graph over copies of the cache that together exceed 150 MB (blocks scattered at random), µs
+per call (best of 5 replays) and the KV bandwidth reached. GPU. One JSON line per configuration.
+    python tools/tune_decode_attention.py
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from bench_common import run_fields
+from bench_skinny_linear import graph_us
+
+import asyncllm_kernels as K
+from asyncllm_kernels import paged_attention as P
+
+# (batch, context, q heads, KV heads)
+SHAPES = [(256, 160, 16, 8), (256, 256, 16, 8), (256, 384, 16, 8), (128, 1024, 16, 8), (128, 2048, 16, 8),
+          (32, 1024, 32, 8), (1, 256, 16, 8), (1, 4096, 32, 8)]
+# (BLOCK_N, NUM_WARPS, NUM_STAGES, MIN_CHUNK); the first is the kernel's own
+CONFIGS = [(P.BLOCK_N, P.NUM_WARPS, P.NUM_STAGES, P.MIN_CHUNK), (128, 4, 1, 128), (64, 4, 1, 64), (64, 2, 2, 64),
+           (64, 2, 1, 64), (32, 2, 2, 32), (128, 8, 1, 128), (64, 4, 2, 128)]
+DIM, BLOCK_SIZE = 128, 16
+
+
+def main() -> None:
+    dev, bf16 = "cuda", torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    cases = []
+    for batch, ctx, hq, hk in SHAPES:
+        per_seq = -(-ctx // BLOCK_SIZE)
+        num_blocks = batch * per_seq + 8
+        copies = max(2, -(-150_000_000 // (num_blocks * BLOCK_SIZE * hk * DIM * 4)))
+        caches = [torch.randn(2, num_blocks, BLOCK_SIZE, hk, DIM, device=dev, dtype=bf16, generator=gen)
+                  for _ in range(copies)]
+        tables = torch.randperm(num_blocks, device=dev, generator=gen)[: batch * per_seq].view(batch, per_seq).int()
+        q = torch.randn(batch, hq, DIM, device=dev, dtype=bf16, generator=gen)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+        cases.append((f"b{batch}c{ctx}h{hq}/{hk}", 2 * batch * ctx * hk * DIM * 2, q, caches, tables, lens))
+    for config in CONFIGS:
+        P.BLOCK_N, P.NUM_WARPS, P.NUM_STAGES, P.MIN_CHUNK = config
+        out = {}
+        for name, kv_bytes, q, caches, tables, lens in cases:
+            counters = K.decode_counters(q.device)
+            ctx = int(lens[0])
+            fn = lambda: [K.paged_decode_attention(q, c, tables, lens, DIM**-0.5, ctx, counters)  # noqa: E731
+                          for c in caches]
+            us = graph_us(fn, len(caches))
+            out[name] = dict(us=us, tbs=round(kv_bytes / us / 1e6, 2))
+        print(json.dumps(dict(bench="paged_decode_tuning", block_n_warps_stages_min_chunk=list(config), **out,
+                              **run_fields())), flush=True)
+
+
+if __name__ == "__main__":
+    main()
