@@ -170,9 +170,14 @@ def test_store_kv_scatters_and_skips_padding():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size, hq, hk, dim, lens", [(4, 4, 2, 16, [1, 7, 33]), (16, 9, 3, 64, [600, 5]),
                                                          (16, 4, 1, 32, [2000])])
-def test_paged_decode_attention(block_size, hq, hk, dim, lens, dtype):
+@pytest.mark.parametrize("config", ["few", "many"])  # the launch configuration of small and of large grids
+def test_paged_decode_attention(block_size, hq, hk, dim, lens, dtype, config, monkeypatch):
     if DEVICE == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter mis-evaluates bf16 tl.dot; bf16 runs on the GPU (pytest -m gpu)")
+    from asyncllm_kernels import paged_attention
+
+    chosen = paged_attention.FEW_PAIRS if config == "few" else paged_attention.MANY_PAIRS
+    monkeypatch.setattr(paged_attention, "launch_config", lambda *args: chosen)
     torch.manual_seed(3)
     num_blocks = sum(-(-n // block_size) for n in lens) + 3
     cache = rnd(2, num_blocks, block_size, hk, dim, dtype=dtype)

@@ -1,5 +1,5 @@
-"""Launch configurations of the paged decode kernel (asyncllm_kernels.paged_attention: BLOCK_N, NUM_WARPS,
-NUM_STAGES, MIN_CHUNK) at the shapes the benchmarks hit: Qwen3-0.6B's heads at batch 256 with short contexts
+"""Launch configurations of the paged decode kernel (asyncllm_kernels.paged_attention.LaunchConfig: BLOCK_N,
+warps, stages, MIN_CHUNK), each at every grid size, at the shapes the benchmarks hit: Qwen3-0.6B's heads at batch 256 with short contexts
 (the latency benchmark's 128-384 tokens) and at the offline benchmark's longer ones, Llama-3.1-8B's at batch 32 and
 1. Timed inside a CUDA graph over copies of the cache that together exceed 150 MB (blocks scattered at random), µs
 per call (best of 5 replays) and the KV bandwidth reached. GPU. One JSON line per configuration.
@@ -19,9 +19,9 @@ from asyncllm_kernels import paged_attention as P
 # (batch, context, q heads, KV heads)
 SHAPES = [(256, 160, 16, 8), (256, 256, 16, 8), (256, 384, 16, 8), (128, 1024, 16, 8), (128, 2048, 16, 8),
           (32, 1024, 32, 8), (1, 256, 16, 8), (1, 4096, 32, 8)]
-# (BLOCK_N, NUM_WARPS, NUM_STAGES, MIN_CHUNK); the first is the kernel's own
-CONFIGS = [(P.BLOCK_N, P.NUM_WARPS, P.NUM_STAGES, P.MIN_CHUNK), (128, 4, 1, 128), (64, 4, 1, 64), (64, 2, 2, 64),
-           (64, 2, 1, 64), (32, 2, 2, 32), (128, 8, 1, 128), (64, 4, 2, 128)]
+# (BLOCK_N, warps, stages, MIN_CHUNK); the first two are the kernel's own (few and many (sequence, KV head) pairs)
+CONFIGS = [tuple(P.FEW_PAIRS), tuple(P.MANY_PAIRS), (64, 2, 3, 64), (64, 1, 2, 64), (32, 2, 3, 32), (32, 1, 2, 32),
+           (128, 2, 2, 128), (64, 2, 2, 128), (32, 2, 2, 64)]
 DIM, BLOCK_SIZE = 128, 16
 
 
@@ -40,7 +40,7 @@ def main() -> None:
         lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
         cases.append((f"b{batch}c{ctx}h{hq}/{hk}", 2 * batch * ctx * hk * DIM * 2, q, caches, tables, lens))
     for config in CONFIGS:
-        P.BLOCK_N, P.NUM_WARPS, P.NUM_STAGES, P.MIN_CHUNK = config
+        P.FEW_PAIRS = P.MANY_PAIRS = P.LaunchConfig(*config)
         out = {}
         for name, kv_bytes, q, caches, tables, lens in cases:
             counters = K.decode_counters(q.device)

@@ -5,20 +5,38 @@ q [B, Hq, D]; kv_cache [2, num_blocks, block_size, Hk, D]; block_tables [B, max_
 Grid (B, Hk, SPLITS): each program takes one KV head with the G = Hq / Hk query heads that share it (one K/V load
 serves all of them) over one chunk of the context, with an online softmax (flash-decoding). SPLITS is fixed by the
 host from the batch shape (enough programs to fill the GPU) and the chunk length from each sequence's actual length
-on the device (at least MIN_CHUNK tokens), so the grid suits CUDA graphs: a short context uses one program per head
-and the others exit at once. With SPLITS > 1 the last program of a (sequence, KV head) to finish, told by an atomic
-counter, merges the chunks by their log-sum-exp and resets the counter: no second kernel.
+on the device (at least `min_chunk` tokens: launch_config), so the grid suits CUDA graphs: a short context uses one
+program per head and the others exit at once. With SPLITS > 1 the last program of a (sequence, KV head) to finish,
+told by an atomic counter, merges the chunks by their log-sum-exp and resets the counter: no second kernel.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-MIN_CHUNK = 128  # context tokens per program at least (one BLOCK_N: a short context's heads spread over SMs)
 MAX_COUNTERS = 1 << 16  # (sequence, KV head) pairs one call may have
-BLOCK_N = 128  # context tokens per loop iteration
-NUM_WARPS, NUM_STAGES = 4, 2  # with BLOCK_N: the fastest of 7 configurations on the H200 at b1-b256, 256-4096 tokens
+
+
+class LaunchConfig(NamedTuple):
+    block_n: int  # context tokens per loop iteration
+    num_warps: int
+    num_stages: int
+    min_chunk: int  # context tokens per program at least (a short context's heads spread over SMs)
+
+
+# By grid: fewer (sequence, KV head) pairs than SMs (batch 1: the context is split over programs) take long tiles;
+# more (batched steps) take short tiles in two warps, several programs resident per SM: 7-25% faster at batch 32-256
+# than the long tiles, 1-4% slower at batch 1 (H200, tools/tune_decode_attention.py;
+# docs/bench/decode_attention_tuning_h200_8e32aae.jsonl)
+FEW_PAIRS = LaunchConfig(128, 4, 2, 128)
+MANY_PAIRS = LaunchConfig(64, 2, 2, 64)
+
+
+def launch_config(batch: int, kv_heads: int, sms: int) -> LaunchConfig:
+    return FEW_PAIRS if batch * kv_heads < sms else MANY_PAIRS
 
 
 def decode_counters(device: torch.device) -> torch.Tensor:
@@ -101,11 +119,10 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, out_p
             tl.store(out_rows, (merged / total[:, None]).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
-def _num_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+def _num_splits(batch: int, kv_heads: int, max_seq_len: int, sms: int, min_chunk: int) -> int:
     """Programs per (sequence, KV head): about two programs per SM over the grid, no more than the longest context
-    has chunks of MIN_CHUNK."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(-(-2 * sms // (batch * kv_heads)), -(-max_seq_len // MIN_CHUNK)))
+    has chunks of min_chunk."""
+    return max(1, min(-(-2 * sms // (batch * kv_heads)), -(-max_seq_len // min_chunk)))
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -121,7 +138,9 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    splits = _num_splits(batch, kv_heads, max_seq_len, q.device)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 4
+    config = launch_config(batch, kv_heads, sms)
+    splits = _num_splits(batch, kv_heads, max_seq_len, sms, config.min_chunk)
     o = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device) if splits > 1 else out
     lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
     if counters is None:
@@ -130,7 +149,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         q, kv_cache, block_tables, seq_lens, o, lse, out, counters, scale, kv_cache[0].numel(), q.stride(0),
         q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads, DIM=dim, BLOCK_SIZE=block_size,
-        BLOCK_N=BLOCK_N, SPLITS=splits, MIN_CHUNK=MIN_CHUNK, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        BLOCK_N=config.block_n, SPLITS=splits, MIN_CHUNK=config.min_chunk, num_warps=config.num_warps,
+        num_stages=config.num_stages,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # no TF32 rounding for float32 inputs
         SPLIT_P=q.dtype != torch.float32)
     return out
