@@ -199,6 +199,20 @@ def test_paged_decode_attention(block_size, hq, hk, dim, lens, dtype, config, mo
             assert not counters.any()
 
 
+def test_decode_launch_config_is_the_one_measured_fastest_at_each_grid():
+    """On the H200 (132 SMs, 228 KB of shared memory each; docs/bench/decode_attention_tuning_h200_1440ac1.jsonl):
+    long tiles while the (sequence, KV head) pairs fit in one wave of resident programs, short ones beyond."""
+    from asyncllm_kernels import paged_attention as P
+
+    def config(batch: int, kv_heads: int, head_dim: int) -> str:
+        chosen = P.launch_config(batch, kv_heads, head_dim, 2, 132, 228 * 1024)
+        return {P.FEW_PAIRS: "few", P.MANY_PAIRS: "many"}[chosen]
+
+    # Qwen3-0.6B's and Llama-3.1-8B's 8 KV heads of 128 dims; SmolLM2's 3 of 64
+    assert [config(b, 8, 128) for b in (1, 16, 32, 256)] == ["few", "few", "many", "many"]
+    assert [config(b, 3, 64) for b in (1, 128, 256)] == ["few", "few", "many"]
+
+
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [5, 1, 9, 1], [7, 12]])
 @pytest.mark.parametrize("rotary", [None, "rope", "qk_norm+rope"])
 def test_triton_backend_matches_torch_backend(q_lens, rotary):

@@ -11,6 +11,7 @@ told by an atomic counter, merges the chunks by their log-sum-exp and resets the
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -27,16 +28,32 @@ class LaunchConfig(NamedTuple):
     min_chunk: int  # context tokens per program at least (a short context's heads spread over SMs)
 
 
-# By grid: fewer (sequence, KV head) pairs than SMs (batch 1: the context is split over programs) take long tiles;
-# more (batched steps) take short tiles in two warps, several programs resident per SM: 7-25% faster at batch 32-256
-# than the long tiles, 1-4% slower at batch 1 (H200, tools/tune_decode_attention.py;
-# docs/bench/decode_attention_tuning_h200_8e32aae.jsonl)
+# By grid. The long tiles of FEW_PAIRS keep a program's K and V stages in shared memory (128 KB at head_dim 128: one
+# program per SM on the H200): while the (sequence, KV head) pairs fit in one wave of resident programs (batch 1,
+# where the context is split over programs; SmolLM2's 3 KV heads of 64 dims up to batch ~130) they are the fastest;
+# beyond, the short tiles in two warps of MANY_PAIRS, several programs resident per SM: 7-25% faster at Qwen3-0.6B's
+# and Llama-3.1-8B's heads at batch 32-256, 9% at SmolLM2's at batch 256, but 1-4% slower at batch 1 and 20% at
+# SmolLM2's batch 128 (H200, tools/tune_decode_attention.py; docs/bench/decode_attention_tuning_h200_27c5b24.jsonl,
+# docs/bench/decode_attention_tuning_h200_1440ac1.jsonl)
 FEW_PAIRS = LaunchConfig(128, 4, 2, 128)
 MANY_PAIRS = LaunchConfig(64, 2, 2, 64)
+SMEM_PER_SM = 228 * 1024  # bytes, where the device does not say (H100, H200)
 
 
-def launch_config(batch: int, kv_heads: int, sms: int) -> LaunchConfig:
-    return FEW_PAIRS if batch * kv_heads < sms else MANY_PAIRS
+def launch_config(batch: int, kv_heads: int, head_dim: int, elem_bytes: int, sms: int,
+                  smem_per_sm: int) -> LaunchConfig:
+    few_smem = 2 * FEW_PAIRS.num_stages * FEW_PAIRS.block_n * head_dim * elem_bytes  # K and V tiles per stage
+    resident = max(1, smem_per_sm // few_smem)
+    return FEW_PAIRS if batch * kv_heads <= sms * resident else MANY_PAIRS
+
+
+@functools.cache
+def _device_shape(device: torch.device) -> tuple[int, int]:
+    """SMs and shared memory per SM (bytes); a stand-in on the CPU (Triton's interpreter)."""
+    if device.type != "cuda":
+        return 4, SMEM_PER_SM
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, getattr(props, "shared_memory_per_multiprocessor", 0) or SMEM_PER_SM
 
 
 def decode_counters(device: torch.device) -> torch.Tensor:
@@ -138,8 +155,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 4
-    config = launch_config(batch, kv_heads, sms)
+    sms, smem = _device_shape(q.device)
+    config = launch_config(batch, kv_heads, dim, kv_cache.element_size(), sms, smem)
     splits = _num_splits(batch, kv_heads, max_seq_len, sms, config.min_chunk)
     o = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device) if splits > 1 else out
     lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
