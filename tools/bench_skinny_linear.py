@@ -1,12 +1,12 @@
 """The few-row matmul (asyncllm_kernels.skinny_linear) vs cuBLAS (torch.nn.functional.linear; + the SwiGLU kernel for
 gate|up) at the layer shapes of SmolLM2-135M, Qwen3-0.6B, Llama-3.1-8B and its TP-4 shard and at LM heads (SmolLM2's
-vocabulary, which the benchmark bodies use, and Llama 3's), 1, 4 and 16 rows. Implementations: `cublas`
-(torch.nn.functional.linear), `cublas_mm_out` (torch.mm into rows of a [256, N] buffer, as the LM head of a graph
-step writes its logits; SwiGLU shapes as `cublas`), `skinny`. Each
-kernel is timed inside a CUDA graph over copies of its weight that together exceed 150 MB, so no weight is read
-from L2 (a few-MB weight timed alone sits in L2; Python-launched kernels this short measure the launch). µs per
-call, best of 5 replays. GPU. One JSON line per (implementation, rows); `skinny_max_out` is the widest layer the
-engine gives the kernel (asyncllm.layers.linear.SKINNY_MAX_OUT).
+vocabulary, which the serving and structured-output benchmarks' bodies take, and Llama 3's), 1, 4 and 16 rows.
+Implementations: `cublas` (torch.nn.functional.linear), `cublas_mm_out` (torch.mm into rows of a [256, N] buffer, as
+the LM head of a graph step writes its logits; SwiGLU shapes as `cublas`), `skinny`. Each kernel is timed inside a
+CUDA graph over copies of its weight that together exceed 150 MB, so no weight is read from L2 (a few-MB weight
+timed alone sits in L2; Python-launched kernels this short measure the launch). µs per call, best of 5 replays.
+GPU. One JSON line per (implementation, rows); `skinny_max_out` is the widest layer the engine gives the kernel
+(asyncllm.layers.linear.SKINNY_MAX_OUT).
     python tools/bench_skinny_linear.py
 """
 from __future__ import annotations
