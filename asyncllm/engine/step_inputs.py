@@ -96,6 +96,9 @@ def _signed64(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
+NO_NEW_ROWS = np.empty((0, NEW_ROW_FIELDS), dtype=np.int64)
+
+
 def new_row_fields(requests: list[Request], rng: random.Random) -> np.ndarray:
     """[P, 6] int64: each request's row and sampling parameters. A request without a seed gets one from `rng`
     once (its draws then depend on it and its positions only)."""
@@ -139,8 +142,9 @@ def pack(batch: Batch, pad_to: int, dummy_row: int, rng: random.Random,
         qsl = np.zeros(b + 1, dtype=np.int64)
         np.cumsum(n_arr, out=qsl[1:])
         positions = np.repeat(np.asarray(starts, dtype=np.int64) - qsl[:-1], n_arr) + np.arange(qsl[-1])
-    sample_seqs = np.flatnonzero(batch.sample)
-    new_rows = new_row_fields(new, rng)
+    # a graph step samples every row (graph_size); a list of bools into numpy costs ~0.1 us a row
+    sample_seqs = np.arange(len(reqs)) if pad_to else np.flatnonzero(batch.sample)
+    new_rows = new_row_fields(new, rng) if new else NO_NEW_ROWS
     header = StepHeader(b, len(ids), len(sample_seqs), len(flat_updates) // 3, len(new), int(pad_to > 0),
                         len(prompt_lp))
     parts = [ids, positions, rows, qsl, sample_seqs, flat_updates, new_rows.reshape(-1), prompt_lp]
