@@ -211,6 +211,9 @@ def test_decode_launch_config_is_the_one_measured_fastest_at_each_grid():
     # Qwen3-0.6B's and Llama-3.1-8B's 8 KV heads of 128 dims; SmolLM2's 3 of 64
     assert [config(b, 8, 128) for b in (1, 16, 32, 256)] == ["few", "few", "many", "many"]
     assert [config(b, 3, 64) for b in (1, 128, 256)] == ["few", "few", "many"]
+    # an SM that cannot hold the long tiles' stages (100 KB: RTX 4090, L4) takes the short ones even at batch 1
+    assert P.launch_config(1, 8, 128, 2, 128, 100 * 1024) == P.MANY_PAIRS
+    assert P.launch_config(1, 8, 64, 2, 128, 100 * 1024) == P.FEW_PAIRS
 
 
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [5, 1, 9, 1], [7, 12]])

@@ -34,7 +34,8 @@ class LaunchConfig(NamedTuple):
 # beyond, the short tiles in two warps of MANY_PAIRS, several programs resident per SM: 7-25% faster at Qwen3-0.6B's
 # and Llama-3.1-8B's heads at batch 32-256, 9% at SmolLM2's at batch 256, but 1-4% slower at batch 1 and 20% at
 # SmolLM2's batch 128 (H200, tools/tune_decode_attention.py; docs/bench/decode_attention_tuning_h200_27c5b24.jsonl,
-# docs/bench/decode_attention_tuning_h200_1440ac1.jsonl)
+# docs/bench/decode_attention_tuning_h200_1440ac1.jsonl). Where an SM cannot hold the long tiles' stages at all
+# (~100 KB of shared memory per SM, at head_dim 128) every grid takes the short ones (not run on such a GPU here).
 FEW_PAIRS = LaunchConfig(128, 4, 2, 128)
 MANY_PAIRS = LaunchConfig(64, 2, 2, 64)
 SMEM_PER_SM = 228 * 1024  # bytes, where the device does not say (H100, H200)
@@ -43,7 +44,7 @@ SMEM_PER_SM = 228 * 1024  # bytes, where the device does not say (H100, H200)
 def launch_config(batch: int, kv_heads: int, head_dim: int, elem_bytes: int, sms: int,
                   smem_per_sm: int) -> LaunchConfig:
     few_smem = 2 * FEW_PAIRS.num_stages * FEW_PAIRS.block_n * head_dim * elem_bytes  # K and V tiles per stage
-    resident = max(1, smem_per_sm // few_smem)
+    resident = smem_per_sm // few_smem  # 0: an SM cannot hold them (GPUs with ~100 KB per SM, at head_dim 128)
     return FEW_PAIRS if batch * kv_heads <= sms * resident else MANY_PAIRS
 
 
