@@ -171,13 +171,12 @@ def test_store_kv_scatters_and_skips_padding():
 @pytest.mark.parametrize("block_size, hq, hk, dim, lens", [(4, 4, 2, 16, [1, 7, 33]), (16, 9, 3, 64, [600, 5]),
                                                          (16, 4, 1, 32, [2000])])
 @pytest.mark.parametrize("config", ["few", "many"])  # the launch configuration of small and of large grids
-def test_paged_decode_attention(block_size, hq, hk, dim, lens, dtype, config, monkeypatch):
+def test_paged_decode_attention(block_size, hq, hk, dim, lens, dtype, config):
     if DEVICE == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter mis-evaluates bf16 tl.dot; bf16 runs on the GPU (pytest -m gpu)")
     from asyncllm_kernels import paged_attention
 
     chosen = paged_attention.FEW_PAIRS if config == "few" else paged_attention.MANY_PAIRS
-    monkeypatch.setattr(paged_attention, "launch_config", lambda *args: chosen)
     torch.manual_seed(3)
     num_blocks = sum(-(-n // block_size) for n in lens) + 3
     cache = rnd(2, num_blocks, block_size, hk, dim, dtype=dtype)
@@ -194,7 +193,7 @@ def test_paged_decode_attention(block_size, hq, hk, dim, lens, dtype, config, mo
     counters = K.decode_counters(q.device)
     for bound in (max(lens), 4 * max(lens)):  # one chunk per head, or several merged in the kernel (twice with
         for _ in range(2):                    # the same counters: the merging program resets them)
-            out = K.paged_decode_attention(q, cache, tables, seq_lens, dim**-0.5, bound, counters)
+            out = K.paged_decode_attention(q, cache, tables, seq_lens, dim**-0.5, bound, counters, chosen)
             torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
             assert not counters.any()
 

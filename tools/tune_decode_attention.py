@@ -23,7 +23,7 @@ SHAPES = [(256, 160, 16, 8, 128), (256, 256, 16, 8, 128), (256, 384, 16, 8, 128)
           (128, 2048, 16, 8, 128), (32, 1024, 32, 8, 128), (1, 256, 16, 8, 128), (1, 4096, 32, 8, 128),
           (128, 256, 9, 3, 64), (256, 256, 9, 3, 64), (1, 256, 9, 3, 64)]
 # (BLOCK_N, warps, stages, MIN_CHUNK); the first two are the kernel's own (few and many (sequence, KV head) pairs)
-CONFIGS = [tuple(P.FEW_PAIRS), tuple(P.MANY_PAIRS), (64, 2, 3, 64), (64, 1, 2, 64), (32, 2, 3, 32), (32, 1, 2, 32),
+CONFIGS = [P.FEW_PAIRS, P.MANY_PAIRS, (64, 2, 3, 64), (64, 1, 2, 64), (32, 2, 3, 32), (32, 1, 2, 32),
            (128, 2, 2, 128), (64, 2, 2, 128), (32, 2, 2, 64)]
 BLOCK_SIZE = 16
 
@@ -45,14 +45,13 @@ def main() -> None:
         q = torch.randn(batch, hq, dim, device=dev, dtype=bf16, generator=gen)
         lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
         cases.append((f"b{batch}c{ctx}h{hq}/{hk}d{dim}", 2 * batch * ctx * hk * dim * 2, q, caches, tables, lens))
-    for config in CONFIGS[: a.configs]:
-        P.FEW_PAIRS = P.MANY_PAIRS = P.LaunchConfig(*config)
+    for config in map(P.LaunchConfig._make, CONFIGS[: a.configs]):
         out = {}
         for name, kv_bytes, q, caches, tables, lens in cases:
             counters = K.decode_counters(q.device)
             ctx = int(lens[0])
-            fn = lambda: [K.paged_decode_attention(q, c, tables, lens, q.shape[-1] ** -0.5, ctx, counters)  # noqa: E731
-                          for c in caches]
+            fn = lambda: [K.paged_decode_attention(q, c, tables, lens, q.shape[-1] ** -0.5, ctx, counters,  # noqa: E731
+                                                   config) for c in caches]
             us = graph_us(fn, len(caches))
             out[name] = dict(us=us, tbs=round(kv_bytes / us / 1e6, 2))
         print(json.dumps(dict(bench="paged_decode_tuning", block_n_warps_stages_min_chunk=list(config), **out,

@@ -145,9 +145,10 @@ def _num_splits(batch: int, kv_heads: int, max_seq_len: int, sms: int, min_chunk
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, max_seq_len: int,
-                           counters: torch.Tensor | None = None) -> torch.Tensor:
+                           counters: torch.Tensor | None = None, config: LaunchConfig | None = None) -> torch.Tensor:
     """`max_seq_len` (host int, an upper bound of seq_lens) fixes the grid: no device-to-host sync here.
-    `counters` (decode_counters): the caller's, reused across calls; None allocates fresh ones (a memset)."""
+    `counters` (decode_counters): the caller's, reused across calls; None allocates fresh ones (a memset).
+    `config`: the launch configuration (tests and tuning); None: `launch_config`'s for this grid."""
     batch, heads, dim = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     assert heads % kv_heads == 0 and dim == triton.next_power_of_2(dim) and kv_cache.is_contiguous()
@@ -157,7 +158,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     if batch == 0:
         return out
     sms, smem = _device_shape(q.device)
-    config = launch_config(batch, kv_heads, dim, kv_cache.element_size(), sms, smem)
+    config = config or launch_config(batch, kv_heads, dim, kv_cache.element_size(), sms, smem)
     splits = _num_splits(batch, kv_heads, max_seq_len, sms, config.min_chunk)
     o = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device) if splits > 1 else out
     lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
