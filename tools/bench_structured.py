@@ -2,12 +2,13 @@
 schema, against the same batch with none (baseline, same run), the grammar library's mask time per token, and its
 batch calls' time per step (accept, and the fill at several thread counts) replayed along the constrained outputs.
 
-Every request makes exactly --output-len tokens (ignore_eos; the schema asks for 1000 array items, so no
+Every request makes exactly --output-len tokens (ignore_eos; each --schema asks for 1000 array items, so no
 constrained request completes early), so the runs differ only in the masks. Also the constrained requests' own
 tok/s: under overlap scheduling a constrained request needs its previous token on the host before its next mask.
 `--variants` compares how a constrained step waits for its masks (CUDA): behind a StreamGate (the engine's way) or
 on the host, each with the grammar thread's short switch interval (the engine's) or the interpreter's 5 ms.
-    python tools/bench_structured.py --model DIR [--load-format dummy] [--device cuda] [--variants engine host-wait]
+    python tools/bench_structured.py --model DIR [--load-format dummy] [--device cuda] [--schema records]
+        [--variants engine host-wait]
 """
 from __future__ import annotations
 
@@ -26,19 +27,29 @@ from asyncllm import LLM, SamplingParams
 from asyncllm.engine.grammar import HandoffThread
 from asyncllm.sampling_params import StructuredOutputs
 
-SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "minItems": 1000,
-                                                     "items": {"type": "string", "maxLength": 12}}},
-          "required": ["items"]}
+# --schema: each asks for 1000 array items, so no constrained request completes early. "strings12" (bounded
+# strings) is xgrammar's slow case: a mask inside a length-bounded string checks many tokens at run time (tens to
+# hundreds of us); "records" (objects with a free string, an integer, an enum and a boolean) is a typical extraction
+# schema, whose masks come mostly from xgrammar's cache.
+SCHEMAS = {
+    "strings12": {"type": "object", "properties": {"items": {"type": "array", "minItems": 1000,
+                                                             "items": {"type": "string", "maxLength": 12}}},
+                  "required": ["items"]},
+    "records": {"type": "object", "properties": {"people": {"type": "array", "minItems": 1000, "items": {
+        "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                         "role": {"enum": ["admin", "user", "guest"]}, "active": {"type": "boolean"}},
+        "required": ["name", "age", "role", "active"], "additionalProperties": False}}}, "required": ["people"]},
+}
 
 
-def mask_cost(llm: LLM, tokens: int) -> dict:
+def mask_cost(llm: LLM, spec: StructuredOutputs, tokens: int) -> dict:
     """xgrammar's bitmask fill per token along one constrained output (us): median and p90."""
     import xgrammar
 
     [out] = llm.generate([[1, 2, 3]], SamplingParams(temperature=1.0, seed=0, max_tokens=tokens, ignore_eos=True,
-                                                     structured_outputs=StructuredOutputs(json=SCHEMA)), use_tqdm=False)
+                                                     structured_outputs=spec), use_tqdm=False)
     grammars = llm.engine.grammars
-    matcher = grammars.matcher(StructuredOutputs(json=SCHEMA))
+    matcher = grammars.matcher(spec)
     bitmask = xgrammar.allocate_token_bitmask(1, grammars.vocab_size)
     times = []
     for t in out.token_ids:
@@ -50,7 +61,7 @@ def mask_cost(llm: LLM, tokens: int) -> dict:
     return {"mask_us_p50": round(1e6 * times[len(times) // 2], 1), "mask_us_p90": round(1e6 * times[len(times) * 9 // 10], 1)}
 
 
-def batch_cost(llm: LLM, outputs: list[list[int]], threads: list[int]) -> list[dict]:
+def batch_cost(llm: LLM, spec: StructuredOutputs, outputs: list[list[int]], threads: list[int]) -> list[dict]:
     """The grammar work of one step for all constrained rows at once, replayed along the bench's own outputs:
     xgrammar's batch accept and batch mask fill (ms per step, mean), the fill with each thread count."""
     import torch
@@ -62,7 +73,7 @@ def batch_cost(llm: LLM, outputs: list[list[int]], threads: list[int]) -> list[d
     lines = []
     for n in threads:
         batch = xgrammar.BatchGrammarMatcher(n)
-        matchers = [grammars.matcher(StructuredOutputs(json=SCHEMA)) for _ in outputs]
+        matchers = [grammars.matcher(spec) for _ in outputs]
         fill = accept = 0.0
         for i in range(steps):
             start = time.perf_counter()
@@ -74,7 +85,7 @@ def batch_cost(llm: LLM, outputs: list[list[int]], threads: list[int]) -> list[d
                       "fill_ms_per_step": round(1e3 * fill / steps, 3),
                       "accept_ms_per_step": round(1e3 * accept / steps, 3)})
     lines.append({"bench": "structured_accept_beside_python", "rows": len(outputs),
-                  **accept_beside_python(grammars, outputs, min(steps, 64))})
+                  **accept_beside_python(grammars, spec, outputs, min(steps, 64))})
     return lines
 
 
@@ -84,7 +95,7 @@ def spin(stop: Any) -> None:
         pass
 
 
-def accept_beside_python(grammars: Any, outputs: list[list[int]], steps: int) -> dict:
+def accept_beside_python(grammars: Any, spec: StructuredOutputs, outputs: list[list[int]], steps: int) -> dict:
     """The batch accept (ms per step) while another thread runs Python, as the event loop does beside the step
     thread: tvm-ffi calls that let the GIL go wait up to the switch interval to take it back. With the short calls
     keeping the GIL (the engine's setting) and, for comparison, letting it go (tvm-ffi's default)."""
@@ -97,7 +108,7 @@ def accept_beside_python(grammars: Any, outputs: list[list[int]], steps: int) ->
     for label, release in (("keep", False), ("release", True)):
         for fn in fns:
             fn.release_gil = release
-        reqs = [SimpleNamespace(grammar=grammars.matcher(StructuredOutputs(json=SCHEMA)), grammar_ended=False,
+        reqs = [SimpleNamespace(grammar=grammars.matcher(spec), grammar_ended=False,
                                 grammar_stops=frozenset(), request_id=str(i), grammar_refused=False)
                 for i in range(len(outputs))]
         batch = SimpleNamespace(requests=reqs, sample=[True] * len(reqs))
@@ -123,6 +134,7 @@ def workload_args(ap: argparse.ArgumentParser, num_requests: int, output_len: in
     ap.add_argument("--device", default="auto")
     ap.add_argument("--num-requests", type=int, default=num_requests)
     ap.add_argument("--output-len", type=int, default=output_len)
+    ap.add_argument("--schema", default="strings12", choices=sorted(SCHEMAS), help="what the constrained requests follow")
 
 
 def workload(args: Any) -> tuple[LLM, list[list[int]]]:
@@ -132,9 +144,12 @@ def workload(args: Any) -> tuple[LLM, list[list[int]]]:
     return llm, [[rng.randrange(10, 10000) for _ in range(rng.randint(50, 200))] for _ in range(args.num_requests)]
 
 
-def batch_params(n: int, constrained: int, output_len: int) -> list[SamplingParams]:
-    """Every request exactly `output_len` tokens; the first `constrained` follow SCHEMA."""
-    spec = StructuredOutputs(json=SCHEMA)
+def schema_spec(args: Any) -> StructuredOutputs:
+    return StructuredOutputs(json=SCHEMAS[args.schema])
+
+
+def batch_params(n: int, constrained: int, output_len: int, spec: StructuredOutputs) -> list[SamplingParams]:
+    """Every request exactly `output_len` tokens; the first `constrained` follow `spec`."""
     return [SamplingParams(temperature=1.0, seed=i, max_tokens=output_len, ignore_eos=True,
                            structured_outputs=spec if i < constrained else None) for i in range(n)]
 
@@ -150,16 +165,16 @@ def main() -> None:
                     help="how a constrained step waits for its masks (CUDA, overlap): each runs every fraction")
     args = ap.parse_args()
     llm, prompts = workload(args)
-    llm.generate(prompts[:8], SamplingParams(max_tokens=16, ignore_eos=True,
-                                             structured_outputs=StructuredOutputs(json=SCHEMA)), use_tqdm=False)
+    spec = schema_spec(args)
+    llm.generate(prompts[:8], SamplingParams(max_tokens=16, ignore_eos=True, structured_outputs=spec), use_tqdm=False)
     constrained: list[list[int]] = []
     for variant in args.variants:
         constrained = run_variant(llm, args, prompts, variant) or constrained
-    print(json.dumps({"bench": "structured_mask_cost", **mask_cost(llm, args.output_len),
-                      **run_fields(args.device if args.device != "auto" else None)}), flush=True)
+    fields = {"schema": args.schema, **run_fields(args.device if args.device != "auto" else None)}
+    print(json.dumps({"bench": "structured_mask_cost", **mask_cost(llm, spec, args.output_len), **fields}), flush=True)
     if constrained:
-        for line in batch_cost(llm, constrained, args.fill_threads):
-            print(json.dumps({**line, **run_fields(args.device if args.device != "auto" else None)}), flush=True)
+        for line in batch_cost(llm, spec, constrained, args.fill_threads):
+            print(json.dumps({**line, **fields}), flush=True)
 
 
 # how a constrained step waits for its masks: (the engine's StreamGate on, the grammar thread's switch interval)
@@ -206,7 +221,7 @@ def run_variant(llm: LLM, args: Any, prompts: list[list[int]], variant: str) -> 
     constrained: list[list[int]] = []
     for _ in range(args.repeats):
         for k in counts:
-            params = batch_params(len(prompts), k, args.output_len)
+            params = batch_params(len(prompts), k, args.output_len, schema_spec(args))
             with gate_stalls() as pairs:
                 start = time.perf_counter()
                 outs = llm.generate(prompts, params, use_tqdm=False)
@@ -219,7 +234,7 @@ def run_variant(llm: LLM, args: Any, prompts: list[list[int]], variant: str) -> 
     base = None
     for k in counts:
         tokens = len(prompts) * args.output_len
-        line = {"bench": "structured_outputs", "variant": variant, "requests": len(prompts), "constrained": k,
+        line = {"bench": "structured_outputs", "variant": variant, "schema": args.schema, "requests": len(prompts), "constrained": k,
                 "output_len": args.output_len, "repeats": args.repeats, "output_tok_per_s": round(tokens / best[k], 1),
                 "wall_s": round(best[k], 3)}
         if k == 0:

@@ -15,7 +15,7 @@ from collections import defaultdict
 from typing import Any
 
 from bench_common import run_fields
-from bench_structured import batch_params, workload, workload_args
+from bench_structured import batch_params, schema_spec, workload, workload_args
 
 import asyncllm.engine.core as core_module
 from asyncllm.engine.core import EngineCore
@@ -59,7 +59,7 @@ def main() -> None:
     workload_args(ap, 128, 256)
     args = ap.parse_args()
     llm, prompts = workload(args)
-    params = batch_params(len(prompts), len(prompts) // 2, args.output_len)
+    params = batch_params(len(prompts), len(prompts) // 2, args.output_len, schema_spec(args))
     spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
     on = [False]
     timed(spans, on)
