@@ -177,9 +177,12 @@ def main() -> None:
             print(json.dumps({**line, **fields}), flush=True)
 
 
-# how a constrained step waits for its masks: (the engine's StreamGate on, the grammar thread's switch interval)
-VARIANTS = {"engine": (True, HandoffThread.switch_interval), "host-wait": (False, HandoffThread.switch_interval),
-            "gate-5ms-switch": (True, None), "host-wait-5ms-switch": (False, None)}
+# how a constrained step waits for its masks: (the engine's StreamGate on, the grammar thread's switch interval,
+# the grammars take the finished step's tokens on the grammar thread)
+VARIANTS = {"engine": (True, HandoffThread.switch_interval, False),
+            "host-wait": (False, HandoffThread.switch_interval, False),
+            "gate-5ms-switch": (True, None, False), "host-wait-5ms-switch": (False, None, False),
+            "accept-on-grammar-thread": (True, HandoffThread.switch_interval, True)}
 
 
 @contextlib.contextmanager
@@ -212,8 +215,9 @@ def gate_stalls() -> Iterator[list]:
 def run_variant(llm: LLM, args: Any, prompts: list[list[int]], variant: str) -> list[list[int]]:
     """One line per fraction (the first fraction, 0 by default, is the baseline): the best of --repeats runs, the
     fractions taking turns (so a drift of the host's speed hits each alike); returns the constrained outputs."""
-    gate, switch = VARIANTS[variant]
+    gate, switch, accept_there = VARIANTS[variant]
     llm.engine.gate_masks = gate and llm.engine.runner.stream is not None
+    llm.engine.accept_on_grammar_thread = accept_there
     HandoffThread.switch_interval = switch
     counts = [round(fraction * len(prompts)) for fraction in args.fractions]
     best: dict[int, float] = {}

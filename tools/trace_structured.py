@@ -20,11 +20,13 @@ from bench_structured import batch_params, schema_spec, workload, workload_args
 import asyncllm.engine.core as core_module
 from asyncllm.engine.core import EngineCore
 from asyncllm.engine.grammar import HandoffThread, MaskFill
+from asyncllm.engine.runner import ModelRunner
 from asyncllm.engine.step_inputs import StepHandle
 from asyncllm.engine.stream_gate import StreamGate
 
 CALLS = [(EngineCore, "schedule"), (EngineCore, "launch"), (EngineCore, "update"), (StepHandle, "wait"),
-         (core_module, "accept_tokens"), (HandoffThread, "submit"), (MaskFill, "run"), (StreamGate, "open")]
+         (core_module, "advance_grammars"), (HandoffThread, "submit"), (MaskFill, "run"), (StreamGate, "open"),
+         (StreamGate, "close"), (ModelRunner, "mask_job"), (ModelRunner, "complete")]
 
 
 def timed(spans: dict[str, list[tuple[float, float]]], on: list[bool]) -> None:
@@ -57,9 +59,13 @@ def chain_us(spans: dict[str, list[tuple[float, float]]]) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     workload_args(ap, 128, 256)
+    ap.add_argument("--fraction", type=float, default=0.5, help="of the requests constrained")
+    ap.add_argument("--accept-on-grammar-thread", action="store_true", help="EngineCore.accept_on_grammar_thread")
     args = ap.parse_args()
     llm, prompts = workload(args)
-    params = batch_params(len(prompts), len(prompts) // 2, args.output_len, schema_spec(args))
+    llm.engine.accept_on_grammar_thread = args.accept_on_grammar_thread
+    constrained = round(args.fraction * len(prompts))
+    params = batch_params(len(prompts), constrained, args.output_len, schema_spec(args))
     spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
     on = [False]
     timed(spans, on)
@@ -70,7 +76,8 @@ def main() -> None:
     wall = time.perf_counter() - start
     on[0] = False
     steps = len(spans["schedule"])
-    line: dict[str, Any] = {"bench": "structured_host_trace", "requests": len(prompts), "constrained": len(prompts) // 2,
+    line: dict[str, Any] = {"bench": "structured_host_trace", "schema": args.schema, "requests": len(prompts),
+                            "constrained": constrained, "accept_on_grammar_thread": args.accept_on_grammar_thread,
                             "output_len": args.output_len, "steps": steps, "wall_us_per_step": round(1e6 * wall / steps, 1)}
     for name, xs in spans.items():
         line[f"{name}_us"] = round(1e6 * sum(b - a for a, b in xs) / len(xs), 1)
