@@ -138,19 +138,25 @@ def workload_args(ap: argparse.ArgumentParser, num_requests: int, output_len: in
 
 
 def workload(args: Any) -> tuple[LLM, list[list[int]]]:
-    """The engine and the batch's prompts: random token ids, 50-200 per prompt."""
+    """The engine and the batch's prompts."""
     llm = LLM(args.model, load_format=args.load_format, device=args.device, max_model_len=1024)
-    rng = random.Random(0)
-    return llm, [[rng.randrange(10, 10000) for _ in range(rng.randint(50, 200))] for _ in range(args.num_requests)]
+    return llm, random_prompts(random.Random(0), args.num_requests)
+
+
+def random_prompts(rng: random.Random, n: int) -> list[list[int]]:
+    """Random token ids, 50-200 per prompt. Each timed run takes new ones (and new seeds): a repeated request
+    would find its prompt and its whole seeded output in the prefix cache, which a served batch does not."""
+    return [[rng.randrange(10, 10000) for _ in range(rng.randint(50, 200))] for _ in range(n)]
 
 
 def schema_spec(args: Any) -> StructuredOutputs:
     return StructuredOutputs(json=SCHEMAS[args.schema])
 
 
-def batch_params(n: int, constrained: int, output_len: int, spec: StructuredOutputs) -> list[SamplingParams]:
+def batch_params(n: int, constrained: int, output_len: int, spec: StructuredOutputs,
+                 first_seed: int = 0) -> list[SamplingParams]:
     """Every request exactly `output_len` tokens; the first `constrained` follow `spec`."""
-    return [SamplingParams(temperature=1.0, seed=i, max_tokens=output_len, ignore_eos=True,
+    return [SamplingParams(temperature=1.0, seed=first_seed + i, max_tokens=output_len, ignore_eos=True,
                            structured_outputs=spec if i < constrained else None) for i in range(n)]
 
 
@@ -177,12 +183,9 @@ def main() -> None:
             print(json.dumps({**line, **fields}), flush=True)
 
 
-# how a constrained step waits for its masks: (the engine's StreamGate on, the grammar thread's switch interval,
-# the grammars take the finished step's tokens on the grammar thread)
-VARIANTS = {"engine": (True, HandoffThread.switch_interval, False),
-            "host-wait": (False, HandoffThread.switch_interval, False),
-            "gate-5ms-switch": (True, None, False), "host-wait-5ms-switch": (False, None, False),
-            "accept-on-grammar-thread": (True, HandoffThread.switch_interval, True)}
+# how a constrained step waits for its masks: (the engine's StreamGate on, the grammar thread's switch interval)
+VARIANTS = {"engine": (True, HandoffThread.switch_interval), "host-wait": (False, HandoffThread.switch_interval),
+            "gate-5ms-switch": (True, None), "host-wait-5ms-switch": (False, None)}
 
 
 @contextlib.contextmanager
@@ -215,17 +218,18 @@ def gate_stalls() -> Iterator[list]:
 def run_variant(llm: LLM, args: Any, prompts: list[list[int]], variant: str) -> list[list[int]]:
     """One line per fraction (the first fraction, 0 by default, is the baseline): the best of --repeats runs, the
     fractions taking turns (so a drift of the host's speed hits each alike); returns the constrained outputs."""
-    gate, switch, accept_there = VARIANTS[variant]
+    gate, switch = VARIANTS[variant]
     llm.engine.gate_masks = gate and llm.engine.runner.stream is not None
-    llm.engine.accept_on_grammar_thread = accept_there
     HandoffThread.switch_interval = switch
     counts = [round(fraction * len(prompts)) for fraction in args.fractions]
     best: dict[int, float] = {}
     stalls: dict[int, list] = {k: [] for k in counts}
     constrained: list[list[int]] = []
-    for _ in range(args.repeats):
+    rng = random.Random(1)
+    for run in range(args.repeats):
         for k in counts:
-            params = batch_params(len(prompts), k, args.output_len, schema_spec(args))
+            prompts = random_prompts(rng, len(prompts))
+            params = batch_params(len(prompts), k, args.output_len, schema_spec(args), first_seed=(run + 1) * len(prompts))
             with gate_stalls() as pairs:
                 start = time.perf_counter()
                 outs = llm.generate(prompts, params, use_tqdm=False)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from collections import defaultdict
 from typing import Any
 
 from bench_common import run_fields
-from bench_structured import batch_params, schema_spec, workload, workload_args
+from bench_structured import batch_params, random_prompts, schema_spec, workload, workload_args
 
 import asyncllm.engine.core as core_module
 from asyncllm.engine.core import EngineCore
@@ -25,7 +26,7 @@ from asyncllm.engine.step_inputs import StepHandle
 from asyncllm.engine.stream_gate import StreamGate
 
 CALLS = [(EngineCore, "schedule"), (EngineCore, "launch"), (EngineCore, "update"), (StepHandle, "wait"),
-         (core_module, "advance_grammars"), (HandoffThread, "submit"), (MaskFill, "run"), (StreamGate, "open"),
+         (core_module, "accept_tokens"), (HandoffThread, "submit"), (MaskFill, "run"), (StreamGate, "open"),
          (StreamGate, "close"), (ModelRunner, "mask_job"), (ModelRunner, "complete")]
 
 
@@ -60,16 +61,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     workload_args(ap, 128, 256)
     ap.add_argument("--fraction", type=float, default=0.5, help="of the requests constrained")
-    ap.add_argument("--accept-on-grammar-thread", action="store_true", help="EngineCore.accept_on_grammar_thread")
     args = ap.parse_args()
     llm, prompts = workload(args)
-    llm.engine.accept_on_grammar_thread = args.accept_on_grammar_thread
     constrained = round(args.fraction * len(prompts))
     params = batch_params(len(prompts), constrained, args.output_len, schema_spec(args))
     spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
     on = [False]
     timed(spans, on)
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
+    prompts = random_prompts(random.Random(1), len(prompts))  # new prompts and seeds: nothing in the prefix cache
+    params = batch_params(len(prompts), constrained, args.output_len, schema_spec(args), first_seed=len(prompts))
     on[0] = True
     start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
@@ -77,7 +78,7 @@ def main() -> None:
     on[0] = False
     steps = len(spans["schedule"])
     line: dict[str, Any] = {"bench": "structured_host_trace", "schema": args.schema, "requests": len(prompts),
-                            "constrained": constrained, "accept_on_grammar_thread": args.accept_on_grammar_thread,
+                            "constrained": constrained,
                             "output_len": args.output_len, "steps": steps, "wall_us_per_step": round(1e6 * wall / steps, 1)}
     for name, xs in spans.items():
         line[f"{name}_us"] = round(1e6 * sum(b - a for a, b in xs) / len(xs), 1)

@@ -16,15 +16,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from asyncllm.config import EngineConfig
 from asyncllm.engine.detokenizer import IncrementalDetokenizer, token_decoder
-from asyncllm.engine.grammar import (
-    Grammars,
-    HandoffThread,
-    HostMasks,
-    MaskFill,
-    accept_releases_gil,
-    advance_grammars,
-    grammar_tokens,
-)
+from asyncllm.engine.grammar import Grammars, HandoffThread, HostMasks, MaskFill, accept_tokens
 from asyncllm.engine.kv_cache import BlockManager
 from asyncllm.engine.request import Request
 from asyncllm.engine.runner import Deferred, ModelRunner
@@ -138,10 +130,8 @@ class EngineCore:
         # CUDA: a deferred step's sampling is queued at once behind a closed StreamGate, which the grammar thread opens
         # once it filled the masks (the host goes on meanwhile); else (or with this off) the host waits for the masks
         self.gate_masks = self.runner.stream is not None
-        self._accept_on_grammar_thread = False
         self._to_fill: tuple[MaskFill, int] | None = None  # queued behind a closed gate: its fill starts at collect
         self._filling: Future[HostMasks] | None = None  # the fill that opens the gate of the step in flight
-        self._advancing: Future[None] | None = None  # grammars taking tokens on the grammar thread, no fill after
         self._stopped = False
         self._ids = itertools.count()
         self._id_prefix = os.urandom(4).hex()
@@ -307,7 +297,7 @@ class EngineCore:
         if not self._stopped:
             self._stopped = True
             self.open_gates()
-            self._inflight = self._deferred = self._to_mask = self._filling = self._advancing = None
+            self._inflight = self._deferred = self._to_mask = self._filling = None
             if "_grammar_thread" in self.__dict__:
                 self._grammar_thread.shutdown()
             self.runner.stop_followers()
@@ -348,9 +338,6 @@ class EngineCore:
     def launch(self, batch: Batch) -> StepHandle | None:
         """Queue `batch` (if not empty) and return at once with the step to `collect` next: with overlap, the one
         launched before; without, this one (CPU: the step is computed here). Blocks only on `masks_pending`."""
-        if self._advancing is not None:
-            advancing, self._advancing = self._advancing, None
-            advancing.result()
         if self._deferred is not None:
             step, masks = self._deferred
             self._deferred = None
@@ -379,7 +366,7 @@ class EngineCore:
         """Wait for `launch`'s step (blocks the calling thread on the GPU, not the event loop: call it from a worker
         thread) and return it with its sampled tokens, its constrained rows' matchers advanced; then start the
         grammar masks of the step launched deferred or behind a gate (always: a gate left closed stalls the GPU)."""
-        done, pairs = None, []
+        done = None
         try:
             if handle is not None:
                 tokens, logprobs = handle.wait()
@@ -388,42 +375,21 @@ class EngineCore:
                     filling, self._filling = self._filling, None
                     filling.result()  # its error, if it failed
             if done is not None and done[0].constrained:
-                pairs = grammar_tokens(done[0], done[1])
-                if not self.accept_on_grammar_thread:
-                    advance_grammars(pairs)  # needs the GIL throughout
-                    pairs = []
+                accept_tokens(done[0], done[1])  # needs the GIL throughout: a thread would not run it alongside
         finally:
             if self._to_mask is not None:
                 step, self._to_mask = self._to_mask, None
-                self._deferred = step, self._grammar_thread.submit(self._advance_and_fill, pairs, self.runner.mask_job(step))
-            elif self._to_fill is not None:
+                self._deferred = step, self._grammar_thread.submit(self.runner.mask_job(step).run)
+            if self._to_fill is not None:
                 (job, ticket), self._to_fill = self._to_fill, None
-                self._filling = self._grammar_thread.submit(self._advance_and_fill, pairs, job, ticket)
-            elif pairs:  # no masks follow at once: the next launch waits for it (it may fill masks itself)
-                self._advancing = self._grammar_thread.submit(advance_grammars, pairs)
+                self._filling = self._grammar_thread.submit(self._fill_and_open, job, ticket)
         return done
 
-    def _advance_and_fill(self, pairs: list, job: MaskFill, ticket: int | None = None) -> HostMasks:
-        """The grammar thread: advance the grammars by the finished step's tokens (`pairs`, empty when the caller
-        did), fill `job`'s masks, then open the gate of `ticket` (whatever failed: a closed gate stalls the GPU)."""
+    def _fill_and_open(self, job: MaskFill, ticket: int) -> HostMasks:
         try:
-            advance_grammars(pairs)
             return job.run()
         finally:
-            if ticket is not None:
-                self._gate.open(ticket)  # type: ignore[union-attr]
-
-    @property
-    def accept_on_grammar_thread(self) -> bool:
-        """Structured outputs: the grammars take a finished step's tokens on the grammar thread, before it fills the
-        next masks (without the GIL), instead of on the caller's thread (holding it)."""
-        return self._accept_on_grammar_thread
-
-    @accept_on_grammar_thread.setter
-    def accept_on_grammar_thread(self, on: bool) -> None:
-        if on != self._accept_on_grammar_thread:
-            accept_releases_gil(on)
-        self._accept_on_grammar_thread = on
+            self._gate.open(ticket)  # type: ignore[union-attr]
 
     @functools.cached_property
     def _gate(self) -> StreamGate | None:

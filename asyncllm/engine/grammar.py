@@ -91,12 +91,12 @@ SHORT_FFI_CALLS = (("xgrammar.base", "_core.BatchGrammarMatcher.batch_accept_tok
                    ("tvm_ffi.container", "_ffi_api.ArraySize"), ("tvm_ffi.container", "_ffi_api.ArrayGetItem"))
 
 
-def short_ffi_calls(calls: tuple[tuple[str, str], ...] = SHORT_FFI_CALLS) -> list[Any]:
-    """The functions of `calls` that are tvm-ffi functions here (none where xgrammar's binding is not)."""
+def short_ffi_calls() -> list[Any]:
+    """The functions of SHORT_FFI_CALLS that are tvm-ffi functions here (none where xgrammar's binding is not)."""
     import importlib
 
     found = []
-    for module, path in calls:
+    for module, path in SHORT_FFI_CALLS:
         try:
             fn: Any = importlib.import_module(module)
             for part in path.split("."):
@@ -116,14 +116,6 @@ def _hold_gil_in_short_calls() -> None:
     CPU machine / the H200's host). These short calls keep the GIL; the long mask fill still lets it go."""
     for fn in short_ffi_calls():
         fn.release_gil = False
-
-
-def accept_releases_gil(release: bool) -> None:
-    """Whether xgrammar's batch accept lets the GIL go: yes on the grammar thread (the caller runs Python meanwhile,
-    and that thread's switch interval is short), no on the caller's thread (the default: see above)."""
-    _hold_gil_in_short_calls()
-    for fn in short_ffi_calls(SHORT_FFI_CALLS[:1]):  # batch_accept_token
-        fn.release_gil = release
 
 
 @functools.cache
@@ -167,20 +159,12 @@ class MaskFill:
         return self.masks
 
 
-def grammar_tokens(batch: Any, tokens: list[int]) -> list[tuple[Any, int]]:
-    """The (request, token) pairs of a finished step whose grammars must take the token before their next mask.
-    A stop token ends its grammar here (`grammar_ended`), before `advance_grammars` runs (on any thread)."""
+def accept_tokens(batch: Any, tokens: list[int]) -> None:
+    """Advance the grammars of a finished step's constrained rows by the tokens they sampled (in one call), before
+    the next masks are filled. A grammar ends with its stop token; a refused token (never: the mask allowed it)
+    ends the request."""
     sampled = [r for r, s in zip(batch.requests, batch.sample) if s]
     pairs = [(r, t) for r, t in zip(sampled, tokens) if r.grammar is not None and not r.grammar_ended]
-    for req, token in pairs:
-        if token in req.grammar_stops:
-            req.grammar_ended = True
-    return pairs
-
-
-def advance_grammars(pairs: list[tuple[Any, int]]) -> None:
-    """Advance the grammars by their tokens (`grammar_tokens`) in one call. A refused token (never: the mask
-    allowed it) ends the request (`grammar_refused`, seen by the step after)."""
     if not pairs:
         return
     accepted = _batch_matcher().batch_accept_token([r.grammar for r, _ in pairs], [t for _, t in pairs])
@@ -188,12 +172,8 @@ def advance_grammars(pairs: list[tuple[Any, int]]) -> None:
         if not ok:
             log.warning("request %s: its grammar refused token %d", req.request_id, token)
             req.grammar_refused = True
-
-
-def accept_tokens(batch: Any, tokens: list[int]) -> None:
-    """Advance the grammars of a finished step's constrained rows by the tokens they sampled (in one call), before
-    the next masks are filled."""
-    advance_grammars(grammar_tokens(batch, tokens))
+        elif token in req.grammar_stops:
+            req.grammar_ended = True
 
 
 T = TypeVar("T")

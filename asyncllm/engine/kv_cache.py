@@ -108,23 +108,41 @@ class BlockManager:
             return False
         bs = self.block_size
         k = len(tokens) // bs if num_blocks is None else num_blocks
-        if 0 < num_cached < k and self.cache.extend(table[num_cached - 1], tokens[num_cached * bs : k * bs],
-                                                    table[num_cached:k]):
-            return True  # the usual case during decode: one lookup, no walk
+        limit = k if num_written is None else num_written
+        if 0 < num_cached < k:  # the usual case during decode: lookups from the last offered block, no walk
+            after, rest = table[num_cached - 1], tokens[num_cached * bs : k * bs]
+            if self.cache.extend(after, rest, table[num_cached:k]):
+                return True
+            # the tree already holds what follows (a repeated request's own output): adopt those blocks
+            path = self.cache.follow(after, rest)
+            if path:
+                if not self._adopt(table, num_cached, path, limit):
+                    return False
+                if num_cached + len(path) == k:
+                    return True
         try:  # the usual case: the cached prefix is the request's own blocks (one walk of the tree)
             self.cache.insert(tokens[: k * bs], table[:k])
             return True
         except PrefixConflict:  # nothing was inserted; the walk may have split nodes, which changes no content
             pass
-        path = self.cache.peek(tokens[: k * bs])  # another request's copies start at `own`
-        own = next(j for j, (a, b) in enumerate(zip(path, table)) if a != b)
-        if len(path) > (k if num_written is None else num_written):
+        if not self._adopt(table, 0, self.cache.peek(tokens[: k * bs]), limit):
             return False
-        for j in range(own, len(path)):
-            self._hold(path[j])
-        self.free(table[own : len(path)])
-        table[own : len(path)] = path[own:]
         self.cache.insert(tokens[: k * bs], table[:k])
+        return True
+
+    def _adopt(self, table: list[int], start: int, path: list[int], limit: int) -> bool:
+        """The cached blocks `path` hold what `table[start:start + len(path)]` holds: take a reference on each
+        that differs and free the request's copies (`table` changed in place). False, and nothing done, when a
+        copy to free is at or past `limit` (its K/V may still be being written)."""
+        own = next((j for j, (a, b) in enumerate(zip(path, table[start:])) if a != b), len(path))
+        if own == len(path):
+            return True
+        if start + len(path) > limit:
+            return False
+        for b in path[own:]:
+            self._hold(b)
+        self.free(table[start + own : start + len(path)])
+        table[start + own : start + len(path)] = path[own:]
         return True
 
     def _hold(self, block: int) -> None:

@@ -140,6 +140,32 @@ class RadixCache:
             self.block_node[b] = node
         return True
 
+    def follow(self, after: int, tokens: Sequence[int]) -> list[int] | None:
+        """The cached blocks right after the cached block `after` that hold a prefix of `tokens` (whole blocks),
+        most recent use noted, without walking from the root; None if `after` is not cached."""
+        node = self.block_node.get(after)
+        if node is None:
+            return None
+        chunks = self._chunks(tokens)
+        k = len(node.blocks) - 1
+        while node.blocks[k] != after:
+            k -= 1
+        k += 1
+        now = next(self._clock)
+        found: list[int] = []
+        for chunk in chunks:
+            if k == len(node.blocks):
+                child = node.children.get(chunk)
+                if child is None:
+                    break
+                node, k = child, 0
+            elif node.chunks[k] != chunk:
+                break
+            node.last_access = now
+            found.append(node.blocks[k])
+            k += 1
+        return found
+
     def evict(self, num_blocks: int, unused: Callable[[int], bool]) -> list[int]:
         """Remove up to num_blocks unused blocks from the tails of leaves, least recently used leaf first (a leaf
         whose blocks all go is removed, and its parent may become a leaf); returns the freed blocks."""
