@@ -239,6 +239,29 @@ def test_short_grammar_calls_keep_the_gil(llm, prompt):
     assert len(calls) == len(SHORT_FFI_CALLS) and all(fn.release_gil is False for fn in calls)
 
 
+def test_accept_tokens_advances_ends_and_refuses_row_by_row(llm):
+    """One batch accept: a grammar that takes its stop token ends, one that refuses a token marks its request (it
+    then stops), the others advance."""
+    from types import SimpleNamespace
+
+    from asyncllm.engine.grammar import accept_tokens
+
+    grammars, tok = llm.engine.grammars, llm.engine.tokenizer
+    [a], [c] = tok.encode("a", add_special_tokens=False), tok.encode("c", add_special_tokens=False)
+    stop = grammars.stop_tokens[0]
+    reqs = [SimpleNamespace(grammar=grammars.matcher(StructuredOutputs(regex="[ab]{1,2}")), grammar_ended=False,
+                            grammar_refused=False, grammar_stops=frozenset([stop]), request_id=str(i)) for i in range(4)]
+    assert reqs[2].grammar.accept_token(a)
+    batch = SimpleNamespace(requests=reqs + [SimpleNamespace(grammar=None)], sample=[True, True, True, False, True])
+    accept_tokens(batch, [a, c, stop, 0])  # row 3 samples nothing; row 4 is unconstrained
+    assert [(r.grammar_ended, r.grammar_refused) for r in reqs] == [(False, False), (False, True), (True, False),
+                                                                    (False, False)]
+    accept_tokens(batch, [a, a, a, 0])  # all accepted (the ended grammar is skipped): the flags stay
+    assert [(r.grammar_ended, r.grammar_refused) for r in reqs] == [(False, False), (False, True), (True, False),
+                                                                    (False, False)]
+    assert not reqs[0].grammar.accept_token(a) and reqs[0].grammar.accept_token(stop)  # it holds "aa" now
+
+
 def test_mask_fill_reads_which_grammars_ended_when_it_runs(llm):
     """A step's masks are made when it is queued (CUDA: behind a stream gate) but filled only once the step before
     was accepted: a grammar that ended with that token gets an allow-all row (its request ends), and the others

@@ -4,6 +4,8 @@ best of 3.
 
 - detokenizer: IncrementalDetokenizer.push + take(final=False) per token (one stop string), the server's path;
 - prefix_offers: BlockManager.cache_blocks as the scheduler calls it each time a request fills a block;
+- prefix_offers_repeated: the same for a request repeating one the cache holds whole (its seeded output too): each
+  block is offered in the step that fills it (refused: still being written) and again in the next (adopted);
 - penalties: ModelRunner._penalties' host work per step for --rows penalized requests of that many output tokens
   (after the first step), in ms per step, --vocab columns;
 - evictions: allocating KV blocks when a full prefix cache must give them up (µs per block, 10k / 100k blocks);
@@ -57,6 +59,25 @@ def prefix_offers(n: int, rng: random.Random) -> float:
         table += bm.allocate(1)
         ok = bm.cache_blocks(tokens, table, k, k - 1, k) if with_count else bm.cache_blocks(tokens[: k * bs], table, k, k - 1)
         assert ok
+    return (time.perf_counter() - t) / (n - bs) * 1e6
+
+
+def prefix_offers_repeated(n: int, rng: random.Random) -> float:
+    from asyncllm.engine.kv_cache import BlockManager
+
+    bs = 16
+    bm = BlockManager(2 * (n // bs) + 8, bs, True)
+    tokens = [rng.randrange(50000) for _ in range(n // bs * bs)]
+    assert bm.cache_blocks(tokens, bm.allocate(n // bs))  # the first request, cached whole (its table kept)
+    table = bm.match(tokens[:bs]) + bm.allocate(1)
+    cached = 1
+    t = time.perf_counter()
+    for k in range(2, n // bs + 1):
+        if k > 2:
+            table += bm.allocate(1)
+        bm.cache_blocks(tokens, table, k - 1, cached, k)  # the step that writes block k - 1: refused
+        assert bm.cache_blocks(tokens, table, k, cached, k)  # the next step
+        cached = k
     return (time.perf_counter() - t) / (n - bs) * 1e6
 
 
@@ -168,6 +189,9 @@ def main() -> None:
                           "us_per_token": round(min(detokenizer(tok, ids) for _ in range(3)), 3), **common}), flush=True)
         print(json.dumps({"bench": "host_costs", "part": "prefix_offers", "output_len": n,
                           "us_per_token": round(min(prefix_offers(n, rng) for _ in range(3)), 3), **common}), flush=True)
+        print(json.dumps({"bench": "host_costs", "part": "prefix_offers_repeated", "output_len": n,
+                          "us_per_token": round(min(prefix_offers_repeated(n, rng) for _ in range(3)), 3), **common}),
+              flush=True)
     for n in (10_000, 100_000):
         print(json.dumps({"bench": "host_costs", "part": "evictions", "num_blocks": n,
                           "us_per_block": round(evictions(n, rng), 2), **common}), flush=True)

@@ -6,7 +6,7 @@ Every request makes exactly --output-len tokens (ignore_eos; each --schema asks 
 constrained request completes early), so the runs differ only in the masks. Also the constrained requests' own
 tok/s: under overlap scheduling a constrained request needs its previous token on the host before its next mask.
 `--variants` compares how a constrained step waits for its masks (CUDA): behind a StreamGate (the engine's way) or
-on the host, each with the grammar thread's short switch interval (the engine's) or the interpreter's 5 ms.
+on the host, each with the grammar thread's short switch interval (the engine's, 0.1 ms; or 20 us) or the interpreter's 5 ms.
     python tools/bench_structured.py --model DIR [--load-format dummy] [--device cuda] [--schema records]
         [--variants engine host-wait]
 """
@@ -185,7 +185,7 @@ def main() -> None:
 
 # how a constrained step waits for its masks: (the engine's StreamGate on, the grammar thread's switch interval)
 VARIANTS = {"engine": (True, HandoffThread.switch_interval), "host-wait": (False, HandoffThread.switch_interval),
-            "gate-5ms-switch": (True, None), "host-wait-5ms-switch": (False, None)}
+            "gate-5ms-switch": (True, None), "host-wait-5ms-switch": (False, None), "gate-20us-switch": (True, 2e-5)}
 
 
 @contextlib.contextmanager

@@ -88,7 +88,8 @@ class Grammars:
 
 # tvm-ffi functions (xgrammar's binding layer) that keep the GIL: see `_hold_gil_in_short_calls`
 SHORT_FFI_CALLS = (("xgrammar.base", "_core.BatchGrammarMatcher.batch_accept_token"),
-                   ("tvm_ffi.container", "_ffi_api.ArraySize"), ("tvm_ffi.container", "_ffi_api.ArrayGetItem"))
+                   ("tvm_ffi.container", "_ffi_api.ArraySize"), ("tvm_ffi.container", "_ffi_api.ArrayGetItem"),
+                   ("tvm_ffi.container", "_ffi_api.ArrayContains"))
 
 
 def short_ffi_calls() -> list[Any]:
@@ -167,13 +168,28 @@ def accept_tokens(batch: Any, tokens: list[int]) -> None:
     pairs = [(r, t) for r, t in zip(sampled, tokens) if r.grammar is not None and not r.grammar_ended]
     if not pairs:
         return
-    accepted = _batch_matcher().batch_accept_token([r.grammar for r, _ in pairs], [t for _, t in pairs])
-    for (req, token), ok in zip(pairs, accepted):
-        if not ok:
+    accepted = _batch_accept()([r.grammar for r, _ in pairs], [t for _, t in pairs])
+    # one call asks whether any was refused: reading each row's flag costs as much as the accept (two calls a row)
+    flags = list(accepted) if 0 in accepted else None
+    for i, (req, token) in enumerate(pairs):
+        if flags is not None and not flags[i]:
             log.warning("request %s: its grammar refused token %d", req.request_id, token)
             req.grammar_refused = True
         elif token in req.grammar_stops:
             req.grammar_ended = True
+
+
+@functools.cache
+def _batch_accept() -> Callable[[list[Any], list[int]], Any]:
+    """xgrammar's batch accept, returning a sequence of flags (0: refused): where its binding is tvm-ffi's, the
+    binding's function on the matchers' handles, whose result stays a tvm-ffi array (not read row by row)."""
+    import xgrammar.base
+
+    wrapper = _batch_matcher().batch_accept_token
+    raw = getattr(getattr(getattr(xgrammar.base, "_core", None), "BatchGrammarMatcher", None), "batch_accept_token", None)
+    if raw is None:
+        return wrapper
+    return lambda matchers, tokens: raw([m._handle for m in matchers], tokens, False)
 
 
 T = TypeVar("T")

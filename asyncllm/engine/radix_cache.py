@@ -18,6 +18,7 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 
 Key = tuple[int, ...]
+MAX_FOLLOWED = 4096  # `follow` hints kept
 
 
 class PrefixConflict(ValueError):
@@ -43,6 +44,7 @@ class RadixCache:
         self.root = Node([], [], None)
         self.block_node: dict[int, Node] = {}  # every cached block -> the node holding it
         self._clock = itertools.count(1)  # logical time for LRU
+        self._followed: dict[int, tuple[Node, int]] = {}  # `follow`'s last block -> (its node, index there), a hint
 
     @property
     def num_blocks(self) -> int:
@@ -142,18 +144,24 @@ class RadixCache:
 
     def follow(self, after: int, tokens: Sequence[int]) -> list[int] | None:
         """The cached blocks right after the cached block `after` that hold a prefix of `tokens` (whole blocks),
-        most recent use noted, without walking from the root; None if `after` is not cached."""
+        most recent use noted, without walking from the root; None if `after` is not cached. A request that
+        follows a cached path block by block finds each `after` where its last call left it (no search of the
+        node: a repeated long output is one node)."""
         node = self.block_node.get(after)
         if node is None:
             return None
-        chunks = self._chunks(tokens)
-        k = len(node.blocks) - 1
-        while node.blocks[k] != after:
-            k -= 1
+        hint = self._followed.get(after)
+        if hint is not None and hint[0] is node and hint[1] < len(node.blocks) and node.blocks[hint[1]] == after:
+            k = hint[1]
+        else:
+            k = len(node.blocks) - 1
+            while node.blocks[k] != after:
+                k -= 1
         k += 1
         now = next(self._clock)
         found: list[int] = []
-        for chunk in chunks:
+        last: tuple[Node, int] | None = None
+        for chunk in self._chunks(tokens):
             if k == len(node.blocks):
                 child = node.children.get(chunk)
                 if child is None:
@@ -163,7 +171,12 @@ class RadixCache:
                 break
             node.last_access = now
             found.append(node.blocks[k])
+            last = node, k
             k += 1
+        if last is not None:
+            if len(self._followed) >= MAX_FOLLOWED:  # requests that stopped following leave theirs behind
+                self._followed.clear()
+            self._followed[found[-1]] = last
         return found
 
     def evict(self, num_blocks: int, unused: Callable[[int], bool]) -> list[int]:
@@ -211,6 +224,7 @@ class RadixCache:
         blocks = list(self.block_node)
         self.root.children.clear()
         self.block_node.clear()
+        self._followed.clear()
         return blocks
 
     def check(self, unused: Callable[[int], bool]) -> None:

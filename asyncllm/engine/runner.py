@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from asyncllm import distributed
 from asyncllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
-from asyncllm.device import host_tensor, resolve_device, to_device
+from asyncllm.device import resolve_device, to_device
 from asyncllm.engine.cuda_graphs import CudaGraphs, graph_size
 from asyncllm.engine.grammar import HostMasks, MaskFill, TokenMask
 from asyncllm.engine.piecewise_graphs import PiecewiseGraphs, default_max_tokens
@@ -338,17 +338,24 @@ class ModelRunner:
                 [int(sample_index[i]) for i in constrained], [reqs[i] for i in constrained])
 
     @functools.cached_property
-    def _mask_ring(self) -> HostRing | None:
-        return HostRing((self.config.max_num_seqs, self.mask_width), torch.int32) if self.device.type == "cuda" else None
+    def _mask_rings(self) -> tuple[HostRing, HostRing] | None:
+        """Page-locked buffers of the grammar masks (CUDA): their rows among the sampled logits, and the bitmasks."""
+        if self.device.type != "cuda":
+            return None
+        n = self.config.max_num_seqs
+        return HostRing(n, torch.int64), HostRing((n, self.mask_width), torch.int32)
 
-    @torch.inference_mode()  # as when the ring was made: its buffers are inference tensors
+    @torch.inference_mode()  # as when the rings were made: their buffers are inference tensors
     def mask_job(self, step: Deferred) -> MaskFill:
         """The step's grammar masks on the host: the buffers are made here; the job's `run` fills them (the
         grammars must hold every earlier token) without the GIL until it returns."""
-        ring = self._mask_ring
         reqs = step.constrained
-        rows = host_tensor(step.mask_rows, torch.int64, self.device)
-        return MaskFill(reqs, self.model.config.vocab_size, rows, ring.take(len(reqs)) if ring else None)
+        if self._mask_rings is None:
+            return MaskFill(reqs, self.model.config.vocab_size, torch.tensor(step.mask_rows, dtype=torch.int64))
+        rows_ring, masks_ring = self._mask_rings
+        rows = rows_ring.take(len(reqs))
+        rows.numpy()[:] = step.mask_rows
+        return MaskFill(reqs, self.model.config.vocab_size, rows, masks_ring.take(len(reqs)))
 
     def _penalties(self, batch: Batch, rows: list[int], sample_index: np.ndarray) -> Penalties | None:
         """The penalties of the sampling rows that use them, or None. Host work per step is per row, plus, once
