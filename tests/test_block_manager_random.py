@@ -119,7 +119,8 @@ def run(num_blocks: int, evict_batch: int, ops: list[tuple], grow_from: list[lis
         elif kind == "echo" and r is not None:
             srcs = [q["tokens"] for q in m.reqs] + (grow_from or [])
             src = srcs[o[2] % len(srcs)]
-            more = src[len(r["tokens"]) : len(r["tokens"]) + o[3] * BS] if src[: len(r["tokens"])] == r["tokens"] else []
+            n = len(r["tokens"])
+            more = src[n : n + o[3] * BS] if src[:n] == r["tokens"] else []
             more = more[: len(more) // BS * BS]
             if more and bm.can_allocate(len(more) // BS):
                 r["tokens"] += more

@@ -249,8 +249,9 @@ def test_accept_tokens_advances_ends_and_refuses_row_by_row(llm):
     grammars, tok = llm.engine.grammars, llm.engine.tokenizer
     [a], [c] = tok.encode("a", add_special_tokens=False), tok.encode("c", add_special_tokens=False)
     stop = grammars.stop_tokens[0]
-    reqs = [SimpleNamespace(grammar=grammars.matcher(StructuredOutputs(regex="[ab]{1,2}")), grammar_ended=False,
-                            grammar_refused=False, grammar_stops=frozenset([stop]), request_id=str(i)) for i in range(4)]
+    spec = StructuredOutputs(regex="[ab]{1,2}")
+    reqs = [SimpleNamespace(grammar=grammars.matcher(spec), grammar_ended=False, grammar_refused=False,
+                            grammar_stops=frozenset([stop]), request_id=str(i)) for i in range(4)]
     assert reqs[2].grammar.accept_token(a)
     batch = SimpleNamespace(requests=reqs + [SimpleNamespace(grammar=None)], sample=[True, True, True, False, True])
     accept_tokens(batch, [a, c, stop, 0])  # row 3 samples nothing; row 4 is unconstrained

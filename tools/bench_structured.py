@@ -6,7 +6,8 @@ Every request makes exactly --output-len tokens (ignore_eos; each --schema asks 
 constrained request completes early), so the runs differ only in the masks. Also the constrained requests' own
 tok/s: under overlap scheduling a constrained request needs its previous token on the host before its next mask.
 `--variants` compares how a constrained step waits for its masks (CUDA): behind a StreamGate (the engine's way) or
-on the host, each with the grammar thread's short switch interval (the engine's, 0.1 ms; or 20 us) or the interpreter's 5 ms.
+on the host, each with the grammar thread's short switch interval (the engine's, 0.1 ms; or 20 us) or the
+interpreter's 5 ms.
     python tools/bench_structured.py --model DIR [--load-format dummy] [--device cuda] [--schema records]
         [--variants engine host-wait]
 """
@@ -134,7 +135,8 @@ def workload_args(ap: argparse.ArgumentParser, num_requests: int, output_len: in
     ap.add_argument("--device", default="auto")
     ap.add_argument("--num-requests", type=int, default=num_requests)
     ap.add_argument("--output-len", type=int, default=output_len)
-    ap.add_argument("--schema", default="strings12", choices=sorted(SCHEMAS), help="what the constrained requests follow")
+    ap.add_argument("--schema", default="strings12", choices=sorted(SCHEMAS),
+                    help="what the constrained requests follow")
 
 
 def workload(args: Any) -> tuple[LLM, list[list[int]]]:
@@ -229,7 +231,8 @@ def run_variant(llm: LLM, args: Any, prompts: list[list[int]], variant: str) -> 
     for run in range(args.repeats):
         for k in counts:
             prompts = random_prompts(rng, len(prompts))
-            params = batch_params(len(prompts), k, args.output_len, schema_spec(args), first_seed=(run + 1) * len(prompts))
+            params = batch_params(len(prompts), k, args.output_len, schema_spec(args),
+                                  first_seed=(run + 1) * len(prompts))
             with gate_stalls() as pairs:
                 start = time.perf_counter()
                 outs = llm.generate(prompts, params, use_tqdm=False)
@@ -242,7 +245,8 @@ def run_variant(llm: LLM, args: Any, prompts: list[list[int]], variant: str) -> 
     base = None
     for k in counts:
         tokens = len(prompts) * args.output_len
-        line = {"bench": "structured_outputs", "variant": variant, "schema": args.schema, "requests": len(prompts), "constrained": k,
+        line = {"bench": "structured_outputs", "variant": variant, "schema": args.schema, "requests": len(prompts),
+                "constrained": k,
                 "output_len": args.output_len, "repeats": args.repeats, "output_tok_per_s": round(tokens / best[k], 1),
                 "wall_s": round(best[k], 3)}
         if k == 0:
