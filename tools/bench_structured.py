@@ -62,9 +62,13 @@ def mask_cost(llm: LLM, spec: StructuredOutputs, tokens: int) -> dict:
     return {"mask_us_p50": round(1e6 * times[len(times) // 2], 1), "mask_us_p90": round(1e6 * times[len(times) * 9 // 10], 1)}
 
 
-def batch_cost(llm: LLM, spec: StructuredOutputs, outputs: list[list[int]], threads: list[int]) -> list[dict]:
+def batch_cost(llm: LLM, spec: StructuredOutputs, outputs: list[list[int]], threads: list[int],
+               splits: tuple[int, ...] | list[int] = (1,)) -> list[dict]:
     """The grammar work of one step for all constrained rows at once, replayed along the bench's own outputs:
-    xgrammar's batch accept and batch mask fill (ms per step, mean), the fill with each thread count."""
+    xgrammar's batch accept and batch mask fill (ms per step, mean), the fill with each thread count, made as
+    `fill_calls` concurrent batch calls over slices of the rows (each with its share of the threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
     import xgrammar
 
@@ -73,18 +77,28 @@ def batch_cost(llm: LLM, spec: StructuredOutputs, outputs: list[list[int]], thre
     bitmask = torch.empty((len(outputs), -(-grammars.vocab_size // 32)), dtype=torch.int32)
     lines = []
     for n in threads:
-        batch = xgrammar.BatchGrammarMatcher(n)
-        matchers = [grammars.matcher(spec) for _ in outputs]
-        fill = accept = 0.0
-        for i in range(steps):
-            start = time.perf_counter()
-            batch.batch_fill_next_token_bitmask(matchers, bitmask)
-            mid = time.perf_counter()
-            assert all(batch.batch_accept_token(matchers, [o[i] for o in outputs]))
-            fill, accept = fill + mid - start, accept + time.perf_counter() - mid
-        lines.append({"bench": "structured_step_grammar", "rows": len(outputs), "fill_threads": n,
-                      "fill_ms_per_step": round(1e3 * fill / steps, 3),
-                      "accept_ms_per_step": round(1e3 * accept / steps, 3)})
+        for calls in splits:
+            if calls > n:
+                continue
+            batches = [xgrammar.BatchGrammarMatcher(n // calls) for _ in range(calls)]
+            pool = ThreadPoolExecutor(calls)
+            matchers = [grammars.matcher(spec) for _ in outputs]
+            slices = [list(range(j, len(outputs), calls)) for j in range(calls)]
+            fill = accept = 0.0
+            for i in range(steps):
+                start = time.perf_counter()
+                if calls == 1:
+                    batches[0].batch_fill_next_token_bitmask(matchers, bitmask)
+                else:
+                    list(pool.map(lambda j: batches[j].batch_fill_next_token_bitmask(
+                        [matchers[r] for r in slices[j]], bitmask, slices[j]), range(calls)))
+                mid = time.perf_counter()
+                assert all(batches[0].batch_accept_token(matchers, [o[i] for o in outputs]))
+                fill, accept = fill + mid - start, accept + time.perf_counter() - mid
+            pool.shutdown()
+            lines.append({"bench": "structured_step_grammar", "rows": len(outputs), "fill_threads": n,
+                          "fill_calls": calls, "fill_ms_per_step": round(1e3 * fill / steps, 3),
+                          "accept_ms_per_step": round(1e3 * accept / steps, 3)})
     lines.append({"bench": "structured_accept_beside_python", "rows": len(outputs),
                   **accept_beside_python(grammars, spec, outputs, min(steps, 64))})
     return lines
@@ -168,6 +182,8 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.5])
     ap.add_argument("--fill-threads", type=int, nargs="+", default=[1, 2, 4, 8],
                     help="xgrammar batch-fill thread counts to time on the constrained outputs")
+    ap.add_argument("--fill-calls", type=int, nargs="+", default=[1],
+                    help="concurrent batch-fill calls the rows are split over (the threads shared among them)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each fraction per variant (best counts)")
     ap.add_argument("--variants", nargs="+", default=["engine"], choices=sorted(VARIANTS),
                     help="how a constrained step waits for its masks (CUDA, overlap): each runs every fraction")
@@ -181,7 +197,7 @@ def main() -> None:
     fields = {"schema": args.schema, **run_fields(args.device if args.device != "auto" else None)}
     print(json.dumps({"bench": "structured_mask_cost", **mask_cost(llm, spec, args.output_len), **fields}), flush=True)
     if constrained:
-        for line in batch_cost(llm, spec, constrained, args.fill_threads):
+        for line in batch_cost(llm, spec, constrained, args.fill_threads, args.fill_calls):
             print(json.dumps({**line, **fields}), flush=True)
 
 
