@@ -1,10 +1,12 @@
 """Where a batch with grammar-constrained requests spends its host time: timers around the engine's calls during one
-`LLM.generate` of bench_structured's batch (half of the requests following its JSON schema), one JSON line with the
-mean per call (µs) of the main thread's schedule / launch / collect's wait / accept / submit / update, the grammar
+`LLM.generate` of bench_structured's batch (--fraction of the requests following its --schema; new prompts and
+seeds after a warm-up), one JSON line with the mean per call (µs) of the main thread's schedule / launch (and in it
+the mask buffers, the gate's close, the queued sampling) / collect's wait / accept / submit / update, the grammar
 thread's mask fill (`MaskFill.run`), and the chain from a fill's submit to its gate opening (CUDA). The main thread
 sets the pace when its calls add up to the step period and it hardly waits; the chain does when the GPU waits at
 the gate (bench_structured's gate_stall_ms).
     python tools/trace_structured.py --model DIR [--load-format dummy] [--num-requests 128] [--output-len 256]
+        [--schema records] [--fraction 0]
 """
 from __future__ import annotations
 
