@@ -66,6 +66,33 @@ def test_partial_block_prefixes_and_identical_prompts(model):
     assert_drained(on)
 
 
+def test_a_repeated_request_adopts_its_cached_output_as_it_decodes(model, monkeypatch):
+    """The same greedy request again (alone, then three at once): each adopts the first one's output blocks as it
+    decodes (found after its last offered block, no walk from the root), and every output is the same."""
+    from asyncllm.engine.radix_cache import RadixCache
+
+    adopted = []
+    follow = RadixCache.follow
+
+    def counted(self, after, tokens):
+        found = follow(self, after, tokens)
+        adopted.append(len(found or ()))
+        return found
+
+    monkeypatch.setattr(RadixCache, "follow", counted)
+    prompt = random_prompts(1, 49152, 20, 20, seed=41)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    on, off = pair(model, max_model_len=256, block_size=8)
+    [ref] = off.generate([prompt], params, use_tqdm=False)
+    [first] = on.generate([prompt], params, use_tqdm=False)
+    assert not any(adopted)
+    again = on.generate([prompt], params, use_tqdm=False) + on.generate([prompt] * 3, params, use_tqdm=False)
+    assert all(o.token_ids == ref.token_ids == first.token_ids for o in again)
+    assert sum(adopted) >= (20 + 60) // 8 - 3  # the repeat's decoded blocks, at least
+    on.engine.blocks.check_invariants()
+    assert_drained(on)
+
+
 def test_eviction_under_memory_pressure(model):
     system = random_prompts(1, 49152, 64, 64, seed=36)[0]
     prompts = [system + q for q in random_prompts(16, 49152, 5, 40, seed=37)] + random_prompts(8, 49152, 60, 90, seed=38)
