@@ -11,12 +11,13 @@ told by an atomic counter, merges the chunks by their log-sum-exp and resets the
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from asyncllm_kernels.device_shape import device_shape
 
 MAX_COUNTERS = 1 << 16  # (sequence, KV head) pairs one call may have
 
@@ -38,7 +39,6 @@ class LaunchConfig(NamedTuple):
 # (~100 KB of shared memory per SM, at head_dim 128) every grid takes the short ones (not run on such a GPU here).
 FEW_PAIRS = LaunchConfig(128, 4, 2, 128)
 MANY_PAIRS = LaunchConfig(64, 2, 2, 64)
-SMEM_PER_SM = 228 * 1024  # bytes, where the device does not say (H100, H200)
 
 
 def launch_config(batch: int, kv_heads: int, head_dim: int, elem_bytes: int, sms: int,
@@ -46,15 +46,6 @@ def launch_config(batch: int, kv_heads: int, head_dim: int, elem_bytes: int, sms
     few_smem = 2 * FEW_PAIRS.num_stages * FEW_PAIRS.block_n * head_dim * elem_bytes  # K and V tiles per stage
     resident = smem_per_sm // few_smem  # 0: an SM cannot hold them (GPUs with ~100 KB per SM, at head_dim 128)
     return FEW_PAIRS if batch * kv_heads <= sms * resident else MANY_PAIRS
-
-
-@functools.cache
-def _device_shape(device: torch.device) -> tuple[int, int]:
-    """SMs and shared memory per SM (bytes); a stand-in on the CPU (Triton's interpreter)."""
-    if device.type != "cuda":
-        return 4, SMEM_PER_SM
-    props = torch.cuda.get_device_properties(device)
-    return props.multi_processor_count, getattr(props, "shared_memory_per_multiprocessor", 0) or SMEM_PER_SM
 
 
 def decode_counters(device: torch.device) -> torch.Tensor:
@@ -157,7 +148,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    sms, smem = _device_shape(q.device)
+    sms, smem = device_shape(q.device)
     config = config or launch_config(batch, kv_heads, dim, kv_cache.element_size(), sms, smem)
     splits = _num_splits(batch, kv_heads, max_seq_len, sms, config.min_chunk)
     o = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device) if splits > 1 else out

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from asyncllm_kernels.device_shape import device_shape
+
 MAX_ROWS = 16  # BLOCK_M: rows of x one call takes
 BLOCK_N = 16
 BLOCK_K = 256
@@ -106,7 +108,7 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, 
 
 def _split_k(blocks: int, k: int, device: torch.device) -> int:
     """Reduction slices: about PROGRAMS_PER_SM programs per SM over the grid, each at least two BLOCK_K slices long."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms, _ = device_shape(device)
     return max(1, min(-(-PROGRAMS_PER_SM * sms // blocks), k // (2 * BLOCK_K)))
 
 
