@@ -7,7 +7,8 @@ constrained request completes early), so the runs differ only in the masks. Also
 tok/s: under overlap scheduling a constrained request needs its previous token on the host before its next mask.
 `--variants` compares how a constrained step waits for its masks (CUDA): behind a StreamGate (the engine's way) or
 on the host, each with the grammar thread's short switch interval (the engine's, 0.1 ms; or 20 us) or the
-interpreter's 5 ms.
+interpreter's 5 ms; and under the gate the grammar work in native workers (the engine's way) or on the step and
+grammar threads (python-grammar-work).
     python tools/bench_structured.py --model DIR [--load-format dummy] [--device cuda] [--schema records]
         [--variants engine host-wait]
 """
@@ -99,9 +100,33 @@ def batch_cost(llm: LLM, spec: StructuredOutputs, outputs: list[list[int]], thre
             lines.append({"bench": "structured_step_grammar", "rows": len(outputs), "fill_threads": n,
                           "fill_calls": calls, "fill_ms_per_step": round(1e3 * fill / steps, 3),
                           "accept_ms_per_step": round(1e3 * accept / steps, 3)})
+    lines.append({"bench": "structured_step_rows", "rows": len(outputs), **row_costs(grammars, spec, outputs, steps)})
     lines.append({"bench": "structured_accept_beside_python", "rows": len(outputs),
                   **accept_beside_python(grammars, spec, outputs, min(steps, 64))})
     return lines
+
+
+def row_costs(grammars: Any, spec: StructuredOutputs, outputs: list[list[int]], steps: int) -> dict:
+    """Each row's mask filled alone, step by step along the outputs (ms per step, mean over steps): the sum over a
+    step's rows (one thread's work) and the slowest row (a bound under any split of the rows over threads)."""
+    import torch
+
+    matchers = [grammars.matcher(spec) for _ in outputs]
+    bitmask = torch.empty((len(outputs), -(-grammars.vocab_size // 32)), dtype=torch.int32)
+    total = slowest = 0.0
+    maxima = []
+    for i in range(steps):
+        times = []
+        for r, m in enumerate(matchers):
+            start = time.perf_counter()
+            m.fill_next_token_bitmask(bitmask, r)
+            times.append(time.perf_counter() - start)
+            assert m.accept_token(outputs[r][i])
+        total, slowest = total + sum(times), slowest + max(times)
+        maxima.append(max(times))
+    maxima.sort()
+    return {"rows_sum_ms_per_step": round(1e3 * total / steps, 3), "row_max_ms_per_step": round(1e3 * slowest / steps, 3),
+            "row_max_ms_p90": round(1e3 * maxima[len(maxima) * 9 // 10], 3)}
 
 
 def spin(stop: Any) -> None:
@@ -201,9 +226,12 @@ def main() -> None:
             print(json.dumps({**line, **fields}), flush=True)
 
 
-# how a constrained step waits for its masks: (the engine's StreamGate on, the grammar thread's switch interval)
-VARIANTS = {"engine": (True, HandoffThread.switch_interval), "host-wait": (False, HandoffThread.switch_interval),
-            "gate-5ms-switch": (True, None), "host-wait-5ms-switch": (False, None), "gate-20us-switch": (True, 2e-5)}
+# how a constrained step waits for its masks: (the engine's StreamGate on, the grammar thread's switch interval,
+# the accept / fill / gate opening in native workers (GrammarWork) rather than the step and grammar threads)
+VARIANTS = {"engine": (True, HandoffThread.switch_interval, True),
+            "python-grammar-work": (True, HandoffThread.switch_interval, False),
+            "host-wait": (False, HandoffThread.switch_interval, False), "gate-5ms-switch": (True, None, False),
+            "host-wait-5ms-switch": (False, None, False), "gate-20us-switch": (True, 2e-5, False)}
 
 
 @contextlib.contextmanager
@@ -236,8 +264,9 @@ def gate_stalls() -> Iterator[list]:
 def run_variant(llm: LLM, args: Any, prompts: list[list[int]], variant: str) -> list[list[int]]:
     """One line per fraction (the first fraction, 0 by default, is the baseline): the best of --repeats runs, the
     fractions taking turns (so a drift of the host's speed hits each alike); returns the constrained outputs."""
-    gate, switch = VARIANTS[variant]
+    gate, switch, native = VARIANTS[variant]
     llm.engine.gate_masks = gate and llm.engine.runner.stream is not None
+    llm.engine.native_grammar = native
     HandoffThread.switch_interval = switch
     counts = [round(fraction * len(prompts)) for fraction in args.fractions]
     best: dict[int, float] = {}

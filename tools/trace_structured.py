@@ -2,7 +2,8 @@
 `LLM.generate` of bench_structured's batch (--fraction of the requests following its --schema; new prompts and
 seeds after a warm-up), one JSON line with the mean per call (µs) of the main thread's schedule / launch (and in it
 the mask buffers, the gate's close, the queued sampling) / collect's wait / accept / submit / update, the grammar
-thread's mask fill (`MaskFill.run`), and the chain from a fill's submit to its gate opening (CUDA). The main thread
+thread's mask fill (`MaskFill.run`), and the chain from a fill's submit to its gate opening (CUDA); with the native
+grammar workers (the engine's default under a gate), their job's submit and finish instead. The main thread
 sets the pace when its calls add up to the step period and it hardly waits; the chain does when the GPU waits at
 the gate (bench_structured's gate_stall_ms).
     python tools/trace_structured.py --model DIR [--load-format dummy] [--num-requests 128] [--output-len 256]
@@ -23,21 +24,23 @@ from bench_structured import batch_params, random_prompts, schema_spec, workload
 import asyncllm.engine.core as core_module
 from asyncllm.engine.core import EngineCore
 from asyncllm.engine.grammar import HandoffThread, MaskFill
+from asyncllm.engine.native_grammar import GrammarWork
 from asyncllm.engine.runner import ModelRunner
 from asyncllm.engine.step_inputs import StepHandle
 from asyncllm.engine.stream_gate import StreamGate
 
 CALLS = [(EngineCore, "schedule"), (EngineCore, "launch"), (EngineCore, "update"), (StepHandle, "wait"),
          (core_module, "accept_tokens"), (HandoffThread, "submit"), (MaskFill, "run"), (StreamGate, "open"),
-         (StreamGate, "close"), (ModelRunner, "mask_job"), (ModelRunner, "complete")]
+         (StreamGate, "close"), (ModelRunner, "mask_job"), (ModelRunner, "complete"),
+         (GrammarWork, "submit", "work_submit"), (GrammarWork, "finish", "work_finish")]
 
 
 def timed(spans: dict[str, list[tuple[float, float]]], on: list[bool]) -> None:
-    """Wrap CALLS to note (start, end) of each call while on[0]."""
-    for owner, name in CALLS:
+    """Wrap CALLS to note (start, end) of each call while on[0] (under its name, or the label given)."""
+    for owner, name, *label in CALLS:
         fn = getattr(owner, name)
 
-        def wrapper(*args: Any, _fn: Any = fn, _name: str = name, **kwargs: Any) -> Any:
+        def wrapper(*args: Any, _fn: Any = fn, _name: str = (label or [name])[0], **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
                 return _fn(*args, **kwargs)
@@ -63,8 +66,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     workload_args(ap, 128, 256)
     ap.add_argument("--fraction", type=float, default=0.5, help="of the requests constrained")
+    ap.add_argument("--python-grammar-work", action="store_true",
+                    help="the accept and fill on the step and grammar threads, not the native workers")
     args = ap.parse_args()
     llm, prompts = workload(args)
+    llm.engine.native_grammar = not args.python_grammar_work
     constrained = round(args.fraction * len(prompts))
     params = batch_params(len(prompts), constrained, args.output_len, schema_spec(args))
     spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -80,7 +86,7 @@ def main() -> None:
     on[0] = False
     steps = len(spans["schedule"])
     line: dict[str, Any] = {"bench": "structured_host_trace", "schema": args.schema, "requests": len(prompts),
-                            "constrained": constrained,
+                            "constrained": constrained, "native_grammar_work": not args.python_grammar_work,
                             "output_len": args.output_len, "steps": steps, "wall_us_per_step": round(1e6 * wall / steps, 1)}
     for name, xs in spans.items():
         line[f"{name}_us"] = round(1e6 * sum(b - a for a, b in xs) / len(xs), 1)

@@ -16,8 +16,9 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from asyncllm.config import EngineConfig
 from asyncllm.engine.detokenizer import IncrementalDetokenizer, token_decoder
-from asyncllm.engine.grammar import Grammars, HandoffThread, HostMasks, MaskFill, accept_tokens
+from asyncllm.engine.grammar import Grammars, HandoffThread, HostMasks, MaskFill, accept_tokens, fill_threads, grammar_tokens
 from asyncllm.engine.kv_cache import BlockManager
+from asyncllm.engine.native_grammar import GrammarWork
 from asyncllm.engine.request import Request
 from asyncllm.engine.runner import Deferred, ModelRunner
 from asyncllm.engine.step_inputs import StepHandle
@@ -132,6 +133,9 @@ class EngineCore:
         self.gate_masks = self.runner.stream is not None
         self._to_fill: tuple[MaskFill, int] | None = None  # queued behind a closed gate: its fill starts at collect
         self._filling: Future[HostMasks] | None = None  # the fill that opens the gate of the step in flight
+        # under a gate: the accept, fill and gate opening in native threads (GrammarWork) instead of the step and
+        # grammar threads, where they can be built
+        self.native_grammar = True
         self._stopped = False
         self._ids = itertools.count()
         self._id_prefix = os.urandom(4).hex()
@@ -300,6 +304,8 @@ class EngineCore:
             self._inflight = self._deferred = self._to_mask = self._filling = None
             if "_grammar_thread" in self.__dict__:
                 self._grammar_thread.shutdown()
+            if (work := self.__dict__.get("_grammar_work")) is not None:
+                work.close()  # waits for a job in flight
             self.runner.stop_followers()
             self.runner.close()
 
@@ -374,16 +380,46 @@ class EngineCore:
                 if self._filling is not None:  # it opened this step's gate (or an earlier one's): done, or returning
                     filling, self._filling = self._filling, None
                     filling.result()  # its error, if it failed
+            if (started := self.__dict__.get("_grammar_work")) is not None:
+                started.finish()  # the job that opened this step's gate: done (or all but done)
+            work = self._work
             if done is not None and done[0].constrained:
-                accept_tokens(done[0], done[1])  # needs the GIL throughout: a thread would not run it alongside
+                if work is not None and self._to_fill is not None:
+                    accept = grammar_tokens(done[0], done[1])
+                    for req, token in accept:
+                        req.grammar_ended = token in req.grammar_stops
+                    self._start_fill(accept)
+                else:
+                    accept_tokens(done[0], done[1])  # needs the GIL throughout: a thread would not run it alongside
         finally:
             if self._to_mask is not None:
                 step, self._to_mask = self._to_mask, None
                 self._deferred = step, self._grammar_thread.submit(self.runner.mask_job(step).run)
             if self._to_fill is not None:
-                (job, ticket), self._to_fill = self._to_fill, None
-                self._filling = self._grammar_thread.submit(self._fill_and_open, job, ticket)
+                self._start_fill([])
         return done
+
+    def _start_fill(self, accept: list[tuple[Request, int]]) -> None:
+        """Start the masks of the step queued behind the gate (after the tokens of `accept`, native workers only),
+        which open the gate once filled."""
+        assert self._to_fill is not None
+        (job, ticket), self._to_fill = self._to_fill, None
+        work = self._work
+        if work is not None:
+            if work.busy:  # (collect failed before it finished the last job)
+                work.finish()
+            work.submit(accept, job.requests, job.masks.bitmask, self._gate.word_address, ticket)  # type: ignore[union-attr]
+        else:
+            self._filling = self._grammar_thread.submit(self._fill_and_open, job, ticket)
+
+    @property
+    def _work(self) -> GrammarWork | None:
+        """The native grammar workers, when steps go behind a gate and they can run here (made at first use)."""
+        if not (self.native_grammar and self.gate_masks and "_gate" in self.__dict__):
+            return None
+        if "_grammar_work" not in self.__dict__:
+            self.__dict__["_grammar_work"] = GrammarWork.make(fill_threads())
+        return self.__dict__["_grammar_work"]
 
     def _fill_and_open(self, job: MaskFill, ticket: int) -> HostMasks:
         try:

@@ -125,10 +125,14 @@ def _batch_matcher() -> Any:
 
     _hold_gil_in_short_calls()
 
-    # xgrammar's "auto" is half of std::thread::hardware_concurrency(), which in a container counts the host's
-    # cores, not the ones this process may use: count those instead
+    return xgrammar.BatchGrammarMatcher(fill_threads())
+
+
+def fill_threads() -> int:
+    """Threads for a step's mask fill: half the cores this process may use, at most 8 (xgrammar's "auto" is half of
+    std::thread::hardware_concurrency(), which in a container counts the host's cores instead)."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return xgrammar.BatchGrammarMatcher(max(1, min(8, usable // 2)))
+    return max(1, min(8, usable // 2))
 
 
 class MaskFill:
@@ -160,12 +164,17 @@ class MaskFill:
         return self.masks
 
 
+def grammar_tokens(batch: Any, tokens: list[int]) -> list[tuple[Any, int]]:
+    """(request, token) of a finished step's rows whose grammar takes the token they sampled."""
+    sampled = [r for r, s in zip(batch.requests, batch.sample) if s]
+    return [(r, t) for r, t in zip(sampled, tokens) if r.grammar is not None and not r.grammar_ended]
+
+
 def accept_tokens(batch: Any, tokens: list[int]) -> None:
     """Advance the grammars of a finished step's constrained rows by the tokens they sampled (in one call), before
     the next masks are filled. A grammar ends with its stop token; a refused token (never: the mask allowed it)
-    ends the request."""
-    sampled = [r for r, s in zip(batch.requests, batch.sample) if s]
-    pairs = [(r, t) for r, t in zip(sampled, tokens) if r.grammar is not None and not r.grammar_ended]
+    ends the request. (Under a stream gate with native workers: `GrammarWork`, off the GIL.)"""
+    pairs = grammar_tokens(batch, tokens)
     if not pairs:
         return
     accepted = _batch_accept()([r.grammar for r, _ in pairs], [t for _, t in pairs])

@@ -65,6 +65,12 @@ class StreamGate:
             raise RuntimeError(f"cuStreamWaitValue32 failed with CUresult {rc}")
         return ticket
 
+    @property
+    def word_address(self) -> int:
+        """The host address of the page-locked word the stream waits on (for a native thread that opens the gate:
+        it must store only tickets closed here, in order, each as a cyclic max: never an older one over a newer)."""
+        return self._word.data_ptr()
+
     def open(self, ticket: int) -> None:
         """Let the stream run past the wait of `ticket` (and of every earlier one). A ticket older than the one
         opened last changes nothing."""

@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import hashlib
 import heapq
 import logging
 import os
-import shlex
 import subprocess
-import sys
-import sysconfig
 from array import array
 from collections import deque
 from collections.abc import Callable
 from itertools import accumulate
 from pathlib import Path
 
-from asyncllm.model_files import cache_dir
+from asyncllm.native_build import load_native
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("send_thread.c")
@@ -44,19 +40,8 @@ def native_library() -> ctypes.PyDLL | None:
     if _lib is not False:
         return _lib  # type: ignore[return-value]
     _lib = None
-    if not sys.platform.startswith("linux"):
-        return None
     try:
-        source = SOURCE.read_bytes()
-        so = cache_dir() / f"send_thread-{hashlib.sha256(source).hexdigest()[:16]}.so"
-        if not so.exists():
-            so.parent.mkdir(parents=True, exist_ok=True)
-            cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
-            tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
-            subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-pthread", "-o", str(tmp), str(SOURCE)],
-                           check=True, capture_output=True, timeout=120)
-            os.replace(tmp, so)  # atomic: a concurrent build by another process is never seen half-written
-        lib = ctypes.PyDLL(str(so))  # PyDLL: calls keep the GIL (each returns at once; the thread is native)
+        lib = load_native(SOURCE)  # calls keep the GIL (each returns at once; the thread is native)
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("socket writes stay on the event loop: the send thread could not be built (%s)", e)
         return None

@@ -1,0 +1,260 @@
+/* Native threads for a step's grammar work without Python's GIL (asyncllm/engine/native_grammar.py).
+
+   A job is a list of rows, each one grammar matcher (an xgrammar tvm-ffi object): accept a token (when given),
+   then fill the matcher's bitmask row with the tokens it allows next (when given a row; or an allow-all row for a
+   grammar that ended). Worker threads take rows one at a time (so one slow mask does not hold a share of the
+   others), calling xgrammar through tvm-ffi's C ABI; the last worker to finish opens the job's stream gate (the
+   page-locked word a CUDA stream waits on: cyclic max of the word and the ticket) and marks the job done.
+   One job at a time: `gw_submit` requires the previous one done (`gw_done`, `gw_wait`).
+   Plain C (no Python API): loaded with ctypes, `gw_submit`/`gw_done` keep the GIL (they return at once),
+   `gw_wait` lets it go. */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* tvm-ffi's C ABI (tvm/ffi/c_api.h) and DLPack's DLTensor, the parts used here */
+typedef struct {
+    int32_t type_index;
+    uint32_t zero_padding;
+    union { int64_t v_int64; void *v_ptr; double v_float64; };
+} ffi_any;
+typedef struct { uint64_t combined_ref_count; int32_t type_index; uint32_t padding; } ffi_object_header;
+typedef int (*ffi_call_t)(void *func, ffi_any *args, int32_t num_args, ffi_any *result);
+typedef void (*ffi_error_moved_t)(void **result);
+typedef int (*ffi_decref_t)(void *obj);
+enum { FFI_NONE = 0, FFI_INT = 1, FFI_BOOL = 2, FFI_DLTENSOR_PTR = 7, FFI_STATIC_OBJECT_BEGIN = 64 };
+typedef struct {
+    void *data;
+    struct { int32_t device_type, device_id; } device;
+    int32_t ndim;
+    struct { uint8_t code, bits; uint16_t lanes; } dtype;
+    int64_t *shape, *strides;
+    uint64_t byte_offset;
+} dl_tensor;
+
+typedef struct work {
+    pthread_mutex_t mu;
+    pthread_cond_t cv_job, cv_done;
+    int nthreads;
+    pthread_t *threads;
+    int stop;
+    ffi_call_t call;
+    ffi_error_moved_t error_moved;
+    ffi_decref_t decref;
+    void *accept_fn, *fill_fn;
+    /* the job: seq counts submitted jobs, done the finished ones */
+    int64_t seq, done;
+    int n, active;
+    int next_row;  /* atomic: the next row a worker takes */
+    int finished;  /* atomic: rows done */
+    int errors;    /* atomic: tvm-ffi calls that raised */
+    void **matchers;
+    int32_t *tokens;   /* token to accept first, or -1 */
+    int32_t *rows;     /* bitmask row to fill, or -1 */
+    int8_t *allow_all; /* 1: the grammar ended: the row allows every token (xgrammar fills none) */
+    int8_t *accepted;  /* out: 1 accepted (or nothing to accept), 0 refused */
+    int64_t shape[2];
+    dl_tensor bitmask;
+    uint32_t *gate;  /* the gate's word, or NULL */
+    uint32_t ticket;
+    int capacity;
+} work;
+
+static ffi_any object_arg(void *handle) {
+    ffi_any a;
+    a.type_index = ((ffi_object_header *)handle)->type_index;
+    a.zero_padding = 0;
+    a.v_ptr = handle;
+    return a;
+}
+
+static ffi_any pod_arg(int32_t type_index, int64_t value) {
+    ffi_any a;
+    a.type_index = type_index;
+    a.zero_padding = 0;
+    a.v_int64 = value;
+    return a;
+}
+
+/* call `fn` with `args`; returns its bool result, or -1 if it raised */
+static int call_bool(work *w, void *fn, ffi_any *args, int nargs) {
+    ffi_any result = pod_arg(FFI_NONE, 0);
+    if (w->call(fn, args, nargs, &result) != 0) {
+        void *err = NULL;
+        w->error_moved(&err);
+        if (err) w->decref(err);
+        __atomic_fetch_add(&w->errors, 1, __ATOMIC_RELAXED);
+        return -1;
+    }
+    if (result.type_index >= FFI_STATIC_OBJECT_BEGIN && result.v_ptr) w->decref(result.v_ptr);
+    return result.type_index == FFI_BOOL || result.type_index == FFI_INT ? result.v_int64 != 0 : 1;
+}
+
+static void run_row(work *w, int i) {
+    if (w->tokens[i] >= 0) {
+        ffi_any args[3] = {object_arg(w->matchers[i]), pod_arg(FFI_INT, w->tokens[i]), pod_arg(FFI_BOOL, 0)};
+        w->accepted[i] = call_bool(w, w->accept_fn, args, 3) == 1;
+    } else {
+        w->accepted[i] = 1;
+    }
+    int row = w->rows[i];
+    if (row < 0) return;
+    if (w->allow_all[i]) {
+        memset((int32_t *)w->bitmask.data + (int64_t)row * w->shape[1], 0xff, (size_t)w->shape[1] * sizeof(int32_t));
+        return;
+    }
+    ffi_any args[4] = {object_arg(w->matchers[i]), pod_arg(FFI_DLTENSOR_PTR, 0), pod_arg(FFI_INT, row),
+                       pod_arg(FFI_BOOL, 0)};
+    args[1].v_ptr = &w->bitmask;
+    call_bool(w, w->fill_fn, args, 4);
+}
+
+static void open_gate(uint32_t *word, uint32_t ticket) {
+    uint32_t seen = __atomic_load_n(word, __ATOMIC_RELAXED);
+    /* cyclic max: never move the word back (an older ticket changes nothing) */
+    while ((uint32_t)(ticket - seen) - 1u < 0x7fffffffu &&
+           !__atomic_compare_exchange_n(word, &seen, ticket, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
+    }
+}
+
+static void finish(work *w) {
+    if (w->gate) open_gate(w->gate, w->ticket);
+    pthread_mutex_lock(&w->mu);
+    w->done = w->seq;
+    pthread_cond_broadcast(&w->cv_done);
+    pthread_mutex_unlock(&w->mu);
+}
+
+static void *worker(void *arg) {
+    work *w = arg;
+    int64_t seen = 0;
+    pthread_mutex_lock(&w->mu);
+    for (;;) {
+        while (!w->stop && w->seq == seen) pthread_cond_wait(&w->cv_job, &w->mu);
+        if (w->stop) break;
+        seen = w->seq;
+        if (!w->n) continue;  /* an empty job, done by gw_submit */
+        pthread_mutex_unlock(&w->mu);
+        for (int i; (i = __atomic_fetch_add(&w->next_row, 1, __ATOMIC_RELAXED)) < w->n;) {
+            run_row(w, i);
+            /* the worker that finishes the last row: every row is written (acquire: the others' writes too) */
+            if (__atomic_add_fetch(&w->finished, 1, __ATOMIC_ACQ_REL) == w->n) finish(w);
+        }
+        pthread_mutex_lock(&w->mu);
+        if (--w->active == 0) pthread_cond_broadcast(&w->cv_done);  /* every worker is out of the job */
+    }
+    pthread_mutex_unlock(&w->mu);
+    return NULL;
+}
+
+void gw_free(work *w);
+
+work *gw_new(int nthreads, void *call, void *error_moved, void *decref, void *accept_fn, void *fill_fn) {
+    work *w = calloc(1, sizeof(work));
+    if (!w) return NULL;
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cv_job, NULL);
+    pthread_cond_init(&w->cv_done, NULL);
+    w->call = (ffi_call_t)call;
+    w->error_moved = (ffi_error_moved_t)error_moved;
+    w->decref = (ffi_decref_t)decref;
+    w->accept_fn = accept_fn;
+    w->fill_fn = fill_fn;
+    w->threads = calloc(nthreads, sizeof(pthread_t));
+    if (!w->threads) { free(w); return NULL; }
+    for (; w->nthreads < nthreads; w->nthreads++)
+        if (pthread_create(&w->threads[w->nthreads], NULL, worker, w) != 0) break;
+    if (!w->nthreads) { gw_free(w); return NULL; }
+    return w;
+}
+
+/* Start a job of n rows (the arrays are copied); bitmask: rows x width int32 (host memory). Returns its sequence
+   number, or -1 (out of memory, or the previous job is not done). */
+int64_t gw_submit(work *w, int n, void **matchers, const int32_t *tokens, const int32_t *rows,
+                  const int8_t *allow_all, void *bitmask, int64_t nrows, int64_t width, uint32_t *gate,
+                  uint32_t ticket) {
+    pthread_mutex_lock(&w->mu);
+    if (w->done != w->seq) { pthread_mutex_unlock(&w->mu); return -1; }
+    while (w->active) pthread_cond_wait(&w->cv_done, &w->mu);  /* late workers leaving the last job (microseconds) */
+    if (n > w->capacity) {
+        int cap = n > 2 * w->capacity ? n : 2 * w->capacity;
+        void **m = realloc(w->matchers, cap * sizeof(void *));
+        if (m) w->matchers = m;
+        int32_t *t = realloc(w->tokens, cap * sizeof(int32_t));
+        if (t) w->tokens = t;
+        int32_t *r = realloc(w->rows, cap * sizeof(int32_t));
+        if (r) w->rows = r;
+        int8_t *a = realloc(w->allow_all, cap);
+        if (a) w->allow_all = a;
+        int8_t *c = realloc(w->accepted, cap);
+        if (c) w->accepted = c;
+        if (!m || !t || !r || !a || !c) { pthread_mutex_unlock(&w->mu); return -1; }
+        w->capacity = cap;
+    }
+    memcpy(w->matchers, matchers, n * sizeof(void *));
+    memcpy(w->tokens, tokens, n * sizeof(int32_t));
+    memcpy(w->rows, rows, n * sizeof(int32_t));
+    memcpy(w->allow_all, allow_all, n);
+    w->shape[0] = nrows;
+    w->shape[1] = width;
+    memset(&w->bitmask, 0, sizeof(w->bitmask));
+    w->bitmask.data = bitmask;
+    w->bitmask.device.device_type = 1;  /* kDLCPU */
+    w->bitmask.ndim = 2;
+    w->bitmask.dtype.code = 0;  /* kDLInt */
+    w->bitmask.dtype.bits = 32;
+    w->bitmask.dtype.lanes = 1;
+    w->bitmask.shape = w->shape;
+    w->gate = gate;
+    w->ticket = ticket;
+    w->n = n;
+    w->next_row = 0;
+    w->finished = 0;
+    w->errors = 0;
+    int64_t seq = ++w->seq;
+    if (n == 0) {  /* nothing to do: open the gate here */
+        if (gate) open_gate(gate, ticket);
+        w->done = seq;
+    } else {
+        w->active = w->nthreads;
+        pthread_cond_broadcast(&w->cv_job);
+    }
+    pthread_mutex_unlock(&w->mu);
+    return seq;
+}
+
+/* 1 if job `seq` is done (then its accepted flags and error count are readable), else 0 */
+int gw_done(work *w, int64_t seq) {
+    pthread_mutex_lock(&w->mu);
+    int done = w->done >= seq;
+    pthread_mutex_unlock(&w->mu);
+    return done;
+}
+
+/* Wait for job `seq`; copy its accepted flags (n bytes) into `accepted`; returns the tvm-ffi calls that raised. */
+int gw_wait(work *w, int64_t seq, int8_t *accepted) {
+    pthread_mutex_lock(&w->mu);
+    while (w->done < seq) pthread_cond_wait(&w->cv_done, &w->mu);
+    if (accepted) memcpy(accepted, w->accepted, w->n);
+    int errors = w->errors;
+    pthread_mutex_unlock(&w->mu);
+    return errors;
+}
+
+void gw_free(work *w) {
+    pthread_mutex_lock(&w->mu);
+    while (w->done < w->seq || w->active) pthread_cond_wait(&w->cv_done, &w->mu);
+    w->stop = 1;
+    pthread_cond_broadcast(&w->cv_job);
+    pthread_mutex_unlock(&w->mu);
+    for (int i = 0; i < w->nthreads; i++) pthread_join(w->threads[i], NULL);
+    free(w->threads);
+    free(w->matchers);
+    free(w->tokens);
+    free(w->rows);
+    free(w->allow_all);
+    free(w->accepted);
+    free(w);
+}
