@@ -170,8 +170,9 @@ work *gw_new(int nthreads, void *call, void *error_moved, void *decref, void *ac
     return w;
 }
 
-/* Start a job of n rows (the arrays are copied); bitmask: rows x width int32 (host memory). Returns its sequence
-   number, or -1 (out of memory, or the previous job is not done). */
+/* Start a job of n rows (the arrays are copied); bitmask: nrows x width int32 in host memory, row after row (xgrammar
+   writes row i at bitmask + i * width). Returns its sequence number, or -1 (out of memory, or the previous job is
+   not done). */
 int64_t gw_submit(work *w, int n, void **matchers, const int32_t *tokens, const int32_t *rows,
                   const int8_t *allow_all, void *bitmask, int64_t nrows, int64_t width, uint32_t *gate,
                   uint32_t ticket) {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import subprocess
+import weakref
 from array import array
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +55,7 @@ class GrammarWork:
         self._work = lib.gw_new(threads, *address, *(f.__chandle__() for f in self._methods))
         if not self._work:
             raise OSError("the grammar workers did not start")
+        self._finalizer = weakref.finalize(self, self._wait_lib.gw_free, self._work)  # (close, or when dropped)
         self._seq = 0
         self._held: tuple[Sequence[Any], torch.Tensor] | None = None  # what the job in flight reads
         self._accepting: list[Any] = []  # the job's rows' requests whose token it accepts (row order)
@@ -71,9 +73,10 @@ class GrammarWork:
     def submit(self, accept: Sequence[tuple[Any, int]], fill: Sequence[Any], bitmask: torch.Tensor,
                gate_word: int = 0, ticket: int = 0) -> None:
         """Start a job: advance each (request, token) of `accept` by its token, then fill row i of `bitmask` (host
-        int32, [>= len(fill), W]) with the next tokens of `fill[i]`'s grammar (all allowed once it ended), then
+        int32, [>= len(fill), W], contiguous) with the next tokens of `fill[i]`'s grammar (all allowed once it ended), then
         open the gate whose word is at `gate_word` (0: none) with `ticket`. The previous job must be `finish`ed."""
         assert self._held is None, "the previous grammar job was not finished"
+        assert bitmask.dtype == torch.int32 and bitmask.device.type == "cpu" and bitmask.is_contiguous()
         index = {id(r): i for i, (r, _) in enumerate(accept)}
         reqs = [r for r, _ in accept]
         tokens = array("i", [t for _, t in accept])
@@ -119,6 +122,5 @@ class GrammarWork:
                 req.grammar_refused = True
 
     def close(self) -> None:
-        if self._work:
-            self._wait_lib.gw_free(self._work)
-            self._work = None
+        """Stop the workers (after the job in flight)."""
+        self._finalizer()
