@@ -54,9 +54,10 @@ def test_jobs_accept_and_fill_like_xgrammar_one_call_at_a_time(grammars, work):
         reqs = []
         for i in range(rng.randint(1, 12)):
             spec = rng.choice(SPECS)
-            reqs.append(SimpleNamespace(grammar=grammars.matcher(spec), twin=grammars.matcher(spec), request_id=str(i),
-                                        grammar_ended=False, grammar_refused=False, grammar_stops=frozenset(grammars.stop_tokens),
-                                        last=None))
+            matcher = grammars.matcher(spec)
+            reqs.append(SimpleNamespace(grammar=matcher, grammar_handle=GrammarWork.handle(matcher),
+                                        twin=grammars.matcher(spec), request_id=str(i), grammar_ended=False,
+                                        grammar_refused=False, grammar_stops=frozenset(grammars.stop_tokens), last=None))
         ticket = 0
         word.zero_()
         for step in range(40):
@@ -88,8 +89,9 @@ def test_jobs_accept_and_fill_like_xgrammar_one_call_at_a_time(grammars, work):
 
 
 def test_a_refused_token_is_reported_and_the_gate_never_moves_back(grammars, work):
-    reqs = [SimpleNamespace(grammar=grammars.matcher(StructuredOutputs(regex="[ab]")), request_id=str(i),
-                            grammar_ended=False, grammar_refused=False) for i in range(2)]
+    matchers = [grammars.matcher(StructuredOutputs(regex="[ab]")) for _ in range(2)]
+    reqs = [SimpleNamespace(grammar=m, grammar_handle=GrammarWork.handle(m), request_id=str(i), grammar_ended=False,
+                            grammar_refused=False) for i, m in enumerate(matchers)]
     bitmask = torch.zeros((2, -(-grammars.vocab_size // 32)), dtype=torch.int32)
     word = torch.zeros(1, dtype=torch.int32)
     work.submit([], reqs, bitmask, word.data_ptr(), 5)

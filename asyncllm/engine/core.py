@@ -162,6 +162,7 @@ class EngineCore:
         if params.structured_outputs is not None:
             req.grammar = self.grammars.matcher(params.structured_outputs)
             req.grammar_stops = frozenset(req.grammar.stop_token_ids)
+            req.grammar_handle = GrammarWork.handle(req.grammar)
         return req
 
     @functools.cached_property

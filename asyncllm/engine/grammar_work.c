@@ -46,7 +46,7 @@ typedef struct work {
     void *accept_fn, *fill_fn;
     /* the job: seq counts submitted jobs, done the finished ones */
     int64_t seq, done;
-    int n, active;
+    int n, n_accept, active;
     int next_row;  /* atomic: the next row a worker takes */
     int finished;  /* atomic: rows done */
     int errors;    /* atomic: tvm-ffi calls that raised */
@@ -55,6 +55,7 @@ typedef struct work {
     int32_t *rows;     /* bitmask row to fill, or -1 */
     int8_t *allow_all; /* 1: the grammar ended: the row allows every token (xgrammar fills none) */
     int8_t *accepted;  /* out: 1 accepted (or nothing to accept), 0 refused */
+    int *order;        /* the accepts sorted by matcher (gw_submit) */
     int64_t shape[2];
     dl_tensor bitmask;
     uint32_t *gate;  /* the gate's word, or NULL */
@@ -170,17 +171,25 @@ work *gw_new(int nthreads, void *call, void *error_moved, void *decref, void *ac
     return w;
 }
 
-/* Start a job of n rows (the arrays are copied); bitmask: nrows x width int32 in host memory, row after row (xgrammar
-   writes row i at bitmask + i * width). Returns its sequence number, or -1 (out of memory, or the previous job is
-   not done). */
-int64_t gw_submit(work *w, int n, void **matchers, const int32_t *tokens, const int32_t *rows,
+static int by_matcher(const void *a, const void *b, void *base) {
+    const void *x = ((void *const *)base)[*(const int *)a], *y = ((void *const *)base)[*(const int *)b];
+    return x < y ? -1 : x > y;
+}
+
+/* Start a job: accept token i by matcher accept[i] (n_accept), then fill bitmask row j with the next tokens of
+   matcher fill[j] (n_fill; after its accept when it has one; all allowed where allow_all[j]). The bitmask is nrows x
+   width int32 in host memory, row after row (xgrammar writes row j at bitmask + j * width). The arrays are copied.
+   Returns the job's sequence number, or -1 (out of memory, or the previous job is not done). Not thread-safe (one
+   caller). */
+int64_t gw_submit(work *w, int n_accept, void *const *accept, const int32_t *tokens, int n_fill, void *const *fill,
                   const int8_t *allow_all, void *bitmask, int64_t nrows, int64_t width, uint32_t *gate,
                   uint32_t ticket) {
     pthread_mutex_lock(&w->mu);
     if (w->done != w->seq) { pthread_mutex_unlock(&w->mu); return -1; }
     while (w->active) pthread_cond_wait(&w->cv_done, &w->mu);  /* late workers leaving the last job (microseconds) */
-    if (n > w->capacity) {
-        int cap = n > 2 * w->capacity ? n : 2 * w->capacity;
+    int cap_needed = n_accept + n_fill;
+    if (cap_needed > w->capacity) {
+        int cap = cap_needed > 2 * w->capacity ? cap_needed : 2 * w->capacity;
         void **m = realloc(w->matchers, cap * sizeof(void *));
         if (m) w->matchers = m;
         int32_t *t = realloc(w->tokens, cap * sizeof(int32_t));
@@ -191,13 +200,37 @@ int64_t gw_submit(work *w, int n, void **matchers, const int32_t *tokens, const 
         if (a) w->allow_all = a;
         int8_t *c = realloc(w->accepted, cap);
         if (c) w->accepted = c;
-        if (!m || !t || !r || !a || !c) { pthread_mutex_unlock(&w->mu); return -1; }
+        int *o = realloc(w->order, cap * sizeof(int));
+        if (o) w->order = o;
+        if (!m || !t || !r || !a || !c || !o) { pthread_mutex_unlock(&w->mu); return -1; }
         w->capacity = cap;
     }
-    memcpy(w->matchers, matchers, n * sizeof(void *));
-    memcpy(w->tokens, tokens, n * sizeof(int32_t));
-    memcpy(w->rows, rows, n * sizeof(int32_t));
-    memcpy(w->allow_all, allow_all, n);
+    /* rows 0..n_accept-1: the accepts; a fill whose matcher has one joins its row, the others get rows after */
+    int n = n_accept;
+    for (int i = 0; i < n_accept; i++) {
+        w->matchers[i] = accept[i];
+        w->tokens[i] = tokens[i];
+        w->rows[i] = -1;
+        w->allow_all[i] = 0;
+        w->order[i] = i;
+    }
+    qsort_r(w->order, n_accept, sizeof(int), by_matcher, (void *)accept);
+    for (int j = 0; j < n_fill; j++) {
+        int lo = 0, hi = n_accept, i = -1;
+        while (lo < hi) {  /* the accept of the same matcher, if any */
+            int mid = (lo + hi) / 2;
+            const void *m = accept[w->order[mid]];
+            if (m == fill[j]) { i = w->order[mid]; break; }
+            if ((const void *)m < (const void *)fill[j]) lo = mid + 1; else hi = mid;
+        }
+        if (i < 0) {
+            i = n++;
+            w->matchers[i] = fill[j];
+            w->tokens[i] = -1;
+        }
+        w->rows[i] = j;
+        w->allow_all[i] = allow_all[j];
+    }
     w->shape[0] = nrows;
     w->shape[1] = width;
     memset(&w->bitmask, 0, sizeof(w->bitmask));
@@ -211,6 +244,7 @@ int64_t gw_submit(work *w, int n, void **matchers, const int32_t *tokens, const 
     w->gate = gate;
     w->ticket = ticket;
     w->n = n;
+    w->n_accept = n_accept;
     w->next_row = 0;
     w->finished = 0;
     w->errors = 0;
@@ -234,11 +268,12 @@ int gw_done(work *w, int64_t seq) {
     return done;
 }
 
-/* Wait for job `seq`; copy its accepted flags (n bytes) into `accepted`; returns the tvm-ffi calls that raised. */
+/* Wait for job `seq`; copy its accepted flags (one per accept, in order) into `accepted`; returns the tvm-ffi calls
+   that raised. */
 int gw_wait(work *w, int64_t seq, int8_t *accepted) {
     pthread_mutex_lock(&w->mu);
     while (w->done < seq) pthread_cond_wait(&w->cv_done, &w->mu);
-    if (accepted) memcpy(accepted, w->accepted, w->n);
+    if (accepted) memcpy(accepted, w->accepted, w->n_accept);
     int errors = w->errors;
     pthread_mutex_unlock(&w->mu);
     return errors;
@@ -257,5 +292,6 @@ void gw_free(work *w) {
     free(w->rows);
     free(w->allow_all);
     free(w->accepted);
+    free(w->order);
     free(w);
 }

@@ -41,7 +41,7 @@ class GrammarWork:
         self._wait_lib = ctypes.CDLL(lib._name)  # gw_wait lets the GIL go
         p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         for lib_, name, res, args in ((lib, "gw_new", p, [i32, p, p, p, p, p]),
-                                      (lib, "gw_submit", i64, [p, i32, p, p, p, p, p, i64, i64, p, ctypes.c_uint32]),
+                                      (lib, "gw_submit", i64, [p, i32, p, p, i32, p, p, p, i64, i64, p, ctypes.c_uint32]),
                                       (lib, "gw_done", i32, [p, i64]), (self._wait_lib, "gw_wait", i32, [p, i64, p]),
                                       (self._wait_lib, "gw_free", None, [p])):
             fn = getattr(lib_, name)
@@ -57,8 +57,7 @@ class GrammarWork:
             raise OSError("the grammar workers did not start")
         self._finalizer = weakref.finalize(self, self._wait_lib.gw_free, self._work)  # (close, or when dropped)
         self._seq = 0
-        self._held: tuple[Sequence[Any], torch.Tensor] | None = None  # what the job in flight reads
-        self._accepting: list[Any] = []  # the job's rows' requests whose token it accepts (row order)
+        self._held: tuple[Sequence[tuple[Any, int]], Sequence[Any], torch.Tensor] | None = None  # the job's inputs
         self._flags = (ctypes.c_int8 * 0)()
 
     @staticmethod
@@ -73,32 +72,29 @@ class GrammarWork:
     def submit(self, accept: Sequence[tuple[Any, int]], fill: Sequence[Any], bitmask: torch.Tensor,
                gate_word: int = 0, ticket: int = 0) -> None:
         """Start a job: advance each (request, token) of `accept` by its token, then fill row i of `bitmask` (host
-        int32, [>= len(fill), W], contiguous) with the next tokens of `fill[i]`'s grammar (all allowed once it ended), then
-        open the gate whose word is at `gate_word` (0: none) with `ticket`. The previous job must be `finish`ed."""
+        int32, [>= len(fill), W], contiguous) with the next tokens of `fill[i]`'s grammar (all allowed once it
+        ended), then open the gate whose word is at `gate_word` (0: none) with `ticket`. A request's matcher is
+        `grammar`, its tvm-ffi object's address `grammar_handle`. The previous job must be `finish`ed."""
         assert self._held is None, "the previous grammar job was not finished"
         assert bitmask.dtype == torch.int32 and bitmask.device.type == "cpu" and bitmask.is_contiguous()
-        index = {id(r): i for i, (r, _) in enumerate(accept)}
-        reqs = [r for r, _ in accept]
+        accepting = array("Q", [r.grammar_handle for r, _ in accept])
         tokens = array("i", [t for _, t in accept])
-        rows = array("i", [-1] * len(accept))
-        for row, r in enumerate(fill):
-            i = index.get(id(r))
-            if i is None:
-                reqs.append(r)
-                tokens.append(-1)
-                rows.append(row)
-            else:
-                rows[i] = row
-        allow_all = array("b", [r.grammar_ended for r in reqs])
-        handles = (ctypes.c_void_p * len(reqs))(*[r.grammar._handle.__chandle__() for r in reqs])
-        seq = self._lib.gw_submit(self._work, len(reqs), handles, tokens.buffer_info()[0], rows.buffer_info()[0],
-                                  allow_all.buffer_info()[0], bitmask.data_ptr(), bitmask.shape[0],
-                                  bitmask.shape[1], gate_word or None, ticket)
+        filling = array("Q", [r.grammar_handle for r in fill])
+        allow_all = bytes([r.grammar_ended for r in fill])
+        seq = self._lib.gw_submit(self._work, len(accepting), accepting.buffer_info()[0], tokens.buffer_info()[0],
+                                  len(filling), filling.buffer_info()[0], allow_all, bitmask.data_ptr(),
+                                  bitmask.shape[0], bitmask.shape[1], gate_word or None, ticket)
         if seq < 0:
             raise MemoryError("the grammar workers could not take the job")
         self._seq = seq
-        self._held = [r.grammar for r in reqs], bitmask  # the matchers and the bitmask stay alive while it runs
-        self._accepting = reqs[:len(accept)]
+        # what the workers read stays alive until the job is finished (a request's matcher is never replaced)
+        self._held = accept, fill, bitmask
+
+    @staticmethod
+    def handle(matcher: Any) -> int:
+        """The address of an xgrammar matcher's tvm-ffi object (0 where xgrammar's binding is not tvm-ffi)."""
+        handle = getattr(getattr(matcher, "_handle", None), "__chandle__", None)
+        return handle() if handle is not None else 0
 
     @property
     def busy(self) -> bool:
@@ -108,18 +104,19 @@ class GrammarWork:
         """Wait for the job in flight (if any: at once when its gate opened) and note the tokens it refused."""
         if self._held is None:
             return
-        if len(self._flags) < len(self._held[0]):
-            self._flags = (ctypes.c_int8 * max(64, 2 * len(self._held[0])))()
+        accept = self._held[0]
+        if len(self._flags) < len(accept):
+            self._flags = (ctypes.c_int8 * max(64, 2 * len(accept)))()
         errors = self._wait_lib.gw_wait(self._work, self._seq, self._flags)
         self._held = None
-        accepting, self._accepting = self._accepting, []
         if errors:
             raise RuntimeError(f"xgrammar raised in {errors} grammar calls of a step")
         flags = self._flags
-        for i, req in enumerate(accepting):
-            if not flags[i]:
-                log.warning("request %s: its grammar refused a token", req.request_id)
-                req.grammar_refused = True
+        if not all(flags[:len(accept)]):
+            for i, (req, token) in enumerate(accept):
+                if not flags[i]:
+                    log.warning("request %s: its grammar refused token %d", req.request_id, token)
+                    req.grammar_refused = True
 
     def close(self) -> None:
         """Stop the workers (after the job in flight)."""

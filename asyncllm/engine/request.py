@@ -45,10 +45,11 @@ class Request:
     # one per prompt token (the first None) filled in as the prefill's chunks run
     output_logprobs: list[Logprob] | None = None
     prompt_logprobs: list[Logprob | None] | None = None
-    # structured outputs: the grammar matcher (engine/grammar.py), advanced by each sampled token in the step or
-    # grammar thread, never used elsewhere; its stop tokens (sampled only once the grammar is complete: one ends
-    # it, grammar_ended); grammar_refused: it refused a token, which the mask should make impossible
+    # structured outputs: the grammar matcher (engine/grammar.py; never replaced), advanced by each sampled token in
+    # the step thread or the grammar workers, never used elsewhere; its stop tokens (sampled only once the grammar is
+    # complete: one ends it, grammar_ended); grammar_refused: it refused a token, which the mask should make impossible
     grammar: Any = None
+    grammar_handle: int = 0  # its tvm-ffi object's address (native grammar work: engine/native_grammar.py)
     grammar_stops: frozenset[int] = frozenset()
     grammar_ended: bool = False
     grammar_refused: bool = False
