@@ -1,11 +1,11 @@
 """Where a batch with grammar-constrained requests spends its host time: timers around the engine's calls during one
 `LLM.generate` of bench_structured's batch (--fraction of the requests following its --schema; new prompts and
 seeds after a warm-up), one JSON line with the mean per call (µs) of the main thread's schedule / launch (and in it
-the mask buffers, the gate's close, the queued sampling) / collect's wait / accept / submit / update, the grammar
-thread's mask fill (`MaskFill.run`), and the chain from a fill's submit to its gate opening (CUDA); with the native
-grammar workers (the engine's default under a gate), their job's submit and finish instead. The main thread
-sets the pace when its calls add up to the step period and it hardly waits; the chain does when the GPU waits at
-the gate (bench_structured's gate_stall_ms).
+the mask buffers, the gate's close, the queued sampling: the masks' copy, their kernel, the sampling graph) /
+collect's wait / accept / submit / update, the grammar thread's mask fill (`MaskFill.run`), and the chain from a
+fill's submit to its gate opening (CUDA); with the native grammar workers (the engine's default under a gate),
+their job's submit and finish instead. The main thread sets the pace when its calls add up to the step period and
+it hardly waits; the chain does when the GPU waits at the gate (bench_structured's gate_stall_ms).
     python tools/trace_structured.py --model DIR [--load-format dummy] [--num-requests 128] [--output-len 256]
         [--schema records] [--fraction 0]
 """
@@ -23,7 +23,8 @@ from bench_structured import batch_params, random_prompts, schema_spec, workload
 
 import asyncllm.engine.core as core_module
 from asyncllm.engine.core import EngineCore
-from asyncllm.engine.grammar import HandoffThread, MaskFill
+from asyncllm.engine.cuda_graphs import CudaGraphs
+from asyncllm.engine.grammar import HandoffThread, HostMasks, MaskFill, TokenMask
 from asyncllm.engine.native_grammar import GrammarWork
 from asyncllm.engine.runner import ModelRunner
 from asyncllm.engine.step_inputs import StepHandle
@@ -32,7 +33,8 @@ from asyncllm.engine.stream_gate import StreamGate
 CALLS = [(EngineCore, "schedule"), (EngineCore, "launch"), (EngineCore, "update"), (StepHandle, "wait"),
          (core_module, "accept_tokens"), (HandoffThread, "submit"), (MaskFill, "run"), (StreamGate, "open"),
          (StreamGate, "close"), (ModelRunner, "mask_job"), (ModelRunner, "complete"),
-         (GrammarWork, "submit", "work_submit"), (GrammarWork, "finish", "work_finish")]
+         (GrammarWork, "submit", "work_submit"), (GrammarWork, "finish", "work_finish"),
+         (HostMasks, "to", "masks_to_device"), (TokenMask, "apply", "mask_apply"), (CudaGraphs, "sample", "graph_sample")]
 
 
 def timed(spans: dict[str, list[tuple[float, float]]], on: list[bool]) -> None:
