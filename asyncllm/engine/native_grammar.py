@@ -31,18 +31,19 @@ SOURCE = Path(__file__).with_name("grammar_work.c")
 
 
 class GrammarWork:
-    """The native workers (one job at a time). Made and used on one thread (the step thread)."""
+    """The native workers (one job at a time). Used by one thread at a time (the one that collects steps)."""
 
     def __init__(self, threads: int) -> None:
         import tvm_ffi.libinfo
         import xgrammar.base
 
-        lib = load_native(SOURCE)  # calls keep the GIL: each returns at once but gw_wait
-        self._wait_lib = ctypes.CDLL(lib._name)  # gw_wait lets the GIL go
+        lib = load_native(SOURCE)  # calls keep the GIL: each returns at once (gw_wait once the job is done)
+        self._wait_lib = ctypes.CDLL(lib._name)  # calls let it go: gw_wait for a job still running, gw_free
         p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         for lib_, name, res, args in ((lib, "gw_new", p, [i32, p, p, p, p, p]),
                                       (lib, "gw_submit", i64, [p, i32, p, p, i32, p, p, p, i64, i64, p, ctypes.c_uint32]),
-                                      (lib, "gw_done", i32, [p, i64]), (self._wait_lib, "gw_wait", i32, [p, i64, p]),
+                                      (lib, "gw_done", i32, [p, i64]), (lib, "gw_wait", i32, [p, i64, p]),
+                                      (self._wait_lib, "gw_wait", i32, [p, i64, p]),
                                       (self._wait_lib, "gw_free", None, [p])):
             fn = getattr(lib_, name)
             fn.restype, fn.argtypes = res, args
@@ -107,7 +108,10 @@ class GrammarWork:
         accept = self._held[0]
         if len(self._flags) < len(accept):
             self._flags = (ctypes.c_int8 * max(64, 2 * len(accept)))()
-        errors = self._wait_lib.gw_wait(self._work, self._seq, self._flags)
+        # done (the usual case: its gate opened before the step it gated finished): read it keeping the GIL, which
+        # a call that lets it go could take up to the switch interval (5 ms) to get back beside the event loop
+        lib = self._lib if self._lib.gw_done(self._work, self._seq) else self._wait_lib
+        errors = lib.gw_wait(self._work, self._seq, self._flags)
         self._held = None
         if errors:
             raise RuntimeError(f"xgrammar raised in {errors} grammar calls of a step")
