@@ -109,3 +109,26 @@ def test_a_refused_token_is_reported_and_the_gate_never_moves_back(grammars, wor
     work.submit([], reqs[:1], bitmask, word.data_ptr(), 1)
     work.finish()
     assert word.item() == 1
+
+
+def test_a_grammar_call_that_raises_fails_the_job_and_still_opens_its_gate(grammars, work):
+    """xgrammar refuses to fill the mask of a grammar that took its stop token: the job counts the error (finish
+    raises) after opening its gate, and the workers take the next job."""
+    matcher = grammars.matcher(StructuredOutputs(regex="[ab]"))
+    req = SimpleNamespace(grammar=matcher, grammar_handle=GrammarWork.handle(matcher), request_id="0",
+                          grammar_ended=False, grammar_refused=False)
+    bitmask = torch.zeros((1, -(-grammars.vocab_size // 32)), dtype=torch.int32)
+    word = torch.zeros(1, dtype=torch.int32)
+    work.submit([], [req], bitmask, word.data_ptr(), 1)
+    work.finish()
+    token = allowed(bitmask[0], grammars.vocab_size)[0]
+    work.submit([(req, token)], [], bitmask, word.data_ptr(), 2)
+    work.finish()
+    work.submit([(req, grammars.stop_tokens[0])], [req], bitmask, word.data_ptr(), 3)  # ended, but not marked so
+    with pytest.raises(RuntimeError, match="xgrammar raised"):
+        work.finish()
+    assert word.item() == 3 and not work.busy
+    req.grammar_ended = True
+    work.submit([], [req], bitmask, word.data_ptr(), 4)
+    work.finish()
+    assert word.item() == 4 and (bitmask[0] == -1).all()

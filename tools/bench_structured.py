@@ -101,6 +101,7 @@ def batch_cost(llm: LLM, spec: StructuredOutputs, outputs: list[list[int]], thre
                           "fill_calls": calls, "fill_ms_per_step": round(1e3 * fill / steps, 3),
                           "accept_ms_per_step": round(1e3 * accept / steps, 3)})
     lines.append({"bench": "structured_step_rows", "rows": len(outputs), **row_costs(grammars, spec, outputs, steps)})
+    lines.append({"bench": "structured_step_native", "rows": len(outputs), **native_cost(grammars, spec, outputs, steps)})
     lines.append({"bench": "structured_accept_beside_python", "rows": len(outputs),
                   **accept_beside_python(grammars, spec, outputs, min(steps, 64))})
     return lines
@@ -127,6 +128,42 @@ def row_costs(grammars: Any, spec: StructuredOutputs, outputs: list[list[int]], 
     maxima.sort()
     return {"rows_sum_ms_per_step": round(1e3 * total / steps, 3), "row_max_ms_per_step": round(1e3 * slowest / steps, 3),
             "row_max_ms_p90": round(1e3 * maxima[len(maxima) * 9 // 10], 3)}
+
+
+def native_cost(grammars: Any, spec: StructuredOutputs, outputs: list[list[int]], steps: int) -> dict:
+    """The engine's grammar work under a gate, replayed along the outputs (ms per step, mean): the native workers
+    (GrammarWork, fill_threads() of them) take each step's accept of the tokens before and the next masks; the
+    caller's share (the hand-over), and the chain from the hand-over to the job done, its gate opened (what the GPU
+    would wait for beyond its forward). Compare with structured_step_grammar's accept + fill (the Python path's
+    chain without its GIL waits)."""
+    import torch
+
+    from asyncllm.engine.grammar import fill_threads
+    from asyncllm.engine.native_grammar import GrammarWork
+
+    work = GrammarWork.make(fill_threads())
+    if work is None:
+        return {"native": False}
+    reqs = []
+    for i in range(len(outputs)):
+        m = grammars.matcher(spec)
+        reqs.append(SimpleNamespace(grammar=m, grammar_handle=GrammarWork.handle(m), grammar_ended=False,
+                                    grammar_refused=False, request_id=str(i)))
+    bitmask = torch.empty((len(outputs), -(-grammars.vocab_size // 32)), dtype=torch.int32)
+    word = torch.zeros(1, dtype=torch.int32)
+    hand = chain = 0.0
+    for i in range(steps):
+        accept = [(r, o[i - 1]) for r, o in zip(reqs, outputs)] if i else []
+        start = time.perf_counter()
+        work.submit(accept, reqs, bitmask, word.data_ptr(), i + 1)
+        handed = time.perf_counter()
+        work.finish()  # sleeps until the job is done (its gate opened just before)
+        hand, chain = hand + handed - start, chain + time.perf_counter() - start
+        assert word.item() == i + 1
+    work.close()
+    assert not any(r.grammar_refused for r in reqs)
+    return {"native": True, "workers": fill_threads(), "handover_ms_per_step": round(1e3 * hand / steps, 3),
+            "chain_ms_per_step": round(1e3 * chain / steps, 3)}
 
 
 def spin(stop: Any) -> None:
