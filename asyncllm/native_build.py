@@ -14,10 +14,10 @@ from pathlib import Path
 from asyncllm.model_files import cache_dir
 
 
-def load_native(source: Path, keep_gil: bool = True) -> ctypes.CDLL:
-    """`source` compiled (cached by its hash) and loaded: with `keep_gil` as a ctypes.PyDLL (calls keep the GIL:
-    for calls that return at once), else a CDLL (calls let it go). Raises OSError or SubprocessError where it cannot
-    be built (no C compiler, not Linux)."""
+def load_native(source: Path) -> ctypes.PyDLL:
+    """`source` compiled (cached by its hash) and loaded as a ctypes.PyDLL: its calls keep the GIL, for calls that
+    return at once (`ctypes.CDLL(lib._name)` gives the same library with calls that let it go). Raises OSError or
+    SubprocessError where it cannot be built (no C compiler, not Linux)."""
     if not sys.platform.startswith("linux"):
         raise OSError("native helpers are built on Linux only")
     code = source.read_bytes()
@@ -29,4 +29,4 @@ def load_native(source: Path, keep_gil: bool = True) -> ctypes.CDLL:
         subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-pthread", "-o", str(tmp), str(source)],
                        check=True, capture_output=True, timeout=120)
         os.replace(tmp, so)  # atomic: a concurrent build by another process is never seen half-written
-    return ctypes.PyDLL(str(so)) if keep_gil else ctypes.CDLL(str(so))
+    return ctypes.PyDLL(str(so))
