@@ -5,7 +5,9 @@
    grammar that ended). Worker threads take rows one at a time (so one slow mask does not hold a share of the
    others), calling xgrammar through tvm-ffi's C ABI; the last worker to finish opens the job's stream gate (the
    page-locked word a CUDA stream waits on: cyclic max of the word and the ticket) and marks the job done.
-   One job at a time: `gw_submit` requires the previous one done (`gw_done`, `gw_wait`).
+   One job at a time: `gw_submit` requires the previous one done (`gw_done`, `gw_wait`). Jobs alternate between two
+   slots, so a worker still leaving the last job (descheduled after its last row) never holds up the next one; a
+   slot is refilled only once every worker that entered it left (two jobs later: in practice long since).
    Plain C (no Python API): loaded with ctypes, `gw_submit`/`gw_done` keep the GIL (they return at once),
    `gw_wait` lets it go. */
 #define _GNU_SOURCE
@@ -34,6 +36,26 @@ typedef struct {
     uint64_t byte_offset;
 } dl_tensor;
 
+typedef struct job {
+    int64_t seq;
+    int n, n_accept;
+    int entered;   /* workers inside the job (under the lock) */
+    int next_row;  /* atomic: the next row a worker takes */
+    int finished;  /* atomic: rows done */
+    int errors;    /* atomic: tvm-ffi calls that raised */
+    void **matchers;
+    int32_t *tokens;   /* token to accept first, or -1 */
+    int32_t *rows;     /* bitmask row to fill, or -1 */
+    int8_t *allow_all; /* 1: the grammar ended: the row allows every token (xgrammar fills none) */
+    int8_t *accepted;  /* out: 1 accepted (or nothing to accept), 0 refused */
+    int *order;        /* the accepts sorted by matcher (gw_submit) */
+    int capacity;
+    int64_t shape[2];
+    dl_tensor bitmask;
+    uint32_t *gate;  /* the gate's word, or NULL */
+    uint32_t ticket;
+} job;
+
 typedef struct work {
     pthread_mutex_t mu;
     pthread_cond_t cv_job, cv_done;
@@ -44,23 +66,8 @@ typedef struct work {
     ffi_error_moved_t error_moved;
     ffi_decref_t decref;
     void *accept_fn, *fill_fn;
-    /* the job: seq counts submitted jobs, done the finished ones */
-    int64_t seq, done;
-    int n, n_accept, active;
-    int next_row;  /* atomic: the next row a worker takes */
-    int finished;  /* atomic: rows done */
-    int errors;    /* atomic: tvm-ffi calls that raised */
-    void **matchers;
-    int32_t *tokens;   /* token to accept first, or -1 */
-    int32_t *rows;     /* bitmask row to fill, or -1 */
-    int8_t *allow_all; /* 1: the grammar ended: the row allows every token (xgrammar fills none) */
-    int8_t *accepted;  /* out: 1 accepted (or nothing to accept), 0 refused */
-    int *order;        /* the accepts sorted by matcher (gw_submit) */
-    int64_t shape[2];
-    dl_tensor bitmask;
-    uint32_t *gate;  /* the gate's word, or NULL */
-    uint32_t ticket;
-    int capacity;
+    int64_t seq, done;  /* jobs submitted / finished; job seq is in slots[seq & 1] */
+    job slots[2];
 } work;
 
 static ffi_any object_arg(void *handle) {
@@ -80,36 +87,36 @@ static ffi_any pod_arg(int32_t type_index, int64_t value) {
 }
 
 /* call `fn` with `args`; returns its bool result, or -1 if it raised */
-static int call_bool(work *w, void *fn, ffi_any *args, int nargs) {
+static int call_bool(work *w, job *jb, void *fn, ffi_any *args, int nargs) {
     ffi_any result = pod_arg(FFI_NONE, 0);
     if (w->call(fn, args, nargs, &result) != 0) {
         void *err = NULL;
         w->error_moved(&err);
         if (err) w->decref(err);
-        __atomic_fetch_add(&w->errors, 1, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&jb->errors, 1, __ATOMIC_RELAXED);
         return -1;
     }
     if (result.type_index >= FFI_STATIC_OBJECT_BEGIN && result.v_ptr) w->decref(result.v_ptr);
     return result.type_index == FFI_BOOL || result.type_index == FFI_INT ? result.v_int64 != 0 : 1;
 }
 
-static void run_row(work *w, int i) {
-    if (w->tokens[i] >= 0) {
-        ffi_any args[3] = {object_arg(w->matchers[i]), pod_arg(FFI_INT, w->tokens[i]), pod_arg(FFI_BOOL, 0)};
-        w->accepted[i] = call_bool(w, w->accept_fn, args, 3) == 1;
+static void run_row(work *w, job *jb, int i) {
+    if (jb->tokens[i] >= 0) {
+        ffi_any args[3] = {object_arg(jb->matchers[i]), pod_arg(FFI_INT, jb->tokens[i]), pod_arg(FFI_BOOL, 0)};
+        jb->accepted[i] = call_bool(w, jb, w->accept_fn, args, 3) == 1;
     } else {
-        w->accepted[i] = 1;
+        jb->accepted[i] = 1;
     }
-    int row = w->rows[i];
+    int row = jb->rows[i];
     if (row < 0) return;
-    if (w->allow_all[i]) {
-        memset((int32_t *)w->bitmask.data + (int64_t)row * w->shape[1], 0xff, (size_t)w->shape[1] * sizeof(int32_t));
+    if (jb->allow_all[i]) {
+        memset((int32_t *)jb->bitmask.data + (int64_t)row * jb->shape[1], 0xff, (size_t)jb->shape[1] * sizeof(int32_t));
         return;
     }
-    ffi_any args[4] = {object_arg(w->matchers[i]), pod_arg(FFI_DLTENSOR_PTR, 0), pod_arg(FFI_INT, row),
+    ffi_any args[4] = {object_arg(jb->matchers[i]), pod_arg(FFI_DLTENSOR_PTR, 0), pod_arg(FFI_INT, row),
                        pod_arg(FFI_BOOL, 0)};
-    args[1].v_ptr = &w->bitmask;
-    call_bool(w, w->fill_fn, args, 4);
+    args[1].v_ptr = &jb->bitmask;
+    call_bool(w, jb, w->fill_fn, args, 4);
 }
 
 static void open_gate(uint32_t *word, uint32_t ticket) {
@@ -120,10 +127,10 @@ static void open_gate(uint32_t *word, uint32_t ticket) {
     }
 }
 
-static void finish(work *w) {
-    if (w->gate) open_gate(w->gate, w->ticket);
+static void finish(work *w, job *jb) {
+    if (jb->gate) open_gate(jb->gate, jb->ticket);
     pthread_mutex_lock(&w->mu);
-    w->done = w->seq;
+    w->done = jb->seq;  /* jobs finish in order: one is submitted only once the one before is done */
     pthread_cond_broadcast(&w->cv_done);
     pthread_mutex_unlock(&w->mu);
 }
@@ -135,16 +142,18 @@ static void *worker(void *arg) {
     for (;;) {
         while (!w->stop && w->seq == seen) pthread_cond_wait(&w->cv_job, &w->mu);
         if (w->stop) break;
-        seen = w->seq;
-        if (!w->n) continue;  /* an empty job, done by gw_submit */
+        seen = w->seq;  /* the newest job (a worker woken late skips the ones before: they are done) */
+        job *jb = &w->slots[seen & 1];
+        if (!jb->n) continue;  /* an empty job, done by gw_submit */
+        jb->entered++;
         pthread_mutex_unlock(&w->mu);
-        for (int i; (i = __atomic_fetch_add(&w->next_row, 1, __ATOMIC_RELAXED)) < w->n;) {
-            run_row(w, i);
+        for (int i; (i = __atomic_fetch_add(&jb->next_row, 1, __ATOMIC_RELAXED)) < jb->n;) {
+            run_row(w, jb, i);
             /* the worker that finishes the last row: every row is written (acquire: the others' writes too) */
-            if (__atomic_add_fetch(&w->finished, 1, __ATOMIC_ACQ_REL) == w->n) finish(w);
+            if (__atomic_add_fetch(&jb->finished, 1, __ATOMIC_ACQ_REL) == jb->n) finish(w, jb);
         }
         pthread_mutex_lock(&w->mu);
-        if (--w->active == 0) pthread_cond_broadcast(&w->cv_done);  /* every worker is out of the job */
+        if (--jb->entered == 0) pthread_cond_broadcast(&w->cv_done);
     }
     pthread_mutex_unlock(&w->mu);
     return NULL;
@@ -186,74 +195,74 @@ int64_t gw_submit(work *w, int n_accept, void *const *accept, const int32_t *tok
                   uint32_t ticket) {
     pthread_mutex_lock(&w->mu);
     if (w->done != w->seq) { pthread_mutex_unlock(&w->mu); return -1; }
-    while (w->active) pthread_cond_wait(&w->cv_done, &w->mu);  /* late workers leaving the last job (microseconds) */
+    job *jb = &w->slots[(w->seq + 1) & 1];
+    while (jb->entered) pthread_cond_wait(&w->cv_done, &w->mu);  /* a worker still in the job two back */
     int cap_needed = n_accept + n_fill;
-    if (cap_needed > w->capacity) {
-        int cap = cap_needed > 2 * w->capacity ? cap_needed : 2 * w->capacity;
-        void **m = realloc(w->matchers, cap * sizeof(void *));
-        if (m) w->matchers = m;
-        int32_t *t = realloc(w->tokens, cap * sizeof(int32_t));
-        if (t) w->tokens = t;
-        int32_t *r = realloc(w->rows, cap * sizeof(int32_t));
-        if (r) w->rows = r;
-        int8_t *a = realloc(w->allow_all, cap);
-        if (a) w->allow_all = a;
-        int8_t *c = realloc(w->accepted, cap);
-        if (c) w->accepted = c;
-        int *o = realloc(w->order, cap * sizeof(int));
-        if (o) w->order = o;
+    if (cap_needed > jb->capacity) {
+        int cap = cap_needed > 2 * jb->capacity ? cap_needed : 2 * jb->capacity;
+        void **m = realloc(jb->matchers, cap * sizeof(void *));
+        if (m) jb->matchers = m;
+        int32_t *t = realloc(jb->tokens, cap * sizeof(int32_t));
+        if (t) jb->tokens = t;
+        int32_t *r = realloc(jb->rows, cap * sizeof(int32_t));
+        if (r) jb->rows = r;
+        int8_t *a = realloc(jb->allow_all, cap);
+        if (a) jb->allow_all = a;
+        int8_t *c = realloc(jb->accepted, cap);
+        if (c) jb->accepted = c;
+        int *o = realloc(jb->order, cap * sizeof(int));
+        if (o) jb->order = o;
         if (!m || !t || !r || !a || !c || !o) { pthread_mutex_unlock(&w->mu); return -1; }
-        w->capacity = cap;
+        jb->capacity = cap;
     }
     /* rows 0..n_accept-1: the accepts; a fill whose matcher has one joins its row, the others get rows after */
     int n = n_accept;
     for (int i = 0; i < n_accept; i++) {
-        w->matchers[i] = accept[i];
-        w->tokens[i] = tokens[i];
-        w->rows[i] = -1;
-        w->allow_all[i] = 0;
-        w->order[i] = i;
+        jb->matchers[i] = accept[i];
+        jb->tokens[i] = tokens[i];
+        jb->rows[i] = -1;
+        jb->allow_all[i] = 0;
+        jb->order[i] = i;
     }
-    qsort_r(w->order, n_accept, sizeof(int), by_matcher, (void *)accept);
+    qsort_r(jb->order, n_accept, sizeof(int), by_matcher, (void *)accept);
     for (int j = 0; j < n_fill; j++) {
         int lo = 0, hi = n_accept, i = -1;
         while (lo < hi) {  /* the accept of the same matcher, if any */
             int mid = (lo + hi) / 2;
-            const void *m = accept[w->order[mid]];
-            if (m == fill[j]) { i = w->order[mid]; break; }
+            const void *m = accept[jb->order[mid]];
+            if (m == fill[j]) { i = jb->order[mid]; break; }
             if ((const void *)m < (const void *)fill[j]) lo = mid + 1; else hi = mid;
         }
         if (i < 0) {
             i = n++;
-            w->matchers[i] = fill[j];
-            w->tokens[i] = -1;
+            jb->matchers[i] = fill[j];
+            jb->tokens[i] = -1;
         }
-        w->rows[i] = j;
-        w->allow_all[i] = allow_all[j];
+        jb->rows[i] = j;
+        jb->allow_all[i] = allow_all[j];
     }
-    w->shape[0] = nrows;
-    w->shape[1] = width;
-    memset(&w->bitmask, 0, sizeof(w->bitmask));
-    w->bitmask.data = bitmask;
-    w->bitmask.device.device_type = 1;  /* kDLCPU */
-    w->bitmask.ndim = 2;
-    w->bitmask.dtype.code = 0;  /* kDLInt */
-    w->bitmask.dtype.bits = 32;
-    w->bitmask.dtype.lanes = 1;
-    w->bitmask.shape = w->shape;
-    w->gate = gate;
-    w->ticket = ticket;
-    w->n = n;
-    w->n_accept = n_accept;
-    w->next_row = 0;
-    w->finished = 0;
-    w->errors = 0;
-    int64_t seq = ++w->seq;
+    jb->shape[0] = nrows;
+    jb->shape[1] = width;
+    memset(&jb->bitmask, 0, sizeof(jb->bitmask));
+    jb->bitmask.data = bitmask;
+    jb->bitmask.device.device_type = 1;  /* kDLCPU */
+    jb->bitmask.ndim = 2;
+    jb->bitmask.dtype.code = 0;  /* kDLInt */
+    jb->bitmask.dtype.bits = 32;
+    jb->bitmask.dtype.lanes = 1;
+    jb->bitmask.shape = jb->shape;
+    jb->gate = gate;
+    jb->ticket = ticket;
+    jb->n = n;
+    jb->n_accept = n_accept;
+    jb->next_row = 0;
+    jb->finished = 0;
+    jb->errors = 0;
+    int64_t seq = jb->seq = ++w->seq;
     if (n == 0) {  /* nothing to do: open the gate here */
         if (gate) open_gate(gate, ticket);
         w->done = seq;
     } else {
-        w->active = w->nthreads;
         pthread_cond_broadcast(&w->cv_job);
     }
     pthread_mutex_unlock(&w->mu);
@@ -273,25 +282,29 @@ int gw_done(work *w, int64_t seq) {
 int gw_wait(work *w, int64_t seq, int8_t *accepted) {
     pthread_mutex_lock(&w->mu);
     while (w->done < seq) pthread_cond_wait(&w->cv_done, &w->mu);
-    if (accepted) memcpy(accepted, w->accepted, w->n_accept);
-    int errors = w->errors;
+    job *jb = &w->slots[seq & 1];
+    if (accepted) memcpy(accepted, jb->accepted, jb->n_accept);
+    int errors = jb->errors;
     pthread_mutex_unlock(&w->mu);
     return errors;
 }
 
 void gw_free(work *w) {
     pthread_mutex_lock(&w->mu);
-    while (w->done < w->seq || w->active) pthread_cond_wait(&w->cv_done, &w->mu);
+    while (w->done < w->seq || w->slots[0].entered || w->slots[1].entered) pthread_cond_wait(&w->cv_done, &w->mu);
     w->stop = 1;
     pthread_cond_broadcast(&w->cv_job);
     pthread_mutex_unlock(&w->mu);
     for (int i = 0; i < w->nthreads; i++) pthread_join(w->threads[i], NULL);
     free(w->threads);
-    free(w->matchers);
-    free(w->tokens);
-    free(w->rows);
-    free(w->allow_all);
-    free(w->accepted);
-    free(w->order);
+    for (int k = 0; k < 2; k++) {
+        job *jb = &w->slots[k];
+        free(jb->matchers);
+        free(jb->tokens);
+        free(jb->rows);
+        free(jb->allow_all);
+        free(jb->accepted);
+        free(jb->order);
+    }
     free(w);
 }
