@@ -8,8 +8,8 @@
    One job at a time: `gw_submit` requires the previous one done (`gw_done`, `gw_wait`). Jobs alternate between two
    slots, so a worker still leaving the last job (descheduled after its last row) never holds up the next one; a
    slot is refilled only once every worker that entered it left (two jobs later: in practice long since).
-   Plain C (no Python API): loaded with ctypes, `gw_submit`/`gw_done` keep the GIL (they return at once),
-   `gw_wait` lets it go. */
+   Plain C (no Python API), loaded with ctypes: called through a PyDLL (keeping the GIL) when they return at once
+   (`gw_submit`, `gw_done`, `gw_wait` of a done job), through a CDLL (letting it go) when they may block. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdint.h>
