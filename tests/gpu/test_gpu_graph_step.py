@@ -324,6 +324,10 @@ async def test_structured_outputs_through_the_async_loop(tmp_path, device="cuda"
             return params, dataclasses.replace(last, text=text)
 
         results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        if device == "cuda":  # the gated steps' grammar work went through the native workers (where they build)
+            from asyncllm.engine.native_grammar import GrammarWork
+
+            assert engine.core.__dict__.get("_grammar_work") is not None or GrammarWork.make(1) is None
         for i, (params, out) in enumerate(results):
             if params.structured_outputs is not None:
                 assert out.finish_reason == "stop" and specs[i // 3 % 3][1](out.text), out.text

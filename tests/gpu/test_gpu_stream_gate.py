@@ -70,22 +70,31 @@ def structured_batch():
 
 
 def test_gated_masks_give_the_tokens_of_host_waited_masks(byte_model):
-    """Seeded sampling under grammars: the sampling queued behind a gate (masks filled after it was queued) and the
-    sampling queued once the host had the masks draw the same tokens; the gated run did use gates."""
+    """Seeded sampling under grammars: the sampling queued behind a gate (masks filled after it was queued, by the
+    native grammar workers or on the Python path) and the sampling queued once the host had the masks draw the
+    same tokens; the gated runs did use gates, the first the native workers."""
+    from asyncllm.engine.native_grammar import GrammarWork
+
     prompts, params = structured_batch()
     runs = []
-    for gated in (True, False):
+    for gated, native in ((True, True), (True, False), (False, False)):
         llm = LLM(str(byte_model), device="cuda", dtype="bfloat16", max_model_len=512, num_kv_blocks=2048)
         assert llm.engine.overlap
         llm.engine.gate_masks = gated
+        llm.engine.native_grammar = native
         runs.append([o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
         if gated:
             gate = llm.engine.__dict__.get("_gate")
             assert gate is not None and gate._closed > 10, "the constrained steps did not go through the gate"
         else:
             assert "_gate" not in llm.engine.__dict__
+        work = llm.engine.__dict__.get("_grammar_work")
+        if native:  # (where the workers can be built)
+            assert work is not None or GrammarWork.make(1) is None, "the native grammar workers were not used"
+        else:
+            assert work is None
         llm.engine.shutdown()
-    assert runs[0] == runs[1]
+    assert runs[0] == runs[1] == runs[2]
 
 
 def test_a_gate_left_closed_is_opened_at_shutdown(byte_model):
