@@ -415,12 +415,14 @@ class EngineCore:
 
     @property
     def _work(self) -> GrammarWork | None:
-        """The native grammar workers, when steps go behind a gate and they can run here (made at first use)."""
-        if not (self.native_grammar and self.gate_masks and "_gate" in self.__dict__):
-            return None
-        if "_grammar_work" not in self.__dict__:
-            self.__dict__["_grammar_work"] = GrammarWork.make(fill_threads())
-        return self.__dict__["_grammar_work"]
+        """The native grammar workers, when steps go behind a gate (and they can run here)."""
+        if self.native_grammar and self.gate_masks and self.__dict__.get("_gate") is not None:
+            return self._grammar_work
+        return None
+
+    @functools.cached_property
+    def _grammar_work(self) -> GrammarWork | None:
+        return GrammarWork.make(fill_threads())
 
     def _fill_and_open(self, job: MaskFill, ticket: int) -> HostMasks:
         try:
