@@ -166,8 +166,12 @@ class MaskFill:
 
 def grammar_tokens(batch: Any, tokens: list[int]) -> list[tuple[Any, int]]:
     """(request, token) of a finished step's rows whose grammar takes the token they sampled."""
-    sampled = [r for r, s in zip(batch.requests, batch.sample) if s]
-    return [(r, t) for r, t in zip(sampled, tokens) if r.grammar is not None and not r.grammar_ended]
+    reqs = batch.requests
+    if len(tokens) == len(reqs):  # every row sampled: row i's token is tokens[i] (constrained rows have extras)
+        pairs = [(reqs[i], tokens[i]) for i in batch.extras]
+    else:
+        pairs = list(zip((r for r, s in zip(reqs, batch.sample) if s), tokens))
+    return [(r, t) for r, t in pairs if r.grammar is not None and not r.grammar_ended]
 
 
 def accept_tokens(batch: Any, tokens: list[int]) -> None:

@@ -15,7 +15,7 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -53,6 +53,14 @@ class Request:
     grammar_stops: frozenset[int] = frozenset()
     grammar_ended: bool = False
     grammar_refused: bool = False
+    # derived from the above in __post_init__
+    num_prompt_tokens: int = field(init=False)
+    penalized: bool = field(init=False)
+    biased: bool = field(init=False)
+    reports_logprobs: bool = field(init=False)
+    extras: bool = field(init=False)
+    stop_ids: frozenset[int] = field(init=False)
+    max_total_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

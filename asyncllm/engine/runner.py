@@ -323,11 +323,12 @@ class ModelRunner:
         """Rank 0: the step's logit adjustments but grammar masks (applied in place before sampling), what it
         reports of log-probabilities, and its rows that sample under a grammar (their rows among the sampled
         logits, their requests), from the rows whose request asks for more than the sampler's parameters."""
-        rows = [i for i, r in enumerate(batch.requests) if r.extras]
+        rows = batch.extras
         if not rows:
             return [], None, [], []
         reqs, sample = batch.requests, batch.sample
-        sample_index = np.cumsum(sample) - 1  # row -> its row among the step's sampled logits
+        # row -> its row among the step's sampled logits (a decode step's rows all sample)
+        sample_index = np.arange(len(sample)) if all(sample) else np.cumsum(sample) - 1
         penalized = [i for i in rows if reqs[i].penalized]
         biased = [i for i in rows if reqs[i].biased]
         adjust = [r for r in (self._penalties(batch, penalized, sample_index) if penalized else None,

@@ -24,6 +24,7 @@ on one CUDA stream, so a later step's writes come after the in-flight step's rea
 """
 from __future__ import annotations
 
+import itertools
 import time
 
 from collections import deque
@@ -48,7 +49,8 @@ class Batch:
     sample: list[bool] = field(default_factory=list)  # row ends at the request's last token: sample the next one
     # row's last input token is still on the device: its index in the previous step's sampled ids, else -1
     feed: list[int] = field(default_factory=list)
-    constrained: bool = False  # a row's request follows a grammar (structured outputs)
+    extras: list[int] = field(default_factory=list)  # rows whose request has extras (Request.extras), in order
+    constrained: bool = False  # a row's request follows a grammar (structured outputs; it has extras)
     num_prompt_tokens: int = 0  # tokens of prompts (or recomputation) in the step; the other rows decode
     num_decode_rows: int = 0
     prompt_budget: int = 0  # most prompt tokens the scheduler let the step take
@@ -61,6 +63,10 @@ class Batch:
         self.num_new_tokens.append(n)
         self.sample.append(start + n == req.num_scheduled_tokens)
         self.feed.append(-1)  # the scheduler sets it for requests with a pending token
+        if req.extras:
+            self.extras.append(len(self.requests) - 1)
+            if req.grammar is not None:
+                self.constrained = True
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -151,56 +157,64 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         prompt_budget = batch.prompt_budget = self._prompt_budget(budget)
         preemptions = self.stats.num_preemptions
-        max_len, bs = self.config.max_model_len, self.blocks.block_size
+        bs = self.blocks.block_size
         reqs, starts, n_new, sample, feed = batch.requests, batch.starts, batch.num_new_tokens, batch.sample, batch.feed
         running = self.running
         caching = self.blocks.cache is not None
         offers: list[int] = []  # rows that fill a block the prefix cache has not been offered yet
         row = prompt_tokens = prompt_rows = 0  # row: the next sampled id's index in the step's sampled ids
-        constrained = False
-        i = 0
-        # Running requests in admission order; a victim is always taken from the end, so never one already batched.
-        # (Per-row work is what a step costs on the host: Batch.add, the length checks and the row's bookkeeping
-        # are inlined here, in one pass.)
-        while i < len(running) and budget > 0:
-            req = running[i]
-            known, pending = len(req.token_ids), req.num_pending
-            if pending and (known - req.num_prompt_tokens + pending >= req.max_tokens or known + pending >= max_len):
-                i += 1  # its last token is on the device: nothing more to compute
-                continue
+        extras = batch.extras
+        add_req, add_start, add_n, add_sample, add_feed = (reqs.append, starts.append, n_new.append, sample.append,
+                                                           feed.append)
+        # Running requests in admission order; a victim is always taken from the end, so never one already batched
+        # (the iteration sees the list shrink). Per-row work is what a step costs on the host: Batch.add, the length
+        # checks and the row's bookkeeping are inlined here, in one pass. A request's max_total_tokens is within
+        # max_model_len (`check`).
+        for req in running:
+            if budget <= 0:
+                break
+            end = known = len(req.token_ids)
+            pending = req.num_pending
+            if pending:
+                end += pending
+                if end >= req.max_total_tokens:
+                    continue  # its last token is on the device: nothing more to compute
             start = req.num_computed_tokens
-            end = known + pending
-            n = min(end - start, budget)
+            n = end - start
+            if n > budget:
+                n = budget
             if n > 1 or start < req.num_prompt_tokens:  # prompt tokens (or recomputation after preemption)
-                n = min(n, prompt_budget)
-                if not n:
-                    i += 1
-                    continue
+                if n > prompt_budget:
+                    n = prompt_budget
+                    if not n:
+                        continue
                 prompt_budget -= n
                 if n > 1 or start + n <= req.num_prompt_tokens:  # (else it counts as a decode row)
                     prompt_tokens += n
                     prompt_rows += 1
-            if (start + n + bs - 1) // bs > len(req.block_table) and not self._grow(req, n):
+            computed = start + n
+            if computed > len(req.block_table) * bs and not self._grow(req, n):
                 break  # req preempted itself: it was the last running request
-            reqs.append(req)
-            starts.append(start)
-            n_new.append(n)
+            add_req(req)
+            add_start(start)
+            add_n(n)
             # its pending token is computed now: the input comes from the previous step's sampled ids
-            feed.append(req.pending_row if pending else -1)
-            computed = req.num_computed_tokens = start + n
+            add_feed(req.pending_row if pending else -1)
+            req.num_computed_tokens = computed
             if computed == end:  # it samples: its next token will exist on the device before the host sees it
-                sample.append(True)
+                add_sample(True)
                 req.num_pending = pending + 1
                 req.pending_row = row
                 row += 1
             else:
-                sample.append(False)
+                add_sample(False)
             if caching and (known if known < computed else computed) // bs > req.num_cached_blocks:
                 offers.append(len(reqs) - 1)
-            if req.grammar is not None:
-                constrained = True
+            if req.extras:
+                extras.append(len(reqs) - 1)
+                if req.grammar is not None:
+                    batch.constrained = True
             budget -= n
-            i += 1
         # Admit nothing in a step that had to preempt: the victims would only come straight back.
         preempted = self.stats.num_preemptions != preemptions
         hold = self._hold_admission(budget)
@@ -243,8 +257,6 @@ class Scheduler:
                 row += 1
             if caching and min(req.num_computed_tokens, len(req.token_ids)) // bs > req.num_cached_blocks:
                 offers.append(len(reqs) - 1)
-            if req.grammar is not None:
-                constrained = True
         # The prefix cache gets the blocks this step fills once admission matched against it: their K/V are written
         # before any later step can read them, never by this one. It may swap only blocks earlier steps wrote
         # (starts[i] // bs) for its own copies of a prefix.
@@ -255,7 +267,6 @@ class Scheduler:
                 # the cache may have swapped blocks from here on for its own copies: the device resends them
                 req.num_synced_blocks = min(req.num_synced_blocks, req.num_cached_blocks)
                 req.num_cached_blocks = full
-        batch.constrained = constrained
         batch.num_prompt_tokens, batch.num_decode_rows = prompt_tokens, len(reqs) - prompt_rows
         self.stats.prompt_tokens += prompt_tokens
         return batch
@@ -333,18 +344,19 @@ class Scheduler:
         if batch.gpu_ms:
             self.costs.observe(batch.num_prompt_tokens, batch.num_decode_rows, batch.gpu_ms)
         out: list[Request] = []
-        it = iter(sampled)
+        keep = out.append
         any_finished = False
         dropped = 0
-        max_len, finished = self.config.max_model_len, RequestStatus.FINISHED
-        for i, (req, sample) in enumerate(zip(batch.requests, batch.sample)):
-            if not sample:
-                continue
-            token = next(it)
+        finished = RequestStatus.FINISHED
+        reqs = batch.requests
+        # the rows that sampled (a decode step's rows all do), with their tokens
+        rows = range(len(reqs))
+        for i, token in zip(rows if len(sampled) == len(reqs) else itertools.compress(rows, batch.sample), sampled):
+            req = reqs[i]
             req.num_pending -= 1
             if req.status is finished:  # aborted, stopped or ended by EOS while the step ran
                 continue
-            out.append(req)
+            keep(req)
             if not req.max_tokens:  # prompt only
                 reason = "length"
                 dropped += 1
@@ -357,7 +369,7 @@ class Scheduler:
                     reason = "stop"
                 elif req.grammar is not None and (token in req.grammar_stops or req.grammar_refused):
                     reason = "stop"  # the grammar is complete (its stop token, EOS, was sampled)
-                elif (n := len(tokens)) >= req.max_total_tokens or n >= max_len:
+                elif len(tokens) >= req.max_total_tokens:  # (within max_model_len: `check`)
                     reason = "length"
                 else:
                     continue
@@ -401,6 +413,8 @@ class Scheduler:
             assert len(set(req.block_table)) == len(req.block_table), "a block twice in one table"
             assert len(req.block_table) == self.blocks.blocks_for(req.num_computed_tokens), "table size != tokens"
             assert req.num_computed_tokens <= req.num_scheduled_tokens
+            # never a token sampled past the request's limit (but the one after a prompt-only request's prompt)
+            assert req.num_scheduled_tokens <= max(req.max_total_tokens, req.num_prompt_tokens + 1), "past max_tokens"
             for b in req.block_table:
                 held[b] += 1
         for req in self.waiting:
