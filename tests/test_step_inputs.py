@@ -28,14 +28,16 @@ def decode_batch(feed: list[int]) -> tuple[Batch, list[Request]]:
 
 
 @pytest.mark.parametrize("pad_to", [0, 4])  # eager, or a CUDA graph's step padded to 4 rows
-def test_a_decode_step_packs_its_ids_positions_rows_and_sampled_rows(pad_to):
-    batch, reqs = decode_batch([-1, 0, -1])  # the second row's input is the previous step's first sampled id
+# the second row's input is the previous step's first sampled id; or every row's input is a sampled id (overlap)
+@pytest.mark.parametrize("feed, ids", [([-1, 0, -1], [6, -1, 26]), ([1, 2, 0], [-2, -3, -1])])
+def test_a_decode_step_packs_its_ids_positions_rows_and_sampled_rows(pad_to, feed, ids):
+    batch, reqs = decode_batch(feed)
     tables = RowTables(16, 4, torch.device("cpu"))
     header, packed = pack(batch, pad_to, tables.dummy, random.Random(0), ())
     step = unpack(header, packed, tables, torch.device("cpu"))
     rows = pad_to or 3
     assert (header.num_seqs, header.num_tokens, header.num_sampled, header.graph) == (rows, rows, 3, int(pad_to > 0))
-    assert step.ids.tolist() == [6, -1, 26] + [0] * (rows - 3)
+    assert step.ids.tolist() == ids + [0] * (rows - 3)
     assert step.positions.tolist() == [6, 6, 6] + [0] * (rows - 3)
     assert step.rows.tolist() == [5, 6, 7] + [tables.dummy] * (rows - 3)
     assert step.sample_seqs.tolist() == [0, 1, 2]  # padding rows never sample

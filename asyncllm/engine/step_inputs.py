@@ -125,7 +125,11 @@ def pack(batch: Batch, pad_to: int, dummy_row: int, rng: random.Random,
     rows = [r.row for r in reqs]
     if pad_to:  # decode only: one token per row
         pad = pad_to - b
-        ids = [r.token_ids[s] if f < 0 else -f - 1 for r, s, f in zip(reqs, starts, feed)] + [0] * pad
+        if min(feed) >= 0:  # (overlap) every row's input is the previous step's sampled id
+            ids = np.zeros(pad_to, dtype=np.int64)
+            np.subtract(-1, feed, out=ids[:b])
+        else:
+            ids = [r.token_ids[s] if f < 0 else -f - 1 for r, s, f in zip(reqs, starts, feed)] + [0] * pad
         positions = np.asarray(starts + [0] * pad, dtype=np.int64)
         rows += [dummy_row] * pad
         qsl = np.arange(pad_to + 1, dtype=np.int64)
