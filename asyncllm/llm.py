@@ -110,10 +110,11 @@ class LLM:
         try:
             while self.engine.busy:
                 stepped = self.engine.step()
-                for r in stepped:
-                    detok = detoks.get(r.request_id)
-                    if detok is not None and r.max_tokens and detok.push(r.token_ids[-1]):
-                        self.engine.finish(r.request_id, "stop")
+                if detoks:  # (per token: skipped unless a request has stop strings)
+                    for r in stepped:
+                        detok = detoks.get(r.request_id)
+                        if detok is not None and r.max_tokens and detok.push(r.token_ids[-1]):
+                            self.engine.finish(r.request_id, "stop")
                 if use_tqdm:  # throughput since the call started
                     dt = max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(

@@ -383,9 +383,8 @@ class EngineCore:
                     filling.result()  # its error, if it failed
             if (started := self.__dict__.get("_grammar_work")) is not None:
                 started.finish()  # the job that opened this step's gate: done (or all but done)
-            work = self._work
             if done is not None and done[0].constrained:
-                if work is not None and self._to_fill is not None:
+                if self._to_fill is not None and self._work is not None:
                     accept = grammar_tokens(done[0], done[1])
                     for req, token in accept:
                         req.grammar_ended = token in req.grammar_stops
