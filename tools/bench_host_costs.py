@@ -10,7 +10,9 @@ best of 3.
   (after the first step), in ms per step, --vocab columns;
 - evictions: allocating KV blocks when a full prefix cache must give them up (µs per block, 10k / 100k blocks);
 - decode_step: the host work of a pure-decode step of --rows running requests (scheduling, packing the step's
-  inputs, appending the sampled tokens), µs per step: the per-row part the serving loop shares with LLM.generate.
+  inputs, appending the sampled tokens), µs per step: the per-row part the serving loop shares with LLM.generate;
+- generate_stand_in: the same seen from outside, `LLM.generate` of --rows requests with the serving benchmark's
+  stand-in runner (no model; the CPU's eager step inputs), timed as a whole: µs per output token.
 
 Run it against another checkout with PYTHONPATH=that/checkout (its API is detected) to compare commits.
     python tools/bench_host_costs.py [--lengths 1024 8192 32768] [--rows 256] [--vocab 151936]
@@ -170,6 +172,45 @@ def decode_steps(rows: int, steps: int = 300) -> dict[str, float]:
     return {k: round(v / steps * 1e6, 1) for k, v in spent.items()}
 
 
+def generate_stand_in(rows: int, output_len: int = 256) -> dict[str, float]:
+    """The same host work seen from outside: `LLM.generate` of `rows` requests (prompts of 100-1000 random ids,
+    `output_len` tokens each, ignore_eos) with the serving benchmark's stand-in runner (step inputs built, no
+    model), timed as a whole after a warm-up: µs per output token. The default model's config cut to one layer
+    (dummy weights, CPU), with a KV cache for every request at once (no preemption)."""
+    import shutil
+    import tempfile
+
+    from bench_serving import install_stand_in
+    from transformers import AutoConfig
+
+    from asyncllm import LLM, SamplingParams
+    from asyncllm.model_files import default_model_dir
+
+    src = default_model_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = AutoConfig.from_pretrained(src)
+        config.num_hidden_layers = 1
+        config.save_pretrained(tmp)
+        for f in src.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                shutil.copy(f, tmp)
+        install_stand_in()
+        llm = LLM(tmp, load_format="dummy", device="cpu", max_num_seqs=rows, max_model_len=2048,
+                  num_kv_blocks=rows * -(-(1000 + output_len) // 16) + 64)
+    rng = random.Random(1)
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    llm.generate([[rng.randrange(100, 40000) for _ in range(200)]] * 2, params, use_tqdm=False)  # warm-up
+    prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(100, 1000))] for _ in range(rows)]
+    stats = llm.engine.stats
+    tokens, preemptions = stats.generation_tokens, stats.num_preemptions
+    t = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t
+    tokens = stats.generation_tokens - tokens
+    assert stats.num_preemptions == preemptions, "the KV cache was meant to hold every request"
+    return {"us_per_token": round(wall / tokens * 1e6, 2), "tokens": tokens}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768])
@@ -197,6 +238,8 @@ def main() -> None:
                           "us_per_block": round(evictions(n, rng), 2), **common}), flush=True)
     print(json.dumps({"bench": "host_costs", "part": "decode_step", "rows": a.rows,
                       "us_per_step": decode_steps(a.rows), **common}), flush=True)
+    print(json.dumps({"bench": "host_costs", "part": "generate_stand_in", "rows": a.rows,
+                      **generate_stand_in(a.rows), **common}), flush=True)
     for n in (256, 4096):
         print(json.dumps({"bench": "host_costs", "part": "penalties", "rows": a.rows, "vocab": a.vocab, "prompt_len": 550,
                           "output_len": n, "ms_per_step": round(penalties(a.rows, a.vocab, 550, n), 3), **common}),
