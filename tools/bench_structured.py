@@ -188,7 +188,7 @@ def accept_beside_python(grammars: Any, spec: StructuredOutputs, outputs: list[l
         reqs = [SimpleNamespace(grammar=grammars.matcher(spec), grammar_ended=False,
                                 grammar_stops=frozenset(), request_id=str(i), grammar_refused=False)
                 for i in range(len(outputs))]
-        batch = SimpleNamespace(requests=reqs, sample=[True] * len(reqs))
+        batch = SimpleNamespace(requests=reqs, sample=[True] * len(reqs), extras=list(range(len(reqs))))
         stop = threading.Event()
         spinner = threading.Thread(target=spin, args=(stop,))
         spinner.start()
