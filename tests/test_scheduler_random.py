@@ -90,7 +90,7 @@ def run_workload(seed: int, prefix_caching: bool, overlap: bool) -> tuple[list[R
         prompt = prompt[: max_len - 2]
         # max_tokens 0 now and then: the prompt only (its sampled token dropped)
         params = SamplingParams(temperature=0.0, max_tokens=rng.randint(rng.random() < 0.9, max_len - len(prompt)),
-                                ignore_eos=rng.random() < 0.5)
+                                ignore_eos=rng.random() < 0.5, logprobs=0 if rng.random() < 0.3 else None)
         when = 0 if rng.random() < 0.4 else rng.randint(0, 60)  # a burst at step 0, the rest staggered
         pending_arrivals.append((when, Request(f"r{i}", prompt, params, params.max_tokens, frozenset({EOS}))))
     all_reqs = [r for _, r in pending_arrivals]
@@ -112,6 +112,7 @@ def run_workload(seed: int, prefix_caching: bool, overlap: bool) -> tuple[list[R
         limit = sched.costs.limit()
         batch = sched.schedule()
         sched.check_invariants()
+        assert batch.extras == [i for i, r in enumerate(batch.requests) if r.extras]  # (logprobs: extras)
         assert batch.num_prompt_tokens <= batch.prompt_budget <= config.max_num_batched_tokens
         assert sum(batch.num_new_tokens) <= config.max_num_batched_tokens
         if batch.prompt_budget < config.max_num_batched_tokens:  # limited only while a request decodes
