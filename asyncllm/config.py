@@ -72,6 +72,9 @@ class EngineConfig:
     small_matmul: Literal["triton", "cublas"] = option(
         "triton", "CUDA: matmuls of steps of up to 16 tokens (decode of small batches) in layers of up to 2048 output "
                   "features: triton = asyncllm_kernels.skinny_linear (SwiGLU fused), cublas = torch's")
+    dependent_launch: bool = option(
+        True, "CUDA, Hopper and later: the Triton kernels launched with programmatic dependent launch (each may start "
+              "while the previous kernel finishes; weights read early)")
     enable_prefix_caching: bool = option(True, "reuse the KV blocks of shared prompt prefixes (radix tree)",
                                          flags=("--enable-radix-cache",))
     overlap_schedule: bool | None = option(

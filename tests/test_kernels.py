@@ -128,7 +128,8 @@ def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch):
             p.normal_(0.0, 0.2)
     plain.load_state_dict(mlp.state_dict())
     calls = []
-    monkeypatch.setattr(K, "skinny_linear", lambda *a, **kw: calls.append(kw) or K.skinny_linear_ref(*a, **kw))
+    monkeypatch.setattr(K, "skinny_linear", lambda *a, swiglu=False, pdl=False: calls.append(
+        {"swiglu": swiglu, "pdl": pdl}) or K.skinny_linear_ref(*a, swiglu=swiglu))
     for rows, expected in ((3, [{"swiglu": True}, {}]), (K.SKINNY_MAX_ROWS + 1, [])):
         x = rnd(rows, 64)
         ref = plain(x)

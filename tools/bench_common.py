@@ -23,15 +23,34 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def variant_config(variant: str) -> dict:
-    """'BACKEND[-eager][-no-pieces][-no-overlap][-nccl|-symm][-cublas]' -> engine options: eager = no CUDA graphs,
-    no-pieces = no piecewise graphs (steps with prompt tokens eager), no-overlap = each step read back before the
-    next is scheduled, nccl / symm = tensor parallelism's all-reduces by NCCL only / by the symmetric-memory kernels
-    where small (default: auto), cublas = torch's matmuls at few rows too."""
+    """'BACKEND[-eager][-no-pieces][-no-overlap][-nccl|-symm][-cublas][-no-pdl]' -> engine options: eager = no CUDA
+    graphs, no-pieces = no piecewise graphs (steps with prompt tokens eager), no-overlap = each step read back before
+    the next is scheduled, nccl / symm = tensor parallelism's all-reduces by NCCL only / by the symmetric-memory
+    kernels where small (default: auto), cublas = torch's matmuls at few rows too, no-pdl = no programmatic dependent
+    launch."""
     all_reduce = "nccl" if "-nccl" in variant else "symm_mem" if "-symm" in variant else "auto"
     return dict(attention_backend=variant.split("-")[0], enforce_eager="-eager" in variant,
                 overlap_schedule="-no-overlap" not in variant, all_reduce=all_reduce,
                 small_matmul="cublas" if "-cublas" in variant else "triton",
-                cuda_graph_max_tokens=0 if "-no-pieces" in variant else None)
+                cuda_graph_max_tokens=0 if "-no-pieces" in variant else None,
+                dependent_launch="-no-pdl" not in variant)
+
+
+def set_layer_variant(variant: str) -> None:
+    """'-wide' in the variant: the few-row Triton matmul for every layer, however wide (the layers read the bound
+    when built: call before the engine)."""
+    from asyncllm.layers import linear
+
+    linear.SKINNY_MAX_OUT = 1 << 30 if "-wide" in variant else DEFAULT_SKINNY_MAX_OUT
+
+
+def _default_skinny_max_out() -> int:
+    from asyncllm.layers import linear
+
+    return linear.SKINNY_MAX_OUT
+
+
+DEFAULT_SKINNY_MAX_OUT = _default_skinny_max_out()
 
 
 class StepTimer:

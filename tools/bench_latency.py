@@ -17,7 +17,7 @@ import random
 import time
 
 import torch
-from bench_common import StepTimer, run_fields, variant_config
+from bench_common import StepTimer, run_fields, set_layer_variant, variant_config
 
 from asyncllm import LLM, SamplingParams
 
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
     ap.add_argument("--variants", nargs="+", default=["flashinfer", "flashinfer-no-overlap", "flashinfer-eager",
                                                       "triton", "torch"],
-                    help="BACKEND[-eager][-no-pieces][-no-overlap][-nccl|-symm][-cublas]")
+                    help="BACKEND[-eager][-no-pieces][-no-overlap][-nccl|-symm][-cublas][-no-pdl][-wide]")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--bandwidth-tbs", type=float, default=4.3, help="measured copy bandwidth (BENCHMARKS.md; H200)")
@@ -38,6 +38,7 @@ def main() -> None:
     common = dict(model=os.path.basename(a.model.rstrip("/")), prompt_len=a.prompt_len, new_tokens=a.new_tokens,
                   tp=int(os.environ.get("WORLD_SIZE", "1")), **run_fields())
     for variant in a.variants:
+        set_layer_variant(variant)
         llm = LLM(a.model, load_format="dummy", dtype="bfloat16", **variant_config(variant),
                   max_model_len=a.max_model_len, max_num_seqs=max(a.batches),
                   max_num_batched_tokens=max(a.batches) * a.prompt_len)

@@ -97,6 +97,13 @@ def fast_path(name: str, device: torch.device) -> bool:
     return device.type == "cuda" and name != "torch" and importlib.util.find_spec("triton") is not None
 
 
+def dependent_launch_supported(device: torch.device) -> bool:
+    """The fast path's Triton kernels can launch with programmatic dependent launch on `device` (Triton installed)."""
+    from asyncllm_kernels.dependent_launch import supported
+
+    return supported(device)
+
+
 def make_backend(name: str, device: torch.device, dtype: torch.dtype, attn: Attention, block_size: int) -> AttentionBackend:
     """auto: flashinfer on CUDA in bf16/fp16 when it imports and its kernels load, else triton on CUDA, else torch."""
     if name == "auto":
@@ -172,7 +179,8 @@ class ModelRunner:
 
         # GPU fast path (any attention backend but torch's): the layers' Triton kernels, chosen as they are built
         fast = fast_path(config.attention_backend, self.device)
-        kernels = KernelChoice(fused=fast, skinny_matmul=fast and config.small_matmul == "triton")
+        kernels = KernelChoice(fused=fast, skinny_matmul=fast and config.small_matmul == "triton",
+                               pdl=fast and config.dependent_launch and dependent_launch_supported(self.device))
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -186,8 +194,9 @@ class ModelRunner:
             load_safetensors(self.model, model_dir)
         self.model.eval()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.backend = make_backend(config.attention_backend, self.device, self.dtype, self.attention_layers[0],
-                                    self.block_size)
+        with kernel_choice.choose(kernels):
+            self.backend = make_backend(config.attention_backend, self.device, self.dtype, self.attention_layers[0],
+                                        self.block_size)
         assert (self.backend.name != "torch") == fast, "fast_path disagrees with make_backend"
         # per-row state on the device (rows: the scheduler's slots of running requests, + one dummy row)
         self.tables = RowTables(config.max_num_seqs, -(-max_model_len // self.block_size), self.device)

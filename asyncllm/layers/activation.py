@@ -13,11 +13,12 @@ class SiluAndMul(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fused = kernel_choice.current().fused  # one Triton kernel instead of two (CUDA fast path)
+        self.pdl = kernel_choice.current().pdl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and x.ndim == 2 and x.stride(-1) == 1:
             from asyncllm_kernels import silu_and_mul
 
-            return silu_and_mul(x)
+            return silu_and_mul(x, pdl=self.pdl)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

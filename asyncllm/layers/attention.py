@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asyncllm.device import to_device
+from asyncllm.layers import kernel_choice
 from asyncllm.layers.norm import rms_norm_torch
 from asyncllm.layers.rotary import apply_rotary
 
@@ -161,6 +162,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
         import asyncllm_kernels  # CUDA only: imports triton
 
         self.kernels = asyncllm_kernels
+        self.pdl = kernel_choice.current().pdl
         self.counters: torch.Tensor | None = None  # the decode kernel's, allocated on first use (its device)
 
     def plan(self, meta: AttentionMetadata) -> None:
@@ -204,7 +206,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float,
         rotary: Rotary | None = None,
     ) -> torch.Tensor:
-        store_new_kv(self.kernels, q, k, v, kv_cache, self.full.slot_mapping, rotary)
+        store_new_kv(self.kernels, q, k, v, kv_cache, self.full.slot_mapping, rotary, self.pdl)
         return self._attend_stored(q, kv_cache, scale)
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, out: torch.Tensor) -> None:
@@ -219,23 +221,25 @@ class TritonAttentionBackend(TorchAttentionBackend):
             self.counters = kern.decode_counters(q.device)
         if self.decode_only:
             return kern.paged_decode_attention(q, kv_cache, self.dec_tables, self.dec_seq_lens, scale,
-                                               self.dec_max_len, self.counters)
+                                               self.dec_max_len, self.counters, pdl=self.pdl)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         out[self.dec_rows] = kern.paged_decode_attention(q[self.dec_rows], kv_cache, self.dec_tables,
-                                                         self.dec_seq_lens, scale, self.dec_max_len, self.counters)
+                                                         self.dec_seq_lens, scale, self.dec_max_len, self.counters,
+                                                         pdl=self.pdl)
         out[self.pre_rows] = self._attend(q[self.pre_rows], kv_cache, scale)
         return out
 
 
 def store_new_kv(kernels: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, rotary: Rotary | None) -> None:
+                 slot_mapping: torch.Tensor, rotary: Rotary | None, pdl: bool) -> None:
     """The GPU backends' first step: K/V into the cache; with `rotary`, q (normalized and) rotated in place and k
-    (normalized and) rotated on its way into the cache, in the same kernel."""
+    (normalized and) rotated on its way into the cache, in the same kernel (with programmatic dependent launch when
+    `pdl`)."""
     if rotary is None:
-        kernels.store_kv(k, v, kv_cache, slot_mapping)
+        kernels.store_kv(k, v, kv_cache, slot_mapping, pdl=pdl)
     else:
         kernels.rope_store_kv(rotary.positions, q, k, v, rotary.cos_sin_cache, kv_cache, slot_mapping, rotary.q_norm,
-                              rotary.k_norm, rotary.eps)
+                              rotary.k_norm, rotary.eps, pdl=pdl)
 
 
 class Attention(nn.Module):

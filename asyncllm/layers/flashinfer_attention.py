@@ -104,7 +104,7 @@ class FlashInferAttentionBackend:
         if self.wrapper is None:  # capturing a decode graph
             return self.graphs.forward(q, k, v, kv_cache, scale, rotary)
         assert self.slot_mapping is not None, "plan() first"
-        store_new_kv(self.kernels, q, k, v, kv_cache, self.slot_mapping, rotary)
+        store_new_kv(self.kernels, q, k, v, kv_cache, self.slot_mapping, rotary, self.graphs.pdl)
         return self.wrapper.run(q, (kv_cache[0], kv_cache[1]))
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, out: torch.Tensor) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 class KernelChoice:
     fused: bool = False  # Triton RMSNorm (+ residual add), SwiGLU, q/k norm with the rotary + KV-store kernel
     skinny_matmul: bool = False  # matmuls of a few rows by asyncllm_kernels.skinny_linear (SwiGLU in its epilogue)
+    pdl: bool = False  # those Triton kernels launched with programmatic dependent launch (Hopper and later; see
+    # asyncllm_kernels.dependent_launch)
 
 
 _current = KernelChoice()

@@ -30,12 +30,14 @@ def few_rows(x: torch.Tensor) -> bool:
     return x.ndim == 2 and x.shape[0] <= SKINNY_MAX_ROWS and x.stride(-1) == 1
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, skinny: bool) -> torch.Tensor:
-    """x W^T + b: by asyncllm_kernels.skinny_linear when `skinny` (CUDA) and x has few rows, else by torch."""
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, skinny: bool,
+           pdl: bool = False) -> torch.Tensor:
+    """x W^T + b: by asyncllm_kernels.skinny_linear when `skinny` (CUDA) and x has few rows (launched with
+    programmatic dependent launch when `pdl`), else by torch."""
     if skinny and few_rows(x):
         from asyncllm_kernels import skinny_linear
 
-        return skinny_linear(x, weight, bias)
+        return skinny_linear(x, weight, bias, pdl=pdl)
     return nn.functional.linear(x, weight, bias)
 
 
@@ -72,6 +74,7 @@ class MergedLinear(nn.Module):
         # Triton matmul for few rows (CUDA fast path); SwiGLU in its epilogue where each half is narrow enough
         self.skinny = kernel_choice.current().skinny_matmul and start <= SKINNY_MAX_OUT
         self.skinny_swiglu = kernel_choice.current().skinny_matmul and start <= 2 * SKINNY_MAX_OUT
+        self.pdl = kernel_choice.current().pdl
         for param in (self.weight, self.bias):
             if param is not None:
                 param.weight_loader = self._load_part  # type: ignore[attr-defined]
@@ -91,7 +94,7 @@ class MergedLinear(nn.Module):
         dst.copy_(src)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul(x, self.weight, self.bias, self.skinny)
+        return matmul(x, self.weight, self.bias, self.skinny, self.pdl)
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of the two equal parts gate | up in the matmul's epilogue, when the Triton kernel takes
@@ -100,7 +103,7 @@ class MergedLinear(nn.Module):
             return None
         from asyncllm_kernels import skinny_linear
 
-        return skinny_linear(x, self.weight, self.bias, swiglu=True)
+        return skinny_linear(x, self.weight, self.bias, swiglu=True, pdl=self.pdl)
 
 
 class RowParallelLinear(nn.Module):
@@ -115,6 +118,7 @@ class RowParallelLinear(nn.Module):
         self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.skinny = kernel_choice.current().skinny_matmul and out_features <= SKINNY_MAX_OUT  # (see MergedLinear)
+        self.pdl = kernel_choice.current().pdl
 
     def _load_weight(self, param: torch.Tensor, tensor: torch.Tensor, shard_id: ShardId = None) -> None:
         if tensor.dim() != 2 or tensor.shape[1] < self.in_start + self.weight.shape[1]:
@@ -126,7 +130,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum (the bias counted on rank 0 only)."""
-        return matmul(x, self.weight, self.bias if self.tp.rank == 0 else None, self.skinny)
+        return matmul(x, self.weight, self.bias if self.tp.rank == 0 else None, self.skinny, self.pdl)
 
 
 class VocabParallelEmbedding(nn.Module):

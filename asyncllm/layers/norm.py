@@ -25,6 +25,7 @@ class RMSNorm(nn.Module):
         self.exchange_slot = exchange_slot
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.fused = kernel_choice.current().fused  # Triton kernel (CUDA fast path)
+        self.pdl = kernel_choice.current().pdl
         self.tp = distributed.current()
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,8 +46,8 @@ class RMSNorm(nn.Module):
             from asyncllm_kernels import rms_norm
 
             if residual is None:
-                return rms_norm(x, self.weight, self.eps)
-            return rms_norm(x, self.weight, self.eps, residual=residual), residual  # residual updated in place
+                return rms_norm(x, self.weight, self.eps, pdl=self.pdl)
+            return rms_norm(x, self.weight, self.eps, residual=residual, pdl=self.pdl), residual  # in place
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from asyncllm_kernels.dependent_launch import launch_options, wait_previous
 from asyncllm_kernels.device_shape import device_shape
 
 MAX_COUNTERS = 1 << 16  # (sequence, KV head) pairs one call may have
@@ -59,10 +60,11 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, out_p
                    stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
-                   PRECISION: tl.constexpr, SPLIT_P: tl.constexpr):
+                   PRECISION: tl.constexpr, SPLIT_P: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    wait_previous(PDL)
     seq_len = tl.load(seq_lens_ptr + b)
     chunk = tl.maximum(tl.cdiv(seq_len, SPLITS), MIN_CHUNK)
     chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
@@ -136,10 +138,12 @@ def _num_splits(batch: int, kv_heads: int, max_seq_len: int, sms: int, min_chunk
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, max_seq_len: int,
-                           counters: torch.Tensor | None = None, config: LaunchConfig | None = None) -> torch.Tensor:
+                           counters: torch.Tensor | None = None, config: LaunchConfig | None = None,
+                           pdl: bool = False) -> torch.Tensor:
     """`max_seq_len` (host int, an upper bound of seq_lens) fixes the grid: no device-to-host sync here.
     `counters` (decode_counters): the caller's, reused across calls; None allocates fresh ones (a memset).
-    `config`: the launch configuration (tests and tuning); None: `launch_config`'s for this grid."""
+    `config`: the launch configuration (tests and tuning); None: `launch_config`'s for this grid.
+    `pdl`: launched with programmatic dependent launch (asyncllm_kernels.dependent_launch)."""
     batch, heads, dim = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     assert heads % kv_heads == 0 and dim == triton.next_power_of_2(dim) and kv_cache.is_contiguous()
@@ -162,7 +166,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         BLOCK_N=config.block_n, SPLITS=splits, MIN_CHUNK=config.min_chunk, num_warps=config.num_warps,
         num_stages=config.num_stages,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # no TF32 rounding for float32 inputs
-        SPLIT_P=q.dtype != torch.float32)
+        SPLIT_P=q.dtype != torch.float32, PDL=pdl, **launch_options(pdl))
     return out
 
 

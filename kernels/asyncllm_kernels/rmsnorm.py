@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from asyncllm_kernels.dependent_launch import launch_options, wait_previous
+
 
 @triton.jit
 def add_norm_store(x, res_row, w_ptr, out_row, cols, mask, n_cols, eps, HAS_RESIDUAL: tl.constexpr):
@@ -23,10 +25,11 @@ def add_norm_store(x, res_row, w_ptr, out_row, cols, mask, n_cols, eps, HAS_RESI
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, stride_x, stride_res, stride_out, eps,
-                    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    wait_previous(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     add_norm_store(x, res_ptr + row * stride_res, w_ptr, out_ptr + row * stride_out, cols, mask, n_cols, eps,
                    HAS_RESIDUAL)
@@ -37,8 +40,10 @@ def norm_warps(block: int) -> int:
     return min(max(block // 256, 1), 8)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, H] -> normed [T, H]; with `residual` [T, H], residual is updated in place to x + residual first."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             pdl: bool = False) -> torch.Tensor:
+    """x [T, H] -> normed [T, H]; with `residual` [T, H], residual is updated in place to x + residual first.
+    `pdl`: launched with programmatic dependent launch (asyncllm_kernels.dependent_launch)."""
     assert x.ndim == 2 and x.stride(-1) == 1
     out = torch.empty_like(x)
     rows, cols = x.shape
@@ -47,7 +52,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     block = triton.next_power_of_2(cols)
     res = residual if residual is not None else x
     _rmsnorm_kernel[(rows,)](x, res, weight, out, cols, x.stride(0), res.stride(0), out.stride(0), eps,
-                             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=norm_warps(block))
+                             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=norm_warps(block), PDL=pdl,
+                             **launch_options(pdl))
     return out
 
 

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from asyncllm_kernels.dependent_launch import launch_options, wait_previous
+
 
 @triton.jit
 def _rotated(x1, x2, cos, sin):
@@ -49,8 +51,10 @@ def _rotate_heads(ptr, stride_h, n_heads, cos, sin, dst_ptr, dst_stride_h, norm_
 @triton.jit
 def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, pos_ptr, kv_ptr, slot_ptr, q_norm_ptr, k_norm_ptr, eps,
                           n_q_heads, n_k_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, v_offset,
-                          HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, NORM: tl.constexpr):
+                          HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, NORM: tl.constexpr,
+                          PDL: tl.constexpr):
     t = tl.program_id(0)
+    wait_previous(PDL)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF)
     cos = tl.load(cache_ptr + pos * 2 * HALF + d)[None, :]
@@ -70,9 +74,11 @@ def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, pos_ptr, kv_ptr, slot_
 
 def rope_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                  q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 0.0) -> None:
+                  q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 0.0,
+                  pdl: bool = False) -> None:
     """q (normalized and) rotated in place; (normalized and) rotated k and v into the cache (k itself is left as it
-    was). q_norm and k_norm come together or not at all."""
+    was). q_norm and k_norm come together or not at all. `pdl`: launched with programmatic dependent launch
+    (asyncllm_kernels.dependent_launch)."""
     tokens, n_q, dim = q.shape
     n_k = k.shape[1]
     assert dim % 2 == 0 and triton.next_power_of_2(dim // 2) == dim // 2 and q.stride(-1) == 1 and k.stride(-1) == 1
@@ -85,7 +91,7 @@ def rope_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         q, k, v, cos_sin_cache, positions, kv_cache, slot_mapping, q_norm if norm else q, k_norm if norm else k, eps,
         n_q, n_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), kv_cache[0].numel(), HALF=dim // 2,
         BLOCK_H=min(triton.next_power_of_2(max(n_q, n_k)), 16), BLOCK_V=min(triton.next_power_of_2(n_k * dim), 1024),
-        NORM=norm)
+        NORM=norm, PDL=pdl, **launch_options(pdl))
 
 
 def rope_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

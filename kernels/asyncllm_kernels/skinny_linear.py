@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from asyncllm_kernels.dependent_launch import launch_options, wait_previous
 from asyncllm_kernels.device_shape import device_shape
 
 MAX_ROWS = 16  # BLOCK_M: rows of x one call takes
@@ -43,10 +44,38 @@ def _round_out(acc, bias_ptr, n, n_mask, HAS_BIAS: tl.constexpr, dtype: tl.const
     return acc.to(dtype)
 
 
+@triton.jit
+def _w_tiles(w_ptr, n, n_mask, k, k_mask, N, stride_wn, SWIGLU: tl.constexpr, UPCAST: tl.constexpr):
+    """The BLOCK_N x BLOCK_K tile of W at rows n, columns k (and with SWIGLU the matching rows of up, N further)."""
+    w_tile = w_ptr + n[:, None] * stride_wn + k[None, :]
+    w_mask = n_mask[:, None] & k_mask[None, :]
+    w = tl.load(w_tile, mask=w_mask, other=0.0)
+    up = w
+    if SWIGLU:
+        up = tl.load(w_tile + N * stride_wn, mask=w_mask, other=0.0)
+    if UPCAST:  # float32 operands (exact for half-precision values in TF32): the interpreter's bf16 dot is wrong
+        w, up = w.to(tl.float32), up.to(tl.float32)
+    return w, up
+
+
+@triton.jit
+def _dot_tiles(acc, acc_up, x_ptr, m, m_mask, stride_xm, k, k_mask, w, up, SWIGLU: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc (and acc_up) += the rows of x at columns k times the tiles w (and up)."""
+    x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+    if SWIGLU:
+        acc_up += tl.dot(x, tl.trans(up), input_precision=PRECISION)
+    return acc, acc_up
+
+
 @triton.jit(do_not_specialize=["M"])
 def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.arange(0, BLOCK_M)
@@ -58,21 +87,18 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, 
     k_end = tl.minimum(k_start + k_per, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    # the slice's first tiles of W are read before waiting for the kernel that writes x (weights: no kernel writes
+    # them), so with PDL that read overlaps the previous kernel
+    k = k_start + tl.arange(0, BLOCK_K)
+    w, up = _w_tiles(w_ptr, n, n_mask, k, k < k_end, N, stride_wn, SWIGLU, UPCAST)
+    wait_previous(PDL)
+    acc, acc_up = _dot_tiles(acc, acc_up, x_ptr, m, m_mask, stride_xm, k, k < k_end, w, up, SWIGLU, PRECISION,
+                             UPCAST)
+    for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < k_end
-        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w_tile = w_ptr + n[:, None] * stride_wn + k[None, :]
-        w_mask = n_mask[:, None] & k_mask[None, :]
-        w = tl.load(w_tile, mask=w_mask, other=0.0)
-        if UPCAST:  # float32 operands (exact for half-precision values in TF32): the interpreter's bf16 dot is wrong
-            x, w = x.to(tl.float32), w.to(tl.float32)
-        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
-        if SWIGLU:  # the matching rows of up, N rows further down
-            up = tl.load(w_tile + N * stride_wn, mask=w_mask, other=0.0)
-            if UPCAST:
-                up = up.to(tl.float32)
-            acc_up += tl.dot(x, tl.trans(up), input_precision=PRECISION)
+        w, up = _w_tiles(w_ptr, n, n_mask, k, k < k_end, N, stride_wn, SWIGLU, UPCAST)
+        acc, acc_up = _dot_tiles(acc, acc_up, x_ptr, m, m_mask, stride_xm, k, k < k_end, w, up, SWIGLU, PRECISION,
+                                 UPCAST)
     dtype = y_ptr.dtype.element_ty
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
@@ -113,8 +139,9 @@ def _split_k(blocks: int, k: int, device: torch.device) -> int:
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  swiglu: bool = False) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS, rows contiguous), weight [N, K] (or [2N, K] with swiglu) -> [M, N]."""
+                  swiglu: bool = False, pdl: bool = False) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS, rows contiguous), weight [N, K] (or [2N, K] with swiglu) -> [M, N]. `pdl`:
+    launched with programmatic dependent launch (asyncllm_kernels.dependent_launch), W's first tiles read early."""
     rows, k = x.shape
     assert rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1 and weight.shape[1] == k
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
@@ -129,8 +156,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x, weight, bias if bias is not None else y, y, part, _counters(x.device), rows, n, k, x.stride(0),
         weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, SWIGLU=swiglu, SPLIT_K=split, BLOCK_M=MAX_ROWS,
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        UPCAST=x.device.type == "cpu",
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        UPCAST=x.device.type == "cpu", PDL=pdl,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES, **launch_options(pdl))
     return y
 
 

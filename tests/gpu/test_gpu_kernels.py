@@ -40,3 +40,76 @@ def test_skinny_linear_at_model_shapes(rows, n, k, swiglu):
     out = K.skinny_linear(x, w, None, swiglu)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     assert torch.equal(K.skinny_linear(x, w, None, swiglu), out)
+
+
+@pytest.mark.parametrize("rows", [1, 12])
+def test_dependent_launch_chain_equals_the_serial_one(rows):
+    """Decoder layers' chain of Triton kernels launched with programmatic dependent launch, eagerly and captured in a
+    CUDA graph replayed on new inputs, gives bit for bit what the same chain gives launched without it: a kernel
+    that read its input, or wrote, before the previous kernel was done would differ (Qwen3-0.6B's layer shapes; a
+    torch kernel in the middle, both SwiGLU paths)."""
+    import asyncllm_kernels as K
+    from asyncllm_kernels.dependent_launch import supported
+
+    if not supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9 or more")
+    torch.manual_seed(rows)
+    hidden, heads, kv_heads, dim, inter, bs, ctx, layers = 1024, 16, 8, 128, 3072, 16, 300, 6
+    q_size, kv_size = heads * dim, kv_heads * dim
+
+    def weight(n: int, k: int) -> torch.Tensor:
+        return (torch.randn(n, k, device="cuda") / k**0.5).bfloat16()
+
+    wqkv, wo, wgu, wd = weight(q_size + 2 * kv_size, hidden), weight(hidden, q_size), weight(2 * inter, hidden), \
+        weight(hidden, inter)
+    norm_w, head_w = (1 + 0.1 * torch.randn(hidden, device="cuda")).bfloat16(), \
+        (1 + 0.1 * torch.randn(dim, device="cuda")).bfloat16()
+    per_row = -(-(ctx + 1) // bs)
+    pristine = torch.randn(2, rows * per_row, bs, kv_heads, dim, device="cuda").bfloat16()
+    cache = pristine.clone()
+    tables = torch.arange(rows * per_row, device="cuda", dtype=torch.int32).view(rows, per_row)
+    seq_lens = torch.full((rows,), ctx + 1, device="cuda", dtype=torch.int32)
+    positions = torch.full((rows,), ctx, device="cuda", dtype=torch.int64)
+    slots = (tables[:, ctx // bs].long() * bs + ctx % bs).contiguous()
+    cos_sin = torch.randn(ctx + 1, dim, device="cuda")
+    counters = K.decode_counters(torch.device("cuda"))
+
+    def chain(x: torch.Tensor, residual: torch.Tensor, pdl: bool) -> torch.Tensor:
+        for _ in range(layers):
+            h = K.rms_norm(x, norm_w, 1e-6, residual=residual, pdl=pdl)
+            q, k, v = K.skinny_linear(h, wqkv, pdl=pdl).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = q.view(rows, heads, dim), k.view(rows, kv_heads, dim), v.view(rows, kv_heads, dim)
+            K.rope_store_kv(positions, q, k, v, cos_sin, cache, slots, head_w, head_w, 1e-6, pdl=pdl)
+            a = K.paged_decode_attention(q, cache, tables, seq_lens, dim**-0.5, ctx + 1, counters, pdl=pdl)
+            h = K.rms_norm(K.skinny_linear(a.view(rows, q_size), wo, pdl=pdl), norm_w, 1e-6, residual=residual,
+                           pdl=pdl)
+            fused = K.skinny_linear(h, wgu, swiglu=True, pdl=pdl)
+            unfused = K.silu_and_mul(K.skinny_linear(h, wgu, pdl=pdl), pdl=pdl)
+            x = K.skinny_linear(fused + unfused, wd, pdl=pdl)  # the add: a torch kernel between PDL ones
+        return x
+
+    def run(x: torch.Tensor, residual: torch.Tensor, pdl: bool) -> tuple[torch.Tensor, ...]:
+        cache.copy_(pristine)
+        res = residual.clone()
+        return chain(x.clone(), res, pdl), res, cache.clone()
+
+    def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(rows, hidden, device="cuda").bfloat16(), torch.randn(rows, hidden, device="cuda").bfloat16()
+
+    x0, r0 = inputs()
+    serial = run(x0, r0, pdl=False)
+    for got, want in zip(run(x0, r0, pdl=True), serial):  # eager (and every kernel compiled before the capture)
+        assert torch.equal(got, want)
+    static_x, static_res = x0.clone(), r0.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = chain(static_x, static_res, pdl=True)
+    for _ in range(4):
+        x, residual = inputs()
+        want = run(x, residual, pdl=False)
+        static_x.copy_(x)
+        static_res.copy_(residual)
+        cache.copy_(pristine)
+        graph.replay()
+        for got, expected in zip((static_out, static_res, cache), want):
+            assert torch.equal(got, expected)

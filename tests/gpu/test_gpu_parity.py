@@ -77,6 +77,27 @@ def test_auto_backend_is_flashinfer_with_graphs_and_overlap(models):
     assert engine.runner.backend.name == "flashinfer" and engine.runner.graphs is not None and engine.overlap
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_dependent_launch_changes_no_token(models, arch):
+    """The fast path with programmatic dependent launch (default on Hopper) gives exactly the tokens and logits
+    without it: graph decode steps, few-row matmuls, preemption and chunked prefill included."""
+    from asyncllm_kernels.dependent_launch import supported
+
+    from asyncllm.layers.norm import RMSNorm
+
+    kwargs = dict(device="cuda", dtype="bfloat16", max_model_len=320, num_kv_blocks=40, max_num_batched_tokens=48)
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=3)
+    outs = {}
+    for on in (True, False):
+        llm = LLM(str(models[arch]), dependent_launch=on, **kwargs)
+        norms = [m for m in llm.engine.runner.model.modules() if isinstance(m, RMSNorm)]
+        assert all(m.pdl == (on and supported(torch.device("cuda"))) for m in norms)
+        outs[on] = [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs])
+                    for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        assert llm.engine.scheduler.stats.num_preemptions > 0
+    assert outs[True] == outs[False]
+
+
 async def test_async_engine_overlap_on_gpu_equals_llm(models):
     """Concurrent streams through the overlapped GPU loop give the tokens of LLM.generate (same engine config)."""
     import asyncio
