@@ -3,7 +3,7 @@ summed per kernel name and divided by the steps. One JSON line per kernel (count
 a total line: kernels per step, GPU µs per step (summed, and the union of the kernels' intervals: where the span is
 longer, the GPU waited), the steps' wall time, and the host's time per step in schedule / advance (launch, then
 the wait for the step before) / update. GPU.
-    python tools/profile_step.py --model tools/model_configs/qwen3-0.6b --batch 1 256 [--small-matmul cublas]
+    python tools/profile_step.py --model tools/model_configs/qwen3-0.6b --batch 1 256 [--variant flashinfer-cublas]
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 
 import torch
-from bench_common import run_fields
+from bench_common import run_fields, set_layer_variant, variant_config
 from torch.profiler import ProfilerActivity, profile
 
 from asyncllm import LLM, SamplingParams
@@ -28,12 +28,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--small-matmul", choices=["triton", "cublas"], default="triton")
+    ap.add_argument("--variant", default="flashinfer", help="as bench_latency.py's --variants (one)")
     a = ap.parse_args()
+    set_layer_variant(a.variant)
     llm = LLM(a.model, load_format="dummy", dtype="bfloat16", max_model_len=a.max_model_len,
-              max_num_seqs=max(a.batch), small_matmul=a.small_matmul)
+              max_num_seqs=max(a.batch), **variant_config(a.variant))
     engine = llm.engine
-    common = dict(model=os.path.basename(a.model.rstrip("/")), small_matmul=a.small_matmul, **run_fields())
+    common = dict(model=os.path.basename(a.model.rstrip("/")), variant=a.variant, **run_fields())
     rng = random.Random(0)
     for batch in a.batch:
         params = SamplingParams(temperature=0.0, max_tokens=a.steps + 40, ignore_eos=True)
