@@ -36,21 +36,17 @@ def variant_config(variant: str) -> dict:
                 dependent_launch="-no-pdl" not in variant)
 
 
+_skinny_max_out: list[int] = []  # the layers' own bound, kept at the first call
+
+
 def set_layer_variant(variant: str) -> None:
     """'-wide' in the variant: the few-row Triton matmul for every layer, however wide (the layers read the bound
     when built: call before the engine)."""
     from asyncllm.layers import linear
 
-    linear.SKINNY_MAX_OUT = 1 << 30 if "-wide" in variant else DEFAULT_SKINNY_MAX_OUT
-
-
-def _default_skinny_max_out() -> int:
-    from asyncllm.layers import linear
-
-    return linear.SKINNY_MAX_OUT
-
-
-DEFAULT_SKINNY_MAX_OUT = _default_skinny_max_out()
+    if not _skinny_max_out:
+        _skinny_max_out.append(linear.SKINNY_MAX_OUT)
+    linear.SKINNY_MAX_OUT = 1 << 30 if "-wide" in variant else _skinny_max_out[0]
 
 
 class StepTimer:
