@@ -87,14 +87,18 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, 
     k_end = tl.minimum(k_start + k_per, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    # the slice's first tiles of W are read before waiting for the kernel that writes x (weights: no kernel writes
-    # them), so with PDL that read overlaps the previous kernel
+    # the slice's first two tiles of W (the whole slice where the split makes it two tiles long: small models) are
+    # read before waiting for the kernel that writes x (no kernel writes weights): with PDL that read overlaps the
+    # previous kernel
     k = k_start + tl.arange(0, BLOCK_K)
     w, up = _w_tiles(w_ptr, n, n_mask, k, k < k_end, N, stride_wn, SWIGLU, UPCAST)
+    w1, up1 = _w_tiles(w_ptr, n, n_mask, k + BLOCK_K, k + BLOCK_K < k_end, N, stride_wn, SWIGLU, UPCAST)
     wait_previous(PDL)
     acc, acc_up = _dot_tiles(acc, acc_up, x_ptr, m, m_mask, stride_xm, k, k < k_end, w, up, SWIGLU, PRECISION,
                              UPCAST)
-    for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
+    acc, acc_up = _dot_tiles(acc, acc_up, x_ptr, m, m_mask, stride_xm, k + BLOCK_K, k + BLOCK_K < k_end, w1, up1,
+                             SWIGLU, PRECISION, UPCAST)
+    for k0 in range(k_start + 2 * BLOCK_K, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         w, up = _w_tiles(w_ptr, n, n_mask, k, k < k_end, N, stride_wn, SWIGLU, UPCAST)
         acc, acc_up = _dot_tiles(acc, acc_up, x_ptr, m, m_mask, stride_xm, k, k < k_end, w, up, SWIGLU, PRECISION,
