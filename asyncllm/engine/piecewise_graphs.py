@@ -80,7 +80,7 @@ class _Cut:
         o, t = self.owner, self.size
         assert kv_cache is o.layers[self.calls][0], "attention layers ran out of module order"
         self.calls += 1
-        store_new_kv(o.backend.kernels, q, k, v, kv_cache, o.slots[:t], rotary)
+        store_new_kv(o.backend.kernels, q, k, v, kv_cache, o.slots[:t], rotary, o.backend.pdl)
         o.q[:t].copy_(q)
         if self.capture:
             self.end()

@@ -74,6 +74,7 @@ class GraphAttentionBackend(AttentionBackend, Protocol):
     (store_new_kv) — what piecewise CUDA graphs run between their pieces."""
 
     kernels: Any
+    pdl: bool  # the Triton kernels launched with programmatic dependent launch (kernel_choice)
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, out: torch.Tensor) -> None:
         """q [n, Hq, D] of the planned step's n tokens -> out [n, Hq, D]."""

@@ -46,6 +46,7 @@ class FlashInferAttentionBackend:
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self.tensor_cores, backend="fa2")
         self.graphs = TritonAttentionBackend()  # CUDA-graph decode steps attend through it
+        self.pdl = self.graphs.pdl  # the Triton kernels' launch (kernel_choice)
         self._planned: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> event after its last plan
         self.wrapper: Any = None
         self.slot_mapping: torch.Tensor | None = None
@@ -104,7 +105,7 @@ class FlashInferAttentionBackend:
         if self.wrapper is None:  # capturing a decode graph
             return self.graphs.forward(q, k, v, kv_cache, scale, rotary)
         assert self.slot_mapping is not None, "plan() first"
-        store_new_kv(self.kernels, q, k, v, kv_cache, self.slot_mapping, rotary, self.graphs.pdl)
+        store_new_kv(self.kernels, q, k, v, kv_cache, self.slot_mapping, rotary, self.pdl)
         return self.wrapper.run(q, (kv_cache[0], kv_cache[1]))
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, out: torch.Tensor) -> None:

@@ -4,8 +4,8 @@ before it on the stream is still finishing, so its launch and the reads that nee
 paying that latency otherwise.
 
 Protocol every kernel launched with `pdl=True` keeps (it is what makes the overlap safe):
-- before `wait_previous` it reads only what no kernel writes (weights): the previous kernels, and transitively
-  every earlier one, may still run (each lets its dependents start at its top);
+- before `wait_previous` it reads (or asks into L2: `prefetch_l2`) only what no kernel writes (weights): the previous
+  kernels, and transitively every earlier one, may still run (each lets its dependents start at its top);
 - `wait_previous` (griddepcontrol.wait: the previous kernel has completed and its writes are visible; it waited
   for its own predecessor in turn) comes before any other read and before any write, in every program;
 - kernels launched without PDL (torch's, cuBLAS') wait for the whole previous kernel as usual.
@@ -26,6 +26,13 @@ def wait_previous(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask the lines at `ptrs` (any shape; one address per 128-byte line is enough) into L2, waiting for nothing."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @functools.cache

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from asyncllm_kernels.dependent_launch import launch_options, wait_previous
+from asyncllm_kernels.dependent_launch import launch_options, prefetch_l2, wait_previous
 from asyncllm_kernels.device_shape import device_shape
 
 MAX_ROWS = 16  # BLOCK_M: rows of x one call takes
@@ -28,6 +28,8 @@ PROGRAMS_PER_SM = 4  # SPLIT_K's aim. Tile, split and launch options barely matt
 # 1%, f0276d3); a float32 dot costs the same as the bf16 one (329aec4): see tools/bench_skinny_linear.py
 NUM_WARPS, NUM_STAGES = 4, 4
 MAX_COUNTERS = 1 << 16  # column blocks one call may have
+PREFETCH_K = 2 * BLOCK_K  # with PDL: columns of its slice of W a program asks into L2 before the wait (small models'
+# whole slice: the split makes slices at least this long)
 
 
 @functools.cache
@@ -44,38 +46,11 @@ def _round_out(acc, bias_ptr, n, n_mask, HAS_BIAS: tl.constexpr, dtype: tl.const
     return acc.to(dtype)
 
 
-@triton.jit
-def _w_tiles(w_ptr, n, n_mask, k, k_mask, N, stride_wn, SWIGLU: tl.constexpr, UPCAST: tl.constexpr):
-    """The BLOCK_N x BLOCK_K tile of W at rows n, columns k (and with SWIGLU the matching rows of up, N further)."""
-    w_tile = w_ptr + n[:, None] * stride_wn + k[None, :]
-    w_mask = n_mask[:, None] & k_mask[None, :]
-    w = tl.load(w_tile, mask=w_mask, other=0.0)
-    up = w
-    if SWIGLU:
-        up = tl.load(w_tile + N * stride_wn, mask=w_mask, other=0.0)
-    if UPCAST:  # float32 operands (exact for half-precision values in TF32): the interpreter's bf16 dot is wrong
-        w, up = w.to(tl.float32), up.to(tl.float32)
-    return w, up
-
-
-@triton.jit
-def _dot_tiles(acc, acc_up, x_ptr, m, m_mask, stride_xm, k, k_mask, w, up, SWIGLU: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc (and acc_up) += the rows of x at columns k times the tiles w (and up)."""
-    x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-    acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
-    if SWIGLU:
-        acc_up += tl.dot(x, tl.trans(up), input_precision=PRECISION)
-    return acc, acc_up
-
-
 @triton.jit(do_not_specialize=["M"])
 def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                   PDL: tl.constexpr):
+                   PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.arange(0, BLOCK_M)
@@ -85,24 +60,30 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, 
     k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # this program's slice of the reduction
     k_start = pid_k * k_per
     k_end = tl.minimum(k_start + k_per, K)
+    if PDL:  # the slice's first columns of W into L2 (no kernel writes weights) while the previous kernel finishes
+        lines = k_start + tl.arange(0, PREFETCH_K // LINE) * LINE  # one address per cache line (LINE elements)
+        rows = tl.where(n_mask, n, 0)[:, None] * stride_wn
+        prefetch_l2(w_ptr + rows + tl.minimum(lines, K - 1)[None, :])
+        if SWIGLU:
+            prefetch_l2(w_ptr + N * stride_wn + rows + tl.minimum(lines, K - 1)[None, :])
+    wait_previous(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    # the slice's first two tiles of W (the whole slice where the split makes it two tiles long: small models) are
-    # read before waiting for the kernel that writes x (no kernel writes weights): with PDL that read overlaps the
-    # previous kernel
-    k = k_start + tl.arange(0, BLOCK_K)
-    w, up = _w_tiles(w_ptr, n, n_mask, k, k < k_end, N, stride_wn, SWIGLU, UPCAST)
-    w1, up1 = _w_tiles(w_ptr, n, n_mask, k + BLOCK_K, k + BLOCK_K < k_end, N, stride_wn, SWIGLU, UPCAST)
-    wait_previous(PDL)
-    acc, acc_up = _dot_tiles(acc, acc_up, x_ptr, m, m_mask, stride_xm, k, k < k_end, w, up, SWIGLU, PRECISION,
-                             UPCAST)
-    acc, acc_up = _dot_tiles(acc, acc_up, x_ptr, m, m_mask, stride_xm, k + BLOCK_K, k + BLOCK_K < k_end, w1, up1,
-                             SWIGLU, PRECISION, UPCAST)
-    for k0 in range(k_start + 2 * BLOCK_K, k_end, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        w, up = _w_tiles(w_ptr, n, n_mask, k, k < k_end, N, stride_wn, SWIGLU, UPCAST)
-        acc, acc_up = _dot_tiles(acc, acc_up, x_ptr, m, m_mask, stride_xm, k, k < k_end, w, up, SWIGLU, PRECISION,
-                                 UPCAST)
+        k_mask = k < k_end
+        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w_tile = w_ptr + n[:, None] * stride_wn + k[None, :]
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_tile, mask=w_mask, other=0.0)
+        if UPCAST:  # float32 operands (exact for half-precision values in TF32): the interpreter's bf16 dot is wrong
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        if SWIGLU:  # the matching rows of up, N rows further down
+            up = tl.load(w_tile + N * stride_wn, mask=w_mask, other=0.0)
+            if UPCAST:
+                up = up.to(tl.float32)
+            acc_up += tl.dot(x, tl.trans(up), input_precision=PRECISION)
     dtype = y_ptr.dtype.element_ty
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
@@ -145,7 +126,8 @@ def _split_k(blocks: int, k: int, device: torch.device) -> int:
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   swiglu: bool = False, pdl: bool = False) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS, rows contiguous), weight [N, K] (or [2N, K] with swiglu) -> [M, N]. `pdl`:
-    launched with programmatic dependent launch (asyncllm_kernels.dependent_launch), W's first tiles read early."""
+    launched with programmatic dependent launch (asyncllm_kernels.dependent_launch), the first PREFETCH_K columns
+    of each program's slice of W asked into L2 before the wait."""
     rows, k = x.shape
     assert rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1 and weight.shape[1] == k
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
@@ -160,7 +142,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x, weight, bias if bias is not None else y, y, part, _counters(x.device), rows, n, k, x.stride(0),
         weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, SWIGLU=swiglu, SPLIT_K=split, BLOCK_M=MAX_ROWS,
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        UPCAST=x.device.type == "cpu", PDL=pdl,
+        UPCAST=x.device.type == "cpu", PDL=pdl, PREFETCH_K=PREFETCH_K, LINE=128 // weight.element_size(),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES, **launch_options(pdl))
     return y
 
