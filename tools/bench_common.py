@@ -27,7 +27,8 @@ def variant_config(variant: str) -> dict:
     graphs, no-pieces = no piecewise graphs (steps with prompt tokens eager), no-overlap = each step read back before
     the next is scheduled, nccl / symm = tensor parallelism's all-reduces by NCCL only / by the symmetric-memory
     kernels where small (default: auto), cublas = torch's matmuls at few rows too, no-pdl = no programmatic dependent
-    launch."""
+    launch; '-wide' sets the layers' bound (set_layer_variant: call before building the engine)."""
+    set_layer_variant(variant)
     all_reduce = "nccl" if "-nccl" in variant else "symm_mem" if "-symm" in variant else "auto"
     return dict(attention_backend=variant.split("-")[0], enforce_eager="-eager" in variant,
                 overlap_schedule="-no-overlap" not in variant, all_reduce=all_reduce,

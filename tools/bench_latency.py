@@ -17,7 +17,7 @@ import random
 import time
 
 import torch
-from bench_common import StepTimer, run_fields, set_layer_variant, variant_config
+from bench_common import StepTimer, run_fields, variant_config
 
 from asyncllm import LLM, SamplingParams
 
@@ -38,7 +38,6 @@ def main() -> None:
     common = dict(model=os.path.basename(a.model.rstrip("/")), prompt_len=a.prompt_len, new_tokens=a.new_tokens,
                   tp=int(os.environ.get("WORLD_SIZE", "1")), **run_fields())
     for variant in a.variants:
-        set_layer_variant(variant)
         llm = LLM(a.model, load_format="dummy", dtype="bfloat16", **variant_config(variant),
                   max_model_len=a.max_model_len, max_num_seqs=max(a.batches),
                   max_num_batched_tokens=max(a.batches) * a.prompt_len)

@@ -20,7 +20,7 @@ import random
 import time
 
 import torch
-from bench_common import StepTimer, run_fields, set_layer_variant, variant_config
+from bench_common import StepTimer, run_fields, variant_config
 
 from asyncllm import LLM, SamplingParams
 
@@ -52,7 +52,6 @@ def main() -> None:
         print(json.dumps({**f, **common}), flush=True)
 
     for variant in a.variants:
-        set_layer_variant(variant)
         llm = LLM(a.model, load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=a.max_num_seqs,
                   max_num_batched_tokens=a.max_num_batched_tokens, **variant_config(variant))
         if llm.is_follower:  # under torchrun: rank 0 has finished this variant

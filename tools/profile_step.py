@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 
 import torch
-from bench_common import run_fields, set_layer_variant, variant_config
+from bench_common import run_fields, variant_config
 from torch.profiler import ProfilerActivity, profile
 
 from asyncllm import LLM, SamplingParams
@@ -30,7 +30,6 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--variant", default="flashinfer", help="as bench_latency.py's --variants (one)")
     a = ap.parse_args()
-    set_layer_variant(a.variant)
     llm = LLM(a.model, load_format="dummy", dtype="bfloat16", max_model_len=a.max_model_len,
               max_num_seqs=max(a.batch), **variant_config(a.variant))
     engine = llm.engine
