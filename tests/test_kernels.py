@@ -199,57 +199,6 @@ def test_paged_decode_attention(block_size, hq, hk, dim, lens, dtype, config):
             assert not counters.any()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_size, hq, hk, dim, lens", [(4, 4, 2, 16, [1, 7, 33, 8, 2]), (16, 9, 3, 64, [600, 5]),
-                                                         (16, 4, 1, 32, [2000])])
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_decode_attention_with_the_new_kv_is_rope_store_then_attention(block_size, hq, hk, dim, lens, dtype,
-                                                                        qk_norm):
-    """paged_decode_attention given the step's own K/V (NewKV) = rope_store_kv, then the attention over the cache:
-    the same output and cache (padding rows: a negative slot, nothing stored), q and k left as projected; with one
-    chunk per head and with several (the new token in the last one), both launch configurations."""
-    if DEVICE == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("Triton's interpreter mis-evaluates bf16 tl.dot; bf16 runs on the GPU (pytest -m gpu)")
-    from transformers import LlamaConfig
-
-    from asyncllm.layers.rotary import RotaryEmbedding
-    from asyncllm_kernels import paged_attention as P
-
-    torch.manual_seed(5)
-    batch = len(lens)
-    width = max(-(-n // block_size) for n in lens)
-    num_blocks = batch * width + 1
-    tables = torch.randperm(num_blocks, device=DEVICE)[: batch * width].view(batch, width).int()
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    positions = seq_lens.long() - 1
-    slots = tables.long().gather(1, (positions // block_size)[:, None])[:, 0] * block_size + positions % block_size
-    if batch > 2:
-        slots[-1] = -1  # a captured batch's padding row
-    cos_sin = RotaryEmbedding(LlamaConfig(hidden_size=hq * dim, num_attention_heads=hq, head_dim=dim), dim,
-                              max(lens)).cos_sin_cache.to(DEVICE)
-    qkv = rnd(batch, (hq + 2 * hk) * dim, dtype=dtype)  # the projection's views, as the model passes them
-    q, k, v = (t.view(batch, -1, dim) for t in qkv.split([hq * dim, hk * dim, hk * dim], dim=-1))
-    norms = (1 + 0.1 * rnd(dim)).to(dtype), (1 + 0.1 * rnd(dim)).to(dtype)
-    new_kv = P.NewKV(k, v, positions, slots, cos_sin, *(norms if qk_norm else (None, None)), 1e-6)
-    pristine = rnd(2, num_blocks, block_size, hk, dim, dtype=dtype)
-    counters = K.decode_counters(q.device)
-    for config in (P.FEW_PAIRS, P.MANY_PAIRS):
-        for bound in (max(lens), 4 * max(lens)):
-            want_cache, got_cache, q_rot = pristine.clone(), pristine.clone(), q.clone()
-            K.rope_store_kv(positions, q_rot, k, v, cos_sin, want_cache, slots, *new_kv[5:])
-            want = K.paged_decode_attention(q_rot, want_cache, tables, seq_lens, dim**-0.5, bound, counters, config)
-            qkv0 = qkv.clone()
-            got = K.paged_decode_attention(q, got_cache, tables, seq_lens, dim**-0.5, bound, counters, config,
-                                           new_kv=new_kv)
-            stored = slots >= 0  # a padding row's newest token: the kernel's own against whatever its slot held
-            torch.testing.assert_close(got[stored], want[stored], atol=TOL[dtype], rtol=TOL[dtype])
-            if qk_norm:  # the norm's sum over a whole row against rope's over two halves: not bit-exact
-                torch.testing.assert_close(got_cache, want_cache, atol=1e-5, rtol=1e-5)
-            else:
-                assert torch.equal(got_cache, want_cache)
-            assert torch.equal(qkv, qkv0) and not counters.any()
-
-
 def test_decode_launch_config_is_the_one_measured_fastest_at_each_grid():
     """On the H200 (132 SMs, 228 KB of shared memory each; docs/bench/decode_attention_tuning_h200_1440ac1.jsonl):
     long tiles while the (sequence, KV head) pairs fit in one wave of resident programs, short ones beyond."""

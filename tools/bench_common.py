@@ -27,7 +27,7 @@ def variant_config(variant: str) -> dict:
     graphs, no-pieces = no piecewise graphs (steps with prompt tokens eager), no-overlap = each step read back before
     the next is scheduled, nccl / symm = tensor parallelism's all-reduces by NCCL only / by the symmetric-memory
     kernels where small (default: auto), cublas = torch's matmuls at few rows too, no-pdl = no programmatic dependent
-    launch; '-wide' and '-rope-apart' set module switches of the layers (set_layer_variant)."""
+    launch; '-wide' sets the layers' bound (set_layer_variant: call before building the engine)."""
     set_layer_variant(variant)
     all_reduce = "nccl" if "-nccl" in variant else "symm_mem" if "-symm" in variant else "auto"
     return dict(attention_backend=variant.split("-")[0], enforce_eager="-eager" in variant,
@@ -41,12 +41,10 @@ _skinny_max_out: list[int] = []  # the layers' own bound, kept at the first call
 
 
 def set_layer_variant(variant: str) -> None:
-    """'-wide' in the variant: the few-row Triton matmul for every layer, however wide; '-rope-apart': decode steps'
-    rotary embedding and KV store in a kernel of their own, before the attention's (the layers and backends read
-    these when built: call before the engine)."""
-    from asyncllm.layers import attention, linear
+    """'-wide' in the variant: the few-row Triton matmul for every layer, however wide (the layers read the bound
+    when built: call before the engine)."""
+    from asyncllm.layers import linear
 
-    attention.ROPE_IN_DECODE = "-rope-apart" not in variant
     if not _skinny_max_out:
         _skinny_max_out.append(linear.SKINNY_MAX_OUT)
     linear.SKINNY_MAX_OUT = 1 << 30 if "-wide" in variant else _skinny_max_out[0]

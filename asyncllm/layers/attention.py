@@ -22,10 +22,6 @@ from asyncllm.layers import kernel_choice
 from asyncllm.layers.norm import rms_norm_torch
 from asyncllm.layers.rotary import apply_rotary
 
-ROPE_IN_DECODE = True  # decode-only steps: rotary embedding and KV store inside the paged decode kernel (one kernel
-# a layer, not two); benchmarks set it False to compare (tools/bench_common.py, variant '-rope-apart')
-
-
 class Rotary(NamedTuple):
     """What the backend applies to q and k before the store: with q_norm / k_norm weights [D] (Qwen3; the GPU
     backends fuse it), each head's RMSNorm, then the rotary embedding."""
@@ -169,7 +165,6 @@ class TritonAttentionBackend(TorchAttentionBackend):
         self.kernels = asyncllm_kernels
         self.pdl = kernel_choice.current().pdl
         self.counters: torch.Tensor | None = None  # the decode kernel's, allocated on first use (its device)
-        self.rope_in_decode = ROPE_IN_DECODE
 
     def plan(self, meta: AttentionMetadata) -> None:
         self.full = meta
@@ -212,10 +207,6 @@ class TritonAttentionBackend(TorchAttentionBackend):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float,
         rotary: Rotary | None = None,
     ) -> torch.Tensor:
-        if self.decode_only and rotary is not None and self.rope_in_decode:  # one kernel: rotary, store, attention
-            new_kv = self.kernels.NewKV(k, v, rotary.positions, self.full.slot_mapping, rotary.cos_sin_cache,
-                                        rotary.q_norm, rotary.k_norm, rotary.eps)
-            return self._decode(q, kv_cache, scale, self.dec_tables, self.dec_seq_lens, new_kv)
         store_new_kv(self.kernels, q, k, v, kv_cache, self.full.slot_mapping, rotary, self.pdl)
         return self._attend_stored(q, kv_cache, scale)
 
@@ -227,20 +218,17 @@ class TritonAttentionBackend(TorchAttentionBackend):
         kern = self.kernels
         if not self.decode_only and not self.mixed:
             return self._attend(q, kv_cache, scale)
+        if self.counters is None:  # first use is an eager step (a graph's warm-up precedes its capture)
+            self.counters = kern.decode_counters(q.device)
         if self.decode_only:
-            return self._decode(q, kv_cache, scale, self.dec_tables, self.dec_seq_lens)
+            return kern.paged_decode_attention(q, kv_cache, self.dec_tables, self.dec_seq_lens, scale,
+                                               self.dec_max_len, self.counters, pdl=self.pdl)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        out[self.dec_rows] = self._decode(q[self.dec_rows], kv_cache, scale, self.dec_tables, self.dec_seq_lens)
+        out[self.dec_rows] = kern.paged_decode_attention(q[self.dec_rows], kv_cache, self.dec_tables,
+                                                         self.dec_seq_lens, scale, self.dec_max_len, self.counters,
+                                                         pdl=self.pdl)
         out[self.pre_rows] = self._attend(q[self.pre_rows], kv_cache, scale)
         return out
-
-    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, tables: torch.Tensor,
-                seq_lens: torch.Tensor, new_kv: Any = None) -> torch.Tensor:
-        """The paged decode kernel over the decode rows q (with `new_kv`: their K/V stored by it)."""
-        if self.counters is None:  # first use is an eager step (a graph's warm-up precedes its capture)
-            self.counters = self.kernels.decode_counters(q.device)
-        return self.kernels.paged_decode_attention(q, kv_cache, tables, seq_lens, scale, self.dec_max_len,
-                                                   self.counters, pdl=self.pdl, new_kv=new_kv)
 
 
 def store_new_kv(kernels: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,

@@ -19,7 +19,6 @@ import triton.language as tl
 
 from asyncllm_kernels.dependent_launch import launch_options, wait_previous
 from asyncllm_kernels.device_shape import device_shape
-from asyncllm_kernels.rope import norm_rotate_rows
 
 MAX_COUNTERS = 1 << 16  # (sequence, KV head) pairs one call may have
 
@@ -59,12 +58,9 @@ def decode_counters(device: torch.device) -> torch.Tensor:
 @triton.jit(do_not_specialize=["stride_bt"])  # the width of a step's block tables varies
 def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, scale, v_offset,
                    stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
-                   k_ptr, v_ptr, pos_ptr, slot_ptr, cos_sin_ptr, q_norm_ptr, k_norm_ptr, eps, stride_kb, stride_kh,
-                   stride_vb, stride_vh,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
-                   PRECISION: tl.constexpr, SPLIT_P: tl.constexpr, PDL: tl.constexpr, NEW_KV: tl.constexpr,
-                   NORM: tl.constexpr):
+                   PRECISION: tl.constexpr, SPLIT_P: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -81,19 +77,12 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, out_p
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
-    row = KV_HEADS * DIM  # elements of one token's K (or V) across heads
     if start < end:
-        q_rows = b * stride_qb + heads * stride_qh
-        if NEW_KV:  # q as projected: normalized and rotated here; the newest token comes from k/v, not the cache
-            new_pos = tl.load(pos_ptr + b)
-            q = norm_rotate_rows(q_ptr, q_rows, g_mask, cos_sin_ptr, new_pos, q_norm_ptr, eps, DIM, NORM)
-            cached_end = tl.where(end == seq_len, end - 1, end)
-        else:
-            q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=g_mask[:, None], other=0.0)
-            cached_end = end
-        for n0 in range(start, cached_end, BLOCK_N):
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_mask[:, None], other=0.0)
+        row = KV_HEADS * DIM  # elements of one token's K (or V) across heads
+        for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
-            valid = pos < cached_end
+            valid = pos < end
             block = tl.load(bt_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0)
             slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
             kv_off = slot[:, None] * row + kvh * DIM + d[None, :]
@@ -113,24 +102,6 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, out_p
                 pv = tl.dot(p, v, input_precision=PRECISION)
             acc = acc * alpha[:, None] + pv.to(tl.float32)
             m_i = m_new
-        if NEW_KV and end == seq_len:  # the chunk holding the newest token: it joins the softmax and the cache
-            same = tl.zeros([GROUP_PAD], tl.int32)  # every row of the tile holds this KV head's one new k (or v)
-            k = norm_rotate_rows(k_ptr, same + b * stride_kb + kvh * stride_kh, g >= 0, cos_sin_ptr, new_pos,
-                                 k_norm_ptr, eps, DIM, NORM)
-            v = tl.load(v_ptr + (same + b * stride_vb + kvh * stride_vh)[:, None] + d[None, :])
-            s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1) * scale  # [GROUP_PAD]
-            m_new = tl.maximum(m_i, s)
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new)
-            l_i = l_i * alpha + p
-            acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
-            m_i = m_new
-            slot = tl.load(slot_ptr + b)
-            if slot >= 0:  # a captured batch's padding rows (negative slots) store nothing
-                dst = cache_ptr + slot.to(tl.int64) * row + kvh * DIM + same[:, None] + d[None, :]
-                first = (g == 0)[:, None]
-                tl.store(dst, k, mask=first)
-                tl.store(dst + v_offset, v, mask=first)
     out_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
     if SPLITS == 1:
         tl.store(out_rows, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
@@ -165,36 +136,20 @@ def _num_splits(batch: int, kv_heads: int, max_seq_len: int, sms: int, min_chunk
     return max(1, min(-(-2 * sms // (batch * kv_heads)), -(-max_seq_len // min_chunk)))
 
 
-class NewKV(NamedTuple):
-    """A decode step's own K/V for paged_decode_attention to store itself (rope.rope_store_kv's job, in the same
-    kernel). Row b's new token sits at position seq_len - 1: that chunk's program takes it from k and v directly."""
-
-    k: torch.Tensor  # [B, Hk, D] as projected: (normalized and) rotated in the kernel
-    v: torch.Tensor  # [B, Hk, D], its heads D apart
-    positions: torch.Tensor  # [B]: each row's position for the rotary embedding
-    slots: torch.Tensor  # [B] cache slot of that token; negative: not stored (a captured batch's padding rows)
-    cos_sin_cache: torch.Tensor  # [max_position, D] float32 (rope.py's)
-    q_norm: torch.Tensor | None = None  # [D] each q and k head's RMSNorm weights (Qwen3), both or neither
-    k_norm: torch.Tensor | None = None
-    eps: float = 0.0
-
-
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, max_seq_len: int,
                            counters: torch.Tensor | None = None, config: LaunchConfig | None = None,
-                           pdl: bool = False, new_kv: NewKV | None = None) -> torch.Tensor:
+                           pdl: bool = False) -> torch.Tensor:
     """`max_seq_len` (host int, an upper bound of seq_lens) fixes the grid: no device-to-host sync here.
     `counters` (decode_counters): the caller's, reused across calls; None allocates fresh ones (a memset).
     `config`: the launch configuration (tests and tuning); None: `launch_config`'s for this grid.
-    `pdl`: launched with programmatic dependent launch (asyncllm_kernels.dependent_launch).
-    `new_kv`: the rows' new K/V, not yet in the cache: q comes as projected (normalized and rotated here, like k),
-    and the kernel stores k and v as rope_store_kv would (q itself is left as it was)."""
+    `pdl`: launched with programmatic dependent launch (asyncllm_kernels.dependent_launch)."""
     batch, heads, dim = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     assert heads % kv_heads == 0 and dim == triton.next_power_of_2(dim) and kv_cache.is_contiguous()
     assert batch * kv_heads <= MAX_COUNTERS
     group = heads // kv_heads
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q)
     if batch == 0:
         return out
     sms, smem = device_shape(q.device)
@@ -204,24 +159,14 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
     if counters is None:
         counters = decode_counters(q.device)
-    if new_kv is None:
-        fresh: tuple = (q, q, seq_lens, seq_lens, q, q, q, 0.0, 0, 0, 0, 0)  # unread
-        norm = False
-    else:
-        k, v = new_kv.k, new_kv.v
-        assert k.shape == v.shape == (batch, kv_heads, dim) and k.stride(-1) == v.stride(-1) == 1
-        assert (new_kv.q_norm is None) == (new_kv.k_norm is None) and q.stride(-1) == 1
-        norm = new_kv.q_norm is not None
-        fresh = (k, v, new_kv.positions, new_kv.slots, new_kv.cos_sin_cache, new_kv.q_norm if norm else q,
-                 new_kv.k_norm if norm else q, new_kv.eps, k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     _decode_kernel[(batch, kv_heads, splits)](
         q, kv_cache, block_tables, seq_lens, o, lse, out, counters, scale, kv_cache[0].numel(), q.stride(0),
-        q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), *fresh, GROUP=group,
+        q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads, DIM=dim, BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n, SPLITS=splits, MIN_CHUNK=config.min_chunk, num_warps=config.num_warps,
         num_stages=config.num_stages,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # no TF32 rounding for float32 inputs
-        SPLIT_P=q.dtype != torch.float32, PDL=pdl, NEW_KV=new_kv is not None, NORM=norm, **launch_options(pdl))
+        SPLIT_P=q.dtype != torch.float32, PDL=pdl, **launch_options(pdl))
     return out
 
 

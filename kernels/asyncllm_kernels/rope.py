@@ -49,28 +49,6 @@ def _rotate_heads(ptr, stride_h, n_heads, cos, sin, dst_ptr, dst_stride_h, norm_
 
 
 @triton.jit
-def norm_rotate_rows(ptr, rows, mask, cache_ptr, pos, norm_ptr, eps, DIM: tl.constexpr, NORM: tl.constexpr):
-    """The rows [R, DIM] at ptr + rows[:, None] (where mask) -> (RMS-normalized by the weights at norm_ptr with NORM,
-    then) rotated to position `pos`, in their dtype: _rotate_heads' operations, each element's rotate-half partner
-    loaded beside it rather than the halves apart (no concatenation needed for whole-row tiles)."""
-    d = tl.arange(0, DIM)
-    partner = (d + DIM // 2) % DIM
-    x = tl.load(ptr + rows[:, None] + d[None, :], mask=mask[:, None], other=0.0)
-    xp = tl.load(ptr + rows[:, None] + partner[None, :], mask=mask[:, None], other=0.0)
-    dt = x.dtype
-    if NORM:
-        xf, xpf = x.to(tl.float32), xp.to(tl.float32)
-        r = tl.rsqrt(tl.sum(xf * xf, axis=1) / DIM + eps)[:, None]
-        x = (tl.load(norm_ptr + d).to(tl.float32)[None, :] * (xf * r).to(dt).to(tl.float32)).to(dt)
-        xp = (tl.load(norm_ptr + partner).to(tl.float32)[None, :] * (xpf * r).to(dt).to(tl.float32)).to(dt)
-    half = d % (DIM // 2)
-    c = tl.load(cache_ptr + pos * DIM + half).to(dt).to(tl.float32)
-    s = tl.load(cache_ptr + pos * DIM + DIM // 2 + half).to(dt).to(tl.float32)
-    s = tl.where(d < DIM // 2, -s, s)  # first half x1 c - x2 s, second half x2 c + x1 s
-    return (x.to(tl.float32) * c[None, :] + xp.to(tl.float32) * s[None, :]).to(dt)
-
-
-@triton.jit
 def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, pos_ptr, kv_ptr, slot_ptr, q_norm_ptr, k_norm_ptr, eps,
                           n_q_heads, n_k_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, v_offset,
                           HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, NORM: tl.constexpr,

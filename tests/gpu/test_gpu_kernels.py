@@ -12,7 +12,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 if torch.cuda.is_available():
     from test_kernels import (  # noqa: E402,F401  (collected again here, on the GPU)
         test_all_reduce_add_rms_norm_on_one_rank,
-        test_decode_attention_with_the_new_kv_is_rope_store_then_attention,
         test_paged_decode_attention,
         test_rmsnorm_with_and_without_residual,
         test_rope_with_kv_store,
@@ -48,8 +47,7 @@ def test_dependent_launch_chain_equals_the_serial_one(rows):
     """Decoder layers' chain of Triton kernels launched with programmatic dependent launch, eagerly and captured in a
     CUDA graph replayed on new inputs, gives bit for bit what the same chain gives launched without it: a kernel
     that read its input, or wrote, before the previous kernel was done would differ (Qwen3-0.6B's layer shapes; a
-    torch kernel in the middle, both SwiGLU paths, the rotary embedding and KV store before the attention kernel and
-    inside it)."""
+    torch kernel in the middle, both SwiGLU paths)."""
     import asyncllm_kernels as K
     from asyncllm_kernels.dependent_launch import supported
 
@@ -77,17 +75,12 @@ def test_dependent_launch_chain_equals_the_serial_one(rows):
     counters = K.decode_counters(torch.device("cuda"))
 
     def chain(x: torch.Tensor, residual: torch.Tensor, pdl: bool) -> torch.Tensor:
-        for layer in range(layers):
+        for _ in range(layers):
             h = K.rms_norm(x, norm_w, 1e-6, residual=residual, pdl=pdl)
             q, k, v = K.skinny_linear(h, wqkv, pdl=pdl).split([q_size, kv_size, kv_size], dim=-1)
             q, k, v = q.view(rows, heads, dim), k.view(rows, kv_heads, dim), v.view(rows, kv_heads, dim)
-            if layer % 2:  # the rotary embedding and KV store inside the attention kernel
-                new_kv = K.NewKV(k, v, positions, slots, cos_sin, head_w, head_w, 1e-6)
-                a = K.paged_decode_attention(q, cache, tables, seq_lens, dim**-0.5, ctx + 1, counters, pdl=pdl,
-                                             new_kv=new_kv)
-            else:
-                K.rope_store_kv(positions, q, k, v, cos_sin, cache, slots, head_w, head_w, 1e-6, pdl=pdl)
-                a = K.paged_decode_attention(q, cache, tables, seq_lens, dim**-0.5, ctx + 1, counters, pdl=pdl)
+            K.rope_store_kv(positions, q, k, v, cos_sin, cache, slots, head_w, head_w, 1e-6, pdl=pdl)
+            a = K.paged_decode_attention(q, cache, tables, seq_lens, dim**-0.5, ctx + 1, counters, pdl=pdl)
             h = K.rms_norm(K.skinny_linear(a.view(rows, q_size), wo, pdl=pdl), norm_w, 1e-6, residual=residual,
                            pdl=pdl)
             fused = K.skinny_linear(h, wgu, swiglu=True, pdl=pdl)
