@@ -6,7 +6,9 @@ The server runs in its own process; streaming `/v1/completions` clients run in -
 request asks for --output-len tokens with `ignore_eos`, --requests-per-slot x concurrency requests per level.
 Reported per level (field names as `vllm bench serve`'s): output_throughput (tok/s over duration_s: from the first
 request sent to the last one done, whenever the client processes got going), request_throughput, ttft_ms
-and itl_ms (mean / p50 / p99; an ITL is the gap between two streamed chunks), the server's split of time to first
+and itl_ms (mean / p50 / p99; an ITL is the gap between two streamed chunks that carry text: a token whose text the
+detokenizer holds back, an incomplete UTF-8 sequence, sends none; text_chunks_per_token says how many did), the
+server's split of time to first
 token (server_queue_ms_mean: arrival to admission, server_prefill_ms_mean: admission to first token, from its
 /metrics; the client's TTFT adds HTTP and request handling), the server process's CPU time per
 streamed token and its CPU use in cores (from /proc), then `LLM.generate` on the same requests in a fresh process
@@ -246,6 +248,9 @@ def level(args: argparse.Namespace, url: str, pid: int, concurrency: int, prompt
     if args.phase_trace:  # each request's send time, first and last token (perf_counter, as the server's trace)
         with open(f"{args.phase_trace}.clients", "w") as f:
             f.writelines(f"{r[3]:.6f} {r[3] + (r[1][0] if r[1] else 0.0):.6f} {r[4]:.6f}\n" for r in results)
+    if args.chunk_times:  # each request's chunk arrivals (perf_counter, the step trace's clock), a line per request
+        with open(f"{args.chunk_times}.{concurrency}", "w") as f:
+            f.writelines(" ".join(f"{r[3] + s:.6f}" for s in r[1]) + "\n" for r in results)
     errors = [r[2] for r in results if r[2]]
     tokens = sum(r[0] for r in results)
     ttft = [r[1][0] * 1e3 for r in results if r[1]]
@@ -259,6 +264,7 @@ def level(args: argparse.Namespace, url: str, pid: int, concurrency: int, prompt
                 errors=errors[:3], output_tokens=tokens, duration_s=round(wall, 3),
                 request_throughput=round(len(results) / wall, 2), output_throughput=round(tokens / wall, 1),
                 ttft_ms=stats(ttft), itl_ms=stats(itl),
+                text_chunks_per_token=round(sum(len(r[1]) for r in results) / max(1, tokens), 4),
                 **{f"server_{part}_ms_mean": round(1e3 * split.get(f"asyncllm:request_{part}_time_seconds_sum", 0.0)
                                                    / max(1.0, split.get(f"asyncllm:request_{part}_time_seconds_count", 0.0)), 2)
                    for part in ("queue", "prefill")},
@@ -317,6 +323,8 @@ def main() -> None:
                     "FILE (raw folded stacks)")
     ap.add_argument("--step-trace", metavar="FILE", help="the server writes a line per step into FILE (see "
                     "install_step_trace; summed up by tools/step_trace.py)")
+    ap.add_argument("--chunk-times", metavar="FILE", help="each request's chunk arrival times into FILE.<concurrency> "
+                    "(one line per request; the step trace's clock)")
     ap.add_argument("--phase-trace", metavar="FILE", help="the server writes each step's phases into FILE (see "
                     "tools/phase_trace.py, which sums them up)")
     ap.add_argument("--launch-in-thread", action="store_true", help="the server launches its steps from the step "
