@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--outside-reps", type=int, default=3)
     a = ap.parse_args()
     common = dict(model=os.path.basename(a.model.rstrip("/")), prompt_len=a.prompt_len, new_tokens=a.new_tokens,
-                  tp=int(os.environ.get("WORLD_SIZE", "1")), **run_fields())
+                  max_model_len=a.max_model_len, tp=int(os.environ.get("WORLD_SIZE", "1")), **run_fields())
     for variant in a.variants:
         llm = LLM(a.model, load_format="dummy", dtype="bfloat16", **variant_config(variant),
                   max_model_len=a.max_model_len, max_num_seqs=max(a.batches),
