@@ -121,7 +121,7 @@ async def run(streams_: int, output_len: int, profile: bool, gpu_ms: float) -> d
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     await engine.shutdown()
     if prof:
-        pstats.Stats(prof, stream=sys.stderr).sort_stats(os.environ.get("SORT", "tottime")).print_stats(25)
+        pstats.Stats(prof, stream=sys.stderr).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "25")))
     tokens = streams_ * output_len
     split = {f"{k.strip('_')}_us_per_token": round(v / tokens * 1e6, 2) for k, v in phases.items()}
     sim = dict(gpu_ms=gpu_ms, launch_on_loop=bool(AsyncEngine.launch_on_loop),
