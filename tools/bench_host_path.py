@@ -4,9 +4,10 @@ as aiohttp requests over stand-in connections (each write counted, nothing sent)
 isolate the loop's own per-token and per-step work (request handling, delivery, detokenization, SSE framing,
 scheduling, step preparation) from sockets and clients; the split by phase (µs per token) times the engine loop's
 calls: schedule, launch, collect (the wait), update, deliver. One JSON line per stream count; `--profile` adds a
-cProfile table (stderr) of the last one (SORT=cumulative to sort it so). `--gpu-ms T` stands in a simulated device
-that runs each step for T ms (overlap on, steps launched from the loop thread as with a GPU; `--launch-in-thread`
-from the step thread): wall time per token against device_us_per_token shows whether the host keeps up.
+cProfile table (stderr) of the last one (SORT=cumulative to sort it so, TOP=N for N rows). `--gpu-ms T` stands
+in a simulated device that runs each step for T ms (overlap on, steps launched from the loop thread as with a GPU;
+`--launch-in-thread` from the step thread): wall time per token against device_us_per_token shows whether the host
+keeps up.
     python tools/bench_host_path.py --streams 64 256
 """
 from __future__ import annotations
@@ -121,7 +122,8 @@ async def run(streams_: int, output_len: int, profile: bool, gpu_ms: float) -> d
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     await engine.shutdown()
     if prof:
-        pstats.Stats(prof, stream=sys.stderr).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "25")))
+        stats = pstats.Stats(prof, stream=sys.stderr).sort_stats(os.environ.get("SORT", "tottime"))
+        stats.print_stats(int(os.environ.get("TOP", "25")))
     tokens = streams_ * output_len
     split = {f"{k.strip('_')}_us_per_token": round(v / tokens * 1e6, 2) for k, v in phases.items()}
     sim = dict(gpu_ms=gpu_ms, launch_on_loop=bool(AsyncEngine.launch_on_loop),

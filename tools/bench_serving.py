@@ -8,10 +8,10 @@ Reported per level (field names as `vllm bench serve`'s): output_throughput (tok
 request sent to the last one done, whenever the client processes got going), request_throughput, ttft_ms
 and itl_ms (mean / p50 / p99; an ITL is the gap between two streamed chunks that carry text: a token whose text the
 detokenizer holds back, an incomplete UTF-8 sequence, sends none; text_chunks_per_token says how many did), the
-server's split of time to first
-token (server_queue_ms_mean: arrival to admission, server_prefill_ms_mean: admission to first token, from its
-/metrics; the client's TTFT adds HTTP and request handling), the server process's CPU time per
-streamed token and its CPU use in cores (from /proc), then `LLM.generate` on the same requests in a fresh process
+server's split of time to first token (server_queue_ms_mean: arrival to admission, server_prefill_ms_mean:
+admission to first token, from its /metrics; the client's TTFT adds HTTP and request handling), the server
+process's CPU time per streamed token and its CPU use in cores (from /proc), then `LLM.generate` on the same
+requests in a fresh process
 with max_num_seqs = the concurrency once the server has exited (timed as a whole, after a warm-up), and
 http_over_offline.
 
