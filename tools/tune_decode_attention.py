@@ -4,7 +4,8 @@ warps, stages, MIN_CHUNK), each at every grid size, at the shapes the benchmarks
 Llama-3.1-8B's at batch 32 and 1, SmolLM2-135M's (head_dim 64) at batch 128-256 and 1. Timed inside a CUDA graph
 over copies of the cache that together exceed 150 MB (blocks scattered at random), µs per call (best of 5 replays)
 and the KV bandwidth reached. GPU. One JSON line per configuration.
-    python tools/tune_decode_attention.py [--configs N]   (the first N configurations only)
+    python tools/tune_decode_attention.py [--configs N] [--bound 8192]   (the first N configurations only; the
+    grid sized by max_seq_len = BOUND, as the engine's graphs size it, instead of by each case's context)
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ BLOCK_SIZE = 16
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", type=int, default=len(CONFIGS))
+    ap.add_argument("--bound", type=int, default=0, help="the max_seq_len bound the grid is sized by: 0 = each "
+                    "case's context (as earlier runs); the engine's decode graphs pass max_model_len (8192 in "
+                    "tools/bench_latency.py), which splits short contexts over more, mostly empty, programs")
     a = ap.parse_args()
     dev, bf16 = "cuda", torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -49,13 +53,13 @@ def main() -> None:
         out = {}
         for name, kv_bytes, q, caches, tables, lens in cases:
             counters = K.decode_counters(q.device)
-            ctx = int(lens[0])
-            fn = lambda: [K.paged_decode_attention(q, c, tables, lens, q.shape[-1] ** -0.5, ctx, counters,  # noqa: E731
-                                                   config) for c in caches]
+            bound = a.bound or int(lens[0])
+            fn = lambda: [K.paged_decode_attention(q, c, tables, lens, q.shape[-1] ** -0.5, bound,  # noqa: E731
+                                                   counters, config) for c in caches]
             us = graph_us(fn, len(caches))
             out[name] = dict(us=us, tbs=round(kv_bytes / us / 1e6, 2))
-        print(json.dumps(dict(bench="paged_decode_tuning", block_n_warps_stages_min_chunk=list(config), **out,
-                              **run_fields())), flush=True)
+        print(json.dumps(dict(bench="paged_decode_tuning", block_n_warps_stages_min_chunk=list(config),
+                              bound=a.bound or "context", **out, **run_fields())), flush=True)
 
 
 if __name__ == "__main__":
