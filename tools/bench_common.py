@@ -1,6 +1,7 @@
 """What every benchmark line carries: device, date, commit (ASYNCLLM_COMMIT on machines without git)."""
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -37,7 +38,12 @@ def variant_config(variant: str) -> dict:
                 dependent_launch="-no-pdl" not in variant)
 
 
-_skinny_max_out: list[int] = []  # the layers' own bound, kept at the first call
+@functools.cache
+def _layers_skinny_max_out() -> int:
+    """The layers' own bound, read before any variant changes it."""
+    from asyncllm.layers import linear
+
+    return linear.SKINNY_MAX_OUT
 
 
 def set_layer_variant(variant: str) -> None:
@@ -45,9 +51,8 @@ def set_layer_variant(variant: str) -> None:
     when built: call before the engine)."""
     from asyncllm.layers import linear
 
-    if not _skinny_max_out:
-        _skinny_max_out.append(linear.SKINNY_MAX_OUT)
-    linear.SKINNY_MAX_OUT = 1 << 30 if "-wide" in variant else _skinny_max_out[0]
+    own = _layers_skinny_max_out()
+    linear.SKINNY_MAX_OUT = 1 << 30 if "-wide" in variant else own
 
 
 class StepTimer:

@@ -11,9 +11,8 @@ detokenizer holds back, an incomplete UTF-8 sequence, sends none; text_chunks_pe
 server's split of time to first token (server_queue_ms_mean: arrival to admission, server_prefill_ms_mean:
 admission to first token, from its /metrics; the client's TTFT adds HTTP and request handling), the server
 process's CPU time per streamed token and its CPU use in cores (from /proc), then `LLM.generate` on the same
-requests in a fresh process
-with max_num_seqs = the concurrency once the server has exited (timed as a whole, after a warm-up), and
-http_over_offline.
+requests in a fresh process with max_num_seqs = the concurrency once the server has exited (timed as a whole,
+after a warm-up), and http_over_offline.
 
 --stand-in replaces the model's forward in both processes by a stand-in that costs nothing (the runner still
 builds every step's inputs; sampled ids are arbitrary vocabulary ids): what is left is the host path (HTTP,
