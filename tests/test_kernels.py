@@ -220,8 +220,8 @@ def test_decode_launch_config_is_the_one_measured_fastest_at_each_grid():
 @pytest.mark.parametrize("rotary", [None, "rope", "qk_norm+rope"])
 def test_triton_backend_matches_torch_backend(q_lens, rotary):
     """Decode-only, mixed and prefill-only steps: the triton backend (paged kernel for decode rows, torch path for
-    prefill rows; rotary embedding and Qwen3's q/k norm fused with the KV store) gives the torch backend's output
-    and cache."""
+    prefill rows; rotary embedding and Qwen3's q/k norm fused with the KV store; decode-only steps planned as a
+    decode graph's capture plans them) gives the torch backend's output and cache."""
     from transformers import LlamaConfig
 
     from asyncllm.layers.attention import AttentionMetadata, Rotary, TorchAttentionBackend, TritonAttentionBackend
@@ -248,7 +248,10 @@ def test_triton_backend_matches_torch_backend(q_lens, rotary):
     outs, caches = [], []
     for backend in (TorchAttentionBackend(), TritonAttentionBackend()):
         c = cache.clone()
-        backend.plan(meta)
+        if isinstance(backend, TritonAttentionBackend) and max(q_lens) == 1:
+            backend.plan_capture(meta)  # as a decode graph's capture plans it
+        else:
+            backend.plan(meta)
         outs.append(backend.forward(q.clone(), k, v, c, dim**-0.5, rot))
         caches.append(c)
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)

@@ -75,7 +75,7 @@ class CudaGraphs:
             query_start_loc=self.arange[: bs + 1], seq_lens=positions + 1,
             block_tables=self.tables.device.index_select(0, rows), slot_mapping=slots, query_lens_cpu=[1] * bs,
             seq_lens_cpu=[self.max_model_len] * bs, block_size=self.block_size)
-        self.backend.plan_graph(bs, meta, capture=True)
+        self.backend.plan_capture(meta)
         hidden = self.model(input_ids, positions)
         self.model.compute_logits(hidden, out=self.logits[:bs])
 

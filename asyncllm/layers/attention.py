@@ -58,11 +58,6 @@ class AttentionBackend(Protocol):
     def plan(self, meta: AttentionMetadata) -> None:
         """Host-side preparation for one step; called once before the forward pass."""
 
-    def plan_graph(self, batch_size: int, meta: AttentionMetadata, capture: bool) -> None:
-        """Backends with CUDA graphs: plan a decode graph of `batch_size` on its static buffers (meta's tensors),
-        which the captured kernels read at every replay. Called at capture only (`capture` is always True): nothing
-        is planned before a replay."""
-
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float,
         rotary: Rotary | None = None,
@@ -80,6 +75,10 @@ class GraphAttentionBackend(AttentionBackend, Protocol):
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, out: torch.Tensor) -> None:
         """q [n, Hq, D] of the planned step's n tokens -> out [n, Hq, D]."""
+
+    def plan_capture(self, meta: AttentionMetadata) -> None:
+        """A decode graph is being captured: plan on its static buffers (meta's tensors), which the captured kernels
+        read at every replay. Nothing is planned before a replay: a step changes only those buffers' contents."""
 
 
 class TorchAttentionBackend:
@@ -200,10 +199,9 @@ class TritonAttentionBackend(TorchAttentionBackend):
             slot_mapping=meta.slot_mapping, query_lens_cpu=pre_lens,
             seq_lens_cpu=[meta.seq_lens_cpu[i] for i in pre], block_size=meta.block_size))
 
-    def plan_graph(self, batch_size: int, meta: AttentionMetadata, capture: bool) -> None:
-        """CUDA graphs: plan once at capture (the kernels read the graph's static buffers); nothing per replay."""
-        if capture:
-            self.plan(meta)
+    def plan_capture(self, meta: AttentionMetadata) -> None:
+        """(GraphAttentionBackend) the decode kernel's tables and lengths are the graph's static buffers."""
+        self.plan(meta)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float,

@@ -90,12 +90,11 @@ class FlashInferAttentionBackend:
         self.wrapper = self.decode if max(meta.query_lens_cpu) == 1 else self.prefill
         self._plan(self.wrapper, meta)
 
-    def plan_graph(self, batch_size: int, meta: AttentionMetadata, capture: bool) -> None:
-        """CUDA graphs: at capture, route forward() to the Triton backend planned on the graph's static buffers;
-        nothing to do before a replay."""
-        if capture:
-            self.graphs.plan_graph(batch_size, meta, capture)
-            self.wrapper = None
+    def plan_capture(self, meta: AttentionMetadata) -> None:
+        """(GraphAttentionBackend) decode graphs capture the Triton backend, planned on their static buffers:
+        forward() routes to it until the next plan()."""
+        self.graphs.plan_capture(meta)
+        self.wrapper = None
 
     # ---- per layer ------------------------------------------------------------------------------------------
     def forward(
