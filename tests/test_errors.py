@@ -59,3 +59,27 @@ def test_dummy_weights_need_no_checkpoint(tmp_path, tiny_models):
     llm = LLM(str(tmp_path), load_format="dummy", max_model_len=64)
     [out] = llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True), use_tqdm=False)
     assert len(out.token_ids) == 5
+
+
+def test_attention_backend_choice_on_cpu(tiny_models):
+    """The registry: auto is torch off CUDA; GPU backends asked for by name on the CPU, or an unknown name, are a
+    clear error naming the option."""
+    import torch
+
+    from asyncllm.layers.attention import Attention, TorchAttentionBackend
+    from asyncllm.layers.attention_backends import BACKENDS, auto_backend, fast_path, make_backend
+
+    attn, cpu = Attention(4, 2, 16, 0.25), torch.device("cpu")
+    assert isinstance(make_backend("auto", cpu, torch.float32, attn, 16), TorchAttentionBackend)
+    assert auto_backend(cpu, torch.bfloat16) == "torch" and not fast_path("auto", cpu)
+    assert auto_backend(torch.device("cuda"), torch.float32) in ("triton", "torch")  # flashinfer needs bf16/fp16
+    assert not fast_path("torch", torch.device("cuda"))
+    for name in ("triton", "flashinfer"):
+        assert name in BACKENDS
+        with pytest.raises(InvalidRequestError, match=f"the {name} attention backend needs a CUDA device") as e:
+            make_backend(name, cpu, torch.bfloat16, attn, 16)
+        assert e.value.param == "attention_backend"
+    with pytest.raises(InvalidRequestError, match="unknown attention backend 'xformers' \\(available: auto, torch"):
+        make_backend("xformers", cpu, torch.float32, attn, 16)
+    with pytest.raises(InvalidRequestError, match="triton attention backend needs a CUDA device"):
+        LLM(str(tiny_models["llama"]), max_model_len=64, attention_backend="triton")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import logging
 import math
 import random
@@ -37,13 +36,8 @@ from asyncllm.engine.step_inputs import (
     unpack,
 )
 from asyncllm.errors import InvalidRequestError, OutOfMemoryError
-from asyncllm.layers.attention import (
-    Attention,
-    AttentionBackend,
-    AttentionMetadata,
-    TorchAttentionBackend,
-    TritonAttentionBackend,
-)
+from asyncllm.layers.attention import Attention
+from asyncllm.layers.attention_backends import fast_path, make_backend
 from asyncllm.layers import kernel_choice
 from asyncllm.layers.kernel_choice import KernelChoice
 from asyncllm.layers.sampler import LogitBias, Penalties, PenaltyCounts, PenaltyRebuild, Sampler
@@ -92,51 +86,11 @@ def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtyp
     return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def fast_path(name: str, device: torch.device) -> bool:
-    """make_backend(name, device, ...) will not be the torch backend: CUDA, Triton importable, not asked for torch."""
-    return device.type == "cuda" and name != "torch" and importlib.util.find_spec("triton") is not None
-
-
 def dependent_launch_supported(device: torch.device) -> bool:
     """The fast path's Triton kernels can launch with programmatic dependent launch on `device` (Triton installed)."""
     from asyncllm_kernels.dependent_launch import supported
 
     return supported(device)
-
-
-def make_backend(name: str, device: torch.device, dtype: torch.dtype, attn: Attention, block_size: int) -> AttentionBackend:
-    """auto: flashinfer on CUDA in bf16/fp16 when it imports and its kernels load, else triton on CUDA, else torch."""
-    if name == "auto":
-        if device.type != "cuda":
-            return TorchAttentionBackend()
-        if dtype != torch.float32 and importlib.util.find_spec("flashinfer"):
-            try:
-                return _flashinfer(device, dtype, attn, block_size)
-            except Exception as e:  # a kernel variant missing from this flashinfer build, or no flashinfer
-                log.warning("flashinfer attention unavailable (%s: %s); using the triton backend", type(e).__name__, e)
-        name = "triton" if importlib.util.find_spec("triton") else "torch"
-    if name == "torch":
-        return TorchAttentionBackend()
-    if device.type != "cuda":
-        raise InvalidRequestError(f"the {name} attention backend needs a CUDA device", "attention_backend")
-    if name == "triton":
-        return TritonAttentionBackend()
-    if name == "flashinfer":
-        if dtype == torch.float32:
-            raise InvalidRequestError("the flashinfer backend needs bfloat16 or float16", "attention_backend")
-        if not importlib.util.find_spec("flashinfer"):
-            raise InvalidRequestError("flashinfer is not installed (pip install asyncllm[gpu])", "attention_backend")
-        return _flashinfer(device, dtype, attn, block_size)
-    raise InvalidRequestError(
-        f"unknown attention backend {name!r} (available: auto, flashinfer, triton, torch)", "attention_backend")
-
-
-def _flashinfer(device: torch.device, dtype: torch.dtype, attn: Attention, block_size: int) -> AttentionBackend:
-    from asyncllm.layers.flashinfer_attention import FlashInferAttentionBackend, self_test
-
-    backend = FlashInferAttentionBackend(device, dtype, attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
-    self_test(backend, block_size)
-    return backend
 
 
 @dataclass
