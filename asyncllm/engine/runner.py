@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +16,12 @@ import torch.distributed as dist
 
 from asyncllm import distributed
 from asyncllm.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
-from asyncllm.device import resolve_device, to_device
+from asyncllm.device import resolve_device
 from asyncllm.engine.cuda_graphs import CudaGraphs, graph_size
 from asyncllm.engine.grammar import HostMasks, MaskFill, TokenMask
-from asyncllm.engine.piecewise_graphs import PiecewiseGraphs, default_max_tokens
+from asyncllm.engine.logit_adjust import step_logit_bias, step_penalties
 from asyncllm.engine.logprobs import PROMPT_SLICE, LogprobPlan, LogprobsOnDevice, plan_logprobs
+from asyncllm.engine.piecewise_graphs import PiecewiseGraphs, default_max_tokens
 from asyncllm.engine.request import Request
 from asyncllm.engine.scheduler import Batch
 from asyncllm.engine.step_inputs import (
@@ -40,7 +40,7 @@ from asyncllm.layers.attention import Attention
 from asyncllm.layers.attention_backends import fast_path, make_backend
 from asyncllm.layers import kernel_choice
 from asyncllm.layers.kernel_choice import KernelChoice
-from asyncllm.layers.sampler import LogitBias, Penalties, PenaltyCounts, PenaltyRebuild, Sampler
+from asyncllm.layers.sampler import LogitBias, Penalties, PenaltyCounts, Sampler
 from asyncllm.models import build_model
 from asyncllm.models.loader import init_dummy, load_safetensors
 from asyncllm.sampling_params import SamplingParams
@@ -294,8 +294,9 @@ class ModelRunner:
         sample_index = np.arange(len(sample)) if all(sample) else np.cumsum(sample) - 1
         penalized = [i for i in rows if reqs[i].penalized]
         biased = [i for i in rows if reqs[i].biased]
-        adjust = [r for r in (self._penalties(batch, penalized, sample_index) if penalized else None,
-                              self._bias(batch, biased, sample_index) if biased else None) if r]
+        adjust = [r for r in (step_penalties(batch, penalized, sample_index, self.penalty_counts, self.device)
+                              if penalized else None,
+                              step_logit_bias(batch, biased, sample_index, self.device) if biased else None) if r]
         reporting = [i for i in rows if reqs[i].reports_logprobs]
         constrained = [i for i in rows if sample[i] and reqs[i].grammar is not None]
         return (adjust, plan_logprobs(batch, reporting) if reporting else None,
@@ -320,55 +321,6 @@ class ModelRunner:
         rows = rows_ring.take(len(reqs))
         rows.numpy()[:] = step.mask_rows
         return MaskFill(reqs, self.model.config.vocab_size, rows, masks_ring.take(len(reqs)))
-
-    def _penalties(self, batch: Batch, rows: list[int], sample_index: np.ndarray) -> Penalties | None:
-        """The penalties of the sampling rows that use them, or None. Host work per step is per row, plus, once
-        for a request (or again after it moved to another row), its known tokens to rebuild its row's counts."""
-        state = self.penalty_counts
-        assert state is not None, "penalties are applied on rank 0"
-        sampling = [i for i in rows if batch.sample[i]]
-        if not sampling:
-            return None
-        reqs = [batch.requests[i] for i in sampling]
-        stale = [r for r in reqs if state.owner[r.row] is not r]
-        rebuild = None
-        if stale:  # no token of theirs is in flight: a request samples here first, or was admitted again
-            for r in stale:
-                state.owner[r.row] = r
-            output = [np.column_stack((np.full(r.num_output_tokens, r.row), r.output_token_ids)) for r in stale]
-            known = [np.column_stack((np.full(len(r.token_ids), r.row), r.token_ids)) for r in stale]
-            dev = self.device
-            rebuild = PenaltyRebuild(to_device([r.row for r in stale], dev),
-                                     to_device(np.concatenate(output).reshape(-1, 2), dev),
-                                     to_device(np.concatenate(known), dev))
-        per_row = to_device([[r.params.presence_penalty for r in reqs], [r.params.frequency_penalty for r in reqs],
-                             [r.params.repetition_penalty for r in reqs]], self.device, torch.float32)
-        return Penalties(state, rows=to_device(sample_index[sampling], self.device),
-                         table_rows=to_device([r.row for r in reqs], self.device), presence=per_row[0],
-                         frequency=per_row[1], repetition=per_row[2], rebuild=rebuild)
-
-    def _bias(self, batch: Batch, rows: list[int], sample_index: np.ndarray) -> LogitBias | None:
-        """logit_bias entries, and -inf for EOS (unless ignore_eos) and stop_token_ids while a row samples an
-        output token before its min_tokens-th."""
-        index: list[tuple[int, int]] = []
-        value: list[float] = []
-        for i in rows:
-            req = batch.requests[i]
-            p = req.params
-            if not batch.sample[i]:
-                continue
-            row = int(sample_index[i])
-            if p.logit_bias:
-                index += [(row, t) for t in p.logit_bias]
-                value += p.logit_bias.values()
-            # the token sampled now is output token number num_output_tokens + num_pending - 1 (0-based)
-            if p.min_tokens and req.num_output_tokens + req.num_pending - 1 < p.min_tokens:
-                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else req.eos_token_ids)
-                index += [(row, t) for t in banned]
-                value += [-math.inf] * len(banned)
-        if not index:
-            return None
-        return LogitBias(to_device(index, self.device), to_device(value, self.device, torch.float32))
 
     @torch.inference_mode()
     def launch(self, batch: Batch, broadcast: bool = True, defer: bool = False) -> StepHandle | Deferred:
