@@ -6,7 +6,7 @@ best of 3.
 - prefix_offers: BlockManager.cache_blocks as the scheduler calls it each time a request fills a block;
 - prefix_offers_repeated: the same for a request repeating one the cache holds whole (its seeded output too): each
   block is offered in the step that fills it (refused: still being written) and again in the next (adopted);
-- penalties: ModelRunner._penalties' host work per step for --rows penalized requests of that many output tokens
+- penalties: logit_adjust.step_penalties' (before: ModelRunner._penalties') host work per step for --rows penalized requests of that many output tokens
   (after the first step), in ms per step, --vocab columns;
 - evictions: allocating KV blocks when a full prefix cache must give them up (µs per block, 10k / 100k blocks);
 - decode_step: the host work of a pure-decode step of --rows running requests (scheduling, packing the step's
@@ -86,7 +86,6 @@ def prefix_offers_repeated(n: int, rng: random.Random) -> float:
 def penalties(rows: int, vocab: int, prompt: int, output: int) -> float:
     import torch
 
-    from asyncllm.engine.runner import ModelRunner
     from asyncllm.sampling_params import SamplingParams
 
     rng = np.random.default_rng(0)
@@ -107,11 +106,21 @@ def penalties(rows: int, vocab: int, prompt: int, output: int) -> float:
         runner.penalty_counts = PenaltyCounts(rows + 1, vocab, cpu)
     except ImportError:  # counts built on the host each step
         pass
+    try:
+        from asyncllm.engine.logit_adjust import step_penalties
+
+        def step(index: np.ndarray) -> None:
+            step_penalties(batch, list(range(rows)), index, getattr(runner, "penalty_counts", None), cpu)
+    except ImportError:  # a checkout before logit_adjust: the runner's method
+        from asyncllm.engine.runner import ModelRunner
+
+        def step(index: np.ndarray) -> None:
+            ModelRunner._penalties(runner, batch, list(range(rows)), index)
     index = np.arange(rows)
-    ModelRunner._penalties(runner, batch, list(range(rows)), index)  # the first step
+    step(index)  # the first step
     t = time.perf_counter()
     for _ in range(5):
-        ModelRunner._penalties(runner, batch, list(range(rows)), index)
+        step(index)
     return (time.perf_counter() - t) / 5 * 1e3
 
 
