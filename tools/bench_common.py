@@ -28,7 +28,7 @@ def variant_config(variant: str) -> dict:
     graphs, no-pieces = no piecewise graphs (steps with prompt tokens eager), no-overlap = each step read back before
     the next is scheduled, nccl / symm = tensor parallelism's all-reduces by NCCL only / by the symmetric-memory
     kernels where small (default: auto), cublas = torch's matmuls at few rows too, no-pdl = no programmatic dependent
-    launch; '-wide' sets the layers' bound (set_layer_variant: call before building the engine)."""
+    launch; '-wide' / '-wide-swiglu' set the layers' bounds (set_layer_variant: call before building the engine)."""
     set_layer_variant(variant)
     all_reduce = "nccl" if "-nccl" in variant else "symm_mem" if "-symm" in variant else "auto"
     return dict(attention_backend=variant.split("-")[0], enforce_eager="-eager" in variant,
@@ -39,20 +39,23 @@ def variant_config(variant: str) -> dict:
 
 
 @functools.cache
-def _layers_skinny_max_out() -> int:
-    """The layers' own bound, read before any variant changes it."""
+def _layers_skinny_bounds() -> tuple[int, int]:
+    """The layers' own bounds (plain, gate|up with SwiGLU), read before any variant changes them."""
     from asyncllm.layers import linear
 
-    return linear.SKINNY_MAX_OUT
+    return linear.SKINNY_MAX_OUT, linear.SKINNY_SWIGLU_MAX_OUT
 
 
 def set_layer_variant(variant: str) -> None:
-    """'-wide' in the variant: the few-row Triton matmul for every layer, however wide (the layers read the bound
-    when built: call before the engine)."""
+    """'-wide' in the variant: the few-row Triton matmul for every layer, however wide; '-wide-swiglu': for every
+    gate|up layer (SwiGLU in its epilogue), the others as by default (the layers read the bounds when built: call
+    before the engine)."""
     from asyncllm.layers import linear
 
-    own = _layers_skinny_max_out()
-    linear.SKINNY_MAX_OUT = 1 << 30 if "-wide" in variant else own
+    plain, swiglu = _layers_skinny_bounds()
+    wide = "-wide" in variant.replace("-wide-swiglu", "")
+    linear.SKINNY_MAX_OUT = 1 << 30 if wide else plain
+    linear.SKINNY_SWIGLU_MAX_OUT = 1 << 30 if wide or "-wide-swiglu" in variant else swiglu
 
 
 class StepTimer:

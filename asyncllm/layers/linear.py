@@ -21,6 +21,8 @@ SKINNY_MAX_ROWS = 16  # asyncllm_kernels.skinny_linear's (not imported here: Tri
 # against 5.4 us; every Llama-3.1-8B layer; and, though this rule gives it to the kernel, Llama's TP-4 q|k|v,
 # 1536 x 4096: 8.7 against 8.4 us)
 SKINNY_MAX_OUT = 2048
+# gate|up with SwiGLU in the kernel's epilogue: up to this many merged output features (each half's bound)
+SKINNY_SWIGLU_MAX_OUT = 2 * SKINNY_MAX_OUT
 
 ShardId = str | int | None
 
@@ -73,7 +75,7 @@ class MergedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(start)) if bias else None
         # Triton matmul for few rows (CUDA fast path); SwiGLU in its epilogue where each half is narrow enough
         self.skinny = kernel_choice.current().skinny_matmul and start <= SKINNY_MAX_OUT
-        self.skinny_swiglu = kernel_choice.current().skinny_matmul and start <= 2 * SKINNY_MAX_OUT
+        self.skinny_swiglu = kernel_choice.current().skinny_matmul and start <= SKINNY_SWIGLU_MAX_OUT
         self.pdl = kernel_choice.current().pdl
         for param in (self.weight, self.bias):
             if param is not None:
