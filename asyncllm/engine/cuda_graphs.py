@@ -19,7 +19,7 @@ import torch
 
 from asyncllm.engine.scheduler import Batch
 from asyncllm.engine.step_inputs import RowTables, Step, even, token_inputs
-from asyncllm.layers.attention import AttentionMetadata
+from asyncllm.layers.attention import AttentionMetadata, GraphAttentionBackend
 from asyncllm.layers.sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,8 @@ def graph_size(sizes: list[int], batch: Batch) -> int:
 
 
 class CudaGraphs:
-    def __init__(self, model: Any, backend: Any, sampler: Sampler, tables: RowTables, sampled: torch.Tensor,
-                 max_bs: int, block_size: int, max_model_len: int, warmup_stream: torch.cuda.Stream,
+    def __init__(self, model: Any, backend: GraphAttentionBackend, sampler: Sampler, tables: RowTables,
+                 sampled: torch.Tensor, max_bs: int, block_size: int, max_model_len: int, warmup_stream: torch.cuda.Stream,
                  time_decode: bool = False) -> None:
         # no reference back to the runner: a runner <-> graphs cycle would keep the GPU memory until a gc pass
         self.model, self.backend, self.sampler, self.tables, self.sampled = model, backend, sampler, tables, sampled
