@@ -40,8 +40,8 @@ def graph_size(sizes: list[int], batch: Batch) -> int:
 
 class CudaGraphs:
     def __init__(self, model: Any, backend: GraphAttentionBackend, sampler: Sampler, tables: RowTables,
-                 sampled: torch.Tensor, max_bs: int, block_size: int, max_model_len: int, warmup_stream: torch.cuda.Stream,
-                 time_decode: bool = False) -> None:
+                 sampled: torch.Tensor, max_bs: int, block_size: int, max_model_len: int,
+                 warmup_stream: torch.cuda.Stream, time_decode: bool = False) -> None:
         # no reference back to the runner: a runner <-> graphs cycle would keep the GPU memory until a gc pass
         self.model, self.backend, self.sampler, self.tables, self.sampled = model, backend, sampler, tables, sampled
         self.block_size, self.max_model_len = block_size, max_model_len
