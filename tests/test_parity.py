@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from asyncllm import LLM, SamplingParams
 from conftest import hf_greedy, random_prompts
@@ -48,6 +50,30 @@ def test_tiny_random_models_match_transformers(tiny_models, arch):
     llm = LLM(str(model_dir), max_model_len=256, block_size=8)
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)
     assert [o.token_ids for o in outs] == hf_greedy(model_dir, prompts, 24)
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("llama", dict(attention_bias=True, mlp_bias=True)),  # q/k/v/o and MLP biases
+    ("llama", dict(head_dim=32, num_key_value_heads=1)),  # head_dim != hidden / heads; one KV head (MQA)
+    ("mistral", dict(sliding_window=None)),
+    ("qwen3", dict(tie_word_embeddings=False, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                           "original_max_position_embeddings": 128})),
+], ids=["llama-biases", "llama-mqa-wide-heads", "mistral", "qwen3-untied-yarn"])
+def test_other_model_shapes_match_transformers(tmp_path, arch, overrides):
+    from conftest import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / arch, arch, vocab_size=512, **overrides)
+    weights = load_file(model_dir / "model.safetensors")
+    g = torch.Generator().manual_seed(5)
+    biases = [k for k in weights if k.endswith(".bias")]
+    for k in biases:  # transformers initializes biases to zero: give them values a dropped bias would change
+        weights[k] = torch.randn(weights[k].shape, generator=g) * 0.1
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    assert bool(biases) == ("attention_bias" in overrides)
+    prompts = random_prompts(5, 512, 1, 60, seed=3)
+    llm = LLM(str(model_dir), max_model_len=256, block_size=8)
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20), use_tqdm=False)
+    assert [o.token_ids for o in outs] == hf_greedy(model_dir, prompts, 20)
 
 
 def test_sharded_checkpoint_without_tokenizer(tmp_path):
