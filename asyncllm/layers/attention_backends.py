@@ -48,11 +48,12 @@ BACKENDS: dict[str, Callable[[torch.device, torch.dtype, Attention, int], Attent
 }
 
 
-def auto_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """`auto`'s first choice: flashinfer on CUDA in bf16/fp16 when it is installed, else triton on CUDA, else torch."""
+def auto_backend(device: torch.device, dtype: torch.dtype, flashinfer: bool = True) -> str:
+    """`auto`'s choice: flashinfer on CUDA in bf16/fp16 when it is installed (and `flashinfer`), else triton on CUDA,
+    else torch."""
     if device.type != "cuda":
         return "torch"
-    if dtype != torch.float32 and importlib.util.find_spec("flashinfer"):
+    if flashinfer and dtype != torch.float32 and importlib.util.find_spec("flashinfer"):
         return "flashinfer"
     return "triton" if importlib.util.find_spec("triton") else "torch"
 
@@ -72,7 +73,7 @@ def make_backend(name: str, device: torch.device, dtype: torch.dtype, attn: Atte
                 return _flashinfer(device, dtype, attn, block_size)
             except Exception as e:  # a kernel variant missing from this flashinfer build
                 log.warning("flashinfer attention unavailable (%s: %s); using the triton backend", type(e).__name__, e)
-                name = "triton" if importlib.util.find_spec("triton") else "torch"
+                name = auto_backend(device, dtype, flashinfer=False)
     if name not in BACKENDS:
         raise InvalidRequestError(
             f"unknown attention backend {name!r} (available: auto, {', '.join(BACKENDS)})", "attention_backend")
