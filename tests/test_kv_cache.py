@@ -27,9 +27,10 @@ def test_double_free_is_refused():
     assert bm.num_free_blocks == 4
 
 
-def test_a_full_prefix_cache_is_evicted_in_passes_sized_by_the_cache():
-    """Each eviction pass walks the whole tree: on a cache full of finished requests, blocks taken one at a time
-    (as decode steps take them) must cost one pass per num_blocks // 64 blocks, the least recently used first."""
+def test_a_full_prefix_cache_is_evicted_least_recently_used_first_without_walking_the_tree(monkeypatch):
+    """On a cache full of finished requests, blocks taken one at a time (as decode steps take them) are the least
+    recently used requests' blocks, each eviction frees only what is asked, and none walks the tree (a walk per
+    eviction, or per batch of them, costs the loop milliseconds on a cache of 100k blocks)."""
     import random
 
     rng = random.Random(0)
@@ -40,10 +41,18 @@ def test_a_full_prefix_cache_is_evicted_in_passes_sized_by_the_cache():
         bm.cache_blocks([rng.randrange(1000) for _ in range(40)], table)
         bm.free(table)
         order.append(table)
-    passes = []
+    bm.match([t for t in bm.cache.block_node[order[5][0]].tokens])  # request 5 is used again: evicted last
+    asked = []
     evict = bm.cache.evict
-    bm.cache.evict = lambda n, unused: passes.append(n) or evict(n, unused)  # type: ignore[method-assign]
+    bm.cache.evict = lambda n, unused: asked.append(n) or evict(n, unused)  # type: ignore[method-assign]
+
+    def walk():
+        raise AssertionError("eviction walked the tree")
+
+    monkeypatch.setattr(bm.cache, "nodes", walk)
     taken = [b for _ in range(400) for b in bm.allocate(1)]
-    assert len(passes) == 2 and passes[0] >= 200  # 400 blocks: two passes of 200
-    assert set(taken) == {b for table in order[:40] for b in table}  # the 40 oldest requests' blocks
+    assert asked == [1] * 400
+    assert set(taken) == {b for table in order[:41] if table is not order[5] for b in table}
+    assert set(taken).isdisjoint(order[5])
+    monkeypatch.undo()
     bm.check_invariants()

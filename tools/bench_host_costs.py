@@ -8,7 +8,8 @@ best of 3.
   block is offered in the step that fills it (refused: still being written) and again in the next (adopted);
 - penalties: logit_adjust.step_penalties' (before: ModelRunner._penalties') host work per step for --rows penalized requests of that many output tokens
   (after the first step), in ms per step, --vocab columns;
-- evictions: allocating KV blocks when a full prefix cache must give them up (µs per block, 10k / 100k blocks);
+- evictions: allocating KV blocks when a full prefix cache must give them up (µs per block, and the slowest
+  allocation in ms: a pause of the loop; 10k / 100k / 300k blocks, 300k being SmolLM2's cache on an H200);
 - decode_step: the host work of a pure-decode step of --rows running requests (scheduling, packing the step's
   inputs, appending the sampled tokens), µs per step: the per-row part the serving loop shares with LLM.generate;
 - generate_stand_in: the same seen from outside, `LLM.generate` of --rows requests with the serving benchmark's
@@ -124,11 +125,12 @@ def penalties(rows: int, vocab: int, prompt: int, output: int) -> float:
     return (time.perf_counter() - t) / 5 * 1e3
 
 
-def evictions(num_blocks: int, rng: random.Random) -> float:
+def evictions(num_blocks: int, rng: random.Random) -> tuple[float, float]:
     """A prefix cache that fills the whole KV cache (finished requests of 20 blocks each, as a long-running server
     leaves it): µs per block allocated when every block must be evicted first (16 blocks per call, as a decode
-    step of 256 requests needs), mean over at least 200 calls and 4 eviction passes (a pass frees `evict_batch`
-    blocks at once: fewer calls would time a varying share of one pass)."""
+    step of 256 requests needs), mean over at least 200 calls and 4 x num_blocks / 64 blocks (before 2026-12-05 a
+    pass walking the whole tree freed num_blocks / 64 blocks at once: fewer calls would time a varying share of
+    one pass), and the slowest call in ms."""
     from asyncllm.engine.kv_cache import BlockManager
 
     bs = 16
@@ -137,11 +139,14 @@ def evictions(num_blocks: int, rng: random.Random) -> float:
         table = bm.allocate(20)
         bm.cache_blocks([rng.randrange(50000) for _ in range(20 * bs)], table)
         bm.free(table)
-    calls = max(200, 4 * getattr(bm, "evict_batch", 64) // 16 + 1)
-    t = time.perf_counter()
+    calls = max(200, 4 * (num_blocks // 64) // 16 + 1)
+    slowest = 0.0
+    t = start = time.perf_counter()
     for _ in range(calls):
         bm.allocate(16)  # held: the next call must evict again
-    return (time.perf_counter() - t) / (calls * 16) * 1e6
+        now = time.perf_counter()
+        slowest, t = max(slowest, now - t), now
+    return (t - start) / (calls * 16) * 1e6, slowest * 1e3
 
 
 def decode_steps(rows: int, steps: int = 300) -> dict[str, float]:
@@ -225,7 +230,11 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768])
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--evictions", type=int, nargs="+", default=[10_000, 100_000, 300_000], metavar="BLOCKS",
+                    help="cache sizes of the evictions part")
+    ap.add_argument("--parts", nargs="+", help="only these parts (default: all)")
     a = ap.parse_args()
+    want = lambda part: not a.parts or part in a.parts  # noqa: E731
     from transformers import AutoTokenizer
 
     from asyncllm.model_files import default_model_dir
@@ -233,23 +242,27 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
     common = run_fields()
     rng = random.Random(0)
+    by_length = {"detokenizer": lambda n, ids: min(detokenizer(tok, ids) for _ in range(3)),
+                 "prefix_offers": lambda n, ids: min(prefix_offers(n, rng) for _ in range(3)),
+                 "prefix_offers_repeated": lambda n, ids: min(prefix_offers_repeated(n, rng) for _ in range(3))}
     for n in a.lengths:
         ids = [rng.randrange(100, 40000) for _ in range(n)]
-        print(json.dumps({"bench": "host_costs", "part": "detokenizer", "output_len": n,
-                          "us_per_token": round(min(detokenizer(tok, ids) for _ in range(3)), 3), **common}), flush=True)
-        print(json.dumps({"bench": "host_costs", "part": "prefix_offers", "output_len": n,
-                          "us_per_token": round(min(prefix_offers(n, rng) for _ in range(3)), 3), **common}), flush=True)
-        print(json.dumps({"bench": "host_costs", "part": "prefix_offers_repeated", "output_len": n,
-                          "us_per_token": round(min(prefix_offers_repeated(n, rng) for _ in range(3)), 3), **common}),
-              flush=True)
-    for n in (10_000, 100_000):
+        for part, measure in by_length.items():
+            if want(part):
+                print(json.dumps({"bench": "host_costs", "part": part, "output_len": n,
+                                  "us_per_token": round(measure(n, ids), 3), **common}), flush=True)
+    for n in a.evictions if want("evictions") else ():
+        per_block, slowest = evictions(n, rng)
         print(json.dumps({"bench": "host_costs", "part": "evictions", "num_blocks": n,
-                          "us_per_block": round(evictions(n, rng), 2), **common}), flush=True)
-    print(json.dumps({"bench": "host_costs", "part": "decode_step", "rows": a.rows,
-                      "us_per_step": decode_steps(a.rows), **common}), flush=True)
-    print(json.dumps({"bench": "host_costs", "part": "generate_stand_in", "rows": a.rows,
-                      **generate_stand_in(a.rows), **common}), flush=True)
-    for n in (256, 4096):
+                          "us_per_block": round(per_block, 2), "slowest_call_ms": round(slowest, 2), **common}),
+              flush=True)
+    if want("decode_step"):
+        print(json.dumps({"bench": "host_costs", "part": "decode_step", "rows": a.rows,
+                          "us_per_step": decode_steps(a.rows), **common}), flush=True)
+    if want("generate_stand_in"):
+        print(json.dumps({"bench": "host_costs", "part": "generate_stand_in", "rows": a.rows,
+                          **generate_stand_in(a.rows), **common}), flush=True)
+    for n in (256, 4096) if want("penalties") else ():
         print(json.dumps({"bench": "host_costs", "part": "penalties", "rows": a.rows, "vocab": a.vocab, "prompt_len": 550,
                           "output_len": n, "ms_per_step": round(penalties(a.rows, a.vocab, 550, n), 3), **common}),
               flush=True)

@@ -24,9 +24,6 @@ class BlockManager:
         self._ref = [0] * num_blocks
         self.cache = RadixCache(block_size) if enable_prefix_caching else None
         self._num_evictable = 0
-        # blocks freed per eviction pass, at least: a pass walks the whole tree, so it frees 1/64 of the cache (its
-        # least recently used blocks) and its cost per block freed stays flat whatever the cache's size
-        self.evict_batch = max(1, num_blocks // 64)
 
     @property
     def num_free_blocks(self) -> int:
@@ -55,10 +52,8 @@ class BlockManager:
             raise RuntimeError(f"asked for {num_blocks} KV blocks, {self.num_free_blocks} free")
         if num_blocks > len(self._free):
             assert self.cache is not None
-            # one eviction pass walks the whole tree: free a batch at once so decode steps that need a block
-            # each do not each pay for a pass (the extra blocks are the least recently used anyway)
-            want = min(max(num_blocks - len(self._free), self.evict_batch), self._num_evictable)
-            evicted = self.cache.evict(want, lambda b: self._ref[b] == 0)
+            # (the least recently used leaves' tails: a few heap operations per block, never a walk of the tree)
+            evicted = self.cache.evict(num_blocks - len(self._free), lambda b: self._ref[b] == 0)
             self._num_evictable -= len(evicted)
             self._free.extend(evicted)
             if num_blocks > len(self._free):  # cannot happen while check_invariants holds
@@ -79,6 +74,7 @@ class BlockManager:
             if self._ref[b] == 0:
                 if self.cache is not None and b in self.cache:
                     self._num_evictable += 1
+                    self.cache.released(b)
                 else:
                     self._free.append(b)
 

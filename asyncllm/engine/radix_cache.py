@@ -10,6 +10,13 @@ Invariant the block manager keeps (and `check` verifies with it): a block in use
 in its node, and in every ancestor node) in use too, so every unused cached block can be reached by evicting
 unused tails of leaves, leaf after leaf. `insert` helps: it only hangs blocks under a path made of the caller's own
 blocks.
+
+Eviction never walks the tree: a heap of leaves keyed by their last use holds, for every leaf whose last block is
+unused, an entry stamped with its current `last_access` (`check` verifies it). Entries are pushed when a leaf is
+used, when a node becomes a leaf (its last child evicted), when a leaf's tail is trimmed, and when the block manager
+says a leaf's last block became unused (`released`); entries gone stale (used again since, no longer a leaf, removed,
+in use when popped) are dropped as they come up, and the heap is compacted once it holds twice as many entries as
+the tree has nodes. So evicting k blocks costs about k heap operations, whatever the cache's size.
 """
 from __future__ import annotations
 
@@ -45,6 +52,10 @@ class RadixCache:
         self.block_node: dict[int, Node] = {}  # every cached block -> the node holding it
         self._clock = itertools.count(1)  # logical time for LRU
         self._followed: dict[int, tuple[Node, int]] = {}  # `follow`'s last block -> (its node, index there), a hint
+        self._lru: list[tuple[int, int, Node]] = []  # heap of (last_access when pushed, tie-break, leaf): see above
+        self._pushes = itertools.count()
+        self.num_nodes = 0  # below the root
+        self.heap_slack = 64  # entries beyond 2 per node before the heap is compacted (tests lower it)
 
     @property
     def num_blocks(self) -> int:
@@ -61,6 +72,7 @@ class RadixCache:
         """Cut `node` after its first num_blocks blocks; returns the new upper node (the old one keeps the rest)."""
         upper = Node(node.chunks[:num_blocks], node.blocks[:num_blocks], node.parent)
         upper.last_access = node.last_access
+        self.num_nodes += 1
         assert node.parent is not None
         node.parent.children[node.chunks[0]] = upper
         node.chunks, node.blocks, node.parent = node.chunks[num_blocks:], node.blocks[num_blocks:], upper
@@ -85,7 +97,7 @@ class RadixCache:
                     i += k
                     break
                 child = self._split(child, k)
-            child.last_access = now
+            self._use(child, now)
             blocks.extend(child.blocks)
             node, i = child, i + len(child.blocks)
         return node, blocks, i
@@ -112,8 +124,9 @@ class RadixCache:
             return []
         new = list(blocks[i:])
         leaf = Node(chunks[i:], new, node)
-        leaf.last_access = next(self._clock)
         node.children[chunks[i]] = leaf
+        self.num_nodes += 1
+        self._use(leaf, next(self._clock))
         for b in new:
             self.block_node[b] = leaf
         return list(new)  # the leaf's own list grows in place later
@@ -133,11 +146,12 @@ class RadixCache:
         if node.children:  # a branch point: the new blocks are a new leaf
             leaf = Node(chunks, new, node)
             node.children[chunks[0]] = leaf
+            self.num_nodes += 1
             node = leaf
         else:  # a leaf grows in place (appending keeps the tree's shape: no other path runs through it)
             node.chunks.extend(chunks)
             node.blocks.extend(new)
-        node.last_access = next(self._clock)
+        self._use(node, next(self._clock))
         for b in new:
             self.block_node[b] = node
         return True
@@ -169,7 +183,8 @@ class RadixCache:
                 node, k = child, 0
             elif node.chunks[k] != chunk:
                 break
-            node.last_access = now
+            if node.last_access != now:
+                self._use(node, now)
             found.append(node.blocks[k])
             last = node, k
             k += 1
@@ -179,15 +194,48 @@ class RadixCache:
             self._followed[found[-1]] = last
         return found
 
+    def _use(self, node: Node, now: int) -> None:
+        """`node` was used at logical time `now`; a leaf is (again) a candidate for eviction from then."""
+        node.last_access = now
+        if not node.children:
+            self._push(node)
+
+    def _push(self, node: Node) -> None:
+        heapq.heappush(self._lru, (node.last_access, next(self._pushes), node))
+        if len(self._lru) > 2 * self.num_nodes + self.heap_slack:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the heap's stale entries (at most one per leaf stays): O(entries), done once it holds more than two
+        entries per node, so once per ~num_nodes pushes or removals."""
+        seen: set[int] = set()
+        live = []
+        for entry in self._lru:
+            stamp, _, node = entry
+            if stamp == node.last_access and node.parent is not None and not node.children and id(node) not in seen:
+                seen.add(id(node))
+                live.append(entry)
+        heapq.heapify(live)
+        self._lru[:] = live  # in place: `evict` holds the list
+
+    def released(self, block: int) -> None:
+        """The block manager: cached `block` became unused. If it ends a leaf, that leaf is evictable from its
+        last use on (it was passed over while the block was in use)."""
+        node = self.block_node.get(block)
+        if node is not None and node.blocks[-1] == block and not node.children:
+            self._push(node)
+
     def evict(self, num_blocks: int, unused: Callable[[int], bool]) -> list[int]:
         """Remove up to num_blocks unused blocks from the tails of leaves, least recently used leaf first (a leaf
-        whose blocks all go is removed, and its parent may become a leaf); returns the freed blocks."""
-        heap = [(n.last_access, id(n), n) for n in self._leaves() if unused(n.blocks[-1])]
-        heapq.heapify(heap)
+        whose blocks all go is removed, and its parent may become a leaf); returns the freed blocks. A leaf whose last
+        block was in use at an earlier call is looked at again only once `released` said that block is unused."""
+        heap = self._lru
         freed: list[int] = []
         while heap and len(freed) < num_blocks:
-            _, _, node = heapq.heappop(heap)
-            tail = 0  # unused blocks at the end of this leaf
+            stamp, _, node = heapq.heappop(heap)
+            if stamp != node.last_access or node.parent is None or node.children or not unused(node.blocks[-1]):
+                continue  # stale, or its last block in use (`released` pushes it again once unused)
+            tail = 1  # unused blocks at the end of this leaf
             while tail < len(node.blocks) and unused(node.blocks[-1 - tail]):
                 tail += 1
             take = min(tail, num_blocks - len(freed))
@@ -197,15 +245,20 @@ class RadixCache:
                 for b in gone:
                     del self.block_node[b]
                 freed.extend(gone)
+                if take < tail:  # it still ends with unused blocks
+                    self._push(node)
                 continue
             parent = node.parent
-            assert parent is not None
             del parent.children[node.chunks[0]]
+            node.parent = None  # (its heap entries are stale from now on)
+            self.num_nodes -= 1
             for b in node.blocks:
                 del self.block_node[b]
             freed.extend(node.blocks)
             if parent is not self.root and not parent.children and unused(parent.blocks[-1]):
-                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+                self._push(parent)
+        if len(heap) > 2 * self.num_nodes + self.heap_slack:
+            self._compact()
         return freed
 
     def nodes(self) -> Iterator[Node]:
@@ -216,21 +269,26 @@ class RadixCache:
             yield node
             stack.extend(node.children.values())
 
-    def _leaves(self) -> list[Node]:
-        return [n for n in self.nodes() if not n.children]
-
     def clear(self) -> list[int]:
         """Forget everything; returns every block the cache held."""
         blocks = list(self.block_node)
+        for node in self.nodes():
+            node.parent = None
         self.root.children.clear()
         self.block_node.clear()
         self._followed.clear()
+        self._lru.clear()
+        self.num_nodes = 0
         return blocks
 
     def check(self, unused: Callable[[int], bool]) -> None:
         """Raise AssertionError if the tree is malformed or an unused block cannot be reached by eviction."""
-        seen = 0
+        seen = nodes = 0
+        queued = {id(n) for stamp, _, n in self._lru if stamp == n.last_access}
         for node in self.nodes():
+            nodes += 1
+            if not node.children and unused(node.blocks[-1]):
+                assert id(node) in queued, f"evictable leaf {node.blocks} has no current entry in the eviction heap"
             parent = node.parent
             assert parent is not None and node.blocks, "a node without blocks or parent"
             assert len(node.chunks) == len(node.blocks), "chunks and blocks of a node disagree"
@@ -245,3 +303,5 @@ class RadixCache:
             if flags[0] and parent is not self.root:
                 assert not unused(parent.blocks[-1]), f"block {node.blocks[0]} in use under an unused parent"
         assert seen == len(self.block_node), "blocks indexed but not in the tree (or twice in it)"
+        assert nodes == self.num_nodes, f"{self.num_nodes} nodes counted, {nodes} in the tree"
+        assert len(self._lru) <= 2 * self.num_nodes + self.heap_slack, "the eviction heap was not compacted"
