@@ -2,8 +2,8 @@
 inputs built, sampled ids invented) behind the server's own `/v1/completions` handler, N streaming requests made
 as aiohttp requests over stand-in connections (each write counted, nothing sent; made before the timed run since
 2026-12-05). CPU seconds per streamed token isolate the loop's own per-token and per-step work (request handling,
-delivery, detokenization, SSE framing, scheduling, step preparation) from sockets and clients; the split by phase (µs per token) times the engine loop's
-calls: schedule, launch, collect (the wait), update, deliver. One JSON line per stream count; `--profile` adds a
+delivery, detokenization, SSE framing, scheduling, step preparation) from sockets and clients; the split by phase
+(µs per token) times the engine loop's calls: schedule, launch, collect (the wait), update, deliver. One JSON line per stream count; `--profile` adds a
 cProfile table (stderr) of the last one (SORT=cumulative to sort it so, TOP=N for N rows). `--gpu-ms T` stands
 in a simulated device that runs each step for T ms (overlap on, steps launched from the loop thread as with a GPU;
 `--launch-in-thread` from the step thread): wall time per token against device_us_per_token shows whether the host
