@@ -78,6 +78,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        for name in ("stop", "stop_token_ids"):  # None (no stop strings / ids) and tuples are taken as lists
+            value = getattr(self, name)
+            if value is None or isinstance(value, tuple):
+                setattr(self, name, list(value or ()))
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
@@ -101,6 +105,12 @@ class SamplingParams:
         def bad(msg: str, param: str) -> InvalidRequestError:
             return InvalidRequestError(msg, param=param)
 
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if not isinstance(getattr(self, name), (int, float)):
+                raise bad(f"{name} must be a number, got {getattr(self, name)!r}", name)
+        for name in ("stop", "stop_token_ids"):
+            if not isinstance(getattr(self, name), list):
+                raise bad(f"{name} must be a list, got {getattr(self, name)!r}", name)
         if not self.temperature >= 0.0:
             raise bad(f"temperature must be >= 0, got {self.temperature}", "temperature")
         if not 0.0 < self.top_p <= 1.0:

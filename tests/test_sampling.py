@@ -106,12 +106,25 @@ def test_engine_seeded_runs_reproduce_and_top_k_1_is_greedy(llm):
         (dict(seed=2**64), "seed"),
         (dict(presence_penalty=3.0), "presence_penalty"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(temperature="0.5"), "temperature"),
+        (dict(top_p=None), "top_p"),
+        (dict(repetition_penalty=[1.1]), "repetition_penalty"),
+        (dict(stop=5), "stop"),
+        (dict(stop=[""]), "stop"),
+        (dict(stop_token_ids={1: 2}), "stop_token_ids"),
     ],
 )
 def test_invalid_params(kwargs, param):
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(**kwargs)
     assert e.value.param == param
+
+
+def test_none_and_tuples_for_list_params():
+    p = SamplingParams(stop=None, stop_token_ids=None)
+    assert p.stop == [] and p.stop_token_ids == []
+    p = SamplingParams(stop=("a", "b"), stop_token_ids=(3,))
+    assert p.stop == ["a", "b"] and p.stop_token_ids == [3]
 
 
 def test_penalties_shift_the_argmax():
