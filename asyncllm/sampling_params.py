@@ -1,6 +1,7 @@
 """Per-request sampling and stopping parameters."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from asyncllm.errors import InvalidRequestError
@@ -11,6 +12,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 1024  # each stop string is matched against the tail of the text every token
 MAX_LOGPROBS = 20  # most likely tokens reported per position (OpenAI's top_logprobs limit)
 MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
+MAX_TOP_K = 2**31 - 1  # a larger top_k keeps every token, as 0 does (it is stored in 64-bit step inputs)
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class SamplingParams:
             value = getattr(self, name)
             if value is None or isinstance(value, tuple):
                 setattr(self, name, list(value or ()))
-        if self.top_k == -1:
+        if self.top_k == -1 or (isinstance(self.top_k, int) and self.top_k > MAX_TOP_K):
             self.top_k = 0
         self.validate()
         if self.temperature < GREEDY_TEMPERATURE:
@@ -106,8 +108,9 @@ class SamplingParams:
             return InvalidRequestError(msg, param=param)
 
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
-            if not isinstance(getattr(self, name), (int, float)):
-                raise bad(f"{name} must be a number, got {getattr(self, name)!r}", name)
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(f"{name} must be a finite number, got {value!r}", name)
         for name in ("stop", "stop_token_ids"):
             if not isinstance(getattr(self, name), list):
                 raise bad(f"{name} must be a list, got {getattr(self, name)!r}", name)
@@ -117,7 +120,7 @@ class SamplingParams:
             raise bad(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k <= MAX_TOP_K:
             raise bad(f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k}", "top_k")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
@@ -134,6 +137,11 @@ class SamplingParams:
             k = getattr(self, name)
             if k is not None and (not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
                 raise bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {k!r}", name)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            raise bad(f"structured_outputs must be a StructuredOutputs, got {self.structured_outputs!r}",
+                      "structured_outputs")
+        if self.logit_bias is not None and not isinstance(self.logit_bias, dict):
+            raise bad(f"logit_bias must map token ids to values, got {self.logit_bias!r}", "logit_bias")
         if self.logit_bias:
             if len(self.logit_bias) > MAX_LOGIT_BIAS:
                 raise bad(f"logit_bias may have at most {MAX_LOGIT_BIAS} entries", "logit_bias")

@@ -281,6 +281,28 @@ async def test_a_failed_write_is_an_info_line(keyed, caplog, monkeypatch):
     assert any("went away" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("extra, status, param", [
+    ({"top_k": 2**63}, 200, None),  # above any vocabulary: no filter (it once overflowed the step inputs)
+    ({"top_k": 2**70}, 400, "top_k"),  # past 64 bits: the schema refuses it
+    ({"stop_token_ids": [10**9], "min_tokens": 2}, 400, "stop_token_ids"),  # (once an index past the logits)
+    ({"stop_token_ids": [2**70], "min_tokens": 2}, 400, "stop_token_ids"),
+    ({"temperature": 1e308, "top_p": 0.5}, 200, None),
+    ({"seed": 2**64 - 1}, 200, None),
+])
+async def test_extreme_sampling_values_never_stop_the_engine(keyed, extra, status, param):
+    engine, url, s = keyed
+    r = await s.post(url + "/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 3, **extra})
+    body = await r.json()
+    assert r.status == status, body
+    if param is not None:
+        assert body["error"]["param"] == param
+    else:
+        assert body["choices"][0]["finish_reason"] == "length"
+    assert engine.healthy
+    r = await s.post(url + "/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2})
+    assert r.status == 200 and engine.healthy
+
+
 # ---- sampling parameters -----------------------------------------------------------------------------------------
 def test_tiny_temperature_is_greedy(tiny_models):
     llm = LLM(str(tiny_models["llama"]), max_model_len=128)
@@ -288,6 +310,15 @@ def test_tiny_temperature_is_greedy(tiny_models):
     greedy = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0].token_ids
     tiny = llm.generate(prompt, SamplingParams(temperature=1e-38, max_tokens=6), use_tqdm=False)[0].token_ids
     assert tiny == greedy and len(set(greedy)) > 1
+
+
+async def test_params_changed_after_they_were_made_are_checked_again(keyed):
+    engine, _, _ = keyed
+    params = SamplingParams(max_tokens=2)
+    params.top_k = 2**70
+    with pytest.raises(InvalidRequestError, match="top_k"):
+        await engine.generate([5, 6, 7], params)
+    assert engine.healthy and (await engine.generate([5, 6], SamplingParams(max_tokens=2))).finish_reason == "length"
 
 
 def test_stop_strings_are_bounded():

@@ -155,8 +155,11 @@ class EngineCore:
             ids = None
         if ids is None or ids.min() < 0 or ids.max() >= vocab:
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
-        if params.logit_bias and max(params.logit_bias) >= vocab:
-            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
+        params.validate()  # again: the caller may have changed them since they were made
+        for name in ("logit_bias", "stop_token_ids"):  # (validate checked they are non-negative integers)
+            given = getattr(params, name)
+            if given and max(given) >= vocab:
+                raise InvalidRequestError(f"{name} token ids must be in [0, {vocab})", name)
         rid = f"{self._id_prefix}-{next(self._ids)}"
         req = Request(rid, list(prompt_token_ids), params, max_tokens, self.eos_token_ids)
         if params.structured_outputs is not None:
