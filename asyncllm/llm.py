@@ -13,6 +13,7 @@ from asyncllm.config import EngineConfig
 from asyncllm.engine.core import EngineCore
 from asyncllm.engine.detokenizer import IncrementalDetokenizer
 from asyncllm.engine.request import Request
+from asyncllm.errors import InvalidRequestError
 from asyncllm.outputs import GenerateOutput
 from asyncllm.sampling_params import SamplingParams
 
@@ -68,15 +69,20 @@ class LLM:
             raise RuntimeError("this LLM is a tensor-parallel follower (rank > 0): generate on rank 0")
         if self.engine.runner.closed:
             raise RuntimeError("this LLM was closed")
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (prompts and self.engine.is_token_ids(prompts)):
             prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)
+        try:
+            if isinstance(prompts, dict):
+                raise TypeError  # (chat messages go through `chat`)
+            prompts = list(prompts)  # type: ignore[arg-type]
+        except TypeError:
+            raise InvalidRequestError(f"prompts must be a prompt or a list of them, not {prompts!r:.40}", "prompt") from None
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        token_lists = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        token_lists = [list(p) if self.engine.is_token_ids(p) else self.engine.encode(p) for p in prompts]
         # validate everything before queueing anything, so a bad prompt leaves the engine untouched
         reqs = [self.engine.make_request(ids, p) for ids, p in zip(token_lists, params)]
         # stop strings need incremental text: those requests get a detokenizer; the rest decode once at the end

@@ -8,6 +8,7 @@ import pytest
 
 from asyncllm import LLM, AsyncEngine, EngineDeadError, SamplingParams
 from asyncllm.engine.detokenizer import IncrementalDetokenizer
+from asyncllm.errors import InvalidRequestError
 from conftest import random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
@@ -156,7 +157,10 @@ async def test_generate_and_invalid_requests(tiny_models):
         assert len(out.token_ids) == 16 and out.finish_reason == "length" and out.prompt_token_ids == [5, 6, 7]
         with pytest.raises(ValueError, match="maximum context length is 64"):
             await engine.generate([5] * 60, SamplingParams(max_tokens=10))
-        assert await all_blocks_free(engine)
+        for bad in (None, 5, [None], [[5, 6]], {"role": "user"}, b"ab", [1.5]):
+            with pytest.raises(InvalidRequestError, match="prompt"):  # a clear error, not a TypeError from inside
+                await engine.generate(bad)  # type: ignore[arg-type]
+        assert engine.healthy and await all_blocks_free(engine)
 
 
 async def test_stream_interval_coalesces_tokens(tiny_models):

@@ -254,7 +254,7 @@ class AsyncEngine:
                      chat: dict[str, Any] | None = None) -> list[int]:
         """Prompt (text, token ids, or chat messages) -> token ids, in the tokenizer thread pool. `chat`: keyword
         arguments of the chat template (EngineCore.encode)."""
-        if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
+        if EngineCore.is_token_ids(prompt):
             return list(prompt)  # token ids (make_request checks every one)
         if self._tokenizing >= MAX_PENDING_TOKENIZATIONS:
             raise EngineOverloadedError(f"{self._tokenizing} prompts are waiting to be tokenized: retry later")

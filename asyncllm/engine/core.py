@@ -188,12 +188,23 @@ class EngineCore:
         longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1) if self.tokenizer is not None else 1
         return self.max_model_len * max(longest, 1)
 
+    @staticmethod
+    def is_token_ids(prompt: Any) -> bool:
+        """A prompt of token ids (a list or tuple of integers; make_request checks each one), not text or messages."""
+        return isinstance(prompt, (list, tuple)) and (not prompt or isinstance(prompt[0], int))
+
     def check_prompt(self, prompt: str | Sequence[dict[str, Any]]) -> None:
-        """Raise InvalidRequestError without a tokenizer, or for text (or messages' contents) too long to fit."""
+        """Raise InvalidRequestError for what is neither text nor chat messages (dicts), without a tokenizer, or
+        for text (or messages' contents) too long to fit."""
+        if isinstance(prompt, str):
+            num_chars = len(prompt)
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            num_chars = sum(len(c) for m in prompt if isinstance(c := m.get("content"), str))
+        else:
+            raise InvalidRequestError(f"a prompt is text, a list of token ids or a list of chat messages (dicts), "
+                                      f"not {type(prompt).__name__} {str(prompt)[:40]!r}", "prompt")
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer: send token ids", "prompt")
-        num_chars = len(prompt) if isinstance(prompt, str) else sum(
-            len(c) for m in prompt if isinstance(c := m.get("content"), str))
         if num_chars > self.max_prompt_chars:
             raise InvalidRequestError(
                 f"the prompt has {num_chars} characters: too long for this model's maximum context length of "
