@@ -46,6 +46,8 @@ def test_request_errors_leave_engine_usable(tiny_models):
             llm.engine.make_request(bad, SamplingParams())  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError, match="empty"):
         llm.generate([[]], use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="SamplingParams"):
+        llm.generate([[5, 6]], {"max_tokens": 3}, use_tqdm=False)  # type: ignore[arg-type]
     for bad in (None, 5, {"role": "user", "content": "hi"}, [None], [1.5], [[1, 2], None], [b"x"]):
         with pytest.raises(InvalidRequestError, match="prompt"):  # a clear error, not a TypeError from inside
             llm.generate(bad, use_tqdm=False)  # type: ignore[arg-type]

@@ -144,6 +144,8 @@ class EngineCore:
         """Validate and build a request (not queued yet). Raises InvalidRequestError."""
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty", "prompt")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling parameters are a SamplingParams, not {type(params).__name__}", "params")
         max_tokens = params.max_tokens
         if max_tokens is None:
             max_tokens = max(1, self.max_model_len - len(prompt_token_ids))
