@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import json
 import os
 import pstats
@@ -83,6 +84,7 @@ def timed(phases: dict[str, float], obj: Any, name: str) -> None:
 
 async def run(streams_: int, output_len: int, profile: bool, gpu_ms: float) -> dict:
     from asyncllm import AsyncEngine
+    from asyncllm.serve import quiet_gc
     from asyncllm.server.app import ServerSettings, build_app
 
     engine = AsyncEngine(None, max_model_len=2048, max_num_seqs=streams_, num_kv_blocks=12000,
@@ -113,6 +115,7 @@ async def run(streams_: int, output_len: int, profile: bool, gpu_ms: float) -> d
 
     await serve(*make(orjson.dumps({"prompt": [5, 6, 7], "max_tokens": 4, "stream": True})))  # warm-up
     ready = [make(b) for b in bodies]
+    quiet_gc()  # the garbage collector set as the server sets it once the engine is up
     phases = dict.fromkeys(("schedule", "launch", "collect", "update"), 0.0)
     phases["_deliver"] = 0.0
     for name in ("schedule", "launch", "collect", "update"):
@@ -126,6 +129,7 @@ async def run(streams_: int, output_len: int, profile: bool, gpu_ms: float) -> d
     if prof:
         prof.disable()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    gc.unfreeze()
     await engine.shutdown()
     if prof:
         stats = pstats.Stats(prof, stream=sys.stderr).sort_stats(os.environ.get("SORT", "tottime"))
