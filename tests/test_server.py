@@ -318,6 +318,17 @@ def test_tool_choice_auto_parses_the_models_calls(client):
     assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls
     none = client.chat.completions.create(**{**kw, "tool_choice": "none"}).choices[0]
     assert none.message.tool_calls is None and none.message.content.startswith("<tool_call>")
+    # two calls in the answer: parallel_tool_calls false keeps the first (streamed or not)
+    two = {"guided_regex": r'(<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Oslo)", '
+                           r'"unit": "celsius"\}\}\n</tool_call>\n){2}'}
+    kw2 = {**kw, "max_tokens": 120, "extra_body": two}
+    both = client.chat.completions.create(**kw2).choices[0]
+    assert [n for n, _ in _calls(both.message)] == ["get_weather", "get_weather"]
+    one = client.chat.completions.create(**kw2, parallel_tool_calls=False).choices[0]
+    assert _calls(one.message) == _calls(both.message)[:1] and one.finish_reason == "tool_calls"
+    assert one.message.content == both.message.content  # the calls' text never becomes content
+    chunks = list(client.chat.completions.create(**kw2, parallel_tool_calls=False, stream=True))
+    assert _streamed_calls(chunks) == _calls(one.message)
 
 
 def test_tool_history_and_template_options(client, server):
@@ -404,6 +415,14 @@ BAD_REQUESTS = [
     (C, {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}]}, 400,
      "messages"),
     (X, {"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    (X, {"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search"),
+    (X, {"prompt": "hi", "cache_salt": "tenant-a"}, 400, "cache_salt"),
+    (X, {"prompt": "hi", "truncate_prompt_tokens": 5}, 400, "truncate_prompt_tokens"),
+    (X, {"prompt": "hi", "allowed_token_ids": [1, 2]}, 400, "allowed_token_ids"),
+    (C, {**MSG, "echo": True}, 400, "echo"),  # (completions implement it)
+    (C, {**MSG, "add_special_tokens": True}, 400, "add_special_tokens"),
+    (C, {**MSG, "store": True}, 400, "store"),
+    (C, {**MSG, "service_tier": "flex"}, 400, "service_tier"),
     (X, {"prompt": "x" * 200_000}, 413, None),
     ("/v1/embeddings", {"input": "x"}, 404, None),
     ("/tokenize", {}, 400, None),
@@ -425,7 +444,9 @@ def test_bad_requests_get_openai_errors(server, path, body, status, param):
 
 def test_not_implemented_fields_are_accepted_when_they_ask_for_nothing(server):
     body = {**MSG, "max_tokens": 2, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
-            "logit_bias": {}, "modalities": ["text"], "add_generation_prompt": True, "store": False}
+            "logit_bias": {}, "modalities": ["text"], "add_generation_prompt": True, "store": False, "echo": False,
+            "use_beam_search": False, "length_penalty": 1, "spaces_between_special_tokens": True, "priority": 0,
+            "service_tier": "auto", "add_special_tokens": False}
     assert httpx.post(f"{server}{C}", json=body).status_code == 200
 
 
@@ -501,6 +522,23 @@ async def test_api_key_and_dead_engine(local):
         assert (await s.get(f"{url}/health")).status == 503
         r = await s.post(f"{url}/v1/completions", json={"prompt": [5, 6]}, headers=AUTH)
         assert r.status == 503 and (await r.json())["error"]["type"] == "service_unavailable"
+
+
+async def test_completions_take_add_special_tokens(local, monkeypatch):
+    engine, url = local
+    seen = []
+    encode = engine.encode
+
+    async def spy(prompt, add_special_tokens=True, chat=None):  # noqa: ANN001, ANN202
+        seen.append(add_special_tokens)
+        return await encode(prompt, add_special_tokens, chat)
+
+    monkeypatch.setattr(engine, "encode", spy)
+    async with aiohttp.ClientSession(headers=AUTH) as s:
+        for flag in (None, False, True):
+            body = {"prompt": "hi", "max_tokens": 1, **({} if flag is None else {"add_special_tokens": flag})}
+            assert (await s.post(f"{url}/v1/completions", json=body)).status == 200
+    assert seen == [True, False, True]
 
 
 def test_return_token_ids_stream_and_non_stream(server):

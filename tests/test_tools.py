@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from asyncllm.server.tools import ToolCallParser
+from asyncllm.server.tools import ToolCallParser, forced_calls
 
 NAMES = frozenset({"get_weather", "add"})
 
@@ -82,3 +82,24 @@ def test_hermes_arguments_stream_as_they_come():
     cut = ToolCallParser("auto", NAMES)
     content, calls = run(cut, ['<tool_call>{"name": "add", "arguments": {"a": 1}'])
     assert content == "" and json.loads(calls[0]["function"]["arguments"]) == {"a": 1}
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 1000])
+def test_one_call_at_most_without_parallel_calls(step):
+    """parallel_tool_calls false: the first call only; the others are dropped, never given as content."""
+    content, calls = run(ToolCallParser("auto", NAMES, max_calls=1), split_every(HERMES + "\nDone.", step))
+    assert content.split() == ["Let", "me", "check.", "Done."]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Paris"})]
+    held = '[{"name": "add", "arguments": {"a": 1}}, {"name": "add", "arguments": {"a": 2}}]'
+    assert run(ToolCallParser("auto", NAMES, max_calls=1), split_every(held, step))[1][0]["function"]["arguments"] == '{"a": 1}'
+    assert len(run(ToolCallParser("auto", NAMES, max_calls=1), split_every(held, step))[1]) == 1
+    cut = HERMES[: HERMES.rindex("}}")]  # the dropped call cut off by max_tokens: still dropped
+    content, calls = run(ToolCallParser("auto", NAMES, max_calls=1), split_every(cut, step))
+    assert content.strip() == "Let me check." and len(calls) == 1
+
+
+def test_required_grammar_takes_one_call_without_parallel_calls():
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    assert "maxItems" not in json.loads(forced_calls(tools, "required").json)
+    assert json.loads(forced_calls(tools, "required", parallel=False).json)["maxItems"] == 1

@@ -201,7 +201,8 @@ async def parse(request: web.Request, schema: type[M]) -> M:
         raise ApiError(400, f"malformed JSON body: {e}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the JSON body must be an object")
-    if schema in (ChatCompletionRequest, CompletionRequest) and (field := unimplemented_field(data)) is not None:
+    if schema in (ChatCompletionRequest, CompletionRequest) and \
+            (field := unimplemented_field(data, chat=schema is ChatCompletionRequest)) is not None:
         raise ApiError(400, f"{field} is not supported by this server", param=field)
     try:
         return schema.model_validate(data)
@@ -250,7 +251,8 @@ class OpenAIServer:
         self._check_accepting()
         if len(prompts) * body.n > MAX_CHOICES:
             raise ApiError(400, f"{len(prompts)} prompts x n={body.n} asks for more than {MAX_CHOICES} choices", param="n")
-        encoded = [await self.engine.encode(p, chat=chat) for p in prompts]
+        special = getattr(body, "add_special_tokens", True)  # (completions; chat templates write their own)
+        encoded = [await self.engine.encode(p, special, chat=chat) for p in prompts]
         jobs = []
         for ids in encoded:
             for j in range(body.n):
@@ -286,7 +288,7 @@ class OpenAIServer:
         names = frozenset(t["function"]["name"] for t in body.tool_dicts)
         if isinstance(choice, dict):
             return ToolCallParser("named", names, choice["function"]["name"])
-        return ToolCallParser(choice, names)
+        return ToolCallParser(choice, names, max_calls=None if body.parallel_tool_calls else 1)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await parse(request, CompletionRequest)

@@ -17,16 +17,30 @@ class _Model(BaseModel):
 
 # field -> the values that mean "not used" (accepted); any other value gets a 400 naming the field
 UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
-    "best_of": (None, 1), "prompt_logprobs": (None,),
-    "functions": (None, []), "function_call": (None, "none"),
-    "audio": (None,), "modalities": (None, ["text"]),
-    "prediction": (None,), "web_search_options": (None,), "reasoning_effort": (None,), "verbosity": (None,),
+    # OpenAI's
+    "best_of": (None, 1), "functions": (None, []), "function_call": (None, "none"), "audio": (None,),
+    "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,), "reasoning_effort": (None,),
+    "verbosity": (None,), "store": (None, False), "service_tier": (None, "auto", "default"),
+    # vLLM's extensions
+    "prompt_logprobs": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1.0),
+    "allowed_token_ids": (None,), "bad_words": (None, []), "truncate_prompt_tokens": (None,), "priority": (None, 0),
+    "return_tokens_as_token_ids": (None, False), "spaces_between_special_tokens": (None, True),
+    "logits_processors": (None, []), "prompt_embeds": (None,), "mm_processor_kwargs": (None, {}),
+    "structural_tag": (None,), "guided_whitespace_pattern": (None,), "guided_decoding_backend": (None, "xgrammar", "auto"),
+    "cache_salt": (None,), "request_id": (None,), "kv_transfer_params": (None,), "vllm_xargs": (None,),
+}
+CHAT_UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {  # vLLM's chat extensions (completions implement echo and tokens)
+    "echo": (None, False), "add_special_tokens": (None, False), "documents": (None, []), "chat_template": (None,),
 }
 
 
-def unimplemented_field(data: dict[str, Any]) -> str | None:
+def unimplemented_field(data: dict[str, Any], chat: bool) -> str | None:
     """The first field of a generation request body that asks for something not implemented, or None."""
-    return next((k for k, unused in UNIMPLEMENTED.items() if k in data and data[k] not in unused), None)
+    for table in (UNIMPLEMENTED, CHAT_UNIMPLEMENTED) if chat else (UNIMPLEMENTED,):
+        for k, unused in table.items():
+            if k in data and data[k] not in unused:
+                return k
+    return None
 
 
 class StreamOptions(_Model):
@@ -225,7 +239,7 @@ class ChatCompletionRequest(_Generation):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool = True  # false: at most one call (the grammar of "required"; auto drops the rest)
     # the chat template's options (as vLLM's)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -262,7 +276,7 @@ class ChatCompletionRequest(_Generation):
         from asyncllm.server.tools import check_tools, forced_calls
 
         check_tools(self.tool_dicts, self.tool_choice_value)
-        forced = forced_calls(self.tool_dicts, self.tool_choice_value)
+        forced = forced_calls(self.tool_dicts, self.tool_choice_value, self.parallel_tool_calls)
         other = super().structured()
         if forced is not None and other is not None:
             raise InvalidRequestError("a required or named tool_choice cannot be combined with response_format",
@@ -285,6 +299,7 @@ class CompletionRequest(_Generation):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False  # the prompt comes back before the completion (with its log-probabilities)
     suffix: str | None = None
+    add_special_tokens: bool = True  # (as vLLM's) text prompts get the tokenizer's special tokens (BOS)
 
     def _logprobs(self) -> tuple[int | None, int | None]:
         return self.logprobs, self.logprobs if self.echo else None

@@ -48,9 +48,9 @@ def check_tools(tools: list[dict[str, Any]], tool_choice: Any) -> str | None:
     return None
 
 
-def forced_calls(tools: list[dict[str, Any]], tool_choice: Any) -> StructuredOutputs | None:
-    """The grammar of tool_choice "required" (a JSON array of one or more calls) or of a named function (its
-    arguments object); None for "auto" and "none"."""
+def forced_calls(tools: list[dict[str, Any]], tool_choice: Any, parallel: bool = True) -> StructuredOutputs | None:
+    """The grammar of tool_choice "required" (a JSON array of one or more calls; exactly one unless `parallel`) or
+    of a named function (its arguments object); None for "auto" and "none"."""
     if isinstance(tool_choice, dict):
         tool = next(t for t in tools if tool_name(t) == tool_choice["function"]["name"])
         return StructuredOutputs(json=parameters(tool))
@@ -58,7 +58,8 @@ def forced_calls(tools: list[dict[str, Any]], tool_choice: Any) -> StructuredOut
         return None
     call = [{"type": "object", "properties": {"name": {"const": tool_name(t)}, "arguments": parameters(t)},
              "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
-    return StructuredOutputs(json={"type": "array", "minItems": 1, "items": {"anyOf": call}})
+    return StructuredOutputs(json={"type": "array", "minItems": 1, **({} if parallel else {"maxItems": 1}),
+                                   "items": {"anyOf": call}})
 
 
 def tools_system_prompt(tools: list[dict[str, Any]]) -> str:
@@ -107,6 +108,8 @@ def _arguments(arguments: Any) -> Any:
     return arguments if arguments is not None else {}
 
 
+SKIPPED = -2  # ToolCallParser._args_at inside a call it drops (past max_calls)
+
 # the head of a Hermes call, up to where its arguments begin
 _HERMES_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 
@@ -116,16 +119,19 @@ class ToolCallParser:
     """One choice's text -> content and tool calls, fed with text deltas (streamed) or all at once (the same
     code: a call's arguments are exactly the concatenation of its streamed deltas). `mode`: "auto", "required" (a
     JSON array of calls, given at the end), "named" (the whole text is the arguments of `name`, streamed).
-    `feed` / `finish` return (content, tool-call deltas in OpenAI's streaming shape); `calls` holds the calls."""
+    `feed` / `finish` return (content, tool-call deltas in OpenAI's streaming shape); `calls` holds the calls.
+    `max_calls` 1 (`parallel_tool_calls: false`): calls after the first are dropped, never given as content."""
 
     mode: str
     names: frozenset[str]
     name: str | None = None
+    max_calls: int | None = None  # None: any number
     calls: list[dict[str, Any]] = field(default_factory=list)
     _buffer: str = ""  # text not given out yet (a possible call)
     _held: bool = False  # auto: the whole answer may be a Llama 3 JSON call (decided at the end)
     _started: bool = False
     _args_at: int = -1  # auto: inside a Hermes call whose head was read, where its arguments begin in _buffer
+    # (SKIPPED: inside a call past max_calls)
     _sent: int = 0  # characters of those arguments given out
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
@@ -165,8 +171,11 @@ class ToolCallParser:
             if self._args_at < 0:
                 head = _HERMES_HEAD.match(buf, len(HERMES_OPEN))
                 if head is not None and json.loads(f'"{head.group(1)}"') in self.names:
-                    deltas.append(self._start(json.loads(f'"{head.group(1)}"')))
-                    self._args_at, self._sent = head.end(), 0
+                    if self._full:
+                        self._args_at = SKIPPED
+                    else:
+                        deltas.append(self._start(json.loads(f'"{head.group(1)}"')))
+                        self._args_at, self._sent = head.end(), 0
             end = buf.find(HERMES_CLOSE)
             if end < 0:
                 if self._args_at >= 0:  # stream the arguments, holding back what may close the call
@@ -174,6 +183,8 @@ class ToolCallParser:
                 break
             if self._args_at >= 0:
                 deltas += self._send(_final_arguments(buf[self._args_at : end]))
+            elif self._args_at == SKIPPED:  # a call past max_calls: dropped
+                pass
             else:  # not a call of these tools: it stays text
                 content.append(buf[: end + len(HERMES_CLOSE)])
             self._args_at = -1
@@ -183,8 +194,8 @@ class ToolCallParser:
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
         """The end of the text -> (content still held, tool-call deltas)."""
-        if self.mode == "auto" and not self._held and self._args_at >= 0:  # an unclosed call at the end
-            deltas = self._send(_final_arguments(self._buffer[self._args_at :]))
+        if self.mode == "auto" and not self._held and self._args_at != -1:  # an unclosed call at the end
+            deltas = self._send(_final_arguments(self._buffer[self._args_at :])) if self._args_at >= 0 else []
             self._buffer, self._args_at = "", -1
             return "", _merge(deltas)
         buf, self._buffer = self._buffer, ""
@@ -201,6 +212,10 @@ class ToolCallParser:
             if items and all(isinstance(c, dict) and c.get("name") in self.names for c in items):
                 return "", self._whole([(c["name"], c.get("parameters", c.get("arguments", {}))) for c in items])
         return buf, []
+
+    @property
+    def _full(self) -> bool:
+        return self.max_calls is not None and len(self.calls) >= self.max_calls
 
     def _start(self, name: str) -> dict[str, Any]:
         call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": ""}}
@@ -219,7 +234,7 @@ class ToolCallParser:
 
     def _whole(self, found: list[tuple[Any, Any]]) -> list[dict[str, Any]]:
         deltas = []
-        for name, args in found:
+        for name, args in found[: self.max_calls]:
             deltas.append(self._start(name))
             deltas.append(self._args(json.dumps(args if args is not None else {}, ensure_ascii=False)))
         return _merge(deltas)
