@@ -69,7 +69,7 @@ class LLM:
             raise RuntimeError("this LLM is a tensor-parallel follower (rank > 0): generate on rank 0")
         if self.engine.runner.closed:
             raise RuntimeError("this LLM was closed")
-        if isinstance(prompts, str) or (prompts and self.engine.is_token_ids(prompts)):
+        if isinstance(prompts, str) or (self.engine.is_token_ids(prompts) and len(prompts)):
             prompts = [prompts]  # type: ignore[list-item]
         try:
             if isinstance(prompts, dict):
