@@ -176,3 +176,52 @@ async def test_stream_interval_coalesces_tokens(tiny_models):
         assert (text, ids) == (ref_text, ref_ids)
         sizes = [len(c.token_ids) for c in chunks]
         assert sizes[0] < 4 and all(n >= 4 for n in sizes[1:-1]) and sum(sizes) == 23 and len(sizes) <= 7
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_a_random_workload_keeps_every_promise(tiny_models, seed):
+    """Random prompts sharing prefixes, lengths, sampling, stop strings and consumers that leave early, over a KV
+    cache small enough for preemption and prefix-cache eviction: every stream that is read to its end gets exactly
+    the tokens its finish reason says (greedy ones those of the request run alone), and afterwards every block is
+    free and the scheduler's invariants hold."""
+    import random
+
+    rng = random.Random(seed)
+    bases = random_prompts(4, 49152, 20, 70, seed=100 + seed)
+    async with AsyncEngine(str(tiny_models["llama"]), max_model_len=160, max_num_seqs=12, num_kv_blocks=48,
+                           block_size=4) as engine:
+        jobs = []
+        for _ in range(60):
+            prompt = rng.choice(bases)[: rng.randint(5, 70)] + [rng.randrange(3, 49152) for _ in range(rng.randint(0, 20))]
+            params = SamplingParams(max_tokens=rng.randint(1, 40), ignore_eos=rng.random() < 0.7,
+                                    temperature=rng.choice([0.0, 0.0, 1.0]), seed=rng.choice([None, 5]),
+                                    stop=rng.choice([[], ["e"], ["the", "a b"]]))
+            jobs.append((prompt, params, rng.choice([None, None, None, 0, 2])))  # leave after that many chunks
+
+        async def run(prompt, params, leave_after):  # noqa: ANN001, ANN202
+            chunks = []
+            async for chunk in engine.stream(prompt, params):
+                chunks.append(chunk)
+                if leave_after is not None and len(chunks) > leave_after:
+                    return None
+            return chunks
+
+        results = await asyncio.gather(*(run(*job) for job in jobs))
+        for (prompt, params, _), chunks in zip(jobs, results):
+            if chunks is None:
+                continue
+            last = chunks[-1]
+            ids = [t for c in chunks for t in c.token_ids]
+            assert last.usage.completion_tokens == len(ids) and last.usage.prompt_tokens == len(prompt)
+            if last.finish_reason == "length":
+                assert len(ids) == params.max_tokens
+            else:
+                assert last.finish_reason == "stop" and len(ids) <= params.max_tokens
+                assert params.stop or not params.ignore_eos  # a stop string or EOS ended it
+            if params.temperature == 0.0 and last.finish_reason == "length" and not params.stop:
+                alone = await engine.generate(prompt, params)
+                assert alone.token_ids == ids
+        assert await all_blocks_free(engine) and engine.healthy
+        engine.core.scheduler.check_invariants()
+        stats = engine.core.stats
+        assert stats.num_preemptions and stats.cache_hits  # the workload reached preemption and the prefix cache
