@@ -2,8 +2,9 @@
 
 One loop coroutine owns the scheduler. With a GPU, each iteration on the loop thread: apply aborts -> schedule step
 N+1 -> launch it on the GPU's side stream (queued behind step N; launching never waits on the GPU) -> deliver step
-N-1's tokens (detokenize, stop strings, consumers' writes) -> in the step thread, wait on a CUDA event for step N ->
-append step N's tokens. So the host's part of the GPU's critical path (from a step's end to the launch of the one
+N-1's tokens (detokenize, stop strings, consumers' writes; before the launch when step N+1 has prompt tokens, whose
+launch takes the host milliseconds: the tokens do not wait for it) -> in the step thread, wait on a CUDA event for
+step N -> append step N's tokens. So the host's part of the GPU's critical path (from a step's end to the launch of the one
 after the next) is the append, the scheduling and the launch, with no hand-off between threads in it; delivery and
 the HTTP handlers run while the GPU works, and the loop thread is the only one that runs Python then (the step
 thread sleeps on the event). A request a stop string ended may compute a token or two more, which nobody sees.
@@ -378,9 +379,14 @@ class AsyncEngine:
                 if on_loop:
                     if (masks := core.masks_pending) is not None:
                         await asyncio.wrap_future(masks)  # the grammar thread's fill: launch would block on it
-                    handle = core.launch(core.schedule())
-                    self._deliver(got)  # the step applied last, while the GPU runs the ones queued
-                    got = []
+                    batch = core.schedule()
+                    if got and batch.num_prompt_tokens:  # its launch takes the host milliseconds: tokens first
+                        self._deliver(got)
+                        got = []
+                    handle = core.launch(batch)
+                    if got:
+                        self._deliver(got)  # the step applied last, while the GPU runs the ones queued
+                        got = []
                     self._apply_deferred()  # stop strings free their blocks now (stream order keeps queued steps right)
                     if handle is None or handle.finished():  # the host is the slower side: no thread hand-off,
                         await asyncio.sleep(0)  # one pass of the loop for the connections, then the tokens
