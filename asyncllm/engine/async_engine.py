@@ -4,10 +4,11 @@ One loop coroutine owns the scheduler. With a GPU, each iteration on the loop th
 N+1 -> launch it on the GPU's side stream (queued behind step N; launching never waits on the GPU) -> deliver step
 N-1's tokens (detokenize, stop strings, consumers' writes; before the launch when step N+1 has prompt tokens, whose
 launch takes the host milliseconds: the tokens do not wait for it) -> in the step thread, wait on a CUDA event for
-step N -> append step N's tokens. So the host's part of the GPU's critical path (from a step's end to the launch of the one
-after the next) is the append, the scheduling and the launch, with no hand-off between threads in it; delivery and
-the HTTP handlers run while the GPU works, and the loop thread is the only one that runs Python then (the step
-thread sleeps on the event). A request a stop string ended may compute a token or two more, which nobody sees.
+step N -> append step N's tokens. So the host's part of the GPU's critical path (from a step's end to the launch of
+the one after the next) is the append, the scheduling and the launch, with no hand-off between threads in it;
+delivery and the HTTP handlers run while the GPU works, and the loop thread is the only one that runs Python then
+(the step thread sleeps on the event). A request a stop string ended may compute a token or two more, which nobody
+sees.
 Without a GPU the step thread computes each step (`EngineCore.advance`) and its tokens are delivered at once;
 with overlap off, the step launched is the one waited for. Everything that touches the scheduler runs on the loop,
 so aborts and stop-string finishes that arrive meanwhile are applied at the start of the next iteration.
