@@ -4,7 +4,7 @@ from __future__ import annotations
 import atexit
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -71,12 +71,9 @@ class LLM:
             raise RuntimeError("this LLM was closed")
         if isinstance(prompts, str) or (self.engine.is_token_ids(prompts) and len(prompts)):
             prompts = [prompts]  # type: ignore[list-item]
-        try:
-            if isinstance(prompts, dict):
-                raise TypeError  # (chat messages go through `chat`)
-            prompts = list(prompts)  # type: ignore[arg-type]
-        except TypeError:
-            raise InvalidRequestError(f"prompts must be a prompt or a list of them, not {prompts!r:.40}", "prompt") from None
+        if isinstance(prompts, dict) or not isinstance(prompts, Iterable):  # (chat messages go through `chat`)
+            raise InvalidRequestError(f"prompts must be a prompt or a list of them, not {prompts!r:.40}", "prompt")
+        prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)

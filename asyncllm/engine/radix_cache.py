@@ -202,12 +202,13 @@ class RadixCache:
 
     def _push(self, node: Node) -> None:
         heapq.heappush(self._lru, (node.last_access, next(self._pushes), node))
-        if len(self._lru) > 2 * self.num_nodes + self.heap_slack:
-            self._compact()
+        self._bound()
 
-    def _compact(self) -> None:
-        """Drop the heap's stale entries (at most one per leaf stays): O(entries), done once it holds more than two
-        entries per node, so once per ~num_nodes pushes or removals."""
+    def _bound(self) -> None:
+        """Once the heap holds more than two entries per node, drop its stale entries (at most one per leaf
+        stays): O(entries), once per ~num_nodes pushes or removals."""
+        if len(self._lru) <= 2 * self.num_nodes + self.heap_slack:
+            return
         seen: set[int] = set()
         live = []
         for entry in self._lru:
@@ -257,8 +258,7 @@ class RadixCache:
             freed.extend(node.blocks)
             if parent is not self.root and not parent.children and unused(parent.blocks[-1]):
                 self._push(parent)
-        if len(heap) > 2 * self.num_nodes + self.heap_slack:
-            self._compact()
+        self._bound()
         return freed
 
     def nodes(self) -> Iterator[Node]:
@@ -272,8 +272,6 @@ class RadixCache:
     def clear(self) -> list[int]:
         """Forget everything; returns every block the cache held."""
         blocks = list(self.block_node)
-        for node in self.nodes():
-            node.parent = None
         self.root.children.clear()
         self.block_node.clear()
         self._followed.clear()
