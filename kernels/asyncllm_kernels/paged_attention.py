@@ -7,7 +7,9 @@ serves all of them) over one chunk of the context, with an online softmax (flash
 host from the batch shape (enough programs to fill the GPU) and the chunk length from each sequence's actual length
 on the device (at least `min_chunk` tokens: launch_config), so the grid suits CUDA graphs: a short context uses one
 program per head and the others exit at once. With SPLITS > 1 the last program of a (sequence, KV head) to finish,
-told by an atomic counter, merges the chunks by their log-sum-exp and resets the counter: no second kernel.
+told by an atomic counter, merges the chunks by their log-sum-exp and resets the counter: no second kernel. A
+context that fits one chunk (every program tells it from seq_len) skips the merge: the first program writes the
+output (the merge of one chunk would give the same bits) and no program touches the counter.
 """
 from __future__ import annotations
 
@@ -103,8 +105,10 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, out_p
             acc = acc * alpha[:, None] + pv.to(tl.float32)
             m_i = m_new
     out_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
-    if SPLITS == 1:
-        tl.store(out_rows, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    used = tl.cdiv(seq_len, chunk)  # programs with a nonempty chunk: the first `used` (every program agrees)
+    if SPLITS == 1 or used == 1:  # one chunk holds the whole context: its program writes the output, no merge
+        if split == 0:
+            tl.store(out_rows, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
     else:
         part = (b * KV_HEADS * GROUP + heads) * SPLITS  # [GROUP_PAD] first (b, head, split 0) row
         if start < end:  # empty chunks write nothing: the merge reads the first cdiv(seq_len, chunk) only
@@ -115,7 +119,6 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, out_p
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:  # last to arrive: merge
             tl.debug_barrier()
             tl.store(counter, 0)
-            used = tl.cdiv(seq_len, chunk)
             m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
             for i in range(used):
                 m = tl.maximum(m, tl.load(lse_ptr + part + i, mask=g_mask, other=0.0, cache_modifier=".cg"))
