@@ -119,7 +119,9 @@ def test_linear_text_equals_the_plain_model_on_random_streams(tok, monkeypatch, 
         got, want = [], []
         for t in ids:
             assert detok.idle == (not stops and model.emitted == len(model.text))
-            if detok.idle and rng.random() < 0.5:  # push and take in one (the direct path of plain streams)
+            if not detok.idle:
+                assert detok.push_take(t) is None  # (and pushed nothing: the checks below see t once)
+            elif rng.random() < 0.5:  # push and take in one (the direct path of plain streams)
                 assert not model.push(pieces.step(t))
                 got.append(detok.push_take(t))
                 want.append(model.take(final=False))

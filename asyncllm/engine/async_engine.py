@@ -444,8 +444,8 @@ class AsyncEngine:
             stream.t_last = now
             detok = stream.detok
             if (sink := stream.sink) is not None and n and direct and sink[0].direct and detok is not None \
-                    and detok.idle and not stream.new_ids and req.status is not finished:
-                text = detok.push_take(token)
+                    and not stream.new_ids and req.status is not finished \
+                    and (text := detok.push_take(token)) is not None:  # (None: stop strings or held text)
                 stream.num_taken = n + 1  # taken: the token's text goes straight to the consumer
                 if text:
                     try:

@@ -199,8 +199,11 @@ class IncrementalDetokenizer:
         """No stop strings and everything taken: `push_take` hands out each token's text at once."""
         return not (self._stops or self._tail or self._parts)
 
-    def push_take(self, token_id: int) -> str:
-        """`push` then `take(False)` in one, for a detokenizer that is `idle`: the token's new text (possibly "")."""
+    def push_take(self, token_id: int) -> str | None:
+        """`push` then `take(False)` in one while `idle`: the token's new text (possibly ""). None, having done
+        nothing, when not idle (the caller pushes the token the usual way)."""
+        if self._stops or self._tail or self._parts:
+            return None
         piece = self._stream.step(token_id)
         if piece:
             self._taken.append(piece)

@@ -124,14 +124,19 @@ class SSEChoices(Choices):
         return wrap[0] + orjson.dumps(text) + wrap[1] if text else b""  # type: ignore[index]
 
     def write_text(self, i: int, text: str) -> None:
-        """Plain choice i's new text, from the engine loop while `direct` (TextSink): its event, written at once."""
+        """Plain choice i's new text (not empty), from the engine loop while `direct` (TextSink): its event, written
+        at once. (Once per streamed token: `_plain_event` and `_write_direct` inlined.)"""
         if self.closed:
             return
         transport = self.transport
         if transport is None or transport.is_closing():  # the client is gone: the handler finds out at its next write
             self._to_handler(i)
             return
-        self._write_direct(transport, self._plain_event(i, text))
+        wrap = self.plain[i]
+        data = wrap[0] + orjson.dumps(text) + wrap[1]  # type: ignore[index]
+        self.outbox.write(b"%x\r\n%b\r\n" % (len(data), data))  # type: ignore[union-attr]
+        if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+            self.direct = False
 
     def _notify(self, i: int, stream: RequestStream) -> None:
         if self.closed:
