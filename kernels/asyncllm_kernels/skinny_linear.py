@@ -62,10 +62,10 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, 
     k_end = tl.minimum(k_start + k_per, K)
     if PDL:  # the slice's first columns of W into L2 (no kernel writes weights) while the previous kernel finishes
         lines = k_start + tl.arange(0, PREFETCH_K // LINE) * LINE  # one address per cache line (LINE elements)
-        rows = tl.where(n_mask, n, 0)[:, None] * stride_wn
-        prefetch_l2(w_ptr + rows + tl.minimum(lines, K - 1)[None, :])
+        first = w_ptr + tl.where(n_mask, n, 0)[:, None] * stride_wn + tl.minimum(lines, K - 1)[None, :]
+        prefetch_l2(first)
         if SWIGLU:
-            prefetch_l2(w_ptr + N * stride_wn + rows + tl.minimum(lines, K - 1)[None, :])
+            prefetch_l2(first + N * stride_wn)
     wait_previous(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
