@@ -3,7 +3,9 @@ BENCHMARKS.md), GPU or CPU. One JSON line per concurrency level.
 
 The server runs in its own process; streaming `/v1/completions` clients run in --client-procs other processes
 (each with its share of the concurrency), prompts are random token ids (length uniform in --input-len), every
-request asks for --output-len tokens with `ignore_eos`, --requests-per-slot x concurrency requests per level.
+request asks for --output-len tokens with `ignore_eos`, --requests-per-slot x concurrency requests per level
+(--repeats runs of it, each with new prompts, against the same server: several samples of a short level for the
+price of one server start).
 Reported per level (field names as `vllm bench serve`'s): output_throughput (tok/s over duration_s: from the first
 request sent to the last one done, whenever the client processes got going), request_throughput, ttft_ms
 and itl_ms (mean / p50 / p99; an ITL is the gap between two streamed chunks that carry text: a token whose text the
@@ -121,8 +123,8 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def offline(args: argparse.Namespace, server_argv: list[str]) -> None:
-    """Prints one JSON object: output tokens and seconds of `LLM.generate` on the prompts in --prompts-file, with
-    the server's engine flags (its HTTP flags do not apply)."""
+    """Prints one JSON object per run of prompts in --prompts-file (a list of runs): output tokens and seconds of
+    `LLM.generate` on them, with the server's engine flags (its HTTP flags do not apply)."""
     if args.stand_in:
         install_stand_in()
     install_traces(args)
@@ -130,17 +132,18 @@ def offline(args: argparse.Namespace, server_argv: list[str]) -> None:
     from asyncllm.serve import engine_kwargs, parse_args, parser
 
     with open(args.prompts_file) as f:
-        prompts = json.load(f)
+        runs = json.load(f)
     given, default = (engine_kwargs(parse_args(parser(), argv)) for argv in (server_argv, []))
     flags = {k: v for k, v in given.items() if v != default[k]}  # the flags given; LLM's defaults for the rest
     llm = LLM(args.model, **{**flags, "load_format": args.load_format, "max_num_seqs": args.max_num_seqs,
                              **engine_options(args)})
     params = SamplingParams(**{"temperature": 0.0, **args.extra_body, "max_tokens": args.output_len, "ignore_eos": True})
-    llm.generate(prompts[: min(len(prompts), 8)], params, use_tqdm=False)  # warm-up
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    secs = time.perf_counter() - t
-    print(json.dumps({"output_tokens": sum(len(o.token_ids) for o in outs), "seconds": secs}), flush=True)
+    llm.generate(runs[0][: min(len(runs[0]), 8)], params, use_tqdm=False)  # warm-up
+    for prompts in runs:
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        secs = time.perf_counter() - t
+        print(json.dumps({"output_tokens": sum(len(o.token_ids) for o in outs), "seconds": secs}), flush=True)
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -282,10 +285,12 @@ def profiler(path: str, pid: int) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def run_offline(args: argparse.Namespace, extra: list[str], concurrency: int, prompts: list[list[int]]) -> dict:
+def run_offline(args: argparse.Namespace, extra: list[str], concurrency: int,
+                runs: list[list[list[int]]]) -> list[dict]:
+    """`LLM.generate` on each run of prompts in turn, in one fresh process: a result per run."""
     path = f"/tmp/bench_serving_prompts_{os.getpid()}.json"
     with open(path, "w") as f:
-        json.dump(prompts, f)
+        json.dump(runs, f)
     cmd = [sys.executable, __file__, "--offline", "--prompts-file", path, "--max-num-seqs", str(concurrency),
            "--output-len", str(args.output_len), "--load-format", args.load_format, "--extra-body", json.dumps(args.extra_body),
            *(["--stand-in"] if args.stand_in else []), *(["--model", args.model] if args.model else []),
@@ -295,8 +300,8 @@ def run_offline(args: argparse.Namespace, extra: list[str], concurrency: int, pr
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError("the offline run failed:\n" + proc.stderr[-3000:])
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"offline_output_throughput": round(r["output_tokens"] / r["seconds"], 1)}
+    results = [json.loads(line) for line in proc.stdout.strip().splitlines()[-len(runs):]]
+    return [{"offline_output_throughput": round(r["output_tokens"] / r["seconds"], 1)} for r in results]
 
 
 def main() -> None:
@@ -310,6 +315,8 @@ def main() -> None:
     ap.add_argument("--stand-in", action="store_true", help="no model math in the server or the offline run")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--requests-per-slot", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each level against the same server (new prompts "
+                    "each: no prefix-cache hits), each with its offline run: a line per run")
     ap.add_argument("--input-len", type=int, nargs=2, default=[100, 1000], metavar=("MIN", "MAX"))
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--client-procs", type=int, default=4)
@@ -341,30 +348,34 @@ def main() -> None:
         return
     common = run_fields()
     rng = random.Random(args.seed)
-    levels = [(c, [[rng.randrange(10, 10000) for _ in range(rng.randint(*args.input_len))]
-                   for _ in range(c * args.requests_per_slot)]) for c in args.concurrency]
-    lines = []
+    levels = [(c, [[[rng.randrange(10, 10000) for _ in range(rng.randint(*args.input_len))]
+                    for _ in range(c * args.requests_per_slot)] for _ in range(args.repeats)])
+              for c in args.concurrency]  # (concurrency, runs of prompts)
+    lines: list[list[dict]] = []
     server, url = start_server(args, extra)
     try:
-        for concurrency, prompts in levels:
-            level(args, url, server.pid, concurrency, prompts[: min(len(prompts), 4)])  # warm-up
+        for concurrency, runs in levels:
+            level(args, url, server.pid, concurrency, runs[0][: min(len(runs[0]), 4)])  # warm-up
             spy = profiler(args.profile, server.pid) if args.profile and concurrency == levels[-1][0] else None
-            lines.append(dict(bench="serving", mode="stand-in" if args.stand_in else "model",
-                              model=args.model or "SmolLM2", load_format=args.load_format, output_len=args.output_len,
-                              input_len=args.input_len, server_args=extra, extra_body=args.extra_body,
-                              **({"launch_in_thread": True} if args.launch_in_thread else {}),
-                              **level(args, url, server.pid, concurrency, prompts)))
+            lines.append([dict(bench="serving", mode="stand-in" if args.stand_in else "model",
+                               model=args.model or "SmolLM2", load_format=args.load_format, output_len=args.output_len,
+                               input_len=args.input_len, server_args=extra, extra_body=args.extra_body,
+                               **({"launch_in_thread": True} if args.launch_in_thread else {}),
+                               **({"repeat": i} if args.repeats > 1 else {}),
+                               **level(args, url, server.pid, concurrency, prompts)) for i, prompts in enumerate(runs)])
             if spy is not None:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its samples and exits
                 spy.wait()
     finally:
         server.terminate()
         server.wait()
-    for line, (concurrency, prompts) in zip(lines, levels):  # the server is gone: the GPU is the offline run's
-        if not args.no_offline:
-            line.update(run_offline(args, extra, concurrency, prompts))
-            line["http_over_offline"] = round(line["output_throughput"] / line["offline_output_throughput"], 3)
-        print(json.dumps({**line, **common}), flush=True)
+    for runs_lines, (concurrency, runs) in zip(lines, levels):  # the server is gone: the GPU is the offline run's
+        offline_runs = [] if args.no_offline else run_offline(args, extra, concurrency, runs)
+        for line, off in zip(runs_lines, offline_runs or [{}] * len(runs_lines)):
+            if off:
+                line.update(off)
+                line["http_over_offline"] = round(line["output_throughput"] / line["offline_output_throughput"], 3)
+            print(json.dumps({**line, **common}), flush=True)
 
 if __name__ == "__main__":
     main()
