@@ -22,6 +22,17 @@ from bench_common import StepTimer, run_fields, variant_config
 from asyncllm import LLM, SamplingParams
 
 
+# copy bandwidth by device name (the project's BENCHMARKS brief: measured)
+COPY_TBS = {"H200": 4.3, "H100": 2.99}
+
+
+def copy_bandwidth_tbs(device_name: str) -> float:
+    for name, tbs in COPY_TBS.items():
+        if name in device_name:
+            return tbs
+    raise SystemExit(f"no measured copy bandwidth for {device_name!r}: pass --bandwidth-tbs")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -31,10 +42,13 @@ def main() -> None:
                     help="BACKEND[-eager][-no-pieces][-no-overlap][-nccl|-symm][-cublas][-no-pdl][-wide|-wide-swiglu]")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--bandwidth-tbs", type=float, default=4.3, help="measured copy bandwidth (BENCHMARKS.md; H200)")
+    ap.add_argument("--bandwidth-tbs", type=float, default=None, help="the copy bandwidth of the floor (default: "
+                    "the BENCHMARKS brief's figure for the device: H100 2.99, H200 4.3)")
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--outside-reps", type=int, default=3)
     a = ap.parse_args()
+    if a.bandwidth_tbs is None:
+        a.bandwidth_tbs = copy_bandwidth_tbs(torch.cuda.get_device_name())
     common = dict(model=os.path.basename(a.model.rstrip("/")), prompt_len=a.prompt_len, new_tokens=a.new_tokens,
                   max_model_len=a.max_model_len, tp=int(os.environ.get("WORLD_SIZE", "1")), **run_fields())
     for variant in a.variants:
@@ -75,7 +89,8 @@ def main() -> None:
             print(json.dumps(dict(bench="decode_latency", variant=variant, batch=batch, ms_per_step=round(ms, 3),
                                   outside_ms_per_token=outside and round(outside, 3),
                                   output_tok_per_s=round(batch / quoted * 1e3, 1), floor_ms=round(floor_ms, 3),
-                                  floor_fraction=round(floor_ms / quoted, 3), **step_times, **common)),
+                                  floor_fraction=round(floor_ms / quoted, 3), bandwidth_tbs=a.bandwidth_tbs,
+                                  **step_times, **common)),
                   flush=True)
         llm.shutdown()  # tensor parallelism: release the followers
         del llm, engine, timer
