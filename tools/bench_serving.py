@@ -1,5 +1,5 @@
 """Online serving through `python -m asyncllm.serve` vs `LLM.generate` on the same requests (workload 3 of
-BENCHMARKS.md), GPU or CPU. One JSON line per concurrency level.
+BENCHMARKS.md), GPU or CPU. One JSON line per concurrency level (and run of it: --repeats).
 
 The server runs in its own process; streaming `/v1/completions` clients run in --client-procs other processes
 (each with its share of the concurrency), prompts are random token ids (length uniform in --input-len), every
