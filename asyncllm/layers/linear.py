@@ -23,6 +23,9 @@ SKINNY_MAX_ROWS = 16  # asyncllm_kernels.skinny_linear's (not imported here: Tri
 SKINNY_MAX_OUT = 2048
 # gate|up with SwiGLU in the kernel's epilogue: up to this many merged output features (each half's bound)
 SKINNY_SWIGLU_MAX_OUT = 2 * SKINNY_MAX_OUT
+# the RMSNorm before q|k|v and gate|up (with its residual add) in the kernel's prologue, where the kernel takes the
+# layer (one rank only: under tensor parallelism the norm all-reduces its input first)
+NORM_IN_MATMUL = True
 
 ShardId = str | int | None
 
@@ -76,6 +79,7 @@ class MergedLinear(nn.Module):
         # Triton matmul for few rows (CUDA fast path); SwiGLU in its epilogue where each half is narrow enough
         self.skinny = kernel_choice.current().skinny_matmul and start <= SKINNY_MAX_OUT
         self.skinny_swiglu = kernel_choice.current().skinny_matmul and start <= SKINNY_SWIGLU_MAX_OUT
+        self.norm_in_matmul = NORM_IN_MATMUL and distributed.current().size == 1
         self.pdl = kernel_choice.current().pdl
         for param in (self.weight, self.bias):
             if param is not None:
@@ -106,6 +110,20 @@ class MergedLinear(nn.Module):
         from asyncllm_kernels import skinny_linear
 
         return skinny_linear(x, self.weight, self.bias, swiglu=True, pdl=self.pdl)
+
+    def norm_matmul(self, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module,
+                    swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RMSNorm `norm` of x (+ residual) then this matmul (with SwiGLU: see `swiglu`) in one few-row kernel, when
+        it takes x (`norm_in_matmul`, few_rows(x) and the layer's bound): (output, the residual for what follows:
+        x + residual, or x without one); else None."""
+        if not (self.norm_in_matmul and (self.skinny_swiglu if swiglu else self.skinny) and few_rows(x)
+                and (residual is None or residual.stride(-1) == 1)):
+            return None
+        from asyncllm_kernels import skinny_linear
+
+        y = skinny_linear(x, self.weight, self.bias, swiglu=swiglu, pdl=self.pdl, norm=(norm.weight, norm.eps),
+                          residual=residual)
+        return (y, x) if residual is None else y
 
 
 class RowParallelLinear(nn.Module):

@@ -52,3 +52,10 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decoder layer's norm: (norm(x), x) for the first (x the embeddings, no residual yet), else
+        self(x, residual, reduce=True) (x a row-parallel matmul's partial sums)."""
+        if residual is None:
+            return self(x), x
+        return self(x, residual, reduce=True)

@@ -64,9 +64,17 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
         self.splits = [q_size, kv_size, kv_size]
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """-> this rank's partial sum of o_proj (see RowParallelLinear)."""
-        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """norm (after the residual add: RMSNorm.add_norm) then attention -> (this rank's partial sum of o_proj (see
+        RowParallelLinear), the residual)."""
+        fused = self.qkv_proj.norm_matmul(x, residual, norm)  # one kernel where the few-row kernel takes x
+        if fused is None:
+            x, residual = norm.add_norm(x, residual)
+            qkv = self.qkv_proj(x)
+        else:
+            qkv, residual = fused
+        q, k, v = qkv.split(self.splits, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -77,7 +85,7 @@ class DecoderAttention(nn.Module):
             else:
                 q, k = self.q_norm(q), self.k_norm(k)
         out = self.attn(q, k, v, rotary=rotary)  # the backend rotates q and k
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim)), residual
 
 
 class DecoderMLP(nn.Module):
@@ -93,10 +101,19 @@ class DecoderMLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """-> this rank's partial sum (see RowParallelLinear)."""
-        h = self.gate_up_proj.swiglu(x)  # fused where the few-row kernel takes x
-        return self.down_proj(self.act(self.gate_up_proj(x)) if h is None else h)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """norm (after the residual add: RMSNorm.add_norm) then the MLP -> (this rank's partial sum (see
+        RowParallelLinear), the residual)."""
+        fused = self.gate_up_proj.norm_matmul(x, residual, norm, swiglu=True)  # norm, gate|up and SwiGLU: one kernel
+        if fused is None:
+            x, residual = norm.add_norm(x, residual)
+            h = self.gate_up_proj.swiglu(x)  # fused where the few-row kernel takes x
+            if h is None:
+                h = self.act(self.gate_up_proj(x))
+        else:
+            h, residual = fused
+        return self.down_proj(h), residual
 
 
 class DecoderLayer(nn.Module):
@@ -113,13 +130,8 @@ class DecoderLayer(nn.Module):
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the embeddings (residual None), else the previous layer's partial sums; returns this layer's."""
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual, reduce=True)
-        x = self.self_attn(positions, x)
-        x, residual = self.post_attention_layernorm(x, residual, reduce=True)
-        return self.mlp(x), residual
+        x, residual = self.self_attn(positions, x, residual, self.input_layernorm)
+        return self.mlp(x, residual, self.post_attention_layernorm)
 
 
 class DecoderModel(nn.Module):

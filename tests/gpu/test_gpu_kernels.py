@@ -21,6 +21,7 @@ if torch.cuda.is_available():
         test_mlp_takes_the_skinny_matmul_for_few_rows_only,
         test_silu_and_mul,
         test_skinny_linear,
+        test_skinny_linear_with_the_norm_in_its_prologue,
         test_store_kv_scatters_and_skips_padding,
         test_token_bitmask_bans_exactly_the_zero_bits_of_the_chosen_rows,
     )
@@ -42,12 +43,31 @@ def test_skinny_linear_at_model_shapes(rows, n, k, swiglu):
     assert torch.equal(K.skinny_linear(x, w, None, swiglu), out)
 
 
+@pytest.mark.parametrize("rows", [1, 7, 16])
+@pytest.mark.parametrize("n, k, swiglu", [(4096, 1024, False), (3072, 1024, True), (6144, 4096, False),
+                                          (14336, 4096, True)])
+def test_skinny_linear_with_its_norm_at_model_shapes(rows, n, k, swiglu):
+    """The norm (with the residual add) in the prologue, Qwen3-0.6B's and Llama-3.1-8B's q|k|v and gate|up shapes in
+    bf16: the norm kernel's output then the matmul in float32, and the norm kernel's residual bit for bit."""
+    import asyncllm_kernels as K
+
+    torch.manual_seed(rows + n)
+    x, residual = (torch.randn(2, rows, k, device="cuda") * 2).bfloat16()
+    w = (torch.randn(2 * n if swiglu else n, k, device="cuda") / k**0.5).bfloat16()
+    norm = ((1 + 0.1 * torch.randn(k, device="cuda")).bfloat16(), 1e-6)
+    out, res_out = K.skinny_linear(x, w, None, swiglu, norm=norm, residual=residual)
+    want_res = residual.clone()
+    ref = K.skinny_linear_ref(K.rms_norm(x, *norm, residual=want_res).float(), w.float(), None, swiglu)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    assert torch.equal(res_out, want_res)
+
+
 @pytest.mark.parametrize("rows", [1, 12])
 def test_dependent_launch_chain_equals_the_serial_one(rows):
     """Decoder layers' chain of Triton kernels launched with programmatic dependent launch, eagerly and captured in a
     CUDA graph replayed on new inputs, gives bit for bit what the same chain gives launched without it: a kernel
     that read its input, or wrote, before the previous kernel was done would differ (Qwen3-0.6B's layer shapes; a
-    torch kernel in the middle, both SwiGLU paths)."""
+    torch kernel in the middle, both SwiGLU paths; every other layer with its norms in the matmuls' prologues)."""
     import asyncllm_kernels as K
     from asyncllm_kernels.dependent_launch import supported
 
@@ -74,24 +94,31 @@ def test_dependent_launch_chain_equals_the_serial_one(rows):
     cos_sin = torch.randn(ctx + 1, dim, device="cuda")
     counters = K.decode_counters(torch.device("cuda"))
 
-    def chain(x: torch.Tensor, residual: torch.Tensor, pdl: bool) -> torch.Tensor:
-        for _ in range(layers):
-            h = K.rms_norm(x, norm_w, 1e-6, residual=residual, pdl=pdl)
-            q, k, v = K.skinny_linear(h, wqkv, pdl=pdl).split([q_size, kv_size, kv_size], dim=-1)
+    def chain(x: torch.Tensor, residual: torch.Tensor, pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        norm = (norm_w, 1e-6)
+        for layer in range(layers):
+            if layer % 2:  # the norms in the matmuls' prologues: the residual comes back as a new tensor
+                qkv, residual = K.skinny_linear(x, wqkv, norm=norm, residual=residual, pdl=pdl)
+            else:
+                qkv = K.skinny_linear(K.rms_norm(x, *norm, residual=residual, pdl=pdl), wqkv, pdl=pdl)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q, k, v = q.view(rows, heads, dim), k.view(rows, kv_heads, dim), v.view(rows, kv_heads, dim)
             K.rope_store_kv(positions, q, k, v, cos_sin, cache, slots, head_w, head_w, 1e-6, pdl=pdl)
             a = K.paged_decode_attention(q, cache, tables, seq_lens, dim**-0.5, ctx + 1, counters, pdl=pdl)
-            h = K.rms_norm(K.skinny_linear(a.view(rows, q_size), wo, pdl=pdl), norm_w, 1e-6, residual=residual,
-                           pdl=pdl)
-            fused = K.skinny_linear(h, wgu, swiglu=True, pdl=pdl)
-            unfused = K.silu_and_mul(K.skinny_linear(h, wgu, pdl=pdl), pdl=pdl)
-            x = K.skinny_linear(fused + unfused, wd, pdl=pdl)  # the add: a torch kernel between PDL ones
-        return x
+            o = K.skinny_linear(a.view(rows, q_size), wo, pdl=pdl)
+            if layer % 2:
+                g, residual = K.skinny_linear(o, wgu, swiglu=True, norm=norm, residual=residual, pdl=pdl)
+                x = K.skinny_linear(g, wd, pdl=pdl)
+            else:
+                h = K.rms_norm(o, *norm, residual=residual, pdl=pdl)
+                fused = K.skinny_linear(h, wgu, swiglu=True, pdl=pdl)
+                unfused = K.silu_and_mul(K.skinny_linear(h, wgu, pdl=pdl), pdl=pdl)
+                x = K.skinny_linear(fused + unfused, wd, pdl=pdl)  # the add: a torch kernel between PDL ones
+        return x, residual
 
     def run(x: torch.Tensor, residual: torch.Tensor, pdl: bool) -> tuple[torch.Tensor, ...]:
         cache.copy_(pristine)
-        res = residual.clone()
-        return chain(x.clone(), res, pdl), res, cache.clone()
+        return *chain(x.clone(), residual.clone(), pdl), cache.clone()
 
     def inputs() -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(rows, hidden, device="cuda").bfloat16(), torch.randn(rows, hidden, device="cuda").bfloat16()
@@ -103,7 +130,7 @@ def test_dependent_launch_chain_equals_the_serial_one(rows):
     static_x, static_res = x0.clone(), r0.clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = chain(static_x, static_res, pdl=True)
+        static_out, static_res_out = chain(static_x, static_res, pdl=True)
     for _ in range(4):
         x, residual = inputs()
         want = run(x, residual, pdl=False)
@@ -111,5 +138,5 @@ def test_dependent_launch_chain_equals_the_serial_one(rows):
         static_res.copy_(residual)
         cache.copy_(pristine)
         graph.replay()
-        for got, expected in zip((static_out, static_res, cache), want):
+        for got, expected in zip((static_out, static_res_out, cache), want):
             assert torch.equal(got, expected)
