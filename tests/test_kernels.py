@@ -297,6 +297,30 @@ def test_triton_backend_matches_torch_backend(q_lens, rotary):
         assert torch.equal(caches[0], caches[1])
 
 
+@pytest.mark.parametrize("batch, width", [(1, 3), (7, 40), (16, 1500)])
+def test_decode_inputs_kernel_matches_the_torch_path(batch, width):
+    """A decode graph's inputs from the one kernel equal the torch path's: fed pending ids, KV slots (-1 on the
+    dummy row), lengths and the rows' tables."""
+    from asyncllm.engine.step_inputs import RowTables, decode_inputs
+
+    g = torch.Generator().manual_seed(batch)
+    block_size, num_rows = 16, 9
+    tables = RowTables(num_rows, width, torch.device(DEVICE))
+    tables.device[:num_rows] = torch.randint(0, 10_000, (num_rows, width), generator=g).to(DEVICE)
+    rows = torch.randint(0, num_rows + 1, (batch,), generator=g)
+    rows[0] = tables.dummy  # a padded row
+    positions = torch.randint(0, width * block_size, (batch,), generator=g)
+    sampled = torch.randint(0, 50_000, (batch + 2,), generator=g)
+    ids = torch.where(torch.rand(batch, generator=g) < 0.5, -1 - torch.randint(0, batch + 2, (batch,), generator=g),
+                      torch.randint(0, 50_000, (batch,), generator=g))
+    args = [t.to(DEVICE) for t in (ids, positions, rows)]
+    got = decode_inputs(*args, tables, sampled.to(DEVICE), block_size, fused=True)
+    want = decode_inputs(*args, tables, sampled.to(DEVICE), block_size, fused=False)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    assert int(got[1][0]) == -1 and torch.equal(got[0][ids < 0].cpu(), sampled[-1 - ids[ids < 0]])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sample_matches_its_reference_on_every_path(dtype):
     """The sampling kernel draws the same tokens as its torch reference (same hashed noise) for greedy,
@@ -322,6 +346,12 @@ def test_sample_matches_its_reference_on_every_path(dtype):
     ref = sample_ref(logits.cpu(), temp, top_k, top_p, min_p, seed, pos)
     assert int((got != ref).sum()) <= (0 if DEVICE == "cpu" else rows // 200), (got != ref).nonzero()
     assert torch.equal(K.sample(logits, *args, chunk=128).cpu(), got)  # the vocabulary in chunks: the same draws
+    # the parameters gathered by the kernel from tables of more rows (`rows`), the position given less an offset
+    where = torch.randperm(rows + 3, generator=g)[:rows]
+    tables = [torch.zeros(rows + 3, dtype=t.dtype).index_copy_(0, where, t).to(DEVICE) for t in args[:5]]
+    out = torch.full((rows,), -1, dtype=torch.int64, device=DEVICE)
+    K.sample(logits, *tables, args[5] - 2, out=out, chunk=128, rows=where.to(DEVICE), position_offset=2)
+    assert torch.equal(out.cpu(), got)
     greedy = temp == 0
     assert torch.equal(got[greedy], logits.float().argmax(-1).cpu()[greedy])
     assert torch.equal(got[top_k == 1], logits.float().argmax(-1).cpu()[top_k == 1])

@@ -3,8 +3,9 @@
 Per padded batch size bs (1, 2, 4, 8, then multiples of 16 up to `cuda_graph_max_bs`), two graphs share one
 memory pool:
   forward: the step's ids, positions and rows from a static device buffer -> pending ids fed from the previous
-           step's sampled ids, KV slots and block tables from the device-resident row tables, the model, the LM
-           head into a static logits buffer [max_bs, vocab] (model dtype, no float copy);
+           step's sampled ids, KV slots and block tables from the device-resident row tables (one kernel on the
+           fast path: asyncllm_kernels.decode_inputs), the model, the LM head into a static logits buffer
+           [max_bs, vocab] (model dtype, no float copy);
   sample:  the sampling kernel over those logits with each row's parameters -> the runner's sampled-ids buffer.
 A step copies its packed ids/positions/rows into the static buffer (one device-to-device copy), replays
 forward, applies repetition penalties to the logits when a row has them (rank 0, eagerly), and replays sample.
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from asyncllm.engine.scheduler import Batch
-from asyncllm.engine.step_inputs import RowTables, Step, even, token_inputs
+from asyncllm.engine.step_inputs import RowTables, Step, decode_inputs, even
 from asyncllm.layers.attention import AttentionMetadata, GraphAttentionBackend
 from asyncllm.layers.sampler import Sampler
 
@@ -70,10 +71,11 @@ class CudaGraphs:
 
     def _forward(self, bs: int) -> None:
         ids, positions, rows = self._views(bs)
-        input_ids, slots = token_inputs(ids, positions, rows, self.tables, self.sampled, self.block_size)
+        input_ids, slots, seq_lens, block_tables = decode_inputs(ids, positions, rows, self.tables, self.sampled,
+                                                                 self.block_size, fused=self.sampler.fused)
         meta = AttentionMetadata(
-            query_start_loc=self.arange[: bs + 1], seq_lens=positions + 1,
-            block_tables=self.tables.device.index_select(0, rows), slot_mapping=slots, query_lens_cpu=[1] * bs,
+            query_start_loc=self.arange[: bs + 1], seq_lens=seq_lens,
+            block_tables=block_tables, slot_mapping=slots, query_lens_cpu=[1] * bs,
             seq_lens_cpu=[self.max_model_len] * bs, block_size=self.block_size)
         self.backend.plan_capture(meta)
         hidden = self.model(input_ids, positions)
@@ -81,7 +83,7 @@ class CudaGraphs:
 
     def _sample(self, bs: int) -> None:
         _, positions, rows = self._views(bs)
-        self.sampler(self.logits[:bs], rows, positions + 1, out=self.sampled[:bs])
+        self.sampler(self.logits[:bs], rows, positions, out=self.sampled[:bs], position_offset=1)
 
     def _capture(self, bs: int) -> None:
         self.inputs.zero_()

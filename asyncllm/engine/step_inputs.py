@@ -228,13 +228,19 @@ def feed_ids(ids: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
     return torch.where(ids < 0, sampled.index_select(0, (-ids - 1).clamp(min=0)), ids)
 
 
-def token_inputs(ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, tables: RowTables,
-                 sampled: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decode step on the device, shape-static (CUDA-graph safe): the input ids and each token's KV slot (-1
-    for the dummy row's tokens)."""
+def decode_inputs(ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, tables: RowTables,
+                  sampled: torch.Tensor, block_size: int, fused: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step on the device, shape-static (CUDA-graph safe): the input ids, each token's KV slot (-1 for the
+    dummy row's tokens), the sequence lengths and the rows' block tables [B, W]. `fused`: in one Triton kernel
+    (asyncllm_kernels.decode_inputs), else in torch."""
+    if fused:
+        from asyncllm_kernels import decode_inputs as kernel
+
+        return kernel(ids, positions, rows, tables.device, sampled, tables.dummy, block_size)
     blocks = tables.device[rows, torch.div(positions, block_size, rounding_mode="floor")]
     slots = torch.where(rows == tables.dummy, -1, blocks * block_size + positions % block_size)
-    return feed_ids(ids, sampled), slots
+    return feed_ids(ids, sampled), slots, positions + 1, tables.device.index_select(0, rows)
 
 
 @dataclass

@@ -122,16 +122,15 @@ class Sampler:
         self.seed[rows] = new[:, 5]
 
     def __call__(self, logits: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-        """logits [B, V] -> token ids [B] int64; rows [B]: each logit row's sampler row; positions [B]: of the
-        tokens being sampled (they key the draws)."""
-        args = (*(t.index_select(0, rows) for t in (self.temperature, self.top_k, self.top_p, self.min_p, self.seed)),
-                positions)
-        if self.fused:
+                 out: torch.Tensor | None = None, position_offset: int = 0) -> torch.Tensor:
+        """logits [B, V] -> token ids [B] int64; rows [B]: each logit row's sampler row; positions [B] (+
+        position_offset): of the tokens being sampled (they key the draws)."""
+        params = (self.temperature, self.top_k, self.top_p, self.min_p, self.seed)
+        if self.fused:  # the kernel gathers each row's parameters itself
             from asyncllm_kernels import sample
 
-            return sample(logits, *args, out=out)
-        sampled = sample_ref(logits, *args)
+            return sample(logits, *params, positions, out=out, rows=rows, position_offset=position_offset)
+        sampled = sample_ref(logits, *(t.index_select(0, rows) for t in params), positions + position_offset)
         return sampled if out is None else out.copy_(sampled)
 
 

@@ -15,6 +15,8 @@ is the same computation in torch (the CPU path and the kernel's test), with a so
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +25,7 @@ import triton.language as tl
 # to it: the bisections search [m - SPAN, m].
 SPAN = 80.0
 BISECT_ITERS = 24  # SPAN / 2^24 ~ 5e-6: the width of a threshold's tie band
+MAX_ROWS = 1 << 16  # logit rows one call may have (its arrival counters)
 
 
 @triton.jit
@@ -50,16 +53,32 @@ def _count_mass(x_ptr, vocab, inv_t, m, floor, tau, BLOCK: tl.constexpr):
     return tl.sum(count, axis=0), tl.sum(mass, axis=0)
 
 
+@functools.cache
+def _counters(device: torch.device) -> torch.Tensor:
+    """Arrival counters of the draw's chunks, one per logit row, zero between calls (the merging program resets its
+    own). Calls share them and must not overlap in time: every call of a device is on one stream."""
+    return torch.zeros(MAX_ROWS, dtype=torch.int32, device=device)
+
+
 @triton.jit
-def _threshold_kernel(logits_ptr, stride, vocab, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, tau_ptr,
-                      SPAN_: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+def _param_row(rows_ptr, row, HAS_ROWS: tl.constexpr):
+    """The row of the parameter tensors that logit row `row` reads."""
+    if HAS_ROWS:
+        return tl.load(rows_ptr + row)
+    return row
+
+
+@triton.jit
+def _threshold_kernel(logits_ptr, stride, vocab, rows_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, tau_ptr,
+                      HAS_ROWS: tl.constexpr, SPAN_: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
     """Program (row): the smallest scaled logit a token may have to be kept (-inf: no cut)."""
     row = tl.program_id(0)
     x_ptr = logits_ptr + row.to(tl.int64) * stride
-    t = tl.load(temp_ptr + row)
-    min_p = tl.load(min_p_ptr + row)
-    top_k = tl.load(top_k_ptr + row).to(tl.float32)
-    top_p = tl.load(top_p_ptr + row)
+    p = _param_row(rows_ptr, row, HAS_ROWS)
+    t = tl.load(temp_ptr + p)
+    min_p = tl.load(min_p_ptr + p)
+    top_k = tl.load(top_k_ptr + p).to(tl.float32)
+    top_p = tl.load(top_p_ptr + p)
     tau = -float("inf")
     if (t > 0.0) & ((min_p > 0.0) | (top_k > 0.0) | (top_p < 1.0)):
         inv_t = 1.0 / t
@@ -94,19 +113,23 @@ def _threshold_kernel(logits_ptr, stride, vocab, temp_ptr, top_k_ptr, top_p_ptr,
     tl.store(tau_ptr + row, tau)
 
 
-@triton.jit
-def _draw_kernel(logits_ptr, stride, vocab, temp_ptr, tau_ptr, seed_ptr, pos_ptr, best_ptr, idx_ptr,
-                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["pos_offset"])
+def _draw_kernel(logits_ptr, stride, vocab, rows_ptr, temp_ptr, tau_ptr, seed_ptr, pos_ptr, pos_offset, best_ptr,
+                 idx_ptr, count_ptr, out_ptr, HAS_ROWS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                 CHUNKS_BLOCK: tl.constexpr):
     """Program (row, chunk): the best score of CHUNK columns and its first column. Score: the logit (greedy
-    rows), else s + Gumbel noise hashed from (seed, position, column) for kept tokens (s >= tau), else -inf."""
+    rows), else s + Gumbel noise hashed from (seed, position, column) for kept tokens (s >= tau), else -inf. The
+    last of a row's programs to arrive (an atomic counter) writes the column of the best chunk (the first on equal
+    scores) into out."""
     row, chunk = tl.program_id(0), tl.program_id(1)
     x_ptr = logits_ptr + row.to(tl.int64) * stride
-    t = tl.load(temp_ptr + row)
+    p = _param_row(rows_ptr, row, HAS_ROWS)
+    t = tl.load(temp_ptr + p)
     greedy = t == 0.0
     inv_t = 1.0 / tl.where(greedy, 1.0, t)
     tau = tl.load(tau_ptr + row)
-    seed = tl.load(seed_ptr + row)
-    pos = tl.load(pos_ptr + row)
+    seed = tl.load(seed_ptr + p)
+    pos = tl.load(pos_ptr + row) + pos_offset
     key = _mix((seed & 0xFFFFFFFF).to(tl.uint32) ^ _mix(((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
                                                        ^ _mix((pos & 0xFFFFFFFF).to(tl.uint32))))
     best = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
@@ -127,33 +150,49 @@ def _draw_kernel(logits_ptr, stride, vocab, temp_ptr, tau_ptr, seed_ptr, pos_ptr
         best = tl.where(better, score, best)
         best_col = tl.where(better, cols, best_col)
     top = tl.max(best, axis=0)
-    out = row * tl.num_programs(1) + chunk
-    tl.store(best_ptr + out, top)
-    tl.store(idx_ptr + out, tl.min(tl.where(best == top, best_col, 2147483647), axis=0).to(tl.int64))
+    col = tl.min(tl.where(best == top, best_col, 2147483647), axis=0).to(tl.int64)
+    chunks = tl.num_programs(1)
+    if chunks == 1:
+        tl.store(out_ptr + row, col)
+    else:
+        tl.store(best_ptr + row * chunks + chunk, top)
+        tl.store(idx_ptr + row * chunks + chunk, col)
+        tl.debug_barrier()  # the stores above are issued before the release below
+        if tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu") == chunks - 1:
+            tl.store(count_ptr + row, 0)
+            c = tl.arange(0, CHUNKS_BLOCK)
+            scores = tl.load(best_ptr + row * chunks + c, mask=c < chunks, other=-float("inf"), cache_modifier=".cg")
+            cols = tl.load(idx_ptr + row * chunks + c, mask=c < chunks, other=0, cache_modifier=".cg")
+            first = tl.min(tl.where(scores == tl.max(scores, axis=0), c, CHUNKS_BLOCK), axis=0)
+            tl.store(out_ptr + row, tl.sum(tl.where(c == first, cols, 0), axis=0))
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            min_p: torch.Tensor, seed: torch.Tensor, position: torch.Tensor, out: torch.Tensor | None = None,
-           chunk: int = 4096) -> torch.Tensor:
+           chunk: int = 4096, rows: torch.Tensor | None = None, position_offset: int = 0) -> torch.Tensor:
     """logits [B, V] (any float dtype, unit stride over V); per row: temperature float32 (0 = greedy), top_k int64
     (0 = off), top_p float32 (1 = off), min_p float32 (0 = off), seed int64, position int64 (of the token being
-    sampled) -> token ids [B] int64 (written into `out` when given). Two kernels: each row's threshold (only rows
-    with a cut do work), then the draw over chunks of the vocabulary in parallel (batch 1 fills the GPU too); the
-    best chunk of each row wins (the first on equal scores)."""
+    sampled, less `position_offset`) -> token ids [B] int64 (written into `out` when given). With `rows` [B] int64,
+    logit row b takes the parameters (all but position) at rows[b] of those tensors instead of b. Two kernels: each
+    row's threshold (only rows with a cut do work), then the draw over chunks of the vocabulary in parallel (batch 1
+    fills the GPU too); the best chunk of each row wins (the first on equal scores)."""
     assert logits.ndim == 2 and logits.stride(-1) == 1
-    rows, vocab = logits.shape
+    n, vocab = logits.shape
+    assert n <= MAX_ROWS and (rows is None or rows.shape == (n,)) and (out is None or out.is_contiguous())
     if out is None:
-        out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    if rows == 0:
+        out = torch.empty(n, dtype=torch.int64, device=logits.device)
+    if n == 0:
         return out
     block = min(1024, triton.next_power_of_2(vocab), triton.next_power_of_2(chunk))
     chunk = max(block, min(chunk, triton.next_power_of_2(vocab)))
     chunks = triton.cdiv(vocab, chunk)
-    tau = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    best = torch.empty(rows, chunks, dtype=torch.float32, device=logits.device)
-    idx = torch.empty(rows, chunks, dtype=torch.int64, device=logits.device)
-    _threshold_kernel[(rows,)](logits, logits.stride(0), vocab, temperature, top_k, top_p, min_p, tau,
-                               SPAN_=SPAN, ITERS=BISECT_ITERS, BLOCK=block, num_warps=8)
-    _draw_kernel[(rows, chunks)](logits, logits.stride(0), vocab, temperature, tau, seed, position, best, idx,
-                                 CHUNK=chunk, BLOCK=block, num_warps=8)
-    return torch.gather(idx, 1, best.argmax(1, keepdim=True), out=out.view(rows, 1)).view(rows)
+    tau = torch.empty(n, dtype=torch.float32, device=logits.device)
+    best = torch.empty(n, chunks, dtype=torch.float32, device=logits.device)
+    idx = torch.empty(n, chunks, dtype=torch.int64, device=logits.device)
+    has_rows = rows is not None
+    _threshold_kernel[(n,)](logits, logits.stride(0), vocab, rows if has_rows else tau, temperature, top_k, top_p,
+                            min_p, tau, HAS_ROWS=has_rows, SPAN_=SPAN, ITERS=BISECT_ITERS, BLOCK=block, num_warps=8)
+    _draw_kernel[(n, chunks)](logits, logits.stride(0), vocab, rows if has_rows else tau, temperature, tau, seed,
+                              position, position_offset, best, idx, _counters(logits.device), out, HAS_ROWS=has_rows,
+                              CHUNK=chunk, BLOCK=block, CHUNKS_BLOCK=triton.next_power_of_2(chunks), num_warps=8)
+    return out

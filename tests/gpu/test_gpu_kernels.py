@@ -12,6 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 if torch.cuda.is_available():
     from test_kernels import (  # noqa: E402,F401  (collected again here, on the GPU)
         test_all_reduce_add_rms_norm_on_one_rank,
+        test_decode_inputs_kernel_matches_the_torch_path,
         test_paged_decode_attention,
         test_rmsnorm_with_and_without_residual,
         test_rope_with_kv_store,
