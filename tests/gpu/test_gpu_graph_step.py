@@ -245,9 +245,11 @@ def test_steps_are_timed_and_the_prompt_token_limit_learned(large_model):
     assert costs.num_samples == len(mixed) and 0 < costs.decode_ms < 100  # a 2-layer model's decode step
 
 
-def test_no_triton_compile_after_start_up(large_model):
+@pytest.mark.parametrize("shape", ["large", "small"])
+def test_no_triton_compile_after_start_up(shape, large_model, tmp_path):
     """Start-up compiles every Triton variant the engine hits: a varied workload (odd and even step sizes,
-    prefix hits, mixed steps, batch sizes off the capture sizes, every sampling path) compiles nothing more."""
+    prefix hits, mixed steps, batch sizes off the capture sizes, every sampling path) compiles nothing more. The
+    small shape's layers all take the few-row matmul (norms in its prologue), the large one's wide layers cuBLAS."""
     import triton
     import triton.language as tl
 
@@ -260,7 +262,9 @@ def test_no_triton_compile_after_start_up(large_model):
     with count_compilations() as probe:  # the counter sees a compilation
         _probe[(1,)](torch.zeros(1, device="cuda"))
     assert probe[0] == 1
-    llm = LLM(str(large_model), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=4096)
+    model = large_model if shape == "large" else make_tiny_model(tmp_path / "small", "qwen3", dtype_name="bfloat16",
+                                                                   vocab_size=VOCAB)
+    llm = LLM(str(model), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=4096)
     rng = random.Random(3)
     shared = random_prompts(1, VOCAB, 70, 70, seed=4)[0]
     with count_compilations() as compiled:
