@@ -174,6 +174,29 @@ def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch):
         assert [{k: v for k, v in c.items() if v} for c in calls] == expected
 
 
+@pytest.mark.parametrize("max_weights, fused", [(96 * 64, True), (96 * 64 - 1, False)])
+def test_norm_in_matmul_takes_wide_layers_up_to_its_weight_bound(monkeypatch, max_weights, fused):
+    """A merged layer wider than the plain bound runs its norm + matmul as one few-row kernel while its weights are
+    within NORM_MATMUL_MAX_WEIGHTS (its plain forward stays on torch), else the norm and the matmul apart."""
+    from asyncllm.layers import kernel_choice, linear
+    from asyncllm.layers.norm import RMSNorm
+
+    monkeypatch.setattr(linear, "SKINNY_MAX_OUT", 32)
+    monkeypatch.setattr(linear, "NORM_MATMUL_MAX_WEIGHTS", max_weights)
+    with kernel_choice.choose(kernel_choice.KernelChoice(skinny_matmul=True)):
+        qkv = linear.MergedLinear(64, {"q": (48, 0), "k": (24, 0), "v": (24, 0)}).to(DEVICE)
+    norm = RMSNorm(64, 1e-6).to(DEVICE)
+    torch.nn.init.normal_(qkv.weight, 0.0, 0.2)
+    x, residual = rnd(3, 64), rnd(3, 64)
+    assert not qkv.skinny
+    got = qkv.norm_matmul(x, residual, norm)
+    assert (got is not None) == fused
+    if fused:
+        want_x, want_residual = norm(x, residual.clone())
+        torch.testing.assert_close(got[0], qkv(want_x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], want_residual)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab, width", [(37, 2), (2100, 66), (1025, 40)])  # width > ceil(V/32): padded words
 def test_token_bitmask_bans_exactly_the_zero_bits_of_the_chosen_rows(vocab, width, dtype):
