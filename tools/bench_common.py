@@ -25,11 +25,11 @@ def percentile(xs: list[float], q: float) -> float:
 
 def variant_config(variant: str) -> dict:
     """'BACKEND[-eager][-no-pieces][-no-overlap][-nccl|-symm][-cublas][-no-pdl][-wide|-wide-swiglu]
-    [-norm-apart|-narrow-norm]' -> engine options: eager = no CUDA graphs, no-pieces = no piecewise graphs (steps
-    with prompt tokens eager), no-overlap = each step read back before the next is scheduled, nccl / symm = tensor
-    parallelism's all-reduces by NCCL only / by the symmetric-memory kernels where small (default: auto), cublas =
-    torch's matmuls at few rows too, no-pdl = no programmatic dependent launch; '-wide' / '-wide-swiglu' /
-    '-norm-apart' / '-narrow-norm' set the layers' choices (set_layer_variant: call before building the engine)."""
+    [-norm-apart|-narrow-norm|-norm-in-matmul]' -> engine options: eager = no CUDA graphs, no-pieces = no piecewise
+    graphs (steps with prompt tokens eager), no-overlap = each step read back before the next is scheduled, nccl /
+    symm = tensor parallelism's all-reduces by NCCL only / by the symmetric-memory kernels where small (default:
+    auto), cublas = torch's matmuls at few rows too, no-pdl = no programmatic dependent launch; the rest set the
+    layers' choices (set_layer_variant: call before building the engine)."""
     set_layer_variant(variant)
     all_reduce = "nccl" if "-nccl" in variant else "symm_mem" if "-symm" in variant else "auto"
     return dict(attention_backend=variant.split("-")[0], enforce_eager="-eager" in variant,
@@ -48,16 +48,21 @@ def _layers_skinny_bounds() -> tuple[int, int, bool, int]:
     return linear.SKINNY_MAX_OUT, linear.SKINNY_SWIGLU_MAX_OUT, linear.NORM_IN_MATMUL, linear.NORM_MATMUL_MAX_WEIGHTS
 
 
+NORM_MATMUL_CANDIDATE = 1 << 23  # '-norm-in-matmul''s NORM_MATMUL_MAX_WEIGHTS
+
+
 def set_layer_variant(variant: str) -> None:
     """'-wide' in the variant: the few-row Triton matmul for every layer, however wide; '-wide-swiglu': for every
     gate|up layer (SwiGLU in its epilogue), the others as by default; '-norm-apart': the RMSNorm before a matmul in its
-    own kernel, not in the few-row matmul's prologue; '-narrow-norm': the norm in the prologue only of layers within
-    the plain bounds (no NORM_MATMUL_MAX_WEIGHTS) (the layers read these when built: call before the engine)."""
+    own kernel, not in the few-row matmul's prologue; '-narrow-norm': in the prologue only for layers within the
+    plain bounds; '-norm-in-matmul': in the prologue also for merged layers of up to NORM_MATMUL_CANDIDATE weights
+    (the layers read these when built: call before the engine)."""
     from asyncllm.layers import linear
 
     plain, swiglu, norm_in_matmul, norm_weights = _layers_skinny_bounds()
-    linear.NORM_IN_MATMUL = norm_in_matmul and "-norm-apart" not in variant
-    linear.NORM_MATMUL_MAX_WEIGHTS = 0 if "-narrow-norm" in variant else norm_weights
+    linear.NORM_IN_MATMUL = "-norm-apart" not in variant and (norm_in_matmul or "-norm" in variant)
+    linear.NORM_MATMUL_MAX_WEIGHTS = 0 if "-narrow-norm" in variant else \
+        NORM_MATMUL_CANDIDATE if "-norm-in-matmul" in variant else norm_weights
     wide = "-wide" in variant.replace("-wide-swiglu", "")
     linear.SKINNY_MAX_OUT = 1 << 30 if wide else plain
     linear.SKINNY_SWIGLU_MAX_OUT = 1 << 30 if wide or "-wide-swiglu" in variant else swiglu
