@@ -23,13 +23,14 @@ SKINNY_MAX_ROWS = 16  # asyncllm_kernels.skinny_linear's (not imported here: Tri
 SKINNY_MAX_OUT = 2048
 # gate|up with SwiGLU in the kernel's epilogue: up to this many merged output features (each half's bound)
 SKINNY_SWIGLU_MAX_OUT = 2 * SKINNY_MAX_OUT
-# the RMSNorm before q|k|v and gate|up (with its residual add) in the kernel's prologue (one rank only: under tensor
-# parallelism the norm all-reduces its input first), for layers within the bounds above and, norm included, for
-# merged layers of up to this many weights: a norm kernel fewer outweighs the kernel's slower read of a wide layer
-# there (Qwen3-0.6B's q|k|v and gate|up, 4.2M and 6.3M: 6.7 / 8.4 us against cuBLAS' 5.4 / 7.7 with the SwiGLU
-# kernel on the H200, 329aec4), not for Llama-3.1-8B's (25M and 117M: 22.7 / 69.9 against 16.7 / 58.8)
+# the RMSNorm before q|k|v and gate|up (with its residual add) in the kernel's prologue, for layers within the bounds
+# above (one rank only: under tensor parallelism the norm all-reduces its input first)
 NORM_IN_MATMUL = True
-NORM_MATMUL_MAX_WEIGHTS = 1 << 23
+# ... and, norm included, for merged layers beyond them of up to this many weights. 0 (off) until measured: cuBLAS
+# reads those layers faster than the kernel (Qwen3-0.6B's q|k|v and gate|up, 4.2M and 6.3M weights: 5.4 / 7.7 us
+# with the SwiGLU kernel against 6.7 / 8.4 on the H200, 329aec4), which a norm kernel fewer may or may not outweigh:
+# `tools/bench_latency.py --variants flashinfer-norm-in-matmul flashinfer-norm-apart` (2^23, those two layers)
+NORM_MATMUL_MAX_WEIGHTS = 0
 
 ShardId = str | int | None
 
