@@ -195,13 +195,8 @@ def skinny_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         from asyncllm_kernels.rmsnorm import rms_norm_ref
 
         x = rms_norm_ref(x, *norm)
-    y = _linear_ref(x, weight, bias, swiglu)
-    return y if residual is None else (y, residual)
-
-
-def _linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
     y = torch.nn.functional.linear(x, weight, bias)
-    if not swiglu:
-        return y
-    gate, up = y.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    return y if residual is None else (y, residual)
