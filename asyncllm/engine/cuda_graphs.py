@@ -71,8 +71,9 @@ class CudaGraphs:
 
     def _forward(self, bs: int) -> None:
         ids, positions, rows = self._views(bs)
+        fast = self.sampler.fused  # the GPU fast path's Triton kernels
         input_ids, slots, seq_lens, block_tables = decode_inputs(ids, positions, rows, self.tables, self.sampled,
-                                                                 self.block_size, fused=self.sampler.fused)  # the fast path
+                                                                 self.block_size, fused=fast)
         meta = AttentionMetadata(
             query_start_loc=self.arange[: bs + 1], seq_lens=seq_lens,
             block_tables=block_tables, slot_mapping=slots, query_lens_cpu=[1] * bs,
