@@ -62,10 +62,11 @@ def _counters(device: torch.device) -> torch.Tensor:
 
 @triton.jit
 def _param_row(rows_ptr, row, HAS_ROWS: tl.constexpr):
-    """The row of the parameter tensors that logit row `row` reads."""
+    """The row of the parameter tensors that logit row `row` reads (int64 either way: one return type)."""
+    p = row.to(tl.int64)
     if HAS_ROWS:
-        return tl.load(rows_ptr + row)
-    return row
+        p = tl.load(rows_ptr + row).to(tl.int64)
+    return p
 
 
 @triton.jit
