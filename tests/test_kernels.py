@@ -371,7 +371,7 @@ def test_sample_matches_its_reference_on_every_path(dtype):
     assert torch.equal(K.sample(logits, *args, chunk=128).cpu(), got)  # the vocabulary in chunks: the same draws
     # the parameters gathered by the kernel from tables of more rows (`rows`), the position given less an offset
     where = torch.randperm(rows + 3, generator=g)[:rows]
-    tables = [torch.zeros(rows + 3, dtype=t.dtype).index_copy_(0, where, t).to(DEVICE) for t in args[:5]]
+    tables = [torch.zeros(rows + 3, dtype=t.dtype, device=DEVICE).index_copy_(0, where.to(DEVICE), t) for t in args[:5]]
     out = torch.full((rows,), -1, dtype=torch.int64, device=DEVICE)
     K.sample(logits, *tables, args[5] - 2, out=out, chunk=128, rows=where.to(DEVICE), position_offset=2)
     assert torch.equal(out.cpu(), got)

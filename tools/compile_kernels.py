@@ -60,9 +60,9 @@ def install(arch: int, compiled: list[dict]) -> None:
         if key in kernel_cache:
             return None
         t = time.perf_counter()
-        kernel = self.compile(self.ASTSource(self, signature, constexprs, attrs), target=driver.active.get_current_target(),
-                              options=options.__dict__)
-        kernel_cache[key] = kernel  # a variant compiles once; run() still launches nothing (it returns None below)
+        src = self.ASTSource(self, signature, constexprs, attrs)
+        kernel = self.compile(src, target=driver.active.get_current_target(), options=options.__dict__)
+        kernel_cache[key] = kernel  # each variant compiles once
         compiled.append({"kernel": self.fn.__name__, "shared_bytes": kernel.metadata.shared,
                          "num_warps": options.num_warps, "compile_s": round(time.perf_counter() - t, 2)})
         return None
