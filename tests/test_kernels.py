@@ -134,7 +134,7 @@ def test_skinny_linear_with_the_norm_in_its_prologue(rows, n, k, swiglu, with_re
 
 def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch):
     """With `skinny` on, an MLP of up to SKINNY_MAX_ROWS rows runs norm + gate|up + SwiGLU and down by the few-row
-    kernel (two calls; the norm apart with NORM_IN_MATMUL off: three, the first a norm kernel) and gives the torch
+    kernel (two calls with NORM_IN_MATMUL on; with it off, the default, the norm module first) and gives the torch
     path's output and residual; more rows go to torch."""
     from transformers import LlamaConfig
 
@@ -146,6 +146,7 @@ def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch):
     torch.manual_seed(6)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=96, mlp_bias=True)
     with kernel_choice.choose(kernel_choice.KernelChoice(skinny_matmul=True)):  # chosen as the layers are built
+        monkeypatch.setattr(linear, "NORM_IN_MATMUL", True)
         mlp = DecoderMLP(cfg).to(DEVICE)
         wide = linear.RowParallelLinear(64, linear.SKINNY_MAX_OUT + 1)  # cuBLAS is faster there (measured)
         monkeypatch.setattr(linear, "NORM_IN_MATMUL", False)
@@ -182,6 +183,7 @@ def test_norm_in_matmul_takes_wide_layers_up_to_its_weight_bound(monkeypatch, ma
     from asyncllm.layers.norm import RMSNorm
 
     monkeypatch.setattr(linear, "SKINNY_MAX_OUT", 32)
+    monkeypatch.setattr(linear, "NORM_IN_MATMUL", True)
     monkeypatch.setattr(linear, "NORM_MATMUL_MAX_WEIGHTS", max_weights)
     with kernel_choice.choose(kernel_choice.KernelChoice(skinny_matmul=True)):
         qkv = linear.MergedLinear(64, {"q": (48, 0), "k": (24, 0), "v": (24, 0)}).to(DEVICE)

@@ -24,12 +24,16 @@ SKINNY_MAX_OUT = 2048
 # gate|up with SwiGLU in the kernel's epilogue: up to this many merged output features (each half's bound)
 SKINNY_SWIGLU_MAX_OUT = 2 * SKINNY_MAX_OUT
 # the RMSNorm before q|k|v and gate|up (with its residual add) in the kernel's prologue, for layers within the bounds
-# above (one rank only: under tensor parallelism the norm all-reduces its input first)
-NORM_IN_MATMUL = True
-# ... and, norm included, for merged layers beyond them of up to this many weights. 0 (off) until measured: cuBLAS
-# reads those layers faster than the kernel (Qwen3-0.6B's q|k|v and gate|up, 4.2M and 6.3M weights: 5.4 / 7.7 us
-# with the SwiGLU kernel against 6.7 / 8.4 on the H200, 329aec4), which a norm kernel fewer may or may not outweigh:
-# `tools/bench_latency.py --variants flashinfer-norm-in-matmul flashinfer-norm-apart` (2^23, those two layers)
+# above (one rank only: under tensor parallelism the norm all-reduces its input first). Off until a measurement shows
+# it faster: the one taken (Qwen3-0.6B batch 1 on an H100, df90a81, docs/bench/norm_in_matmul_h100_df90a81.jsonl) has
+# it slower with the bound below at 2^23 (1.490 ms per token against 1.219 with the norms apart); within the plain
+# bounds alone (SmolLM2-135M's layers: `tools/bench_latency.py --variants flashinfer flashinfer-narrow-norm`) it is
+# not measured yet
+NORM_IN_MATMUL = False
+# ... and, norm included, for merged layers beyond those bounds of up to this many weights (0: none). cuBLAS reads
+# those layers faster than the kernel (Qwen3-0.6B's q|k|v and gate|up, 4.2M and 6.3M weights: 5.4 / 7.7 us with the
+# SwiGLU kernel against 6.7 / 8.4 on the H200, 329aec4), and a norm kernel and the SwiGLU kernel fewer did not make up
+# for it (above)
 NORM_MATMUL_MAX_WEIGHTS = 0
 
 ShardId = str | int | None
