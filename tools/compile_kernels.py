@@ -1,10 +1,11 @@
 """Compile the engine's Triton kernels for a CUDA GPU on a machine without one: each kernel wrapper is called with
-CPU tensors at the decode and prefill shapes of SmolLM2-135M, Qwen3-0.6B and Llama-3.1-8B (bf16 and fp16, with and
-without programmatic dependent launch, the wrappers' own branches), and every variant it launches is compiled to a
-cubin for the target (Triton's own compiler and ptxas) instead of launched. Catches what Triton's interpreter does
-not: type errors of the compiler's front end (e.g. a helper returning int32 on one branch and int64 on the other),
-unsupported ops, more shared memory than a block may have. One JSON line per compiled variant with its shared
-memory and compile time, then a summary line; exit status 1 if any call failed.
+CPU tensors at the decode and prefill shapes of SmolLM2-135M, Qwen3-0.6B and Llama-3.1-8B (bf16; fp16 and fp32 too at one;
+with and without programmatic dependent launch; the wrappers' own branches; tensor parallelism's all-reduce norm),
+and every variant it launches is compiled to a cubin for the target (Triton's own compiler and ptxas) instead of
+launched. Catches what Triton's interpreter does not: type errors of the compiler's front end (e.g. a helper
+returning int32 on one branch and int64 on the other), unsupported ops, more shared memory than a block may have.
+One JSON line per compiled variant with its shared memory and compile time, then a summary line; exit status 1 if
+any call failed.
     python tools/compile_kernels.py [--arch 90]
 (Triton's interpreter must be off: TRITON_INTERPRET unset or 0.)
 """
@@ -27,6 +28,7 @@ SHAPES = {
     "qwen3-0.6b": (1024, 16, 8, 128, 3072, 151936, True),
     "llama-3.1-8b": (4096, 32, 8, 128, 14336, 128256, False),
 }
+DTYPES_SHAPE = "qwen3-0.6b"  # the shape also compiled in fp16 and fp32
 SMS = 132  # the grids' SM count (H100 / H200), in place of the interpreter's stand-in
 
 
@@ -117,12 +119,18 @@ def calls(shape: str, dtype: Any, pdl: bool) -> list[tuple[str, Callable[[], Any
                     x if weight.shape[1] == hidden else torch.zeros(rows, weight.shape[1], dtype=dtype), weight,
                     pdl=pdl)))
             out += [
+                (f"skinny_linear bias {tag}", lambda x=x: K.skinny_linear(  # Qwen2's q|k|v
+                    x, w["qkv"], torch.zeros(w["qkv"].shape[0], dtype=dtype), pdl=pdl)),
                 (f"skinny_linear swiglu {tag}", lambda x=x: K.skinny_linear(x, w["gate_up"], swiglu=True, pdl=pdl)),
                 (f"skinny_linear norm {tag}", lambda x=x: K.skinny_linear(x, w["qkv"], norm=(norm_w, 1e-6), pdl=pdl)),
                 (f"skinny_linear norm+residual swiglu {tag}", lambda x=x: K.skinny_linear(
                     x, w["gate_up"], swiglu=True, norm=(norm_w, 1e-6), residual=x.clone(), pdl=pdl)),
             ]
         if not pdl:  # launched without it in the engine
+            for world in (4,):  # tensor parallelism's all-reduce + residual add + norm (pointers: never read)
+                ptrs = torch.zeros(world, dtype=torch.int64)
+                out.append((f"all_reduce_add_rms_norm world={world} {tag}", lambda x=x, ptrs=ptrs:
+                            K.all_reduce_add_rms_norm(x, x.clone(), norm_w, 1e-6, ptrs, ptrs, 0, x.numel(), 0)))
             logits = torch.zeros(min(rows, 16), vocab, dtype=dtype)
             n = logits.shape[0]
             params = (torch.ones(n), torch.zeros(n, dtype=torch.int64), torch.ones(n), torch.zeros(n),
@@ -157,7 +165,8 @@ def main() -> None:
     failures = 0
     t0 = time.perf_counter()
     for shape in a.shapes:
-        for dtype in (torch.bfloat16, torch.float16):
+        # bf16 at every shape, fp16 and fp32 (the GPU tests' dtype) at one: a dtype's variants differ little by shape
+        for dtype in (torch.bfloat16, torch.float16, torch.float32) if shape == DTYPES_SHAPE else (torch.bfloat16,):
             for pdl in (False, True):
                 for name, call in calls(shape, dtype, pdl):
                     before = len(compiled)
