@@ -1,11 +1,11 @@
 """Compile the engine's Triton kernels for a CUDA GPU on a machine without one: each kernel wrapper is called with
-CPU tensors at the decode and prefill shapes of SmolLM2-135M, Qwen3-0.6B and Llama-3.1-8B (bf16; fp16 and fp32 too at one;
-with and without programmatic dependent launch; the wrappers' own branches; tensor parallelism's all-reduce norm),
-and every variant it launches is compiled to a cubin for the target (Triton's own compiler and ptxas) instead of
-launched. Catches what Triton's interpreter does not: type errors of the compiler's front end (e.g. a helper
-returning int32 on one branch and int64 on the other), unsupported ops, more shared memory than a block may have.
-One JSON line per compiled variant with its shared memory and compile time, then a summary line; exit status 1 if
-any call failed.
+CPU tensors at the decode and prefill shapes of SmolLM2-135M, Qwen3-0.6B and Llama-3.1-8B (bf16, and at one shape
+fp16 and fp32 too; with and without programmatic dependent launch; the wrappers' own branches; tensor parallelism's
+all-reduce norm), and every variant it launches is compiled to a cubin for the target (Triton's own compiler and
+ptxas) instead of launched. Catches what Triton's interpreter does not: type errors of the compiler's front end
+(e.g. a helper returning int32 on one branch and int64 on the other), unsupported ops, more shared memory than a
+block may have. One JSON line per compiled variant with its shared memory and compile time, then a summary line;
+exit status 1 if any call failed.
     python tools/compile_kernels.py [--arch 90]
 (Triton's interpreter must be off: TRITON_INTERPRET unset or 0.)
 """
