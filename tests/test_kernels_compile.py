@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("triton")
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "compile_kernels.py"
+UNSUPPORTED = 3  # the tool's exit status where it cannot hook this Triton
 
 
 def test_every_kernel_variant_compiles_for_hopper():
@@ -23,6 +24,8 @@ def test_every_kernel_variant_compiles_for_hopper():
     compiled = set()
     for p in procs:
         out, err = p.communicate(timeout=900)
+        if p.returncode == UNSUPPORTED:
+            pytest.skip("this Triton's JIT internals are not the ones tools/compile_kernels.py replaces")
         lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         assert lines, err[-3000:]
         errors = [line for line in lines if "error" in line]

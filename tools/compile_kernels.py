@@ -50,11 +50,23 @@ class CompileOnlyDriver:
         return 0
 
 
+UNSUPPORTED = 3  # exit status where this Triton's JIT internals are not the ones `install` replaces
+
+
 def install(arch: int, compiled: list[dict]) -> None:
     """Every kernel launch from now on compiles its variant for `arch` (recorded in `compiled`) and launches
-    nothing: the wrappers return their outputs unwritten."""
+    nothing: the wrappers return their outputs unwritten. (Replaces two methods of Triton's JITFunction, as of
+    triton 3.5-3.9; exits with UNSUPPORTED where they differ.)"""
+    import inspect
+
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
+
+    expected = ["self", "key", "signature", "device", "constexprs", "options", "attrs", "warmup"]
+    if list(inspect.signature(getattr(JITFunction, "_do_compile", lambda: None)).parameters) != expected \
+            or not hasattr(driver, "set_active"):
+        print(json.dumps({"bench": "compile_kernels", "error": "unsupported triton version"}), flush=True)
+        sys.exit(UNSUPPORTED)
 
     def compile_only(self: JITFunction, key: Any, signature: Any, device: Any, constexprs: Any, options: Any,
                      attrs: Any, warmup: bool) -> None:
