@@ -4,8 +4,8 @@ fp16 and fp32 too; with and without programmatic dependent launch; the wrappers'
 all-reduce norm), and every variant it launches is compiled to a cubin for the target (Triton's own compiler and
 ptxas) instead of launched. Catches what Triton's interpreter does not: type errors of the compiler's front end
 (e.g. a helper returning int32 on one branch and int64 on the other), unsupported ops, more shared memory than a
-block may have. One JSON line per compiled variant with its shared memory and compile time, then a summary line;
-exit status 1 if any call failed.
+block may have. One JSON line per compiled variant with its shared memory, registers, spills, programs that fit an
+SM at once, and compile time, then a summary line; exit status 1 if any call failed.
     python tools/compile_kernels.py [--arch 90]
 (Triton's interpreter must be off: TRITON_INTERPRET unset or 0.)
 """
@@ -51,6 +51,34 @@ class CompileOnlyDriver:
 
 
 UNSUPPORTED = 3  # exit status where this Triton's JIT internals are not the ones `install` replaces
+# an sm_90 SM: registers, shared memory (bytes; 1 KB of it reserved per program), warps
+SM_REGS, SM_SHARED, SM_WARPS, SHARED_RESERVED = 65536, 228 * 1024, 64, 1024
+
+
+def resources(kernel: Any, num_warps: int) -> dict:
+    """Registers per thread and spilled bytes of a compiled kernel (cuobjdump, shipped with Triton's NVIDIA
+    backend), and how many of its programs fit one SM at once by registers, shared memory and warps (approximate:
+    allocation granularity left out). {} where cuobjdump is missing."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    if not found:
+        return {}
+    regs, stack, local = (int(v) for v in found.groups())
+    fit = min(SM_REGS // max(1, regs * 32 * num_warps), SM_SHARED // (kernel.metadata.shared + SHARED_RESERVED),
+              SM_WARPS // num_warps)
+    return {"registers": regs, "spilled_bytes": stack + local, "programs_per_sm": fit}
 
 
 def install(arch: int, compiled: list[dict]) -> None:
@@ -78,7 +106,8 @@ def install(arch: int, compiled: list[dict]) -> None:
         kernel = self.compile(src, target=driver.active.get_current_target(), options=options.__dict__)
         kernel_cache[key] = kernel  # each variant compiles once
         compiled.append({"kernel": self.fn.__name__, "shared_bytes": kernel.metadata.shared,
-                         "num_warps": options.num_warps, "compile_s": round(time.perf_counter() - t, 2)})
+                         "num_warps": options.num_warps, **resources(kernel, options.num_warps),
+                         "compile_s": round(time.perf_counter() - t, 2)})
         return None
 
     def run(self: JITFunction, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:

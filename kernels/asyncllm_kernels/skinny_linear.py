@@ -35,6 +35,11 @@ NUM_WARPS, NUM_STAGES = 4, 4
 MAX_COUNTERS = 1 << 16  # column blocks one call may have
 PREFETCH_K = 2 * BLOCK_K  # with PDL: columns of its slice of W a program asks into L2 before the wait (small models'
 # whole slice: the split makes slices at least this long)
+# With the norm in the prologue the x tile is worked in float32 (and the residual's beside it): at BLOCK_K 256 and 4
+# stages a program takes 140 registers and 90 KB of shared memory (255 and 114 KB with SwiGLU), so 1-2 programs fit an
+# SM where PROGRAMS_PER_SM are launched: the grid runs in waves. Narrower slices and fewer stages keep 4-8 resident
+# (64-104 registers, 16-21 KB; `tools/compile_kernels.py` reports both, sm_90, no GPU needed). Not timed yet.
+NORM_BLOCK_K, NORM_STAGES = 64, 3
 
 
 @functools.cache
@@ -149,10 +154,10 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, nw_ptr, r
             tl.store(out, _round_out(acc, bias_ptr, n, n_mask, HAS_BIAS, dtype), mask=out_mask)
 
 
-def _split_k(blocks: int, k: int, device: torch.device) -> int:
-    """Reduction slices: about PROGRAMS_PER_SM programs per SM over the grid, each at least two BLOCK_K slices long."""
+def _split_k(blocks: int, k: int, device: torch.device, block_k: int) -> int:
+    """Reduction slices: about PROGRAMS_PER_SM programs per SM over the grid, each at least two block_k slices long."""
     sms, _ = device_shape(device)
-    return max(1, min(-(-PROGRAMS_PER_SM * sms // blocks), k // (2 * BLOCK_K)))
+    return max(1, min(-(-PROGRAMS_PER_SM * sms // blocks), k // (2 * block_k)))
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -172,7 +177,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return y if residual is None else (y, res_out)
     blocks = triton.cdiv(n, BLOCK_N)
     assert blocks <= MAX_COUNTERS
-    split = _split_k(blocks * (2 if swiglu else 1), k, x.device)
+    block_k, stages = (NORM_BLOCK_K, NORM_STAGES) if norm is not None else (BLOCK_K, NUM_STAGES)
+    split = _split_k(blocks * (2 if swiglu else 1), k, x.device, block_k)
     part = torch.empty(split, MAX_ROWS, 2 * n if swiglu else n, dtype=torch.float32, device=x.device) if split > 1 else y
     res = residual if residual is not None else x
     _skinny_kernel[(blocks, split)](
@@ -180,9 +186,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         norm[1] if norm else 0.0, rows, n, k, x.stride(0), weight.stride(0), y.stride(0), res.stride(0),
         HAS_BIAS=bias is not None, SWIGLU=swiglu, NORM=norm is not None, ADD_RESIDUAL=residual is not None,
         SPLIT_K=split, BLOCK_M=MAX_ROWS,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_N=BLOCK_N, BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         UPCAST=x.device.type == "cpu", PDL=pdl, PREFETCH_K=PREFETCH_K, LINE=128 // weight.element_size(),
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES, **launch_options(pdl))
+        num_warps=NUM_WARPS, num_stages=stages, **launch_options(pdl))
     return y if residual is None else (y, res_out)
 
 
