@@ -20,6 +20,9 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_common import run_fields  # noqa: E402
+
 MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes a block may have, by arch
 
 # name: (hidden, q heads, kv heads, head_dim, intermediate, vocab, q/k norm)
@@ -164,6 +167,8 @@ def calls(shape: str, dtype: Any, pdl: bool) -> list[tuple[str, Callable[[], Any
                     x, w["qkv"], torch.zeros(w["qkv"].shape[0], dtype=dtype), pdl=pdl)),
                 (f"skinny_linear swiglu {tag}", lambda x=x: K.skinny_linear(x, w["gate_up"], swiglu=True, pdl=pdl)),
                 (f"skinny_linear norm {tag}", lambda x=x: K.skinny_linear(x, w["qkv"], norm=(norm_w, 1e-6), pdl=pdl)),
+                (f"skinny_linear norm+residual {tag}", lambda x=x: K.skinny_linear(
+                    x, w["qkv"], norm=(norm_w, 1e-6), residual=x.clone(), pdl=pdl)),
                 (f"skinny_linear norm+residual swiglu {tag}", lambda x=x: K.skinny_linear(
                     x, w["gate_up"], swiglu=True, norm=(norm_w, 1e-6), residual=x.clone(), pdl=pdl)),
             ]
@@ -204,6 +209,7 @@ def main() -> None:
     compiled: list[dict] = []
     install(a.arch, compiled)
     failures = 0
+    fields = run_fields(f"sm_{a.arch} (compiled on cpu, none launched)")
     t0 = time.perf_counter()
     for shape in a.shapes:
         # bf16 at every shape, fp16 and fp32 (the GPU tests' dtype) at one: a dtype's variants differ little by shape
@@ -222,9 +228,9 @@ def main() -> None:
                         if c["shared_bytes"] > MAX_SHARED.get(a.arch, MAX_SHARED[90]):
                             failures += 1
                             c["error"] = "more shared memory than a block may have"
-                        print(json.dumps(c), flush=True)
+                        print(json.dumps({**c, **fields}), flush=True)
     print(json.dumps({"bench": "compile_kernels", "arch": a.arch, "variants": len(compiled), "failures": failures,
-                      "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+                      "seconds": round(time.perf_counter() - t0, 1), **fields}), flush=True)
     sys.exit(1 if failures else 0)
 
 

@@ -28,7 +28,8 @@ SKINNY_SWIGLU_MAX_OUT = 2 * SKINNY_MAX_OUT
 # it faster: the one taken (Qwen3-0.6B batch 1 on an H100, df90a81, docs/bench/norm_in_matmul_h100_df90a81.jsonl) has
 # it slower with the bound below at 2^23 (1.490 ms per token against 1.219 with the norms apart); within the plain
 # bounds alone (SmolLM2-135M's layers: `tools/bench_latency.py --variants flashinfer flashinfer-narrow-norm`) it is
-# not measured yet
+# not measured yet. (That measurement ran the kernel's norm variant at 1-2 programs per SM; since 6169352 it fits 4-8,
+# not timed yet: asyncllm_kernels.skinny_linear's NORM_BLOCK_K)
 NORM_IN_MATMUL = False
 # ... and, norm included, for merged layers beyond those bounds of up to this many weights (0: none). cuBLAS reads
 # those layers faster than the kernel (Qwen3-0.6B's q|k|v and gate|up, 4.2M and 6.3M weights: 5.4 / 7.7 us with the
