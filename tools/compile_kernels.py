@@ -81,13 +81,13 @@ def resources(kernel: Any, num_warps: int) -> dict:
     regs, stack, local = (int(v) for v in found.groups())
     fit = min(SM_REGS // max(1, regs * 32 * num_warps), SM_SHARED // (kernel.metadata.shared + SHARED_RESERVED),
               SM_WARPS // num_warps)
-    return {"registers": regs, "spilled_bytes": stack + local, "programs_per_sm": fit}
+    return {"registers": regs, "spilled_bytes": stack + local, "programs_per_sm": fit}  # spilled: per thread
 
 
 def install(arch: int, compiled: list[dict]) -> None:
     """Every kernel launch from now on compiles its variant for `arch` (recorded in `compiled`) and launches
-    nothing: the wrappers return their outputs unwritten. (Replaces two methods of Triton's JITFunction, as of
-    triton 3.5-3.9; exits with UNSUPPORTED where they differ.)"""
+    nothing: the wrappers return their outputs unwritten. (Replaces two methods of Triton's JITFunction, as
+    written for triton 3.9; exits with UNSUPPORTED where their signatures differ.)"""
     import inspect
 
     from triton.runtime import driver
