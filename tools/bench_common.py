@@ -60,9 +60,9 @@ def set_layer_variant(variant: str) -> None:
     from asyncllm.layers import linear
 
     plain, swiglu, norm_in_matmul, norm_weights = _layers_skinny_bounds()
-    linear.NORM_IN_MATMUL = "-norm-apart" not in variant and (norm_in_matmul or "-norm" in variant)
-    linear.NORM_MATMUL_MAX_WEIGHTS = 0 if "-narrow-norm" in variant else \
-        NORM_MATMUL_CANDIDATE if "-norm-in-matmul" in variant else norm_weights
+    narrow, wide_norm = "-narrow-norm" in variant, "-norm-in-matmul" in variant
+    linear.NORM_IN_MATMUL = "-norm-apart" not in variant and (norm_in_matmul or narrow or wide_norm)
+    linear.NORM_MATMUL_MAX_WEIGHTS = 0 if narrow else NORM_MATMUL_CANDIDATE if wide_norm else norm_weights
     wide = "-wide" in variant.replace("-wide-swiglu", "")
     linear.SKINNY_MAX_OUT = 1 << 30 if wide else plain
     linear.SKINNY_SWIGLU_MAX_OUT = 1 << 30 if wide or "-wide-swiglu" in variant else swiglu
