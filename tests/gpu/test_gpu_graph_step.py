@@ -267,7 +267,7 @@ def test_no_triton_compile_after_start_up(shape, large_model, tmp_path, monkeypa
 
     monkeypatch.setattr(linear, "NORM_IN_MATMUL", shape == "small")
     model = large_model if shape == "large" else make_tiny_model(tmp_path / "small", "qwen3", dtype_name="bfloat16",
-                                                                   vocab_size=VOCAB)
+                                                                   vocab_size=VOCAB, max_position_embeddings=1024)
     llm = LLM(str(model), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=4096)
     rng = random.Random(3)
     shared = random_prompts(1, VOCAB, 70, 70, seed=4)[0]
