@@ -14,6 +14,7 @@ few-row kernel (`apart`) against the SwiGLU in that kernel's prologue (`swiglu_i
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 
 import torch
@@ -55,7 +56,7 @@ def graph_us(fn, calls: int) -> float:
 
 
 def swiglu_in(stages: list[int]) -> None:
-    from asyncllm_kernels import skinny_linear as module
+    module = importlib.import_module("asyncllm_kernels.skinny_linear")  # (the package's name is the function)
 
     dev, bf16 = "cuda", torch.bfloat16
     downs = {name: (n, k) for name, (n, k, swiglu) in SHAPES.items() if name.endswith("_down") and n <= SKINNY_MAX_OUT}
