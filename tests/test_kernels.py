@@ -132,29 +132,10 @@ def test_skinny_linear_with_the_norm_in_its_prologue(rows, n, k, swiglu, with_re
     assert all(torch.equal(t, b) for t, b in zip((t for t in (x, residual) if t is not None), before))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows, n, k", [(1, 40, 1100), (5, 33, 300), (16, 70, 2100)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_skinny_linear_with_swiglu_in_its_prologue(rows, n, k, bias, dtype):
-    """swiglu_in=True on x = gate | up [M, 2K]: bit for bit the kernel on silu_and_mul's output (the same operands
-    in the same order), close to torch's silu(gate) * up (in x's dtype) then the matmul in float32; x untouched."""
-    torch.manual_seed(rows + k)
-    x, w = rnd(rows, 2 * k, dtype=dtype), rnd(n, k, dtype=dtype) / k**0.5
-    b = rnd(n, dtype=dtype) if bias else None
-    before = x.clone()
-    got = K.skinny_linear(x, w, b, swiglu_in=True)
-    assert got.shape == (rows, n) and got.dtype == dtype
-    assert torch.equal(got, K.skinny_linear(K.silu_and_mul(x), w, b))
-    ref = K.skinny_linear_ref(K.silu_and_mul_ref(x).float(), w.float(), b.float() if bias else None)
-    torch.testing.assert_close(got.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
-    assert torch.equal(x, before)
-
-
 def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch):
     """With `skinny` on, an MLP of up to SKINNY_MAX_ROWS rows runs norm + gate|up + SwiGLU and down by the few-row
-    kernel (two calls with NORM_IN_MATMUL on; with it off, the default, the norm module first; where gate|up with
-    SwiGLU is beyond the kernel's bound, gate|up then SwiGLU + down, and with SWIGLU_IN_MATMUL off the SwiGLU apart)
-    and gives the torch path's output and residual; more rows go to torch."""
+    kernel (two calls with NORM_IN_MATMUL on; with it off, the default, the norm module first) and gives the torch
+    path's output and residual; more rows go to torch."""
     from transformers import LlamaConfig
 
     from asyncllm.layers import kernel_choice, linear
@@ -170,10 +151,6 @@ def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch):
         wide = linear.RowParallelLinear(64, linear.SKINNY_MAX_OUT + 1)  # cuBLAS is faster there (measured)
         monkeypatch.setattr(linear, "NORM_IN_MATMUL", False)
         apart = DecoderMLP(cfg).to(DEVICE)
-        monkeypatch.setattr(linear, "SKINNY_SWIGLU_MAX_OUT", 2 * 96 - 1)
-        swiglu_in = DecoderMLP(cfg).to(DEVICE)
-        monkeypatch.setattr(linear, "SWIGLU_IN_MATMUL", False)
-        swiglu_apart = DecoderMLP(cfg).to(DEVICE)
     plain = DecoderMLP(cfg).to(DEVICE)
     assert mlp.gate_up_proj.skinny and mlp.down_proj.skinny and not plain.gate_up_proj.skinny and not wide.skinny
     assert mlp.gate_up_proj.norm_in_matmul and not apart.gate_up_proj.norm_in_matmul
@@ -181,17 +158,14 @@ def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch):
     with torch.no_grad():
         for p in (*mlp.parameters(), norm.weight):
             p.normal_(0.0, 0.2)
-    for module in (plain, apart, swiglu_in, swiglu_apart):
-        module.load_state_dict(mlp.state_dict())
+    plain.load_state_dict(mlp.state_dict())
+    apart.load_state_dict(mlp.state_dict())
     calls = []
-    monkeypatch.setattr(K, "skinny_linear", lambda *a, swiglu=False, pdl=False, norm=None, residual=None,
-                        swiglu_in=False: calls.append({"swiglu": swiglu, "pdl": pdl, "norm": norm is not None,
-                                                       "residual": residual is not None, "swiglu_in": swiglu_in})
-                        or K.skinny_linear_ref(*a, swiglu=swiglu, norm=norm, residual=residual, swiglu_in=swiglu_in))
+    monkeypatch.setattr(K, "skinny_linear", lambda *a, swiglu=False, pdl=False, norm=None, residual=None: calls.append(
+        {"swiglu": swiglu, "pdl": pdl, "norm": norm is not None, "residual": residual is not None})
+        or K.skinny_linear_ref(*a, swiglu=swiglu, norm=norm, residual=residual))
     for rows, module, expected in ((3, mlp, [{"swiglu": True, "norm": True, "residual": True}, {}]),
-                                   (3, apart, [{"swiglu": True}, {}]), (3, swiglu_in, [{}, {"swiglu_in": True}]),
-                                   (3, swiglu_apart, [{}, {}]), (K.SKINNY_MAX_ROWS + 1, mlp, []),
-                                   (K.SKINNY_MAX_ROWS + 1, swiglu_in, [])):
+                                   (3, apart, [{"swiglu": True}, {}]), (K.SKINNY_MAX_ROWS + 1, mlp, [])):
         x, residual = rnd(rows, 64), rnd(rows, 64)
         ref, ref_residual = plain(x, residual.clone(), norm)
         calls.clear()

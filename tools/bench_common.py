@@ -25,11 +25,11 @@ def percentile(xs: list[float], q: float) -> float:
 
 def variant_config(variant: str) -> dict:
     """'BACKEND[-eager][-no-pieces][-no-overlap][-nccl|-symm][-cublas][-no-pdl][-wide|-wide-swiglu]
-    [-norm-apart|-narrow-norm|-norm-in-matmul][-no-swiglu-in]' -> engine options: eager = no CUDA graphs, no-pieces =
-    no piecewise graphs (steps with prompt tokens eager), no-overlap = each step read back before the next is
-    scheduled, nccl / symm = tensor parallelism's all-reduces by NCCL only / by the symmetric-memory kernels where
-    small (default: auto), cublas = torch's matmuls at few rows too, no-pdl = no programmatic dependent launch; the
-    rest set the layers' choices (set_layer_variant: call before building the engine)."""
+    [-norm-apart|-narrow-norm|-norm-in-matmul]' -> engine options: eager = no CUDA graphs, no-pieces = no piecewise
+    graphs (steps with prompt tokens eager), no-overlap = each step read back before the next is scheduled, nccl /
+    symm = tensor parallelism's all-reduces by NCCL only / by the symmetric-memory kernels where small (default:
+    auto), cublas = torch's matmuls at few rows too, no-pdl = no programmatic dependent launch; the rest set the
+    layers' choices (set_layer_variant: call before building the engine)."""
     set_layer_variant(variant)
     all_reduce = "nccl" if "-nccl" in variant else "symm_mem" if "-symm" in variant else "auto"
     return dict(attention_backend=variant.split("-")[0], enforce_eager="-eager" in variant,
@@ -40,13 +40,12 @@ def variant_config(variant: str) -> dict:
 
 
 @functools.cache
-def _layers_skinny_bounds() -> tuple[int, int, bool, int, bool]:
-    """The layers' own bounds (plain, gate|up with SwiGLU), NORM_IN_MATMUL, NORM_MATMUL_MAX_WEIGHTS and
-    SWIGLU_IN_MATMUL, read before any variant changes them."""
+def _layers_skinny_bounds() -> tuple[int, int, bool, int]:
+    """The layers' own bounds (plain, gate|up with SwiGLU), NORM_IN_MATMUL and NORM_MATMUL_MAX_WEIGHTS, read before
+    any variant changes them."""
     from asyncllm.layers import linear
 
-    return linear.SKINNY_MAX_OUT, linear.SKINNY_SWIGLU_MAX_OUT, linear.NORM_IN_MATMUL, linear.NORM_MATMUL_MAX_WEIGHTS, \
-        linear.SWIGLU_IN_MATMUL
+    return linear.SKINNY_MAX_OUT, linear.SKINNY_SWIGLU_MAX_OUT, linear.NORM_IN_MATMUL, linear.NORM_MATMUL_MAX_WEIGHTS
 
 
 NORM_MATMUL_CANDIDATE = 1 << 23  # '-norm-in-matmul''s NORM_MATMUL_MAX_WEIGHTS
@@ -57,12 +56,10 @@ def set_layer_variant(variant: str) -> None:
     gate|up layer (SwiGLU in its epilogue), the others as by default; '-norm-apart': the RMSNorm before a matmul in its
     own kernel, not in the few-row matmul's prologue; '-narrow-norm': in the prologue only for layers within the
     plain bounds; '-norm-in-matmul': in the prologue also for merged layers of up to NORM_MATMUL_CANDIDATE weights
-    (the layers read these when built: call before the engine); '-no-swiglu-in': the SwiGLU before a down projection
-    in its own kernel, not in the few-row matmul's prologue."""
+    (the layers read these when built: call before the engine)."""
     from asyncllm.layers import linear
 
-    plain, swiglu, norm_in_matmul, norm_weights, swiglu_in = _layers_skinny_bounds()
-    linear.SWIGLU_IN_MATMUL = swiglu_in and "-no-swiglu-in" not in variant
+    plain, swiglu, norm_in_matmul, norm_weights = _layers_skinny_bounds()
     narrow, wide_norm = "-narrow-norm" in variant, "-norm-in-matmul" in variant
     linear.NORM_IN_MATMUL = "-norm-apart" not in variant and (norm_in_matmul or narrow or wide_norm)
     linear.NORM_MATMUL_MAX_WEIGHTS = 0 if narrow else NORM_MATMUL_CANDIDATE if wide_norm else norm_weights

@@ -36,9 +36,6 @@ NORM_IN_MATMUL = False
 # SwiGLU kernel against 6.7 / 8.4 on the H200, 329aec4), and a norm kernel and the SwiGLU kernel fewer did not make up
 # for it (above)
 NORM_MATMUL_MAX_WEIGHTS = 0
-# the SwiGLU before a down projection the few-row kernel takes, in that kernel's prologue, where gate|up itself is
-# too wide for the kernel (cuBLAS then a SwiGLU kernel, e.g. Qwen3-0.6B and Llama-3.1-8B): one kernel fewer a layer
-SWIGLU_IN_MATMUL = True
 
 ShardId = str | int | None
 
@@ -153,7 +150,6 @@ class RowParallelLinear(nn.Module):
         self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.skinny = kernel_choice.current().skinny_matmul and out_features <= SKINNY_MAX_OUT  # (see MergedLinear)
-        self.swiglu_in = self.skinny and SWIGLU_IN_MATMUL
         self.pdl = kernel_choice.current().pdl
 
     def _load_weight(self, param: torch.Tensor, tensor: torch.Tensor, shard_id: ShardId = None) -> None:
@@ -167,16 +163,6 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum (the bias counted on rank 0 only)."""
         return matmul(x, self.weight, self.bias if self.tp.rank == 0 else None, self.skinny, self.pdl)
-
-    def after_swiglu(self, gate_up: torch.Tensor) -> torch.Tensor | None:
-        """forward(silu(gate) * up) of gate_up [M, 2K] = gate | up with the SwiGLU in the few-row kernel's prologue,
-        when that kernel takes the rows (`swiglu_in` and few_rows); else None."""
-        if not (self.swiglu_in and few_rows(gate_up)):
-            return None
-        from asyncllm_kernels import skinny_linear
-
-        return skinny_linear(gate_up, self.weight, self.bias if self.tp.rank == 0 else None, pdl=self.pdl,
-                             swiglu_in=True)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -110,11 +110,7 @@ class DecoderMLP(nn.Module):
             x, residual = norm.add_norm(x, residual)
             h = self.gate_up_proj.swiglu(x)  # fused where the few-row kernel takes x
             if h is None:
-                gate_up = self.gate_up_proj(x)
-                y = self.down_proj.after_swiglu(gate_up)  # SwiGLU in the down projection's kernel where it takes x
-                if y is not None:
-                    return y, residual
-                h = self.act(gate_up)
+                h = self.act(self.gate_up_proj(x))
         else:
             h, residual = fused
         return self.down_proj(h), residual

@@ -13,9 +13,7 @@ writes silu(gate) * up [M, N], rounded like the eager path (gate and up to x's d
 asyncllm_kernels.rms_norm), and `residual` the residual add before that (x -> x + residual): each program sums the
 squares of its rows over all of K (a few KB from L2) before its slice, and the programs of the first column block
 write x + residual, slice by slice, into a new tensor (never into `residual`, which other programs still read): one
-kernel for what was a norm kernel and a matmul. `swiglu_in=True` takes x = [gate | up] (2K columns) and multiplies
-silu(gate) * up (rounded as asyncllm_kernels.silu_and_mul rounds it) as it loads x: the SwiGLU before a down
-projection in the matmul's prologue (each program computes only its own K slice of it).
+kernel for what was a norm kernel and a matmul.
 """
 from __future__ import annotations
 
@@ -42,9 +40,6 @@ PREFETCH_K = 2 * BLOCK_K  # with PDL: columns of its slice of W a program asks i
 # SM where PROGRAMS_PER_SM are launched: the grid runs in waves. Narrower slices and fewer stages keep 4-8 resident
 # (64-104 registers, 16-21 KB; `tools/compile_kernels.py` reports both, sm_90, no GPU needed). Not timed yet.
 NORM_BLOCK_K, NORM_STAGES = 64, 3
-# With the SwiGLU in the prologue a stage holds gate's and up's x tiles: at NUM_STAGES 72 KB, 3 programs an SM; one
-# stage fewer, 48 KB like the plain kernel's, 4 (tools/compile_kernels.py). Not timed against NUM_STAGES.
-SWIGLU_IN_STAGES = NUM_STAGES - 1
 
 
 @functools.cache
@@ -62,16 +57,9 @@ def _round_out(acc, bias_ptr, n, n_mask, HAS_BIAS: tl.constexpr, dtype: tl.const
 
 
 @triton.jit
-def _load_rows(x_ptr, res_ptr, m, k, mask, stride_xm, stride_rm, K, ADD_RESIDUAL: tl.constexpr,
-               SWIGLU_IN: tl.constexpr):
-    """x [BLOCK_M, BLOCK_K] (+ the residual, rounded in x's dtype like an eager add; or silu(gate) * up of the row's
-    two halves, each K long, rounded like silu_and_mul)."""
+def _load_rows(x_ptr, res_ptr, m, k, mask, stride_xm, stride_rm, ADD_RESIDUAL: tl.constexpr):
+    """x [BLOCK_M, BLOCK_K] (+ the residual, rounded in x's dtype like an eager add)."""
     x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=mask, other=0.0)
-    if SWIGLU_IN:
-        up = tl.load(x_ptr + m[:, None] * stride_xm + K + k[None, :], mask=mask, other=0.0)
-        g = x.to(tl.float32)
-        silu = (g / (1.0 + tl.exp(-g))).to(x.dtype)
-        x = (silu.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
     if ADD_RESIDUAL:
         r = tl.load(res_ptr + m[:, None] * stride_rm + k[None, :], mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
@@ -82,7 +70,7 @@ def _load_rows(x_ptr, res_ptr, m, k, mask, stride_xm, stride_rm, K, ADD_RESIDUAL
 def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, nw_ptr, res_ptr, res_out_ptr, eps, M, N, K,
                    stride_xm, stride_wn, stride_ym, stride_rm,
                    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-                   SWIGLU_IN: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -106,7 +94,7 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, nw_ptr, r
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             xf = _load_rows(x_ptr, res_ptr, m, k, m_mask[:, None] & (k < K)[None, :], stride_xm, stride_rm,
-                            K, ADD_RESIDUAL, False).to(tl.float32)
+                            ADD_RESIDUAL).to(tl.float32)
             squares += tl.sum(xf * xf, axis=1)
         rstd = tl.rsqrt(squares / K + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -115,7 +103,7 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, nw_ptr, r
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < k_end
         x_mask = m_mask[:, None] & k_mask[None, :]
-        x = _load_rows(x_ptr, res_ptr, m, k, x_mask, stride_xm, stride_rm, K, ADD_RESIDUAL, SWIGLU_IN)
+        x = _load_rows(x_ptr, res_ptr, m, k, x_mask, stride_xm, stride_rm, ADD_RESIDUAL)
         if ADD_RESIDUAL:
             if pid_n == 0:  # the first column block's programs write x + residual, each its own slice
                 tl.store(res_out_ptr + m[:, None] * K + k[None, :], x, mask=x_mask)
@@ -174,17 +162,12 @@ def _split_k(blocks: int, k: int, device: torch.device, block_k: int) -> int:
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   swiglu: bool = False, pdl: bool = False, norm: tuple[torch.Tensor, float] | None = None,
-                  residual: torch.Tensor | None = None, swiglu_in: bool = False,
-                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                  residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (M <= MAX_ROWS, rows contiguous), weight [N, K] (or [2N, K] with swiglu) -> [M, N]. `pdl`:
     launched with programmatic dependent launch (asyncllm_kernels.dependent_launch), the first PREFETCH_K columns
     of each program's slice of W asked into L2 before the wait. `norm` = (weight [K], eps): x is RMS-normed first;
-    `residual` [M, K] (with `norm` only): x + residual is normed instead, and the call returns (y, x + residual).
-    `swiglu_in` (not with `norm`): x is [M, 2K] = gate | up and silu(gate) * up is multiplied by W."""
+    `residual` [M, K] (with `norm` only): x + residual is normed instead, and the call returns (y, x + residual)."""
     rows, k = x.shape
-    if swiglu_in:
-        assert norm is None and k % 2 == 0
-        k //= 2
     assert rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1 and weight.shape[1] == k
     assert residual is None or (norm is not None and residual.shape == x.shape and residual.stride(-1) == 1)
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
@@ -194,8 +177,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return y if residual is None else (y, res_out)
     blocks = triton.cdiv(n, BLOCK_N)
     assert blocks <= MAX_COUNTERS
-    block_k, stages = (NORM_BLOCK_K, NORM_STAGES) if norm is not None else \
-        (BLOCK_K, SWIGLU_IN_STAGES) if swiglu_in else (BLOCK_K, NUM_STAGES)
+    block_k, stages = (NORM_BLOCK_K, NORM_STAGES) if norm is not None else (BLOCK_K, NUM_STAGES)
     split = _split_k(blocks * (2 if swiglu else 1), k, x.device, block_k)
     part = torch.empty(split, MAX_ROWS, 2 * n if swiglu else n, dtype=torch.float32, device=x.device) if split > 1 else y
     res = residual if residual is not None else x
@@ -203,7 +185,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x, weight, bias if bias is not None else y, y, part, _counters(x.device), norm[0] if norm else x, res, res_out,
         norm[1] if norm else 0.0, rows, n, k, x.stride(0), weight.stride(0), y.stride(0), res.stride(0),
         HAS_BIAS=bias is not None, SWIGLU=swiglu, NORM=norm is not None, ADD_RESIDUAL=residual is not None,
-        SWIGLU_IN=swiglu_in, SPLIT_K=split, BLOCK_M=MAX_ROWS,
+        SPLIT_K=split, BLOCK_M=MAX_ROWS,
         BLOCK_N=BLOCK_N, BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         UPCAST=x.device.type == "cpu", PDL=pdl, PREFETCH_K=PREFETCH_K, LINE=128 // weight.element_size(),
         num_warps=NUM_WARPS, num_stages=stages, **launch_options(pdl))
@@ -212,11 +194,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def skinny_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                       swiglu: bool = False, norm: tuple[torch.Tensor, float] | None = None,
-                      residual: torch.Tensor | None = None, swiglu_in: bool = False,
-                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    if swiglu_in:
-        gate, up = x.chunk(2, dim=-1)
-        x = torch.nn.functional.silu(gate) * up
+                      residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     if residual is not None:
         x = residual = x + residual
     if norm is not None:
