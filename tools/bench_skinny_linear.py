@@ -7,14 +7,10 @@ CUDA graph over copies of its weight that together exceed 150 MB, so no weight i
 timed alone sits in L2; Python-launched kernels this short measure the launch). µs per call, best of 5 replays.
 GPU. One JSON line per (implementation, rows); `skinny_max_out` is the widest layer the engine gives the kernel
 (asyncllm.layers.linear.SKINNY_MAX_OUT).
-`--swiglu-in`: instead, the down projections within that bound after gate|up's output: the SwiGLU kernel then the
-few-row kernel (`apart`) against the SwiGLU in that kernel's prologue (`swiglu_in`, at each of --stages).
-    python tools/bench_skinny_linear.py [--swiglu-in [--stages 3 4]]
+    python tools/bench_skinny_linear.py
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 
 import torch
@@ -55,38 +51,7 @@ def graph_us(fn, calls: int) -> float:
     return round(best, 2)
 
 
-def swiglu_in(stages: list[int]) -> None:
-    module = importlib.import_module("asyncllm_kernels.skinny_linear")  # (the package's name is the function)
-
-    dev, bf16 = "cuda", torch.bfloat16
-    downs = {name: (n, k) for name, (n, k, swiglu) in SHAPES.items() if name.endswith("_down") and n <= SKINNY_MAX_OUT}
-    weights = {name: [torch.randn(n, k, device=dev, dtype=bf16) / k**0.5
-                      for _ in range(max(2, -(-150_000_000 // (n * k * 2))))] for name, (n, k) in downs.items()}
-    default = module.SWIGLU_IN_STAGES
-    for m, pdl in ((1, False), (1, True), (4, True), (16, True)):
-        for impl, stage in [("apart", None), *[("swiglu_in", s) for s in stages]]:
-            module.SWIGLU_IN_STAGES = stage or default
-            out = {}
-            for name, (n, k) in downs.items():
-                gu, ws = torch.randn(m, 2 * k, device=dev, dtype=bf16), weights[name]
-                if impl == "apart":
-                    fn = lambda: [K.skinny_linear(K.silu_and_mul(gu, pdl=pdl), w, pdl=pdl) for w in ws]  # noqa: E731
-                else:
-                    fn = lambda: [K.skinny_linear(gu, w, swiglu_in=True, pdl=pdl) for w in ws]  # noqa: E731
-                out[name] = graph_us(fn, len(ws))
-            print(json.dumps(dict(bench="skinny_swiglu_in", impl=impl, stages=stage, rows=m, pdl=pdl, **out,
-                                  **run_fields())), flush=True)
-    module.SWIGLU_IN_STAGES = default
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--swiglu-in", action="store_true")
-    ap.add_argument("--stages", type=int, nargs="+", default=[3, 4])
-    args = ap.parse_args()
-    if args.swiglu_in:
-        swiglu_in(args.stages)
-        return
     dev, bf16 = "cuda", torch.bfloat16
     weights = {}
     for name, (n, k, swiglu) in SHAPES.items():

@@ -25,11 +25,11 @@ SKINNY_MAX_OUT = 2048
 SKINNY_SWIGLU_MAX_OUT = 2 * SKINNY_MAX_OUT
 # the RMSNorm before q|k|v and gate|up (with its residual add) in the kernel's prologue, for layers within the bounds
 # above (one rank only: under tensor parallelism the norm all-reduces its input first). Off until a measurement shows
-# it faster: the one taken (Qwen3-0.6B batch 1 on an H100, df90a81, docs/bench/norm_in_matmul_h100_df90a81.jsonl) has
-# it slower with the bound below at 2^23 (1.490 ms per token against 1.219 with the norms apart); within the plain
-# bounds alone (SmolLM2-135M's layers: `tools/bench_latency.py --variants flashinfer flashinfer-narrow-norm`) it is
-# not measured yet. (That measurement ran the kernel's norm variant at 1-2 programs per SM; since 6169352 it fits 4-8,
-# not timed yet: asyncllm_kernels.skinny_linear's NORM_BLOCK_K)
+# it faster: those taken (Qwen3-0.6B batch 1 on an H100, the bound below at 2^23) have it slower, at 1-2 programs
+# an SM (df90a81: 1.490 ms per token against 1.219 with the norms apart, docs/bench/norm_in_matmul_h100_df90a81.jsonl)
+# and at 4-8 since 6169352's narrower tiles (1b0d0b6: 1.585 against 1.230 and 1.238,
+# docs/bench/decode_latency_h100_1b0d0b6.jsonl); within the plain bounds alone (SmolLM2-135M's layers:
+# `tools/bench_latency.py --variants flashinfer flashinfer-narrow-norm`) it is not measured yet
 NORM_IN_MATMUL = False
 # ... and, norm included, for merged layers beyond those bounds of up to this many weights (0: none). cuBLAS reads
 # those layers faster than the kernel (Qwen3-0.6B's q|k|v and gate|up, 4.2M and 6.3M weights: 5.4 / 7.7 us with the

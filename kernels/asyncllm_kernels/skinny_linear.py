@@ -38,7 +38,8 @@ PREFETCH_K = 2 * BLOCK_K  # with PDL: columns of its slice of W a program asks i
 # With the norm in the prologue the x tile is worked in float32 (and the residual's beside it): at BLOCK_K 256 and 4
 # stages a program takes 140 registers and 90 KB of shared memory (255 and 114 KB with SwiGLU), so 1-2 programs fit an
 # SM where PROGRAMS_PER_SM are launched: the grid runs in waves. Narrower slices and fewer stages keep 4-8 resident
-# (64-104 registers, 16-21 KB; `tools/compile_kernels.py` reports both, sm_90, no GPU needed). Not timed yet.
+# (64-104 registers, 16-21 KB; `tools/compile_kernels.py` reports both, sm_90, no GPU needed). Timed at Qwen3-0.6B
+# batch 1 (H100, 1b0d0b6): still slower than the norms apart (asyncllm.layers.linear.NORM_IN_MATMUL).
 NORM_BLOCK_K, NORM_STAGES = 64, 3
 
 
