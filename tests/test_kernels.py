@@ -229,6 +229,20 @@ def test_store_kv_scatters_and_skips_padding():
     assert torch.equal(cache, ref) and cache[0].reshape(-1, 2, 16)[17].equal(k[1])
 
 
+def decode_case(block_size: int, hq: int, hk: int, dim: int, lens: list[int], dtype: torch.dtype):
+    """A paged cache with each sequence's blocks scattered, its block tables and lengths, and queries."""
+    num_blocks = sum(-(-n // block_size) for n in lens) + 3
+    cache = rnd(2, num_blocks, block_size, hk, dim, dtype=dtype)
+    perm = torch.randperm(num_blocks, device=DEVICE)  # scattered, non-contiguous blocks
+    width = max(-(-n // block_size) for n in lens)
+    tables, used = torch.zeros(len(lens), width, dtype=torch.int32, device=DEVICE), 0
+    for b, n in enumerate(lens):
+        nb = -(-n // block_size)
+        tables[b, :nb] = perm[used : used + nb].int()
+        used += nb
+    return cache, tables, torch.tensor(lens, dtype=torch.int32, device=DEVICE), rnd(len(lens), hq, dim, dtype=dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size, hq, hk, dim, lens", [(4, 4, 2, 16, [1, 7, 33]), (16, 9, 3, 64, [600, 5]),
                                                          (16, 4, 1, 32, [2000])])
@@ -240,17 +254,7 @@ def test_paged_decode_attention(block_size, hq, hk, dim, lens, dtype, config):
 
     chosen = paged_attention.FEW_PAIRS if config == "few" else paged_attention.MANY_PAIRS
     torch.manual_seed(3)
-    num_blocks = sum(-(-n // block_size) for n in lens) + 3
-    cache = rnd(2, num_blocks, block_size, hk, dim, dtype=dtype)
-    perm = torch.randperm(num_blocks, device=DEVICE)  # scattered, non-contiguous blocks
-    width = max(-(-n // block_size) for n in lens)
-    tables, used = torch.zeros(len(lens), width, dtype=torch.int32, device=DEVICE), 0
-    for b, n in enumerate(lens):
-        nb = -(-n // block_size)
-        tables[b, :nb] = perm[used : used + nb].int()
-        used += nb
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    q = rnd(len(lens), hq, dim, dtype=dtype)
+    cache, tables, seq_lens, q = decode_case(block_size, hq, hk, dim, lens, dtype)
     ref = K.paged_decode_attention_ref(q, cache, tables, seq_lens, dim**-0.5)
     counters = K.decode_counters(q.device)
     for bound in (max(lens), 4 * max(lens)):  # one chunk per head, or several merged in the kernel (twice with
@@ -258,6 +262,48 @@ def test_paged_decode_attention(block_size, hq, hk, dim, lens, dtype, config):
             out = K.paged_decode_attention(q, cache, tables, seq_lens, dim**-0.5, bound, counters, chosen)
             torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
             assert not counters.any()
+
+
+def check_new_token_in_decode_kernel(block_size: int, hq: int, hk: int, dim: int, lens: list[int],
+                                     dtype: torch.dtype, qk_norm: bool, exact: bool) -> None:
+    """paged_decode_attention(new=NewToken(...)) on unrotated q against rope_store_kv then the kernel: the same
+    cache (a padding row's slot untouched) and output, bit for bit where `exact` (the GPU compiler may contract the
+    two kernels' float ops differently), q untouched; with one chunk per head and with several."""
+    from asyncllm.layers.rotary import RotaryEmbedding
+    from transformers import LlamaConfig
+
+    cache, tables, seq_lens, q = decode_case(block_size, hq, hk, dim, lens, dtype)
+    cfg = LlamaConfig(hidden_size=hq * dim, num_attention_heads=hq, head_dim=dim)
+    cos_sin = RotaryEmbedding(cfg, dim, max(lens)).cos_sin_cache.to(DEVICE)
+    pos = (seq_lens - 1).long()
+    slots = (tables.gather(1, (pos // block_size)[:, None]).squeeze(1).long() * block_size + pos % block_size)
+    if len(lens) > 1:
+        slots[1] = -1  # a captured graph's padding row: nothing stored
+    kv = rnd(len(lens), 2 * hk * dim, dtype=dtype)  # rows of the fused q|k|v matmul's k|v
+    k, v = (t.view(len(lens), hk, dim) for t in kv.split([hk * dim, hk * dim], dim=-1))
+    norms = (1 + rnd(dim, dtype=dtype) / 4, 1 + rnd(dim, dtype=dtype) / 4, 1e-6) if qk_norm else (None, None, 0.0)
+    counters = K.decode_counters(q.device)
+    for bound in (max(lens), 4 * max(lens)):
+        want_q, want_cache = q.clone(), cache.clone()
+        K.rope_store_kv(pos, want_q, k, v, cos_sin, want_cache, slots, *norms)
+        want = K.paged_decode_attention(want_q, want_cache, tables, seq_lens, dim**-0.5, bound, counters)
+        got_q, got_cache = q.clone(), cache.clone()
+        got = K.paged_decode_attention(got_q, got_cache, tables, seq_lens, dim**-0.5, bound, counters,
+                                       new=K.NewToken(k, v, pos, slots, cos_sin, *norms))
+        assert torch.equal(got_q, q) and not counters.any()
+        if exact:
+            assert torch.equal(got_cache, want_cache) and torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got_cache, want_cache, atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("block_size, hq, hk, dim, lens", [(4, 4, 2, 32, [1, 7, 33]), (16, 9, 3, 64, [600, 5])])
+def test_decode_kernel_rotates_and_stores_the_new_token(block_size, hq, hk, dim, lens, qk_norm):
+    torch.manual_seed(len(lens))  # the interpreter's bf16 dot is wrong (above): float32 there, bf16 on the GPU
+    check_new_token_in_decode_kernel(block_size, hq, hk, dim, lens, torch.float32 if DEVICE == "cpu" else
+                                     torch.bfloat16, qk_norm, exact=DEVICE == "cpu")
 
 
 def test_decode_launch_config_is_the_one_measured_fastest_at_each_grid():

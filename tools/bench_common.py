@@ -25,11 +25,11 @@ def percentile(xs: list[float], q: float) -> float:
 
 def variant_config(variant: str) -> dict:
     """'BACKEND[-eager][-no-pieces][-no-overlap][-nccl|-symm][-cublas][-no-pdl][-wide|-wide-swiglu]
-    [-norm-apart|-narrow-norm|-norm-in-matmul]' -> engine options: eager = no CUDA graphs, no-pieces = no piecewise
-    graphs (steps with prompt tokens eager), no-overlap = each step read back before the next is scheduled, nccl /
-    symm = tensor parallelism's all-reduces by NCCL only / by the symmetric-memory kernels where small (default:
-    auto), cublas = torch's matmuls at few rows too, no-pdl = no programmatic dependent launch; the rest set the
-    layers' choices (set_layer_variant: call before building the engine)."""
+    [-norm-apart|-narrow-norm|-norm-in-matmul][-rope-in-decode]' -> engine options: eager = no CUDA graphs,
+    no-pieces = no piecewise graphs (steps with prompt tokens eager), no-overlap = each step read back before the
+    next is scheduled, nccl / symm = tensor parallelism's all-reduces by NCCL only / by the symmetric-memory kernels
+    where small (default: auto), cublas = torch's matmuls at few rows too, no-pdl = no programmatic dependent
+    launch; the rest set the layers' choices (set_layer_variant: call before building the engine)."""
     set_layer_variant(variant)
     all_reduce = "nccl" if "-nccl" in variant else "symm_mem" if "-symm" in variant else "auto"
     return dict(attention_backend=variant.split("-")[0], enforce_eager="-eager" in variant,
@@ -40,12 +40,13 @@ def variant_config(variant: str) -> dict:
 
 
 @functools.cache
-def _layers_skinny_bounds() -> tuple[int, int, bool, int]:
-    """The layers' own bounds (plain, gate|up with SwiGLU), NORM_IN_MATMUL and NORM_MATMUL_MAX_WEIGHTS, read before
-    any variant changes them."""
-    from asyncllm.layers import linear
+def _layers_defaults() -> tuple[int, int, bool, int, bool]:
+    """The layers' own bounds (plain, gate|up with SwiGLU), NORM_IN_MATMUL, NORM_MATMUL_MAX_WEIGHTS and
+    ROPE_IN_DECODE_KERNEL, read before any variant changes them."""
+    from asyncllm.layers import attention, linear
 
-    return linear.SKINNY_MAX_OUT, linear.SKINNY_SWIGLU_MAX_OUT, linear.NORM_IN_MATMUL, linear.NORM_MATMUL_MAX_WEIGHTS
+    return linear.SKINNY_MAX_OUT, linear.SKINNY_SWIGLU_MAX_OUT, linear.NORM_IN_MATMUL, linear.NORM_MATMUL_MAX_WEIGHTS, \
+        attention.ROPE_IN_DECODE_KERNEL
 
 
 NORM_MATMUL_CANDIDATE = 1 << 23  # '-norm-in-matmul''s NORM_MATMUL_MAX_WEIGHTS
@@ -56,10 +57,12 @@ def set_layer_variant(variant: str) -> None:
     gate|up layer (SwiGLU in its epilogue), the others as by default; '-norm-apart': the RMSNorm before a matmul in its
     own kernel, not in the few-row matmul's prologue; '-narrow-norm': in the prologue only for layers within the
     plain bounds; '-norm-in-matmul': in the prologue also for merged layers of up to NORM_MATMUL_CANDIDATE weights
-    (the layers read these when built: call before the engine)."""
-    from asyncllm.layers import linear
+    (the layers read these when built: call before the engine); '-rope-in-decode': the rotary embedding and the
+    new token's KV store in the decode attention kernel (asyncllm.layers.attention.ROPE_IN_DECODE_KERNEL)."""
+    from asyncllm.layers import attention, linear
 
-    plain, swiglu, norm_in_matmul, norm_weights = _layers_skinny_bounds()
+    plain, swiglu, norm_in_matmul, norm_weights, rope_in_decode = _layers_defaults()
+    attention.ROPE_IN_DECODE_KERNEL = rope_in_decode or "-rope-in-decode" in variant
     narrow, wide_norm = "-narrow-norm" in variant, "-norm-in-matmul" in variant
     linear.NORM_IN_MATMUL = "-norm-apart" not in variant and (norm_in_matmul or narrow or wide_norm)
     linear.NORM_MATMUL_MAX_WEIGHTS = 0 if narrow else NORM_MATMUL_CANDIDATE if wide_norm else norm_weights

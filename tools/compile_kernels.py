@@ -155,6 +155,9 @@ def calls(shape: str, dtype: Any, pdl: bool) -> list[tuple[str, Callable[[], Any
             (f"paged_decode_attention {tag}", lambda q=q, ints=ints, rows=rows: K.paged_decode_attention(
                 q, cache, torch.zeros(rows, width, dtype=torch.int64), ints, dim ** -0.5,
                 8192, pdl=pdl)),
+            (f"paged_decode_attention new token {tag}", lambda q=q, k=k, v=v, ints=ints, rows=rows:
+                K.paged_decode_attention(q, cache, torch.zeros(rows, width, dtype=torch.int64), ints, dim ** -0.5,
+                                         8192, pdl=pdl, new=K.NewToken(k, v, ints, ints, cos_sin, *norms, 1e-6))),
             (f"silu_and_mul {tag}", lambda x=torch.zeros(rows, 2 * inter, dtype=dtype): K.silu_and_mul(x, pdl=pdl)),
         ]
         if rows <= K.SKINNY_MAX_ROWS:

@@ -22,6 +22,14 @@ from asyncllm.layers import kernel_choice
 from asyncllm.layers.norm import rms_norm_torch
 from asyncllm.layers.rotary import apply_rotary
 
+# Decode steps of the GPU backends' Triton path (CUDA-graph decode steps; the triton backend's every decode-only step):
+# the rotary embedding (with Qwen3's q/k norms) and the new token's KV store inside the decode attention kernel
+# (asyncllm_kernels.paged_attention.NewToken) instead of rope_store_kv before it: one kernel fewer a layer. Off until
+# measured faster (`tools/bench_latency.py --variants flashinfer flashinfer-rope-in-decode`); read when a backend is
+# built.
+ROPE_IN_DECODE_KERNEL = False
+
+
 class Rotary(NamedTuple):
     """What the backend applies to q and k before the store: with q_norm / k_norm weights [D] (Qwen3; the GPU
     backends fuse it), each head's RMSNorm, then the rotary embedding."""
@@ -165,6 +173,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
 
         self.kernels = asyncllm_kernels
         self.pdl = kernel_choice.current().pdl
+        self.rope_in_decode = ROPE_IN_DECODE_KERNEL
         self.counters: torch.Tensor | None = None  # the decode kernel's, allocated on first use (its device)
 
     def plan(self, meta: AttentionMetadata) -> None:
@@ -207,6 +216,10 @@ class TritonAttentionBackend(TorchAttentionBackend):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float,
         rotary: Rotary | None = None,
     ) -> torch.Tensor:
+        if self.decode_only and rotary is not None and self.rope_in_decode:  # rotated and stored by the kernel
+            new = self.kernels.NewToken(k, v, rotary.positions, self.full.slot_mapping, rotary.cos_sin_cache,
+                                        rotary.q_norm, rotary.k_norm, rotary.eps)
+            return self._attend_stored(q, kv_cache, scale, new)
         store_new_kv(self.kernels, q, k, v, kv_cache, self.full.slot_mapping, rotary, self.pdl)
         return self._attend_stored(q, kv_cache, scale)
 
@@ -214,7 +227,8 @@ class TritonAttentionBackend(TorchAttentionBackend):
         """Piecewise CUDA graphs: the planned step's attention, its K/V already stored, into `out`."""
         out.copy_(self._attend_stored(q, kv_cache, scale))
 
-    def _attend_stored(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    def _attend_stored(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, new: Any = None) -> torch.Tensor:
+        """`new` (decode-only steps): the kernel's NewToken, q unrotated and the new K/V not stored yet."""
         kern = self.kernels
         if not self.decode_only and not self.mixed:
             return self._attend(q, kv_cache, scale)
@@ -222,7 +236,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
             self.counters = kern.decode_counters(q.device)
         if self.decode_only:
             return kern.paged_decode_attention(q, kv_cache, self.dec_tables, self.dec_seq_lens, scale,
-                                               self.dec_max_len, self.counters, pdl=self.pdl)
+                                               self.dec_max_len, self.counters, pdl=self.pdl, new=new)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         out[self.dec_rows] = kern.paged_decode_attention(q[self.dec_rows], kv_cache, self.dec_tables,
                                                          self.dec_seq_lens, scale, self.dec_max_len, self.counters,

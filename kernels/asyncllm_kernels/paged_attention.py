@@ -10,6 +10,11 @@ program per head and the others exit at once. With SPLITS > 1 the last program o
 told by an atomic counter, merges the chunks by their log-sum-exp and resets the counter: no second kernel. A
 context that fits one chunk (every program tells it from seq_len) skips the merge: the first program writes the
 output (the merge of one chunk would give the same bits) and no program touches the counter.
+With `new` (NewToken), q comes unrotated and the kernel does rope_store_kv's work too: each program normalizes (Qwen3)
+and rotates its query heads as it loads them (q itself is left as it was), and the program whose chunk ends at the
+new token normalizes and rotates that token's K and stores it and V into its slot before it reads its chunk (a
+barrier orders its own threads; no other program reads that slot): one kernel fewer a layer, the same bits as
+rope_store_kv then this kernel.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import triton.language as tl
 
 from asyncllm_kernels.dependent_launch import launch_options, wait_previous
 from asyncllm_kernels.device_shape import device_shape
+from asyncllm_kernels.rope import norm_rotate
 
 MAX_COUNTERS = 1 << 16  # (sequence, KV head) pairs one call may have
 
@@ -51,18 +57,65 @@ def launch_config(batch: int, kv_heads: int, head_dim: int, elem_bytes: int, sms
     return FEW_PAIRS if batch * kv_heads <= sms * resident else MANY_PAIRS
 
 
+class NewToken(NamedTuple):
+    """Each sequence's new token, rotated (and normalized) and stored by the decode kernel itself (see the module
+    docstring): what rope_store_kv takes."""
+
+    k: torch.Tensor  # [B, Hk, D] unrotated; v [B, Hk, D]
+    v: torch.Tensor
+    positions: torch.Tensor  # [B]
+    slots: torch.Tensor  # [B] cache slots (negative: a padding row, nothing stored)
+    cos_sin_cache: torch.Tensor  # [max_position, D] float32
+    q_norm: torch.Tensor | None = None  # [D] each, together or not at all
+    k_norm: torch.Tensor | None = None
+    eps: float = 0.0
+
+
 def decode_counters(device: torch.device) -> torch.Tensor:
     """Arrival counters for paged_decode_attention: zero between calls (the merging program resets its own).
     Calls that share them must not overlap in time: one per stream (an engine's steps run on one stream)."""
     return torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
 
 
+@triton.jit
+def _new_token(q_ptr, heads, g_mask, cache_ptr, v_offset, k_ptr, v_ptr, pos_ptr, slot_ptr, cs_ptr, qn_ptr, kn_ptr,
+               eps, b, kvh, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, store, GROUP_PAD: tl.constexpr,
+               KV_HEADS: tl.constexpr, DIM: tl.constexpr, NORM: tl.constexpr):
+    """NewToken's work: q's heads [GROUP_PAD, DIM] (normalized and) rotated; when `store`, the new token's K of
+    head kvh (normalized and) rotated and its V into the token's slot (unless negative), then a barrier."""
+    HALF: tl.constexpr = DIM // 2
+    h = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr + b)
+    cos = tl.load(cs_ptr + pos * DIM + h)[None, :]
+    sin = tl.load(cs_ptr + pos * DIM + HALF + h)[None, :]
+    q_src = q_ptr + b * stride_qb + heads[:, None] * stride_qh + h[None, :]
+    q1 = tl.load(q_src, mask=g_mask[:, None], other=0.0)
+    q2 = tl.load(q_src + HALF, mask=g_mask[:, None], other=0.0)
+    q1, q2 = norm_rotate(q1, q2, cos, sin, qn_ptr, eps, HALF, NORM)
+    q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (GROUP_PAD, DIM))  # [q1 | q2] per row
+    if store:
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        if slot >= 0:
+            k_src = k_ptr + b * stride_kb + kvh * stride_kh + h[None, :]
+            k1, k2 = norm_rotate(tl.load(k_src), tl.load(k_src + HALF), cos, sin, kn_ptr, eps, HALF, NORM)
+            dst = cache_ptr + slot * (KV_HEADS * DIM) + kvh * DIM + h[None, :]
+            tl.store(dst, k1)
+            tl.store(dst + HALF, k2)
+            d = tl.arange(0, DIM)
+            tl.store(cache_ptr + v_offset + slot * (KV_HEADS * DIM) + kvh * DIM + d,
+                     tl.load(v_ptr + b * stride_vb + kvh * DIM + d))
+    tl.debug_barrier()  # the stores above are visible to every thread of this program before its chunk's loads
+    return q
+
+
 @triton.jit(do_not_specialize=["stride_bt"])  # the width of a step's block tables varies
 def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, scale, v_offset,
                    stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
+                   k_ptr, v_ptr, pos_ptr, slot_ptr, cs_ptr, qn_ptr, kn_ptr, eps, stride_kb, stride_kh, stride_vb,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
-                   PRECISION: tl.constexpr, SPLIT_P: tl.constexpr, PDL: tl.constexpr):
+                   PRECISION: tl.constexpr, SPLIT_P: tl.constexpr, PDL: tl.constexpr, NEW: tl.constexpr,
+                   NORM: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -80,7 +133,13 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, out_p
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
     if start < end:
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_mask[:, None], other=0.0)
+        if NEW:  # rotated here; this chunk ends at the new token: its K and V stored first
+            q = _new_token(q_ptr, heads, g_mask, cache_ptr, v_offset, k_ptr, v_ptr, pos_ptr, slot_ptr, cs_ptr, qn_ptr,
+                           kn_ptr, eps, b, kvh, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, end == seq_len,
+                           GROUP_PAD, KV_HEADS, DIM, NORM)
+        else:
+            q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_mask[:, None],
+                        other=0.0)
         row = KV_HEADS * DIM  # elements of one token's K (or V) across heads
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
@@ -142,15 +201,19 @@ def _num_splits(batch: int, kv_heads: int, max_seq_len: int, sms: int, min_chunk
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, max_seq_len: int,
                            counters: torch.Tensor | None = None, config: LaunchConfig | None = None,
-                           pdl: bool = False) -> torch.Tensor:
+                           pdl: bool = False, new: NewToken | None = None) -> torch.Tensor:
     """`max_seq_len` (host int, an upper bound of seq_lens) fixes the grid: no device-to-host sync here.
     `counters` (decode_counters): the caller's, reused across calls; None allocates fresh ones (a memset).
     `config`: the launch configuration (tests and tuning); None: `launch_config`'s for this grid.
-    `pdl`: launched with programmatic dependent launch (asyncllm_kernels.dependent_launch)."""
+    `pdl`: launched with programmatic dependent launch (asyncllm_kernels.dependent_launch).
+    `new`: q is unrotated and the new tokens' K/V are not stored yet: the kernel does both (module docstring)."""
     batch, heads, dim = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     assert heads % kv_heads == 0 and dim == triton.next_power_of_2(dim) and kv_cache.is_contiguous()
     assert batch * kv_heads <= MAX_COUNTERS
+    if new is not None:
+        assert new.k.shape == (batch, kv_heads, dim) and new.k.stride(-1) == 1 and new.v.stride(1) == dim
+        assert new.v.stride(2) == 1 and (new.q_norm is None) == (new.k_norm is None) and dim >= 32
     group = heads // kv_heads
     out = torch.empty_like(q)
     if batch == 0:
@@ -162,14 +225,18 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else out
     if counters is None:
         counters = decode_counters(q.device)
+    norm = new is not None and new.q_norm is not None
+    extra = (new.k, new.v, new.positions, new.slots, new.cos_sin_cache, new.q_norm if norm else q,
+             new.k_norm if norm else q, new.eps, new.k.stride(0), new.k.stride(1), new.v.stride(0)) if new else \
+        (q, q, q, q, q, q, q, 0.0, 0, 0, 0)
     _decode_kernel[(batch, kv_heads, splits)](
         q, kv_cache, block_tables, seq_lens, o, lse, out, counters, scale, kv_cache[0].numel(), q.stride(0),
-        q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), GROUP=group,
+        q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), *extra, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_HEADS=kv_heads, DIM=dim, BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n, SPLITS=splits, MIN_CHUNK=config.min_chunk, num_warps=config.num_warps,
         num_stages=config.num_stages,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # no TF32 rounding for float32 inputs
-        SPLIT_P=q.dtype != torch.float32, PDL=pdl, **launch_options(pdl))
+        SPLIT_P=q.dtype != torch.float32, PDL=pdl, NEW=new is not None, NORM=norm, **launch_options(pdl))
     return out
 
 

@@ -24,6 +24,23 @@ def _rotated(x1, x2, cos, sin):
 
 
 @triton.jit
+def norm_rotate(x1, x2, cos, sin, norm_ptr, eps, HALF: tl.constexpr, NORM: tl.constexpr):
+    """Rows of (x1, x2) halves [R, HALF] -> rotated halves; with NORM each row is RMS-normalized by the weights
+    [2 * HALF] at norm_ptr first, like add_norm_store (normalized in float32, rounded, times the weight, rounded).
+    Shared with the decode kernel that rotates and stores the new token itself (paged_attention)."""
+    if NORM:
+        d = tl.arange(0, HALF)[None, :]
+        dt = x1.dtype
+        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+        r = tl.rsqrt((tl.sum(x1f * x1f, axis=1) + tl.sum(x2f * x2f, axis=1)) / (2 * HALF) + eps)[:, None]
+        w1 = tl.load(norm_ptr + d).to(tl.float32)
+        w2 = tl.load(norm_ptr + HALF + d).to(tl.float32)
+        x1 = (w1 * (x1f * r).to(dt).to(tl.float32)).to(dt)
+        x2 = (w2 * (x2f * r).to(dt).to(tl.float32)).to(dt)
+    return _rotated(x1, x2, cos, sin)
+
+
+@triton.jit
 def _rotate_heads(ptr, stride_h, n_heads, cos, sin, dst_ptr, dst_stride_h, norm_ptr, eps, HALF: tl.constexpr,
                   BLOCK_H: tl.constexpr, NORM: tl.constexpr):
     """Rotate the n_heads rows of one token at ptr (stride_h apart) into dst_ptr (dst_stride_h apart); with NORM,
@@ -34,15 +51,7 @@ def _rotate_heads(ptr, stride_h, n_heads, cos, sin, dst_ptr, dst_stride_h, norm_
         m = (start + h) < n_heads
         src = ptr + (start + h) * stride_h + d
         x1, x2 = tl.load(src, mask=m, other=0.0), tl.load(src + HALF, mask=m, other=0.0)
-        if NORM:  # like add_norm_store: normalized in float32, rounded, times the weight, rounded
-            dt = x1.dtype
-            x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-            r = tl.rsqrt((tl.sum(x1f * x1f, axis=1) + tl.sum(x2f * x2f, axis=1)) / (2 * HALF) + eps)[:, None]
-            w1 = tl.load(norm_ptr + d).to(tl.float32)
-            w2 = tl.load(norm_ptr + HALF + d).to(tl.float32)
-            x1 = (w1 * (x1f * r).to(dt).to(tl.float32)).to(dt)
-            x2 = (w2 * (x2f * r).to(dt).to(tl.float32)).to(dt)
-        y1, y2 = _rotated(x1, x2, cos, sin)
+        y1, y2 = norm_rotate(x1, x2, cos, sin, norm_ptr, eps, HALF, NORM)
         dst = dst_ptr + (start + h) * dst_stride_h + d
         tl.store(dst, y1, mask=m)
         tl.store(dst + HALF, y2, mask=m)

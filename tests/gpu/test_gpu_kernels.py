@@ -13,6 +13,7 @@ if torch.cuda.is_available():
     from test_kernels import (  # noqa: E402,F401  (collected again here, on the GPU)
         test_all_reduce_add_rms_norm_on_one_rank,
         test_decode_inputs_kernel_matches_the_torch_path,
+        test_decode_kernel_rotates_and_stores_the_new_token,
         test_paged_decode_attention,
         test_rmsnorm_with_and_without_residual,
         test_rope_with_kv_store,
@@ -42,6 +43,20 @@ def test_skinny_linear_at_model_shapes(rows, n, k, swiglu):
     out = K.skinny_linear(x, w, None, swiglu)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     assert torch.equal(K.skinny_linear(x, w, None, swiglu), out)
+
+
+@pytest.mark.parametrize("block_size, hq, hk, dim, lens, qk_norm", [
+    (16, 16, 8, 128, [1, 300, 4097], True),  # Qwen3-0.6B's heads (its q/k norms), one, several and many chunks
+    (16, 32, 8, 128, [5000, 17], False),  # Llama-3.1-8B's
+    (16, 9, 3, 64, [200, 1, 64], False),  # SmolLM2-135M's
+])
+def test_decode_kernel_rotates_and_stores_the_new_token_at_model_shapes(block_size, hq, hk, dim, lens, qk_norm):
+    """The rotary embedding (with Qwen3's q/k norms) and the new token's KV store inside the decode kernel, in bf16,
+    against rope_store_kv then the kernel."""
+    from test_kernels import check_new_token_in_decode_kernel
+
+    torch.manual_seed(hq)
+    check_new_token_in_decode_kernel(block_size, hq, hk, dim, lens, torch.bfloat16, qk_norm, exact=False)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 16])

@@ -43,15 +43,20 @@ def hf_refs(models):
 
 
 PROMPTS = random_prompts(8, 2048, 20, 200, seed=3)
-# backend[-eager][-no-overlap]: eager = no CUDA graphs; no-overlap = each step read back before the next is scheduled
+# backend[-eager][-no-overlap][-rope-in-decode]: eager = no CUDA graphs; no-overlap = each step read back before the
+# next is scheduled; rope-in-decode = the rotary embedding and the KV store in the decode kernel (ROPE_IN_DECODE_KERNEL)
 VARIANTS = ["torch", "triton", "triton-eager", "triton-no-overlap", "flashinfer", "flashinfer-eager",
-            "flashinfer-no-overlap"]
+            "flashinfer-no-overlap", "triton-rope-in-decode", "triton-eager-rope-in-decode",
+            "flashinfer-rope-in-decode"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
-def test_bf16_greedy_matches_transformers(models, hf_refs, arch, config, variant):
+def test_bf16_greedy_matches_transformers(models, hf_refs, arch, config, variant, monkeypatch):
+    from asyncllm.layers import attention
+
+    monkeypatch.setattr(attention, "ROPE_IN_DECODE_KERNEL", "rope-in-decode" in variant)
     model_dir = models[arch]
     kwargs = dict(max_model_len=512, block_size=16) | CONFIGS[config]
     backend = variant.split("-")[0]
