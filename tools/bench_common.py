@@ -25,7 +25,7 @@ def percentile(xs: list[float], q: float) -> float:
 
 def variant_config(variant: str) -> dict:
     """'BACKEND[-eager][-no-pieces][-no-overlap][-nccl|-symm][-cublas][-no-pdl][-wide|-wide-swiglu]
-    [-norm-apart|-narrow-norm|-norm-in-matmul][-rope-in-decode]' -> engine options: eager = no CUDA graphs,
+    [-norm-apart|-narrow-norm|-norm-in-matmul][-norm-after][-rope-in-decode]' -> engine options: eager = no CUDA graphs,
     no-pieces = no piecewise graphs (steps with prompt tokens eager), no-overlap = each step read back before the
     next is scheduled, nccl / symm = tensor parallelism's all-reduces by NCCL only / by the symmetric-memory kernels
     where small (default: auto), cublas = torch's matmuls at few rows too, no-pdl = no programmatic dependent
@@ -40,13 +40,13 @@ def variant_config(variant: str) -> dict:
 
 
 @functools.cache
-def _layers_defaults() -> tuple[int, int, bool, int, bool]:
-    """The layers' own bounds (plain, gate|up with SwiGLU), NORM_IN_MATMUL, NORM_MATMUL_MAX_WEIGHTS and
-    ROPE_IN_DECODE_KERNEL, read before any variant changes them."""
+def _layers_defaults() -> tuple[int, int, bool, int, bool, bool]:
+    """The layers' own bounds (plain, gate|up with SwiGLU), NORM_IN_MATMUL, NORM_MATMUL_MAX_WEIGHTS,
+    NORM_AFTER_MATMUL and ROPE_IN_DECODE_KERNEL, read before any variant changes them."""
     from asyncllm.layers import attention, linear
 
     return linear.SKINNY_MAX_OUT, linear.SKINNY_SWIGLU_MAX_OUT, linear.NORM_IN_MATMUL, linear.NORM_MATMUL_MAX_WEIGHTS, \
-        attention.ROPE_IN_DECODE_KERNEL
+        linear.NORM_AFTER_MATMUL, attention.ROPE_IN_DECODE_KERNEL
 
 
 NORM_MATMUL_CANDIDATE = 1 << 23  # '-norm-in-matmul''s NORM_MATMUL_MAX_WEIGHTS
@@ -57,11 +57,13 @@ def set_layer_variant(variant: str) -> None:
     gate|up layer (SwiGLU in its epilogue), the others as by default; '-norm-apart': the RMSNorm before a matmul in its
     own kernel, not in the few-row matmul's prologue; '-narrow-norm': in the prologue only for layers within the
     plain bounds; '-norm-in-matmul': in the prologue also for merged layers of up to NORM_MATMUL_CANDIDATE weights
-    (the layers read these when built: call before the engine); '-rope-in-decode': the rotary embedding and the
-    new token's KV store in the decode attention kernel (asyncllm.layers.attention.ROPE_IN_DECODE_KERNEL)."""
+    (the layers read these when built: call before the engine); '-norm-after': the norms after o and down in their
+    few-row kernel's epilogue (asyncllm.layers.linear.NORM_AFTER_MATMUL); '-rope-in-decode': the rotary embedding and
+    the new token's KV store in the decode attention kernel (asyncllm.layers.attention.ROPE_IN_DECODE_KERNEL)."""
     from asyncllm.layers import attention, linear
 
-    plain, swiglu, norm_in_matmul, norm_weights, rope_in_decode = _layers_defaults()
+    plain, swiglu, norm_in_matmul, norm_weights, norm_after, rope_in_decode = _layers_defaults()
+    linear.NORM_AFTER_MATMUL = norm_after or "-norm-after" in variant
     attention.ROPE_IN_DECODE_KERNEL = rope_in_decode or "-rope-in-decode" in variant
     narrow, wide_norm = "-narrow-norm" in variant, "-norm-in-matmul" in variant
     linear.NORM_IN_MATMUL = "-norm-apart" not in variant and (norm_in_matmul or narrow or wide_norm)
