@@ -69,8 +69,8 @@ class DecoderAttention(nn.Module):
         """norm (after the residual add: RMSNorm.add_norm; None: x is normed already) then attention -> (this rank's
         partial sum of o_proj (see RowParallelLinear), the residual, False), or with the norm `after` it in o_proj's
         kernel (RowParallelLinear.matmul_add_norm) (after.add_norm's output, the residual, True)."""
-        fused = self.qkv_proj.norm_matmul(x, residual, norm) if norm is not None else None  # one kernel where the
-        if fused is not None:  # few-row kernel takes x
+        fused = self.qkv_proj.norm_matmul(x, residual, norm) if norm is not None else None  # norm + q|k|v, one kernel
+        if fused is not None:
             qkv, residual = fused
         else:
             if norm is not None:
@@ -110,7 +110,7 @@ class DecoderMLP(nn.Module):
         partial sum (see RowParallelLinear), the residual, False), or with the norm `after` it in down_proj's kernel
         (after.add_norm's output, the residual, True)."""
         fused = self.gate_up_proj.norm_matmul(x, residual, norm, swiglu=True) if norm is not None else None
-        if fused is not None:  # norm, gate|up and SwiGLU: one kernel
+        if fused is not None:  # norm, gate|up and SwiGLU in one kernel
             h, residual = fused
         else:
             if norm is not None:

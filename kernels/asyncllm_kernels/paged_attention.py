@@ -13,8 +13,8 @@ output (the merge of one chunk would give the same bits) and no program touches 
 With `new` (NewToken), q comes unrotated and the kernel does rope_store_kv's work too: each program normalizes (Qwen3)
 and rotates its query heads as it loads them (q itself is left as it was), and the program whose chunk ends at the
 new token normalizes and rotates that token's K and stores it and V into its slot before it reads its chunk (a
-barrier orders its own threads; no other program reads that slot): one kernel fewer a layer, the same bits as
-rope_store_kv then this kernel.
+barrier orders its own threads; no other program reads that slot): one kernel fewer a layer, the same arithmetic
+as rope_store_kv then this kernel (asyncllm_kernels.rope.norm_rotate).
 """
 from __future__ import annotations
 

@@ -210,7 +210,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x, weight, bias if bias is not None else y, y, part, _counters(x.device), norm_w, res, res_out, normed, eps,
         rows, n, k, x.stride(0), weight.stride(0), y.stride(0), res.stride(0),
         HAS_BIAS=bias is not None, SWIGLU=swiglu, NORM=norm is not None, ADD_RESIDUAL=residual is not None,
-        NORM_OUT=add_norm is not None, ROW=triton.next_power_of_2(n), SPLIT_K=split, BLOCK_M=MAX_ROWS,
+        NORM_OUT=add_norm is not None, ROW=triton.next_power_of_2(n) if add_norm is not None else 16,  # (unused)
+        SPLIT_K=split, BLOCK_M=MAX_ROWS,
         BLOCK_N=BLOCK_N, BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         UPCAST=x.device.type == "cpu", PDL=pdl, PREFETCH_K=PREFETCH_K, LINE=128 // weight.element_size(),
         num_warps=NUM_WARPS, num_stages=stages, **launch_options(pdl))
