@@ -214,6 +214,46 @@ def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch):
         assert [{k: v for k, v in c.items() if v} for c in calls] == expected
 
 
+def test_decoder_model_hands_on_normed_activations_with_the_norms_after_o_and_down(monkeypatch):
+    """NORM_AFTER_MATMUL: a decoder model's step of a few rows runs every norm but the first layer's input norm in
+    o's and down's few-row kernel (two a layer, the model's last norm in the last down) and gives the hidden states
+    of the norms apart. (Attention stubbed to return q; the few-row kernel by its torch reference, so on CPU.)"""
+    from transformers import LlamaConfig
+
+    from asyncllm.layers import attention, kernel_choice, linear
+    from asyncllm.models.llama import DecoderModel, DecoderSpec
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    models = {}
+    for on in (False, True):
+        monkeypatch.setattr(linear, "NORM_AFTER_MATMUL", on)
+        with kernel_choice.choose(kernel_choice.KernelChoice(skinny_matmul=True)):
+            models[on] = DecoderModel(cfg, DecoderSpec(), 64).to(DEVICE)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in models[False].parameters():
+            p.normal_(0.0, 0.2)
+    models[True].load_state_dict(models[False].state_dict())
+    monkeypatch.setattr(attention.Attention, "forward", lambda self, q, k, v, rotary=None: q)
+    calls = []
+
+    def recorded(*a, pdl=False, add_norm=None, **kw):
+        calls.append(add_norm is not None)
+        return K.skinny_linear_ref(*a, add_norm=add_norm, **kw)
+
+    monkeypatch.setattr(K, "skinny_linear", recorded)
+    ids = torch.randint(0, 100, (5,), device=DEVICE)
+    positions = torch.arange(5, device=DEVICE)
+    with torch.no_grad():
+        want = models[False](ids, positions)
+        assert not any(calls)
+        calls.clear()
+        got = models[True](ids, positions)
+    assert sum(calls) == 2 * cfg.num_hidden_layers
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("max_weights, fused", [(96 * 64, True), (96 * 64 - 1, False)])
 def test_norm_in_matmul_takes_wide_layers_up_to_its_weight_bound(monkeypatch, max_weights, fused):
     """A merged layer wider than the plain bound runs its norm + matmul as one few-row kernel while its weights are
