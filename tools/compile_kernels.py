@@ -124,7 +124,8 @@ def install(arch: int, compiled: list[dict]) -> None:
 
 
 def calls(shape: str, dtype: Any, pdl: bool) -> list[tuple[str, Callable[[], Any]]]:
-    """The wrappers' calls a decode step (1 and 16 rows, 256 for the rest) and a prefill chunk make at `shape`."""
+    """The wrappers' calls a decode step (1 and 16 rows, 256 for the rest; the decode kernel at 1 and 256) and a
+    prefill chunk make at `shape`."""
     import torch
 
     import asyncllm_kernels as K
@@ -152,14 +153,17 @@ def calls(shape: str, dtype: Any, pdl: bool) -> list[tuple[str, Callable[[], Any
             (f"rope_store_kv {tag}", lambda q=q, k=k, v=v, ints=ints: K.rope_store_kv(
                 ints, q, k, v, cos_sin, cache, ints, norms[0], norms[1], 1e-6, pdl=pdl)),
             (f"store_kv {tag}", lambda k=k, v=v, ints=ints: K.store_kv(k, v, cache, ints, pdl=pdl)),
-            (f"paged_decode_attention {tag}", lambda q=q, ints=ints, rows=rows: K.paged_decode_attention(
-                q, cache, torch.zeros(rows, width, dtype=torch.int64), ints, dim ** -0.5,
-                8192, pdl=pdl)),
-            (f"paged_decode_attention new token {tag}", lambda q=q, k=k, v=v, ints=ints, rows=rows:
-                K.paged_decode_attention(q, cache, torch.zeros(rows, width, dtype=torch.int64), ints, dim ** -0.5,
-                                         8192, pdl=pdl, new=K.NewToken(k, v, ints, ints, cos_sin, *norms, 1e-6))),
             (f"silu_and_mul {tag}", lambda x=torch.zeros(rows, 2 * inter, dtype=dtype): K.silu_and_mul(x, pdl=pdl)),
         ]
+        if rows != 16:  # the decode kernel at 16 rows differs from 1 row only in its SPLITS (both merge chunks)
+            tables = torch.zeros(rows, width, dtype=torch.int64)
+            out += [
+                (f"paged_decode_attention {tag}", lambda q=q, ints=ints, tables=tables: K.paged_decode_attention(
+                    q, cache, tables, ints, dim ** -0.5, 8192, pdl=pdl)),
+                (f"paged_decode_attention new token {tag}", lambda q=q, k=k, v=v, ints=ints, tables=tables:
+                    K.paged_decode_attention(q, cache, tables, ints, dim ** -0.5, 8192, pdl=pdl,
+                                             new=K.NewToken(k, v, ints, ints, cos_sin, *norms, 1e-6))),
+            ]
         if rows <= K.SKINNY_MAX_ROWS:
             for name, weight in w.items():
                 out.append((f"skinny_linear {name} {tag}", lambda x=x, weight=weight, rows=rows: K.skinny_linear(
