@@ -207,6 +207,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32"],
+                    choices=["bfloat16", "float16", "float32"], help=f"at {DTYPES_SHAPE} (the other shapes: bfloat16)")
     a = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") != "0":
         sys.exit("compile_kernels.py compiles for a GPU: unset TRITON_INTERPRET")
@@ -222,7 +224,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for shape in a.shapes:
         # bf16 at every shape, fp16 and fp32 (the GPU tests' dtype) at one: a dtype's variants differ little by shape
-        for dtype in (torch.bfloat16, torch.float16, torch.float32) if shape == DTYPES_SHAPE else (torch.bfloat16,):
+        for dtype in [getattr(torch, d) for d in a.dtypes] if shape == DTYPES_SHAPE else (torch.bfloat16,):
             for pdl in (False, True):
                 for name, call in calls(shape, dtype, pdl):
                     before = len(compiled)
