@@ -367,7 +367,8 @@ def broken_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
 ])
 def test_misconfiguration_exits_with_one_clear_line(tiny_models, broken_models, case, args, status, says):
     model = tiny_models["llama"] if case == "ok" else broken_models[case]
-    p = run_serve("--model", str(model), *args)
+    port = () if "--port" in args else ("--port", "0")  # any free port: 8000 may be taken on the test machine
+    p = run_serve("--model", str(model), *port, *args)
     assert p.returncode == status, p.stderr
     lines = error_lines(p)
     assert len(lines) == 1 and says in lines[0], p.stderr
