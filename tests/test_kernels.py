@@ -132,37 +132,10 @@ def test_skinny_linear_with_the_norm_in_its_prologue(rows, n, k, swiglu, with_re
     assert all(torch.equal(t, b) for t, b in zip((t for t in (x, residual) if t is not None), before))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows, n, k", [(1, 40, 1100), (5, 33, 300), (16, 70, 2100)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_skinny_linear_with_the_norm_in_its_epilogue(rows, n, k, bias, dtype):
-    """add_norm=(w, eps, residual): what rms_norm(y, w, eps, residual=residual) gives on the kernel's own y (bit for
-    bit in the interpreter), the residual updated in place the same way; again with the same counters."""
-    torch.manual_seed(rows + n)
-    x, w = rnd(rows, k, dtype=dtype), rnd(n, k, dtype=dtype) / k**0.5
-    b = rnd(n, dtype=dtype) if bias else None
-    norm_w, residual = 1 + rnd(n, dtype=dtype) / 4, rnd(rows, n, dtype=dtype)
-    for _ in range(2):
-        want_res, got_res = residual.clone(), residual.clone()
-        want = K.rms_norm(K.skinny_linear(x, w, b), norm_w, 1e-5, residual=want_res)
-        got = K.skinny_linear(x, w, b, add_norm=(norm_w, 1e-5, got_res))
-        assert got.shape == (rows, n) and got.dtype == dtype
-        if DEVICE == "cpu":
-            assert torch.equal(got, want) and torch.equal(got_res, want_res)
-        else:  # the GPU compiler may contract the two kernels' float ops differently
-            torch.testing.assert_close(got_res, want_res, atol=TOL[dtype], rtol=TOL[dtype])
-            torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
-    ref_res = residual.clone()
-    ref = K.skinny_linear_ref(x.float(), w.float(), b.float() if bias else None,
-                              add_norm=(norm_w.float(), 1e-5, ref_res))
-    torch.testing.assert_close(got.float(), ref, atol=4 * TOL[dtype], rtol=4 * TOL[dtype])
-
-
 def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch):
     """With `skinny` on, an MLP of up to SKINNY_MAX_ROWS rows runs norm + gate|up + SwiGLU and down by the few-row
-    kernel (two calls with NORM_IN_MATMUL on; with it off, the default, the norm module first; with
-    NORM_AFTER_MATMUL on, the norm after down in down's call) and gives the torch path's output and residual; more
-    rows go to torch."""
+    kernel (two calls with NORM_IN_MATMUL on; with it off, the default, the norm module first) and gives the torch
+    path's output and residual; more rows go to torch."""
     from transformers import LlamaConfig
 
     from asyncllm.layers import kernel_choice, linear
@@ -178,80 +151,28 @@ def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch):
         wide = linear.RowParallelLinear(64, linear.SKINNY_MAX_OUT + 1)  # cuBLAS is faster there (measured)
         monkeypatch.setattr(linear, "NORM_IN_MATMUL", False)
         apart = DecoderMLP(cfg).to(DEVICE)
-        monkeypatch.setattr(linear, "NORM_AFTER_MATMUL", True)
-        norm_after = DecoderMLP(cfg).to(DEVICE)
     plain = DecoderMLP(cfg).to(DEVICE)
     assert mlp.gate_up_proj.skinny and mlp.down_proj.skinny and not plain.gate_up_proj.skinny and not wide.skinny
     assert mlp.gate_up_proj.norm_in_matmul and not apart.gate_up_proj.norm_in_matmul
-    assert norm_after.down_proj.norm_after and not apart.down_proj.norm_after
-    norm, after = RMSNorm(64, 1e-5).to(DEVICE), RMSNorm(64, 1e-6).to(DEVICE)
+    norm = RMSNorm(64, 1e-5).to(DEVICE)
     with torch.no_grad():
-        for p in (*mlp.parameters(), norm.weight, after.weight):
+        for p in (*mlp.parameters(), norm.weight):
             p.normal_(0.0, 0.2)
-    for module in (plain, apart, norm_after):
-        module.load_state_dict(mlp.state_dict())
+    plain.load_state_dict(mlp.state_dict())
+    apart.load_state_dict(mlp.state_dict())
     calls = []
-    def recorded(*a, swiglu=False, pdl=False, norm=None, residual=None, add_norm=None):
-        calls.append({"swiglu": swiglu, "pdl": pdl, "norm": norm is not None, "residual": residual is not None,
-                      "add_norm": add_norm is not None})
-        return K.skinny_linear_ref(*a, swiglu=swiglu, norm=norm, residual=residual, add_norm=add_norm)
-
-    monkeypatch.setattr(K, "skinny_linear", recorded)
+    monkeypatch.setattr(K, "skinny_linear", lambda *a, swiglu=False, pdl=False, norm=None, residual=None: calls.append(
+        {"swiglu": swiglu, "pdl": pdl, "norm": norm is not None, "residual": residual is not None})
+        or K.skinny_linear_ref(*a, swiglu=swiglu, norm=norm, residual=residual))
     for rows, module, expected in ((3, mlp, [{"swiglu": True, "norm": True, "residual": True}, {}]),
-                                   (3, apart, [{"swiglu": True}, {}]),
-                                   (3, norm_after, [{"swiglu": True}, {"add_norm": True}]),
-                                   (K.SKINNY_MAX_ROWS + 1, mlp, []), (K.SKINNY_MAX_ROWS + 1, norm_after, [])):
+                                   (3, apart, [{"swiglu": True}, {}]), (K.SKINNY_MAX_ROWS + 1, mlp, [])):
         x, residual = rnd(rows, 64), rnd(rows, 64)
-        ref, ref_residual, normed = plain(x, residual.clone(), norm, after)
-        assert not normed
+        ref, ref_residual = plain(x, residual.clone(), norm)
         calls.clear()
-        out, out_residual, normed = module(x, residual.clone(), norm, after)
-        if normed:  # the norm after down done too: compare with the torch path's
-            ref, ref_residual = after.add_norm(ref, ref_residual)
-        assert normed == any(c["add_norm"] for c in calls)
+        out, out_residual = module(x, residual.clone(), norm)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out_residual, ref_residual, atol=1e-6, rtol=1e-6)
         assert [{k: v for k, v in c.items() if v} for c in calls] == expected
-
-
-def test_decoder_model_hands_on_normed_activations_with_the_norms_after_o_and_down(monkeypatch):
-    """NORM_AFTER_MATMUL: a decoder model's step of a few rows runs every norm but the first layer's input norm in
-    o's and down's few-row kernel (two a layer, the model's last norm in the last down) and gives the hidden states
-    of the norms apart. (Attention stubbed to return q; the few-row kernel by its torch reference, so on CPU.)"""
-    from transformers import LlamaConfig
-
-    from asyncllm.layers import attention, kernel_choice, linear
-    from asyncllm.models.llama import DecoderModel, DecoderSpec
-
-    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    models = {}
-    for on in (False, True):
-        monkeypatch.setattr(linear, "NORM_AFTER_MATMUL", on)
-        with kernel_choice.choose(kernel_choice.KernelChoice(skinny_matmul=True)):
-            models[on] = DecoderModel(cfg, DecoderSpec(), 64).to(DEVICE)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in models[False].parameters():
-            p.normal_(0.0, 0.2)
-    models[True].load_state_dict(models[False].state_dict())
-    monkeypatch.setattr(attention.Attention, "forward", lambda self, q, k, v, rotary=None: q)
-    calls = []
-
-    def recorded(*a, pdl=False, add_norm=None, **kw):
-        calls.append(add_norm is not None)
-        return K.skinny_linear_ref(*a, add_norm=add_norm, **kw)
-
-    monkeypatch.setattr(K, "skinny_linear", recorded)
-    ids = torch.randint(0, 100, (5,), device=DEVICE)
-    positions = torch.arange(5, device=DEVICE)
-    with torch.no_grad():
-        want = models[False](ids, positions)
-        assert not any(calls)
-        calls.clear()
-        got = models[True](ids, positions)
-    assert sum(calls) == 2 * cfg.num_hidden_layers
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("max_weights, fused", [(96 * 64, True), (96 * 64 - 1, False)])
@@ -404,17 +325,20 @@ def test_decode_launch_config_is_the_one_measured_fastest_at_each_grid():
 
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [5, 1, 9, 1], [7, 12]])
 @pytest.mark.parametrize("rotary", [None, "rope", "qk_norm+rope"])
-def test_triton_backend_matches_torch_backend(q_lens, rotary):
+@pytest.mark.parametrize("dim", [16, 32])
+def test_triton_backend_matches_torch_backend(q_lens, rotary, dim):
     """Decode-only, mixed and prefill-only steps: the triton backend (paged kernel for decode rows, torch path for
     prefill rows; rotary embedding and Qwen3's q/k norm fused with the KV store; decode-only steps planned as a
-    decode graph's capture plans them) gives the torch backend's output and cache."""
+    decode graph's capture plans them) gives the torch backend's output and cache. At head_dim 32 its decode-only
+    steps (3 sequences, within ROPE_IN_DECODE_MAX_SEQS) rotate and store inside the decode kernel; 16 is below
+    the kernel's NEW_TOKEN_MIN_DIM: apart."""
     from transformers import LlamaConfig
 
     from asyncllm.layers.attention import AttentionMetadata, Rotary, TorchAttentionBackend, TritonAttentionBackend
     from asyncllm.layers.rotary import RotaryEmbedding
 
     torch.manual_seed(4)
-    bs, hq, hk, dim = 4, 4, 2, 16
+    bs, hq, hk = 4, 4, 2
     ctx = [n + extra for n, extra in zip(q_lens, [6, 0, 13, 21])]
     tables = torch.tensor([[8 * b + j for j in range(8)] for b in range(len(q_lens))], device=DEVICE)
     slots = [int(tables[b, p // bs]) * bs + p % bs for b, (n, c) in enumerate(zip(q_lens, ctx)) for p in range(c - n, c)]

@@ -22,12 +22,14 @@ from asyncllm.layers import kernel_choice
 from asyncllm.layers.norm import rms_norm_torch
 from asyncllm.layers.rotary import apply_rotary
 
-# Decode steps of the GPU backends' Triton path (CUDA-graph decode steps; the triton backend's every decode-only step):
-# the rotary embedding (with Qwen3's q/k norms) and the new token's KV store inside the decode attention kernel
-# (asyncllm_kernels.paged_attention.NewToken) instead of rope_store_kv before it: one kernel fewer a layer. Off until
-# measured faster (`tools/bench_latency.py --variants flashinfer flashinfer-rope-in-decode`); read when a backend is
-# built.
-ROPE_IN_DECODE_KERNEL = False
+# Decode steps of the GPU backends' Triton path (CUDA-graph decode steps; the triton backend's every decode-only step)
+# of at most this many sequences (a graph's padded batch): the rotary embedding (with Qwen3's q/k norms) and the new
+# token's KV store inside the decode attention kernel (asyncllm_kernels.paged_attention.NewToken) instead of
+# rope_store_kv before it, one kernel fewer a layer. Faster at small batches, slower at large ones where every
+# program of the kernel re-rotates its query heads (H100, 16ad5d0: SmolLM2-135M b1 0.75 vs 0.85 ms/token, Qwen3-0.6B
+# b1 1.19 vs 1.22, b256 4.33 vs 4.18; docs/BENCHMARKS.md); head_dim 32 and up. 0 turns it off. Read when a backend
+# is built.
+ROPE_IN_DECODE_MAX_SEQS = 32
 
 
 class Rotary(NamedTuple):
@@ -173,7 +175,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
 
         self.kernels = asyncllm_kernels
         self.pdl = kernel_choice.current().pdl
-        self.rope_in_decode = ROPE_IN_DECODE_KERNEL
+        self.rope_in_decode_max_seqs = ROPE_IN_DECODE_MAX_SEQS
         self.counters: torch.Tensor | None = None  # the decode kernel's, allocated on first use (its device)
 
     def plan(self, meta: AttentionMetadata) -> None:
@@ -216,7 +218,8 @@ class TritonAttentionBackend(TorchAttentionBackend):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float,
         rotary: Rotary | None = None,
     ) -> torch.Tensor:
-        if self.decode_only and rotary is not None and self.rope_in_decode:  # rotated and stored by the kernel
+        if self.decode_only and rotary is not None and self.full.num_seqs <= self.rope_in_decode_max_seqs and \
+                q.shape[-1] >= self.kernels.NEW_TOKEN_MIN_DIM:  # rotated and stored by the kernel
             new = self.kernels.NewToken(k, v, rotary.positions, self.full.slot_mapping, rotary.cos_sin_cache,
                                         rotary.q_norm, rotary.k_norm, rotary.eps)
             return self._attend_stored(q, kv_cache, scale, new)

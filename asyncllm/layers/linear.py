@@ -36,10 +36,6 @@ NORM_IN_MATMUL = False
 # SwiGLU kernel against 6.7 / 8.4 on the H200, 329aec4), and a norm kernel and the SwiGLU kernel fewer did not make up
 # for it (above)
 NORM_MATMUL_MAX_WEIGHTS = 0
-# the residual add + RMSNorm after o and down (the post-attention norm, the next layer's input norm or the model's
-# last) in the epilogue of their few-row kernel where it takes them (one rank only): one kernel fewer each. Off until
-# measured faster (`tools/bench_latency.py --variants flashinfer flashinfer-norm-after`)
-NORM_AFTER_MATMUL = False
 
 ShardId = str | int | None
 
@@ -154,7 +150,6 @@ class RowParallelLinear(nn.Module):
         self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.skinny = kernel_choice.current().skinny_matmul and out_features <= SKINNY_MAX_OUT  # (see MergedLinear)
-        self.norm_after = self.skinny and NORM_AFTER_MATMUL and self.tp.size == 1
         self.pdl = kernel_choice.current().pdl
 
     def _load_weight(self, param: torch.Tensor, tensor: torch.Tensor, shard_id: ShardId = None) -> None:
@@ -168,16 +163,6 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum (the bias counted on rank 0 only)."""
         return matmul(x, self.weight, self.bias if self.tp.rank == 0 else None, self.skinny, self.pdl)
-
-    def matmul_add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module) -> torch.Tensor | None:
-        """What norm.add_norm(forward(x), residual) gives (the residual updated in place to forward(x) + residual),
-        with the norm in the few-row kernel's epilogue, when that kernel takes x (`norm_after`, one rank, few_rows);
-        else None."""
-        if not (self.norm_after and residual is not None and few_rows(x) and residual.stride(-1) == 1):
-            return None
-        from asyncllm_kernels import skinny_linear
-
-        return skinny_linear(x, self.weight, self.bias, pdl=self.pdl, add_norm=(norm.weight, norm.eps, residual))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -64,18 +64,16 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
         self.splits = [q_size, kv_size, kv_size]
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm | None,
-                after: RMSNorm) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """norm (after the residual add: RMSNorm.add_norm; None: x is normed already) then attention -> (this rank's
-        partial sum of o_proj (see RowParallelLinear), the residual, False), or with the norm `after` it in o_proj's
-        kernel (RowParallelLinear.matmul_add_norm) (after.add_norm's output, the residual, True)."""
-        fused = self.qkv_proj.norm_matmul(x, residual, norm) if norm is not None else None  # norm + q|k|v, one kernel
-        if fused is not None:
-            qkv, residual = fused
-        else:
-            if norm is not None:
-                x, residual = norm.add_norm(x, residual)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """norm (after the residual add: RMSNorm.add_norm) then attention -> (this rank's partial sum of o_proj (see
+        RowParallelLinear), the residual)."""
+        fused = self.qkv_proj.norm_matmul(x, residual, norm)  # one kernel where the few-row kernel takes x
+        if fused is None:
+            x, residual = norm.add_norm(x, residual)
             qkv = self.qkv_proj(x)
+        else:
+            qkv, residual = fused
         q, k, v = qkv.split(self.splits, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -86,9 +84,8 @@ class DecoderAttention(nn.Module):
                 rotary = rotary._replace(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, eps=self.q_norm.eps)
             else:
                 q, k = self.q_norm(q), self.k_norm(k)
-        out = self.attn(q, k, v, rotary=rotary).reshape(-1, self.num_heads * self.head_dim)  # q, k rotated there
-        normed = self.o_proj.matmul_add_norm(out, residual, after)
-        return (self.o_proj(out), residual, False) if normed is None else (normed, residual, True)
+        out = self.attn(q, k, v, rotary=rotary)  # the backend rotates q and k
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim)), residual
 
 
 class DecoderMLP(nn.Module):
@@ -104,22 +101,19 @@ class DecoderMLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm | None,
-                after: RMSNorm) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """norm (after the residual add: RMSNorm.add_norm; None: x is normed already) then the MLP -> (this rank's
-        partial sum (see RowParallelLinear), the residual, False), or with the norm `after` it in down_proj's kernel
-        (after.add_norm's output, the residual, True)."""
-        fused = self.gate_up_proj.norm_matmul(x, residual, norm, swiglu=True) if norm is not None else None
-        if fused is not None:  # norm, gate|up and SwiGLU in one kernel
-            h, residual = fused
-        else:
-            if norm is not None:
-                x, residual = norm.add_norm(x, residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """norm (after the residual add: RMSNorm.add_norm) then the MLP -> (this rank's partial sum (see
+        RowParallelLinear), the residual)."""
+        fused = self.gate_up_proj.norm_matmul(x, residual, norm, swiglu=True)  # norm, gate|up and SwiGLU: one kernel
+        if fused is None:
+            x, residual = norm.add_norm(x, residual)
             h = self.gate_up_proj.swiglu(x)  # fused where the few-row kernel takes x
             if h is None:
                 h = self.act(self.gate_up_proj(x))
-        normed = self.down_proj.matmul_add_norm(h, residual, after)
-        return (self.down_proj(h), residual, False) if normed is None else (normed, residual, True)
+        else:
+            h, residual = fused
+        return self.down_proj(h), residual
 
 
 class DecoderLayer(nn.Module):
@@ -133,13 +127,11 @@ class DecoderLayer(nn.Module):
         self.mlp = DecoderMLP(cfg)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, normed: bool, after: RMSNorm
-    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """x: the embeddings (residual None), else the previous layer's partial sums, or (`normed`) its output
-        already through this layer's input norm; returns this layer's (`after`: the norm that follows it)."""
-        x, residual, normed = self.self_attn(positions, x, residual, None if normed else self.input_layernorm,
-                                             self.post_attention_layernorm)
-        return self.mlp(x, residual, None if normed else self.post_attention_layernorm, after)
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the embeddings (residual None), else the previous layer's partial sums; returns this layer's."""
+        x, residual = self.self_attn(positions, x, residual, self.input_layernorm)
+        return self.mlp(x, residual, self.post_attention_layernorm)
 
 
 class DecoderModel(nn.Module):
@@ -150,11 +142,11 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, exchange_slot=0)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x, residual, normed = self.embed_tokens(input_ids), None, False
-        afters = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
-        for layer, after in zip(self.layers, afters):
-            x, residual, normed = layer(positions, x, residual, normed, after)
-        return x if normed else self.norm(x, residual, reduce=True)[0]
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual)
+        x, _ = self.norm(x, residual, reduce=True)
+        return x
 
 
 class CausalLM(nn.Module):

@@ -9,7 +9,7 @@ from asyncllm_kernels.allreduce_norm import MAX_PROGRAMS as MAX_ALL_REDUCE_PROGR
 from asyncllm_kernels.allreduce_norm import all_reduce_add_rms_norm
 from asyncllm_kernels.decode_inputs import decode_inputs
 from asyncllm_kernels.kv_store import store_kv, store_kv_ref
-from asyncllm_kernels.paged_attention import NewToken, decode_counters, paged_decode_attention, paged_decode_attention_ref
+from asyncllm_kernels.paged_attention import NEW_TOKEN_MIN_DIM, NewToken, decode_counters, paged_decode_attention, paged_decode_attention_ref
 from asyncllm_kernels.rmsnorm import rms_norm, rms_norm_ref
 from asyncllm_kernels.rope import rope_ref, rope_store_kv
 from asyncllm_kernels.sampling import sample
@@ -17,5 +17,5 @@ from asyncllm_kernels.skinny_linear import MAX_ROWS as SKINNY_MAX_ROWS
 from asyncllm_kernels.skinny_linear import skinny_linear, skinny_linear_ref
 from asyncllm_kernels.token_mask import apply_token_bitmask_
 
-__all__ = ["MAX_ALL_REDUCE_PROGRAMS", "NewToken", "all_reduce_add_rms_norm", "apply_token_bitmask_", "decode_counters", "decode_inputs", "paged_decode_attention", "paged_decode_attention_ref", "rms_norm", "rms_norm_ref",
+__all__ = ["MAX_ALL_REDUCE_PROGRAMS", "NEW_TOKEN_MIN_DIM", "NewToken", "all_reduce_add_rms_norm", "apply_token_bitmask_", "decode_counters", "decode_inputs", "paged_decode_attention", "paged_decode_attention_ref", "rms_norm", "rms_norm_ref",
            "rope_ref", "rope_store_kv", "SKINNY_MAX_ROWS", "sample", "silu_and_mul", "silu_and_mul_ref", "skinny_linear", "skinny_linear_ref", "store_kv", "store_kv_ref"]

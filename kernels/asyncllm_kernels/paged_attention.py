@@ -57,6 +57,9 @@ def launch_config(batch: int, kv_heads: int, head_dim: int, elem_bytes: int, sms
     return FEW_PAIRS if batch * kv_heads <= sms * resident else MANY_PAIRS
 
 
+NEW_TOKEN_MIN_DIM = 32  # the smallest head_dim the kernel takes a NewToken at (its halves of HALF columns)
+
+
 class NewToken(NamedTuple):
     """Each sequence's new token, rotated (and normalized) and stored by the decode kernel itself (see the module
     docstring): what rope_store_kv takes."""
@@ -213,7 +216,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     assert batch * kv_heads <= MAX_COUNTERS
     if new is not None:
         assert new.k.shape == (batch, kv_heads, dim) and new.k.stride(-1) == 1 and new.v.stride(1) == dim
-        assert new.v.stride(2) == 1 and (new.q_norm is None) == (new.k_norm is None) and dim >= 32
+        assert new.v.stride(2) == 1 and (new.q_norm is None) == (new.k_norm is None) and dim >= NEW_TOKEN_MIN_DIM
     group = heads // kv_heads
     out = torch.empty_like(q)
     if batch == 0:

@@ -13,10 +13,7 @@ writes silu(gate) * up [M, N], rounded like the eager path (gate and up to x's d
 asyncllm_kernels.rms_norm), and `residual` the residual add before that (x -> x + residual): each program sums the
 squares of its rows over all of K (a few KB from L2) before its slice, and the programs of the first column block
 write x + residual, slice by slice, into a new tensor (never into `residual`, which other programs still read): one
-kernel for what was a norm kernel and a matmul. `add_norm=(w, eps, residual)` puts the norm after the matmul into
-its epilogue instead, as asyncllm_kernels.rms_norm(y, w, eps, residual=residual) does it: the last column block to
-finish, told by a second counter, adds y to the residual rows in place and writes w * norm(y + residual), row by row
-(a decoder layer's o or down projection with the post-attention or next input norm: one kernel fewer).
+kernel for what was a norm kernel and a matmul.
 """
 from __future__ import annotations
 
@@ -28,7 +25,6 @@ import triton.language as tl
 
 from asyncllm_kernels.dependent_launch import launch_options, prefetch_l2, wait_previous
 from asyncllm_kernels.device_shape import device_shape
-from asyncllm_kernels.rmsnorm import add_norm_store
 
 MAX_ROWS = 16  # BLOCK_M: rows of x one call takes
 BLOCK_N = 16
@@ -72,10 +68,10 @@ def _load_rows(x_ptr, res_ptr, m, k, mask, stride_xm, stride_rm, ADD_RESIDUAL: t
 
 
 @triton.jit(do_not_specialize=["M"])
-def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, nw_ptr, res_ptr, res_out_ptr, normed_ptr,
-                   eps, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm,
+def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, nw_ptr, res_ptr, res_out_ptr, eps, M, N, K,
+                   stride_xm, stride_wn, stride_ym, stride_rm,
                    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-                   NORM_OUT: tl.constexpr, ROW: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -157,18 +153,6 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, nw_ptr, r
             tl.store(out, (silu.to(tl.float32) * up).to(dtype), mask=out_mask)
         else:
             tl.store(out, _round_out(acc, bias_ptr, n, n_mask, HAS_BIAS, dtype), mask=out_mask)
-        if NORM_OUT:  # the last column block to finish: residual += y, normed = w * norm(residual), row by row
-            tl.debug_barrier()  # every thread's stores of y are issued before the release below
-            done = count_ptr + tl.num_programs(0)
-            if tl.atomic_add(done, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
-                tl.debug_barrier()
-                tl.store(done, 0)
-                row_cols = tl.arange(0, ROW)
-                col_mask = row_cols < N
-                for r in range(M):
-                    row = tl.load(y_ptr + r * stride_ym + row_cols, mask=col_mask, other=0.0, cache_modifier=".cg")
-                    add_norm_store(row, res_ptr + r * stride_rm, nw_ptr, normed_ptr + r * N, row_cols, col_mask, N,
-                                   eps, True)
 
 
 def _split_k(blocks: int, k: int, device: torch.device, block_k: int) -> int:
@@ -179,57 +163,44 @@ def _split_k(blocks: int, k: int, device: torch.device, block_k: int) -> int:
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   swiglu: bool = False, pdl: bool = False, norm: tuple[torch.Tensor, float] | None = None,
-                  residual: torch.Tensor | None = None,
-                  add_norm: tuple[torch.Tensor, float, torch.Tensor] | None = None,
-                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                  residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (M <= MAX_ROWS, rows contiguous), weight [N, K] (or [2N, K] with swiglu) -> [M, N]. `pdl`:
     launched with programmatic dependent launch (asyncllm_kernels.dependent_launch), the first PREFETCH_K columns
     of each program's slice of W asked into L2 before the wait. `norm` = (weight [K], eps): x is RMS-normed first;
-    `residual` [M, K] (with `norm` only): x + residual is normed instead, and the call returns (y, x + residual).
-    `add_norm` = (weight [N], eps, residual [M, N]) (not with `norm` or `swiglu`): the residual becomes y + residual
-    in place and the call returns weight * norm(y + residual), as rms_norm(y, weight, eps, residual=residual)."""
+    `residual` [M, K] (with `norm` only): x + residual is normed instead, and the call returns (y, x + residual)."""
     rows, k = x.shape
     assert rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1 and weight.shape[1] == k
     assert residual is None or (norm is not None and residual.shape == x.shape and residual.stride(-1) == 1)
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else y
-    if add_norm is not None:
-        assert norm is None and not swiglu and add_norm[2].shape == (rows, n) and add_norm[2].stride(-1) == 1
-    normed = torch.empty_like(y) if add_norm is not None else y
     if rows == 0:
-        return normed if add_norm is not None else y if residual is None else (y, res_out)
+        return y if residual is None else (y, res_out)
     blocks = triton.cdiv(n, BLOCK_N)
-    assert blocks + 1 <= MAX_COUNTERS
+    assert blocks <= MAX_COUNTERS
     block_k, stages = (NORM_BLOCK_K, NORM_STAGES) if norm is not None else (BLOCK_K, NUM_STAGES)
     split = _split_k(blocks * (2 if swiglu else 1), k, x.device, block_k)
     part = torch.empty(split, MAX_ROWS, 2 * n if swiglu else n, dtype=torch.float32, device=x.device) if split > 1 else y
-    res = residual if residual is not None else add_norm[2] if add_norm is not None else x
-    norm_w, eps = norm if norm is not None else add_norm[:2] if add_norm is not None else (x, 0.0)
+    res = residual if residual is not None else x
     _skinny_kernel[(blocks, split)](
-        x, weight, bias if bias is not None else y, y, part, _counters(x.device), norm_w, res, res_out, normed, eps,
-        rows, n, k, x.stride(0), weight.stride(0), y.stride(0), res.stride(0),
+        x, weight, bias if bias is not None else y, y, part, _counters(x.device), norm[0] if norm else x, res, res_out,
+        norm[1] if norm else 0.0, rows, n, k, x.stride(0), weight.stride(0), y.stride(0), res.stride(0),
         HAS_BIAS=bias is not None, SWIGLU=swiglu, NORM=norm is not None, ADD_RESIDUAL=residual is not None,
-        NORM_OUT=add_norm is not None, ROW=triton.next_power_of_2(n) if add_norm is not None else 16,  # (unused)
         SPLIT_K=split, BLOCK_M=MAX_ROWS,
         BLOCK_N=BLOCK_N, BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         UPCAST=x.device.type == "cpu", PDL=pdl, PREFETCH_K=PREFETCH_K, LINE=128 // weight.element_size(),
         num_warps=NUM_WARPS, num_stages=stages, **launch_options(pdl))
-    return normed if add_norm is not None else y if residual is None else (y, res_out)
+    return y if residual is None else (y, res_out)
 
 
 def skinny_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                       swiglu: bool = False, norm: tuple[torch.Tensor, float] | None = None,
-                      residual: torch.Tensor | None = None,
-                      add_norm: tuple[torch.Tensor, float, torch.Tensor] | None = None,
-                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    from asyncllm_kernels.rmsnorm import rms_norm_ref
-
-    if add_norm is not None:
-        return rms_norm_ref(skinny_linear_ref(x, weight, bias), add_norm[0], add_norm[1], residual=add_norm[2])
+                      residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     if residual is not None:
         x = residual = x + residual
     if norm is not None:
+        from asyncllm_kernels.rmsnorm import rms_norm_ref
+
         x = rms_norm_ref(x, *norm)
     y = torch.nn.functional.linear(x, weight, bias)
     if swiglu:
