@@ -27,8 +27,8 @@ from asyncllm.layers.rotary import apply_rotary
 # token's KV store inside the decode attention kernel (asyncllm_kernels.paged_attention.NewToken) instead of
 # rope_store_kv before it, one kernel fewer a layer. Faster at small batches, slower at large ones where every
 # program of the kernel re-rotates its query heads (H100, 16ad5d0: SmolLM2-135M b1 0.75 vs 0.85 ms/token, Qwen3-0.6B
-# b1 1.19 vs 1.22, b256 4.33 vs 4.18; docs/BENCHMARKS.md); head_dim 32 and up. 0 turns it off. Read when a backend
-# is built.
+# b1 1.19 vs 1.22, b256 4.33 vs 4.18; H200, a6d49dc: even at 32, apart faster from 64 on; docs/BENCHMARKS.md);
+# head_dim 32 and up. 0 turns it off. Read when a backend is built.
 ROPE_IN_DECODE_MAX_SEQS = 32
 
 
