@@ -185,6 +185,9 @@ class TritonAttentionBackend(TorchAttentionBackend):
         pre = [i for i, n in enumerate(q_lens) if n > 1]
         self.mixed = bool(dec and pre)
         self.decode_only = not pre
+        # decode-only steps of few sequences rotate and store the new token inside the decode kernel (forward also
+        # needs head_dim >= NEW_TOKEN_MIN_DIM)
+        self.new_token_in_kernel = self.decode_only and meta.num_seqs <= self.rope_in_decode_max_seqs
         if pre and not dec:
             super().plan(meta)
             return
@@ -218,8 +221,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float,
         rotary: Rotary | None = None,
     ) -> torch.Tensor:
-        if self.decode_only and rotary is not None and self.full.num_seqs <= self.rope_in_decode_max_seqs and \
-                q.shape[-1] >= self.kernels.NEW_TOKEN_MIN_DIM:  # rotated and stored by the kernel
+        if self.new_token_in_kernel and rotary is not None and q.shape[-1] >= self.kernels.NEW_TOKEN_MIN_DIM:
             new = self.kernels.NewToken(k, v, rotary.positions, self.full.slot_mapping, rotary.cos_sin_cache,
                                         rotary.q_norm, rotary.k_norm, rotary.eps)
             return self._attend_stored(q, kv_cache, scale, new)
