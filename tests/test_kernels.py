@@ -107,96 +107,34 @@ def test_skinny_linear(rows, n, k, bias, swiglu, dtype):
     assert torch.equal(K.skinny_linear(x, w, b, swiglu), first)  # counters reset, partials summed in a fixed order
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows, n, k", [(1, 40, 1100), (5, 33, 300), (16, 70, 2100)])
-@pytest.mark.parametrize("swiglu", [False, True])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_skinny_linear_with_the_norm_in_its_prologue(rows, n, k, swiglu, with_residual, dtype):
-    """norm=(w, eps) [and residual]: the output of rms_norm (with its residual add) then the matmul, and x + residual
-    returned in a new tensor; x and residual untouched."""
-    torch.manual_seed(rows + k)
-    out_rows = 2 * n if swiglu else n
-    x, w = rnd(rows, k, dtype=dtype) * 3, rnd(out_rows, k, dtype=dtype) / k**0.5
-    norm = (1 + rnd(k, dtype=dtype) / 4, 1e-5)
-    residual = rnd(rows, k, dtype=dtype) if with_residual else None
-    before = [t.clone() for t in (x, residual) if t is not None]
-    got = K.skinny_linear(x, w, None, swiglu, norm=norm, residual=residual)
-    res_ref = residual.clone() if with_residual else None
-    normed = K.rms_norm(x, *norm, residual=res_ref)  # the unfused path: the norm kernel, then the matmul
-    ref = K.skinny_linear_ref(normed.float(), w.float(), None, swiglu)
-    y = got[0] if with_residual else got
-    assert y.shape == (rows, n) and y.dtype == dtype
-    torch.testing.assert_close(y.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
-    if with_residual:
-        assert torch.equal(got[1], res_ref)  # x + residual, rounded as the norm kernel rounds it
-    assert all(torch.equal(t, b) for t, b in zip((t for t in (x, residual) if t is not None), before))
-
-
 def test_mlp_takes_the_skinny_matmul_for_few_rows_only(monkeypatch):
-    """With `skinny` on, an MLP of up to SKINNY_MAX_ROWS rows runs norm + gate|up + SwiGLU and down by the few-row
-    kernel (two calls with NORM_IN_MATMUL on; with it off, the default, the norm module first) and gives the torch
-    path's output and residual; more rows go to torch."""
+    """With `skinny` on, an MLP of up to SKINNY_MAX_ROWS rows runs gate|up + SwiGLU and down by the few-row kernel
+    (two calls) and gives the torch path's output; more rows, and layers wider than SKINNY_MAX_OUT, go to torch."""
     from transformers import LlamaConfig
 
     from asyncllm.layers import kernel_choice, linear
-    from asyncllm.layers.norm import RMSNorm
     from asyncllm.models.llama import DecoderMLP
 
     assert linear.SKINNY_MAX_ROWS == K.SKINNY_MAX_ROWS
     torch.manual_seed(6)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=96, mlp_bias=True)
     with kernel_choice.choose(kernel_choice.KernelChoice(skinny_matmul=True)):  # chosen as the layers are built
-        monkeypatch.setattr(linear, "NORM_IN_MATMUL", True)
         mlp = DecoderMLP(cfg).to(DEVICE)
         wide = linear.RowParallelLinear(64, linear.SKINNY_MAX_OUT + 1)  # cuBLAS is faster there (measured)
-        monkeypatch.setattr(linear, "NORM_IN_MATMUL", False)
-        apart = DecoderMLP(cfg).to(DEVICE)
     plain = DecoderMLP(cfg).to(DEVICE)
     assert mlp.gate_up_proj.skinny and mlp.down_proj.skinny and not plain.gate_up_proj.skinny and not wide.skinny
-    assert mlp.gate_up_proj.norm_in_matmul and not apart.gate_up_proj.norm_in_matmul
-    norm = RMSNorm(64, 1e-5).to(DEVICE)
     with torch.no_grad():
-        for p in (*mlp.parameters(), norm.weight):
+        for p in mlp.parameters():
             p.normal_(0.0, 0.2)
     plain.load_state_dict(mlp.state_dict())
-    apart.load_state_dict(mlp.state_dict())
     calls = []
-    monkeypatch.setattr(K, "skinny_linear", lambda *a, swiglu=False, pdl=False, norm=None, residual=None: calls.append(
-        {"swiglu": swiglu, "pdl": pdl, "norm": norm is not None, "residual": residual is not None})
-        or K.skinny_linear_ref(*a, swiglu=swiglu, norm=norm, residual=residual))
-    for rows, module, expected in ((3, mlp, [{"swiglu": True, "norm": True, "residual": True}, {}]),
-                                   (3, apart, [{"swiglu": True}, {}]), (K.SKINNY_MAX_ROWS + 1, mlp, [])):
-        x, residual = rnd(rows, 64), rnd(rows, 64)
-        ref, ref_residual = plain(x, residual.clone(), norm)
+    monkeypatch.setattr(K, "skinny_linear", lambda *a, swiglu=False, pdl=False: calls.append(
+        {"swiglu": swiglu, "pdl": pdl}) or K.skinny_linear_ref(*a, swiglu=swiglu))
+    for rows, expected in ((3, [{"swiglu": True}, {}]), (K.SKINNY_MAX_ROWS + 1, [])):
+        x = rnd(rows, 64)
         calls.clear()
-        out, out_residual = module(x, residual.clone(), norm)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(out_residual, ref_residual, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(mlp(x), plain(x), atol=1e-5, rtol=1e-5)
         assert [{k: v for k, v in c.items() if v} for c in calls] == expected
-
-
-@pytest.mark.parametrize("max_weights, fused", [(96 * 64, True), (96 * 64 - 1, False)])
-def test_norm_in_matmul_takes_wide_layers_up_to_its_weight_bound(monkeypatch, max_weights, fused):
-    """A merged layer wider than the plain bound runs its norm + matmul as one few-row kernel while its weights are
-    within NORM_MATMUL_MAX_WEIGHTS (its plain forward stays on torch), else the norm and the matmul apart."""
-    from asyncllm.layers import kernel_choice, linear
-    from asyncllm.layers.norm import RMSNorm
-
-    monkeypatch.setattr(linear, "SKINNY_MAX_OUT", 32)
-    monkeypatch.setattr(linear, "NORM_IN_MATMUL", True)
-    monkeypatch.setattr(linear, "NORM_MATMUL_MAX_WEIGHTS", max_weights)
-    with kernel_choice.choose(kernel_choice.KernelChoice(skinny_matmul=True)):
-        qkv = linear.MergedLinear(64, {"q": (48, 0), "k": (24, 0), "v": (24, 0)}).to(DEVICE)
-    norm = RMSNorm(64, 1e-6).to(DEVICE)
-    torch.nn.init.normal_(qkv.weight, 0.0, 0.2)
-    x, residual = rnd(3, 64), rnd(3, 64)
-    assert not qkv.skinny
-    got = qkv.norm_matmul(x, residual, norm)
-    assert (got is not None) == fused
-    if fused:
-        want_x, want_residual = norm(x, residual.clone())
-        torch.testing.assert_close(got[0], qkv(want_x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(got[1], want_residual)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -25,7 +25,7 @@ def percentile(xs: list[float], q: float) -> float:
 
 def variant_config(variant: str) -> dict:
     """'BACKEND[-eager][-no-pieces][-no-overlap][-nccl|-symm][-cublas][-no-pdl][-wide|-wide-swiglu]
-    [-norm-apart|-narrow-norm|-norm-in-matmul][-rope-apart|-rope-in-decode]' -> engine options: eager = no CUDA graphs,
+    [-rope-apart|-rope-in-decode]' -> engine options: eager = no CUDA graphs,
     no-pieces = no piecewise graphs (steps with prompt tokens eager), no-overlap = each step read back before the
     next is scheduled, nccl / symm = tensor parallelism's all-reduces by NCCL only / by the symmetric-memory kernels
     where small (default: auto), cublas = torch's matmuls at few rows too, no-pdl = no programmatic dependent
@@ -40,34 +40,25 @@ def variant_config(variant: str) -> dict:
 
 
 @functools.cache
-def _layers_defaults() -> tuple[int, int, bool, int, int]:
-    """The layers' own bounds (plain, gate|up with SwiGLU), NORM_IN_MATMUL, NORM_MATMUL_MAX_WEIGHTS and
-    ROPE_IN_DECODE_MAX_SEQS, read before any variant changes them."""
+def _layers_defaults() -> tuple[int, int, int]:
+    """The layers' own bounds (plain, gate|up with SwiGLU) and ROPE_IN_DECODE_MAX_SEQS, read before any variant
+    changes them."""
     from asyncllm.layers import attention, linear
 
-    return linear.SKINNY_MAX_OUT, linear.SKINNY_SWIGLU_MAX_OUT, linear.NORM_IN_MATMUL, linear.NORM_MATMUL_MAX_WEIGHTS, \
-        attention.ROPE_IN_DECODE_MAX_SEQS
-
-
-NORM_MATMUL_CANDIDATE = 1 << 23  # '-norm-in-matmul''s NORM_MATMUL_MAX_WEIGHTS
+    return linear.SKINNY_MAX_OUT, linear.SKINNY_SWIGLU_MAX_OUT, attention.ROPE_IN_DECODE_MAX_SEQS
 
 
 def set_layer_variant(variant: str) -> None:
     """'-wide' in the variant: the few-row Triton matmul for every layer, however wide; '-wide-swiglu': for every
-    gate|up layer (SwiGLU in its epilogue), the others as by default; '-norm-apart': the RMSNorm before a matmul in its
-    own kernel, not in the few-row matmul's prologue; '-narrow-norm': in the prologue only for layers within the
-    plain bounds; '-norm-in-matmul': in the prologue also for merged layers of up to NORM_MATMUL_CANDIDATE weights
-    (the layers read these when built: call before the engine); '-rope-in-decode' / '-rope-apart': the rotary
-    embedding and the new token's KV store in the decode attention kernel at every batch size / at none
-    (asyncllm.layers.attention.ROPE_IN_DECODE_MAX_SEQS; default: small batches)."""
+    gate|up layer (SwiGLU in its epilogue), the others as by default (the layers read these when built: call before
+    the engine); '-rope-in-decode' / '-rope-apart': the rotary embedding and the new token's KV store in the decode
+    attention kernel at every batch size / at none (asyncllm.layers.attention.ROPE_IN_DECODE_MAX_SEQS; default:
+    small batches)."""
     from asyncllm.layers import attention, linear
 
-    plain, swiglu, norm_in_matmul, norm_weights, rope_max_seqs = _layers_defaults()
+    plain, swiglu, rope_max_seqs = _layers_defaults()
     attention.ROPE_IN_DECODE_MAX_SEQS = 1 << 30 if "-rope-in-decode" in variant else 0 if "-rope-apart" in variant \
         else rope_max_seqs
-    narrow, wide_norm = "-narrow-norm" in variant, "-norm-in-matmul" in variant
-    linear.NORM_IN_MATMUL = "-norm-apart" not in variant and (norm_in_matmul or narrow or wide_norm)
-    linear.NORM_MATMUL_MAX_WEIGHTS = 0 if narrow else NORM_MATMUL_CANDIDATE if wide_norm else norm_weights
     wide = "-wide" in variant.replace("-wide-swiglu", "")
     linear.SKINNY_MAX_OUT = 1 << 30 if wide else plain
     linear.SKINNY_SWIGLU_MAX_OUT = 1 << 30 if wide or "-wide-swiglu" in variant else swiglu

@@ -173,11 +173,6 @@ def calls(shape: str, dtype: Any, pdl: bool) -> list[tuple[str, Callable[[], Any
                 (f"skinny_linear bias {tag}", lambda x=x: K.skinny_linear(  # Qwen2's q|k|v
                     x, w["qkv"], torch.zeros(w["qkv"].shape[0], dtype=dtype), pdl=pdl)),
                 (f"skinny_linear swiglu {tag}", lambda x=x: K.skinny_linear(x, w["gate_up"], swiglu=True, pdl=pdl)),
-                (f"skinny_linear norm {tag}", lambda x=x: K.skinny_linear(x, w["qkv"], norm=(norm_w, 1e-6), pdl=pdl)),
-                (f"skinny_linear norm+residual {tag}", lambda x=x: K.skinny_linear(
-                    x, w["qkv"], norm=(norm_w, 1e-6), residual=x.clone(), pdl=pdl)),
-                (f"skinny_linear norm+residual swiglu {tag}", lambda x=x: K.skinny_linear(
-                    x, w["gate_up"], swiglu=True, norm=(norm_w, 1e-6), residual=x.clone(), pdl=pdl)),
             ]
         if not pdl:  # launched without it in the engine
             for world in (4,):  # tensor parallelism's all-reduce + residual add + norm (pointers: never read)

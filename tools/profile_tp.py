@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--variant", default="flashinfer", help="BACKEND[-eager][-no-pieces][-no-overlap][-nccl|-symm][-cublas][-no-pdl][-wide|-wide-swiglu][-norm-apart|-narrow-norm|-norm-in-matmul]")
+    ap.add_argument("--variant", default="flashinfer", help="BACKEND[-eager][-no-pieces][-no-overlap][-nccl|-symm][-cublas][-no-pdl][-wide|-wide-swiglu][-rope-apart|-rope-in-decode]")
     ap.add_argument("--trace-dir")
     ap.add_argument("--device", default="cuda", help="cpu: only to try this tool (gloo, float32)")
     a = ap.parse_args()

@@ -23,19 +23,10 @@ SKINNY_MAX_ROWS = 16  # asyncllm_kernels.skinny_linear's (not imported here: Tri
 SKINNY_MAX_OUT = 2048
 # gate|up with SwiGLU in the kernel's epilogue: up to this many merged output features (each half's bound)
 SKINNY_SWIGLU_MAX_OUT = 2 * SKINNY_MAX_OUT
-# the RMSNorm before q|k|v and gate|up (with its residual add) in the kernel's prologue, for layers within the bounds
-# above (one rank only: under tensor parallelism the norm all-reduces its input first). Off until a measurement shows
-# it faster: those taken (Qwen3-0.6B batch 1 on an H100, the bound below at 2^23) have it slower, at 1-2 programs
-# an SM (df90a81: 1.490 ms per token against 1.219 with the norms apart, docs/bench/norm_in_matmul_h100_df90a81.jsonl)
-# and at 4-8 since 6169352's narrower tiles (1b0d0b6: 1.585 against 1.230 and 1.238,
-# docs/bench/decode_latency_h100_1b0d0b6.jsonl); within the plain bounds alone (SmolLM2-135M's layers:
-# `tools/bench_latency.py --variants flashinfer flashinfer-narrow-norm`) it is not measured yet
-NORM_IN_MATMUL = False
-# ... and, norm included, for merged layers beyond those bounds of up to this many weights (0: none). cuBLAS reads
-# those layers faster than the kernel (Qwen3-0.6B's q|k|v and gate|up, 4.2M and 6.3M weights: 5.4 / 7.7 us with the
-# SwiGLU kernel against 6.7 / 8.4 on the H200, 329aec4), and a norm kernel and the SwiGLU kernel fewer did not make up
-# for it (above)
-NORM_MATMUL_MAX_WEIGHTS = 0
+# Tried and removed, measured slower: the RMSNorm before q|k|v and gate|up (with its residual add) in the kernel's
+# prologue (Qwen3-0.6B batch 1 on an H100: 1.490 ms per token against 1.219, df90a81; 1.585 against 1.230 with
+# narrower tiles, 1b0d0b6; SmolLM2-135M batch 1 and 16: 0.94-0.97 against 0.73, 1.03 against 0.77, 8aaeb11), the
+# SwiGLU in the down projection's prologue, the residual add + norm after o and down (docs/BENCHMARKS.md)
 
 ShardId = str | int | None
 
@@ -89,9 +80,6 @@ class MergedLinear(nn.Module):
         # Triton matmul for few rows (CUDA fast path); SwiGLU in its epilogue where each half is narrow enough
         self.skinny = kernel_choice.current().skinny_matmul and start <= SKINNY_MAX_OUT
         self.skinny_swiglu = kernel_choice.current().skinny_matmul and start <= SKINNY_SWIGLU_MAX_OUT
-        self.norm_in_matmul = NORM_IN_MATMUL and distributed.current().size == 1 and \
-            kernel_choice.current().skinny_matmul
-        self.norm_bound = start * in_features <= NORM_MATMUL_MAX_WEIGHTS  # (else only where skinny(_swiglu) holds)
         self.pdl = kernel_choice.current().pdl
         for param in (self.weight, self.bias):
             if param is not None:
@@ -122,20 +110,6 @@ class MergedLinear(nn.Module):
         from asyncllm_kernels import skinny_linear
 
         return skinny_linear(x, self.weight, self.bias, swiglu=True, pdl=self.pdl)
-
-    def norm_matmul(self, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module,
-                    swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """RMSNorm `norm` of x (+ residual) then this matmul (with SwiGLU: see `swiglu`) in one few-row kernel, when
-        it takes x (`norm_in_matmul`, few_rows(x) and the layer within a bound: NORM_MATMUL_MAX_WEIGHTS or its plain
-        one): (output, the residual for what follows: x + residual, or x without one); else None."""
-        within = self.norm_bound or (self.skinny_swiglu if swiglu else self.skinny)
-        if not (self.norm_in_matmul and within and few_rows(x) and (residual is None or residual.stride(-1) == 1)):
-            return None
-        from asyncllm_kernels import skinny_linear
-
-        y = skinny_linear(x, self.weight, self.bias, swiglu=swiglu, pdl=self.pdl, norm=(norm.weight, norm.eps),
-                          residual=residual)
-        return (y, x) if residual is None else y
 
 
 class RowParallelLinear(nn.Module):

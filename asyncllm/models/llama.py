@@ -64,16 +64,9 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
         self.splits = [q_size, kv_size, kv_size]
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """norm (after the residual add: RMSNorm.add_norm) then attention -> (this rank's partial sum of o_proj (see
-        RowParallelLinear), the residual)."""
-        fused = self.qkv_proj.norm_matmul(x, residual, norm)  # one kernel where the few-row kernel takes x
-        if fused is None:
-            x, residual = norm.add_norm(x, residual)
-            qkv = self.qkv_proj(x)
-        else:
-            qkv, residual = fused
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x normed -> this rank's partial sum of o_proj (see RowParallelLinear)."""
+        qkv = self.qkv_proj(x)
         q, k, v = qkv.split(self.splits, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -85,7 +78,7 @@ class DecoderAttention(nn.Module):
             else:
                 q, k = self.q_norm(q), self.k_norm(k)
         out = self.attn(q, k, v, rotary=rotary)  # the backend rotates q and k
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim)), residual
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
 
 class DecoderMLP(nn.Module):
@@ -101,19 +94,12 @@ class DecoderMLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
-                norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """norm (after the residual add: RMSNorm.add_norm) then the MLP -> (this rank's partial sum (see
-        RowParallelLinear), the residual)."""
-        fused = self.gate_up_proj.norm_matmul(x, residual, norm, swiglu=True)  # norm, gate|up and SwiGLU: one kernel
-        if fused is None:
-            x, residual = norm.add_norm(x, residual)
-            h = self.gate_up_proj.swiglu(x)  # fused where the few-row kernel takes x
-            if h is None:
-                h = self.act(self.gate_up_proj(x))
-        else:
-            h, residual = fused
-        return self.down_proj(h), residual
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x normed -> this rank's partial sum of down_proj (see RowParallelLinear)."""
+        h = self.gate_up_proj.swiglu(x)  # fused where the few-row kernel takes x
+        if h is None:
+            h = self.act(self.gate_up_proj(x))
+        return self.down_proj(h)
 
 
 class DecoderLayer(nn.Module):
@@ -130,8 +116,9 @@ class DecoderLayer(nn.Module):
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the embeddings (residual None), else the previous layer's partial sums; returns this layer's."""
-        x, residual = self.self_attn(positions, x, residual, self.input_layernorm)
-        return self.mlp(x, residual, self.post_attention_layernorm)
+        x, residual = self.input_layernorm.add_norm(x, residual)
+        x, residual = self.post_attention_layernorm.add_norm(self.self_attn(positions, x), residual)
+        return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):

@@ -252,11 +252,10 @@ def test_steps_are_timed_and_the_prompt_token_limit_learned(large_model):
 
 
 @pytest.mark.parametrize("shape", ["large", "small"])
-def test_no_triton_compile_after_start_up(shape, large_model, tmp_path, monkeypatch):
+def test_no_triton_compile_after_start_up(shape, large_model, tmp_path):
     """Start-up compiles every Triton variant the engine hits: a varied workload (odd and even step sizes,
     prefix hits, mixed steps, batch sizes off the capture sizes, every sampling path) compiles nothing more. The
-    small shape's layers all take the few-row matmul (norms in its prologue: NORM_IN_MATMUL on), the large one's wide
-    layers cuBLAS."""
+    small shape's layers all take the few-row matmul, the large one's wide layers cuBLAS."""
     import triton
     import triton.language as tl
 
@@ -269,9 +268,6 @@ def test_no_triton_compile_after_start_up(shape, large_model, tmp_path, monkeypa
     with count_compilations() as probe:  # the counter sees a compilation
         _probe[(1,)](torch.zeros(1, device="cuda"))
     assert probe[0] == 1
-    from asyncllm.layers import linear
-
-    monkeypatch.setattr(linear, "NORM_IN_MATMUL", shape == "small")
     model = large_model if shape == "large" else make_tiny_model(tmp_path / "small", "qwen3", dtype_name="bfloat16",
                                                                    vocab_size=VOCAB, max_position_embeddings=1024)
     llm = LLM(str(model), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=4096)

@@ -23,59 +23,9 @@ if torch.cuda.is_available():
         test_mlp_takes_the_skinny_matmul_for_few_rows_only,
         test_silu_and_mul,
         test_skinny_linear,
-        test_skinny_linear_with_the_norm_in_its_prologue,
         test_store_kv_scatters_and_skips_padding,
         test_token_bitmask_bans_exactly_the_zero_bits_of_the_chosen_rows,
     )
-
-
-@pytest.mark.parametrize("rows", [1, 7, 16])
-@pytest.mark.parametrize("n, k, swiglu", [(4096, 1024, False), (1024, 3072, False), (3072, 1024, True),
-                                          (4096, 14336, False)])
-def test_skinny_linear_at_model_shapes(rows, n, k, swiglu):
-    """Qwen3-0.6B's and Llama-3.1-8B's matmul shapes in bf16 (one and several K slices) against torch in float32."""
-    import asyncllm_kernels as K
-
-    torch.manual_seed(rows)
-    x = torch.randn(rows, k, device="cuda").bfloat16()
-    w = (torch.randn(2 * n if swiglu else n, k, device="cuda") / k**0.5).bfloat16()
-    ref = K.skinny_linear_ref(x.float(), w.float(), None, swiglu)
-    out = K.skinny_linear(x, w, None, swiglu)
-    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
-    assert torch.equal(K.skinny_linear(x, w, None, swiglu), out)
-
-
-@pytest.mark.parametrize("block_size, hq, hk, dim, lens, qk_norm", [
-    (16, 16, 8, 128, [1, 300, 4097], True),  # Qwen3-0.6B's heads (its q/k norms), one, several and many chunks
-    (16, 32, 8, 128, [5000, 17], False),  # Llama-3.1-8B's
-    (16, 9, 3, 64, [200, 1, 64], False),  # SmolLM2-135M's
-])
-def test_decode_kernel_rotates_and_stores_the_new_token_at_model_shapes(block_size, hq, hk, dim, lens, qk_norm):
-    """The rotary embedding (with Qwen3's q/k norms) and the new token's KV store inside the decode kernel, in bf16,
-    against rope_store_kv then the kernel."""
-    from test_kernels import check_new_token_in_decode_kernel
-
-    torch.manual_seed(hq)
-    check_new_token_in_decode_kernel(block_size, hq, hk, dim, lens, torch.bfloat16, qk_norm, exact=False)
-
-
-@pytest.mark.parametrize("rows", [1, 7, 16])
-@pytest.mark.parametrize("n, k, swiglu", [(4096, 1024, False), (3072, 1024, True), (6144, 4096, False),
-                                          (14336, 4096, True)])
-def test_skinny_linear_with_its_norm_at_model_shapes(rows, n, k, swiglu):
-    """The norm (with the residual add) in the prologue, Qwen3-0.6B's and Llama-3.1-8B's q|k|v and gate|up shapes in
-    bf16: the norm kernel's output then the matmul in float32, and the norm kernel's residual bit for bit."""
-    import asyncllm_kernels as K
-
-    torch.manual_seed(rows + n)
-    x, residual = (torch.randn(2, rows, k, device="cuda") * 2).bfloat16()
-    w = (torch.randn(2 * n if swiglu else n, k, device="cuda") / k**0.5).bfloat16()
-    norm = ((1 + 0.1 * torch.randn(k, device="cuda")).bfloat16(), 1e-6)
-    out, res_out = K.skinny_linear(x, w, None, swiglu, norm=norm, residual=residual)
-    want_res = residual.clone()
-    ref = K.skinny_linear_ref(K.rms_norm(x, *norm, residual=want_res).float(), w.float(), None, swiglu)
-    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
-    assert torch.equal(res_out, want_res)
 
 
 @pytest.mark.parametrize("rows", [1, 12])
@@ -83,7 +33,8 @@ def test_dependent_launch_chain_equals_the_serial_one(rows):
     """Decoder layers' chain of Triton kernels launched with programmatic dependent launch, eagerly and captured in a
     CUDA graph replayed on new inputs, gives bit for bit what the same chain gives launched without it: a kernel
     that read its input, or wrote, before the previous kernel was done would differ (Qwen3-0.6B's layer shapes; a
-    torch kernel in the middle, both SwiGLU paths; every other layer with its norms in the matmuls' prologues)."""
+    torch kernel in the middle, both SwiGLU paths; every other layer with the rotary and the new token's store inside
+    the decode kernel)."""
     import asyncllm_kernels as K
     from asyncllm_kernels.dependent_launch import supported
 
@@ -111,22 +62,21 @@ def test_dependent_launch_chain_equals_the_serial_one(rows):
     counters = K.decode_counters(torch.device("cuda"))
 
     def chain(x: torch.Tensor, residual: torch.Tensor, pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        norm = (norm_w, 1e-6)
+        norm = (norm_w, 1e-6)  # rms_norm adds into `residual` in place
         for layer in range(layers):
-            if layer % 2:  # the norms in the matmuls' prologues: the residual comes back as a new tensor
-                qkv, residual = K.skinny_linear(x, wqkv, norm=norm, residual=residual, pdl=pdl)
-            else:
-                qkv = K.skinny_linear(K.rms_norm(x, *norm, residual=residual, pdl=pdl), wqkv, pdl=pdl)
+            qkv = K.skinny_linear(K.rms_norm(x, *norm, residual=residual, pdl=pdl), wqkv, pdl=pdl)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q, k, v = q.view(rows, heads, dim), k.view(rows, kv_heads, dim), v.view(rows, kv_heads, dim)
-            K.rope_store_kv(positions, q, k, v, cos_sin, cache, slots, head_w, head_w, 1e-6, pdl=pdl)
-            a = K.paged_decode_attention(q, cache, tables, seq_lens, dim**-0.5, ctx + 1, counters, pdl=pdl)
-            o = K.skinny_linear(a.view(rows, q_size), wo, pdl=pdl)
-            if layer % 2:
-                g, residual = K.skinny_linear(o, wgu, swiglu=True, norm=norm, residual=residual, pdl=pdl)
-                x = K.skinny_linear(g, wd, pdl=pdl)
+            new = None
+            if layer % 2:  # rotated and stored by the decode kernel
+                new = K.NewToken(k, v, positions, slots, cos_sin, head_w, head_w, 1e-6)
             else:
-                h = K.rms_norm(o, *norm, residual=residual, pdl=pdl)
+                K.rope_store_kv(positions, q, k, v, cos_sin, cache, slots, head_w, head_w, 1e-6, pdl=pdl)
+            a = K.paged_decode_attention(q, cache, tables, seq_lens, dim**-0.5, ctx + 1, counters, pdl=pdl, new=new)
+            h = K.rms_norm(K.skinny_linear(a.view(rows, q_size), wo, pdl=pdl), *norm, residual=residual, pdl=pdl)
+            if layer % 2:
+                x = K.skinny_linear(K.skinny_linear(h, wgu, swiglu=True, pdl=pdl), wd, pdl=pdl)
+            else:
                 fused = K.skinny_linear(h, wgu, swiglu=True, pdl=pdl)
                 unfused = K.silu_and_mul(K.skinny_linear(h, wgu, pdl=pdl), pdl=pdl)
                 x = K.skinny_linear(fused + unfused, wd, pdl=pdl)  # the add: a torch kernel between PDL ones
