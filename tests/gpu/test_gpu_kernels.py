@@ -28,6 +28,36 @@ if torch.cuda.is_available():
     )
 
 
+@pytest.mark.parametrize("rows", [1, 7, 16])
+@pytest.mark.parametrize("n, k, swiglu", [(4096, 1024, False), (1024, 3072, False), (3072, 1024, True),
+                                          (4096, 14336, False)])
+def test_skinny_linear_at_model_shapes(rows, n, k, swiglu):
+    """Qwen3-0.6B's and Llama-3.1-8B's matmul shapes in bf16 (one and several K slices) against torch in float32."""
+    import asyncllm_kernels as K
+
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k, device="cuda").bfloat16()
+    w = (torch.randn(2 * n if swiglu else n, k, device="cuda") / k**0.5).bfloat16()
+    ref = K.skinny_linear_ref(x.float(), w.float(), None, swiglu)
+    out = K.skinny_linear(x, w, None, swiglu)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    assert torch.equal(K.skinny_linear(x, w, None, swiglu), out)
+
+
+@pytest.mark.parametrize("block_size, hq, hk, dim, lens, qk_norm", [
+    (16, 16, 8, 128, [1, 300, 4097], True),  # Qwen3-0.6B's heads (its q/k norms), one, several and many chunks
+    (16, 32, 8, 128, [5000, 17], False),  # Llama-3.1-8B's
+    (16, 9, 3, 64, [200, 1, 64], False),  # SmolLM2-135M's
+])
+def test_decode_kernel_rotates_and_stores_the_new_token_at_model_shapes(block_size, hq, hk, dim, lens, qk_norm):
+    """The rotary embedding (with Qwen3's q/k norms) and the new token's KV store inside the decode kernel, in bf16,
+    against rope_store_kv then the kernel."""
+    from test_kernels import check_new_token_in_decode_kernel
+
+    torch.manual_seed(hq)
+    check_new_token_in_decode_kernel(block_size, hq, hk, dim, lens, torch.bfloat16, qk_norm, exact=False)
+
+
 @pytest.mark.parametrize("rows", [1, 12])
 def test_dependent_launch_chain_equals_the_serial_one(rows):
     """Decoder layers' chain of Triton kernels launched with programmatic dependent launch, eagerly and captured in a
