@@ -9,8 +9,7 @@ SPLIT_K, fixed by the host from the shape (enough programs to fill the GPU), spl
 writes an fp32 partial and the last of a column block to arrive, told by an atomic counter, adds them in a fixed
 order (deterministic) and writes the output: no second kernel. `swiglu=True` takes W = [gate | up] (2N rows) and
 writes silu(gate) * up [M, N], rounded like the eager path (gate and up to x's dtype, silu to it, then the product).
-Tried and removed (measured slower: docs/BENCHMARKS.md): the RMSNorm (with its residual add) in the prologue, the
-SwiGLU of the down projection in its prologue, the residual add + RMSNorm after o and down in the epilogue.
+Norms and the down projection's SwiGLU in its prologue or epilogue were tried and removed: asyncllm.layers.linear.
 """
 from __future__ import annotations
 
